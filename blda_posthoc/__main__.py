@@ -1,0 +1,4 @@
+from blda_posthoc.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The ``blda`` command line: a click group whose commands live one per module here."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from blda_posthoc import __version__
+
+COMMANDS = {
+    "dump-logits": "dump_logits",
+    "import-logits": "import_logits",
+    "fit-stats": "fit_stats",
+    "diagnose": "diagnose",
+    "correct": "correct",
+    "relabel": "relabel",
+    "evaluate": "evaluate",
+    "demo": "demo",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module only when that command runs (fast start-up)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._module(name) is not None]
+
+    def _module(self, name: str) -> object | None:
+        try:
+            return importlib.import_module(f"blda_posthoc.cli.{COMMANDS[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"blda_posthoc.cli.{COMMANDS[name]}":
+                return None
+            raise
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = self._module(cmd_name)
+        return getattr(module, "command", None)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="blda")
+def main() -> None:
+    """Post-hoc class-bias correction of frozen domain-adapted segmenters (BLDA).
+
+    Pipeline: dump-logits (or import-logits) -> fit-stats -> diagnose / correct / relabel ->
+    evaluate. `blda demo` runs it all on a built-in synthetic case.
+    """

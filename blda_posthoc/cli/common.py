@@ -1,0 +1,114 @@
+"""What every command shares: error reporting, common options and option parsing."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import torch
+
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.names import read_class_names
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` on stderr and exit with status 1."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def info(message: str) -> None:
+    """Print a progress note on stderr (stdout stays for results)."""
+    click.echo(message, err=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn :class:`InputError` (and unreadable files) into a one-line ``error:``, exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def class_names_option(func: F) -> F:
+    """``--class-names``: preset (``cityscapes``), comma-separated list, or text file."""
+    return click.option(
+        "--class-names",
+        "class_names",
+        default=None,
+        help="Preset (cityscapes), comma-separated names, or a file with one name per line.",
+    )(func)
+
+
+def parse_class_names(spec: str | None) -> list[str] | None:
+    """Resolve ``--class-names`` (None stays None)."""
+    return None if spec is None else read_class_names(spec)
+
+
+def device_option(func: F) -> F:
+    """``--device auto|cpu|cuda[:k]``."""
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (CUDA when present), cpu, or cuda[:k].",
+    )(func)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn a ``--device`` value into a torch device, checking CUDA is really there."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise InputError(f"--device: {spec!r} is not a device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {spec}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {spec}: only cpu and cuda are supported")
+    return device
+
+
+def overwrite_option(func: F) -> F:
+    """``--overwrite``: replace existing outputs."""
+    return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output file unless ``--overwrite``."""
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def progress(iterable: Any, total: int | None, desc: str, unit: str = "img") -> Any:
+    """A tqdm progress bar on stderr, off when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )

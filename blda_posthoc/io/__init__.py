@@ -1,0 +1,1 @@
+"""Readers and writers: the logits store, the stats file, images, models and reports."""

@@ -1,0 +1,98 @@
+"""Finding, reading and writing images and trainId label maps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from blda_posthoc.io.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def find_files(
+    root: Path, extensions: Iterable[str], suffix: str = ""
+) -> dict[str, Path]:
+    """Map names to files under ``root``, recursively, in sorted order.
+
+    A name is the path relative to ``root`` with ``/`` separators, without the extension and
+    without ``suffix`` (e.g. ``_leftImg8bit``). Files whose stem does not end in ``suffix`` are
+    skipped.
+
+    Args:
+        root: Folder to search.
+        extensions: Lower-case extensions with the dot, e.g. ``(".png",)``.
+        suffix: Ending of the stem to strip.
+
+    Returns:
+        ``{name: path}`` sorted by name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder")
+    exts = tuple(e.lower() for e in extensions)
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            stem, ext = os.path.splitext(filename)
+            if ext.lower() not in exts or not stem.endswith(suffix):
+                continue
+            if suffix:
+                stem = stem[: -len(suffix)]
+            rel = os.path.relpath(os.path.join(dirpath, stem), root).replace(os.sep, "/")
+            if rel in found:
+                raise InputError(f"{os.path.join(dirpath, filename)}: name {rel!r} is not unique")
+            found[rel] = Path(dirpath) / filename
+    return dict(sorted(found.items()))
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Read a single-channel trainId PNG as a ``(H, W)`` uint8 array."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise InputError(
+                    f"{path}: label must be a single-channel PNG of trainIds, got mode {img.mode}"
+                )
+            array = np.asarray(img)
+    except InputError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read label image ({exc})") from exc
+    if array.max(initial=0) > 255:
+        raise InputError(f"{path}: label values above 255")
+    return array.astype(np.uint8)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Read an image as ``(H, W, 3)`` uint8 RGB."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc})") from exc
+
+
+def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a ``(H, W)`` uint8 map (or ``(H, W, 3)`` RGB) as PNG, atomically.
+
+    Args:
+        path: Destination; parent folders are created.
+        array: ``(H, W)`` uint8 or ``(H, W, 3)`` uint8.
+        palette: Optional ``(256, 3)`` palette to store an indexed (``P``) PNG; the pixel values
+            stay the trainIds.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(np.ascontiguousarray(array))
+    if palette is not None:
+        img = img.convert("L") if img.mode != "L" else img
+        img = img.copy()
+        img.putpalette(palette.astype(np.uint8).flatten().tolist())
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
