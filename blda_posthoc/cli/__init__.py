@@ -24,6 +24,7 @@ class LazyGroup(click.Group):
     """A group that imports a command's module only when that command runs (fast start-up)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands whose modules exist, in pipeline order."""
         return [name for name in COMMANDS if self._module(name) is not None]
 
     def _module(self, name: str) -> object | None:
@@ -35,6 +36,7 @@ class LazyGroup(click.Group):
             raise
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import and return one command."""
         if cmd_name not in COMMANDS:
             return None
         module = self._module(cmd_name)

@@ -113,10 +113,16 @@ class StoreWriter:
         if self.path.exists() and not (overwrite or resume):
             raise InputError(f"{self.path}: already exists (use --overwrite to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and not self.tmp.exists() and self.path.exists():
+        moved = resume and not self.tmp.exists() and self.path.exists()
+        if moved:
             os.replace(self.path, self.tmp)
         if resume and self.tmp.exists():
-            self.file = self._open_existing()
+            try:
+                self.file = self._open_existing()
+            except InputError:
+                if moved:  # leave a complete store complete when it cannot be resumed
+                    os.replace(self.tmp, self.path)
+                raise
         else:
             self.file = h5py.File(self.tmp, "w", track_order=True)
             self._init_root(attrs or {})
@@ -173,8 +179,8 @@ class StoreWriter:
         if not np.isfinite(logits).all():
             raise InputError(f"{name}: logits contain NaN or infinite values")
         if size is None:
-            size = tuple(label.shape) if label is not None else tuple(logits.shape[1:])  # type: ignore[assignment]
-        assert size is not None
+            shape = label.shape if label is not None else logits.shape[1:]
+            size = (int(shape[0]), int(shape[1]))
         key = quote(name, safe="")
         images = self.file["images"]
         if key in images:
@@ -192,8 +198,9 @@ class StoreWriter:
         if label is not None:
             label = np.asarray(label)
             if label.dtype != np.uint8 or label.ndim != 2:
-                raise InputError(f"{name}: label must be a (H, W) uint8 map, got {label.dtype} "
-                                 f"{label.shape}")
+                raise InputError(
+                    f"{name}: label must be a (H, W) uint8 map, got {label.dtype} {label.shape}"
+                )
             group.create_dataset(
                 "label", data=label, chunks=True, compression="gzip", compression_opts=1
             )
@@ -233,7 +240,9 @@ def _check_root(path: Path, f: h5py.File) -> None:
     version = int(f.attrs.get("version", -1))
     if version != VERSION:
         f.close()
-        raise InputError(f"{path}: logits store version {version} is not supported (need {VERSION})")
+        raise InputError(
+            f"{path}: logits store version {version} is not supported (need {VERSION})"
+        )
 
 
 class LogitStore:
@@ -256,9 +265,11 @@ class LogitStore:
 
     def _open_one(self, index: int, path: Path) -> None:
         if not path.exists():
-            hint = " (an unfinished run left a .partial file: use --resume)" if partial_path(
-                path
-            ).exists() else ""
+            hint = (
+                " (an unfinished run left a .partial file: use --resume)"
+                if partial_path(path).exists()
+                else ""
+            )
             raise InputError(f"{path}: no such logits store{hint}")
         try:
             f = h5py.File(path, "r")

@@ -1,0 +1,131 @@
+"""``blda correct``: anchor-aligned predictions as trainId PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blda_posthoc.cli.common import (
+    F,
+    device_option,
+    handle_errors,
+    info,
+    overwrite_option,
+    progress,
+    resolve_device,
+    warn,
+)
+from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_TAU, AlignmentMaps
+from blda_posthoc.io.correct import correct_store, write_json
+from blda_posthoc.io.stats import load_alignment
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+
+
+def stats_options(func: F) -> F:
+    """``--stats``, ``--anchors``, ``--tau``, ``--clamp``: the correction's settings."""
+    options = [
+        click.option(
+            "--stats",
+            "stats_path",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Stats file of the conditionals F_ij.",
+        ),
+        click.option(
+            "--anchors",
+            "anchors_path",
+            type=click.Path(path_type=Path),
+            help="Stats file whose pooled anchors are the targets (default: --stats).",
+        ),
+        click.option(
+            "--tau",
+            type=click.FloatRange(0.0),
+            default=DEFAULT_TAU,
+            show_default=True,
+            help="Correction strength (0 = plain argmax).",
+        ),
+        click.option(
+            "--clamp",
+            type=float,
+            default=DEFAULT_CLAMP,
+            show_default=True,
+            help="CDF values are clamped to [r, 1 - r].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def describe_maps(maps: AlignmentMaps, class_names: list[str]) -> None:
+    """Report cells that get no shift."""
+    skipped = maps.skipped
+    if not skipped:
+        return
+    own = [class_names[i] for i, j in skipped if i == j]
+    warn(
+        f"{len(skipped)} of {len(class_names) ** 2} cells hold too few pixels and get no shift"
+        + (f" (positive cells of: {', '.join(own)})" if own else "")
+    )
+
+
+@click.command("correct")
+@click.argument("stores", nargs=-1, required=True)
+@stats_options
+@click.option(
+    "--out-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for NAME.png trainId predictions.",
+)
+@click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
+@click.option("--resume", is_flag=True, help="Skip images whose outputs already exist.")
+@device_option
+@overwrite_option
+@handle_errors
+def command(
+    stores: tuple[str, ...],
+    stats_path: Path,
+    anchors_path: Path | None,
+    tau: float,
+    clamp: float,
+    out_dir: Path,
+    color: bool,
+    resume: bool,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Correct the logits of STORES and write trainId PNGs at each image's size.
+
+    Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
+    --out-dir pred
+    """
+    dev = resolve_device(device)
+    with LogitStore(expand_store_paths(stores)) as store:
+        maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
+        describe_maps(maps, store.class_names)
+        summary = correct_store(
+            store,
+            maps,
+            tau,
+            out_dir,
+            color=color,
+            overwrite=overwrite,
+            resume=resume,
+            device=dev,
+            progress=lambda it, n: progress(it, n, "correct"),
+        )
+        summary["settings"] = {
+            "tau": tau,
+            "clamp": clamp,
+            "stats": str(stats_path),
+            "stats_fingerprint": cond.fingerprint,
+            "anchors": str(anchors_path or stats_path),
+            "anchors_fingerprint": anchors.fingerprint,
+            "stores": [str(p) for p in store.paths],
+            "skipped_cells": maps.skipped,
+        }
+        summary["class_names"] = store.class_names
+    write_json(out_dir / "correct.json", summary)
+    info(f"wrote {summary['images']} predictions to {out_dir}")

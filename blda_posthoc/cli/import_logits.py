@@ -1,0 +1,67 @@
+"""``blda import-logits``: a logits store from ``.npy`` files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blda_posthoc.cli.common import (
+    class_names_option,
+    handle_errors,
+    info,
+    overwrite_option,
+    parse_class_names,
+    progress,
+)
+from blda_posthoc.io.import_logits import import_npy_folder
+
+
+@click.command("import-logits")
+@click.argument("logits_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Store to write.")
+@click.option(
+    "--labels",
+    "labels_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of NAME.png trainId labels (255 = ignore).",
+)
+@click.option(
+    "--label-suffix", default="", help="Label stem ending to strip, e.g. _gtFine_labelTrainIds."
+)
+@class_names_option
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Storage dtype of the logits.",
+)
+@overwrite_option
+@handle_errors
+def command(
+    logits_dir: Path,
+    out: Path,
+    labels_dir: Path | None,
+    label_suffix: str,
+    class_names: str | None,
+    dtype: str,
+    overwrite: bool,
+) -> None:
+    """Import NAME.npy logits of shape (C, h, w) found recursively under LOGITS_DIR.
+
+    Names are paths relative to LOGITS_DIR without extension; labels match by name.
+
+    Example: blda import-logits target/logits --labels target/labels --out tgt.h5
+    """
+    count = import_npy_folder(
+        logits_dir,
+        out,
+        labels_dir=labels_dir,
+        label_suffix=label_suffix,
+        class_names=parse_class_names(class_names),
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=lambda it, n: progress(it, n, "import"),
+    )
+    info(f"wrote {out}: {count} images")

@@ -1,0 +1,281 @@
+"""Post-hoc anchor alignment of logits (METHOD.md §3).
+
+For every hypothesised class ``i`` and channel ``j`` the map ``T_ij = A_ij^{-1} o F_ij`` (with
+``F_ij`` the CDF of cell ``M[i][j]``, ``A_ij`` the positive anchor when ``i == j`` and the
+negative one otherwise, and ``F`` clamped to ``[r, 1 - r]``) is fixed once the statistics are
+fitted, so it is tabulated once on the statistics' logit grid and applied by linear
+interpolation. The corrected log-score of class ``i`` is::
+
+    s_i = z_i + tau * D_ii - logsumexp_j(z_j + tau * D_ij),   D_ij = T_ij(z_j) - z_j
+
+and the prediction is ``argmax_i s_i``. Cells with too few pixels get ``D_ij = 0``.
+
+Shape legend: N pixels, C classes, H x W output size, h x w logit size, G grid points,
+K mixture components, M rows, Q queries per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blda_posthoc.core.fit import LogitStats, Mixture
+
+DEFAULT_TAU = 0.2
+DEFAULT_CLAMP = 0.01
+DEFAULT_MIN_PIXELS = 100
+
+
+@dataclass
+class AlignmentMaps:
+    """Tabulated maps ``T_ij`` on a uniform grid.
+
+    Attributes:
+        lo: First grid point.
+        step: Grid spacing.
+        table: ``(C, C, G)`` float32, ``table[i, j, g] = T_ij(lo + g * step)``.
+        valid: ``(C, C)`` bool, False where the cell had too few pixels (no shift).
+        clamp: The ``r`` used.
+    """
+
+    lo: float
+    step: float
+    table: torch.Tensor
+    valid: torch.Tensor
+    clamp: float
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        """Cells ``(i, j)`` that get no shift."""
+        return [(int(i), int(j)) for i, j in torch.nonzero(~self.valid).tolist()]
+
+    def to(self, device: torch.device | str) -> AlignmentMaps:
+        """The same maps on another device."""
+        return AlignmentMaps(
+            self.lo, self.step, self.table.to(device), self.valid.to(device), self.clamp
+        )
+
+
+def hist_cdf(counts: np.ndarray) -> np.ndarray:
+    """Empirical CDF at the bin edges, linear within a bin.
+
+    Args:
+        counts: ``(..., B)`` histograms.
+
+    Returns:
+        ``(..., B + 1)`` float64, 0 at the first edge and 1 at the last (all 0 for empty rows).
+    """
+    total = counts.sum(-1, keepdims=True)
+    cum = np.concatenate([np.zeros_like(total), np.cumsum(counts, -1)], axis=-1)
+    return np.where(total > 0, cum / np.maximum(total, 1), 0.0)
+
+
+def mixture_cdf(mix: Mixture, x: np.ndarray) -> np.ndarray:
+    """CDF of mixtures ``sum_k w_k Phi((x - mu_k) / sigma_k)``.
+
+    Args:
+        mix: Mixtures with arrays ``(..., K)``.
+        x: ``(G,)`` points.
+
+    Returns:
+        ``(..., G)`` float64.
+    """
+    z = (x - mix.means[..., None]) / (mix.sigmas[..., None] * math.sqrt(2.0))
+    phi = 0.5 * (1.0 + torch.special.erf(torch.as_tensor(z, dtype=torch.float64)).numpy())
+    return (mix.weights[..., None] * phi).sum(-2)
+
+
+def hist_quantile(edges: np.ndarray, counts: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`hist_cdf`: the smallest ``z`` with ``F(z) >= u``, linear within a bin.
+
+    Args:
+        edges: ``(B + 1,)`` bin edges.
+        counts: ``(M, B)`` non-empty histograms.
+        u: ``(M, Q)`` levels in ``(0, 1)``.
+
+    Returns:
+        ``(M, Q)`` float64 logits.
+    """
+    cdf = torch.as_tensor(hist_cdf(counts))
+    uu = torch.as_tensor(u, dtype=torch.float64)
+    k = torch.searchsorted(cdf.contiguous(), uu.contiguous(), side="left")
+    k = k.clamp(1, cdf.shape[-1] - 1)
+    c0, c1 = cdf.gather(-1, k - 1), cdf.gather(-1, k)
+    frac = ((uu - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+    e = torch.as_tensor(edges, dtype=torch.float64)
+    return (e[k - 1] + frac * (e[k] - e[k - 1])).numpy()
+
+
+def mixture_quantile(mix: Mixture, u: np.ndarray, iterations: int = 80) -> np.ndarray:
+    """Inverse mixture CDF by bisection.
+
+    Args:
+        mix: Mixtures with arrays ``(M, K)``.
+        u: ``(M, Q)`` levels in ``(0, 1)``.
+        iterations: Bisection steps (80 halve any bracket below float64 precision).
+
+    Returns:
+        ``(M, Q)`` float64 logits.
+    """
+    spread = 12.0 * mix.sigmas.max(-1, keepdims=True)
+    lo = np.broadcast_to(mix.means.min(-1, keepdims=True) - spread, u.shape).copy()
+    hi = np.broadcast_to(mix.means.max(-1, keepdims=True) + spread, u.shape).copy()
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        below = _mixture_cdf_rows(mix, mid) < u
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def _mixture_cdf_rows(mix: Mixture, x: np.ndarray) -> np.ndarray:
+    """Mixture CDF at row-specific points: mixtures ``(M, K)``, ``x`` ``(M, Q)`` -> ``(M, Q)``."""
+    z = (x[:, :, None] - mix.means[:, None, :]) / (mix.sigmas[:, None, :] * math.sqrt(2.0))
+    phi = 0.5 * (1.0 + torch.special.erf(torch.as_tensor(z)).numpy())
+    return (mix.weights[:, None, :] * phi).sum(-1)
+
+
+def cell_cdfs(stats: LogitStats) -> np.ndarray:
+    """Every cell's CDF at the statistics' grid edges: ``(C, C, G)`` float64."""
+    if stats.estimator == "gmm":
+        assert stats.mixtures is not None
+        return mixture_cdf(stats.mixtures, stats.grid.edges)
+    return hist_cdf(stats.counts)
+
+
+def anchor_quantiles(stats: LogitStats, u: np.ndarray) -> np.ndarray:
+    """Inverse anchor CDFs.
+
+    Args:
+        stats: Statistics whose anchors are used.
+        u: ``(Q,)`` levels.
+
+    Returns:
+        ``(2, Q)``: row 0 through the positive anchor, row 1 through the negative one.
+    """
+    uu = np.tile(u.reshape(1, -1), (2, 1))
+    if stats.estimator == "gmm":
+        assert stats.anchor_mixtures is not None
+        return mixture_quantile(stats.anchor_mixtures, uu)
+    return hist_quantile(stats.grid.edges, stats.anchor_counts, uu)
+
+
+def build_maps(
+    cond: LogitStats,
+    anchors: LogitStats,
+    clamp: float = DEFAULT_CLAMP,
+    min_pixels: int | None = None,
+) -> AlignmentMaps:
+    """Tabulate ``T_ij = A_ij^{-1}(clamp(F_ij(z), r, 1 - r))`` on ``cond``'s grid.
+
+    Args:
+        cond: Statistics of the conditionals ``F_ij``.
+        anchors: Statistics whose pooled anchors ``P+``, ``P-`` are the targets.
+        clamp: ``r`` in ``[0, 0.5)``.
+        min_pixels: Cells with fewer pixels get no shift; default ``cond``'s own setting.
+
+    Returns:
+        The maps, on the CPU.
+    """
+    if cond.class_names != anchors.class_names:
+        raise ValueError("conditionals and anchors have different class names")
+    if not 0.0 <= clamp < 0.5:
+        raise ValueError(f"clamp must lie in [0, 0.5), got {clamp}")
+    if min_pixels is None:
+        min_pixels = int(cond.settings.get("min_pixels", DEFAULT_MIN_PIXELS))
+    anchor_pixels = anchors.anchor_counts.sum(-1)
+    if (anchor_pixels < max(min_pixels, 1)).any():
+        raise ValueError(f"anchors hold too few pixels ({anchor_pixels.tolist()})")
+    c, g = cond.num_classes, cond.grid.bins + 1
+    u = np.clip(cell_cdfs(cond), clamp, 1.0 - clamp)
+    through = anchor_quantiles(anchors, u.reshape(-1)).reshape(2, c, c, g)
+    table = np.where(np.eye(c, dtype=bool)[..., None], through[0], through[1])
+    valid = cond.cell_pixels >= max(min_pixels, 1)
+    return AlignmentMaps(
+        lo=cond.grid.lo,
+        step=cond.grid.step,
+        table=torch.as_tensor(table, dtype=torch.float32),
+        valid=torch.as_tensor(valid),
+        clamp=clamp,
+    )
+
+
+def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> torch.Tensor:
+    """Corrected log-scores ``s`` of pixels.
+
+    Args:
+        z: ``(N, C)`` logits (float32), on the maps' device.
+        maps: Tabulated maps.
+        tau: Correction strength; 0 returns ``log_softmax(z)``.
+
+    Returns:
+        ``(N, C)`` log-scores; ``exp(s)`` does not sum to 1 (softmax it for probabilities).
+    """
+    if tau == 0:
+        return torch.log_softmax(z, dim=-1)
+    c = z.shape[1]
+    g = maps.table.shape[-1]
+    pos = ((z - maps.lo) / maps.step).clamp(0, g - 1)
+    k = pos.floor().long().clamp(max=g - 2)
+    frac = (pos - k)[None]
+    channels = torch.arange(c, device=z.device)
+    v0 = maps.table[:, channels, k]  # (C_i, N, C_j)
+    v1 = maps.table[:, channels, k + 1]
+    mapped = v0 + frac * (v1 - v0)
+    delta = (mapped - z[None]) * maps.valid[:, None, :]
+    shifted = z[None] + tau * delta  # (C_i, N, C_j)
+    own = shifted.diagonal(dim1=0, dim2=2)  # (N, C_i)
+    return own - torch.logsumexp(shifted, dim=-1).T
+
+
+def default_chunk(num_classes: int) -> int:
+    """Pixels per step so that one step holds about 8 M values per ``(C, N, C)`` temporary."""
+    return max(1024, (1 << 23) // (num_classes * num_classes))
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of ``(C, h, w)`` logits to ``(C, H, W)``."""
+    if tuple(logits.shape[1:]) == tuple(size):
+        return logits
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def predict(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    maps: AlignmentMaps | None,
+    tau: float = DEFAULT_TAU,
+    chunk_pixels: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize an image's logits to ``size`` and correct them.
+
+    Args:
+        logits: ``(C, h, w)`` float32 logits.
+        size: Output ``(H, W)``.
+        maps: Tabulated maps on the logits' device, or None for the plain argmax.
+        tau: Correction strength.
+        chunk_pixels: Pixels per step (memory bound; the result does not depend on it).
+
+    Returns:
+        ``pred`` ``(H, W)`` int64 and ``scores`` ``(C, H, W)`` float32 log-scores.
+    """
+    z = resize_logits(logits.float(), size)
+    c = z.shape[0]
+    flat = z.reshape(c, -1).T
+    if maps is None or tau == 0:
+        scores = torch.log_softmax(flat, dim=-1)
+        pred = flat.argmax(-1)
+    else:
+        step = chunk_pixels or default_chunk(c)
+        scores = torch.cat(
+            [
+                corrected_log_scores(flat[s : s + step], maps, tau)
+                for s in range(0, flat.shape[0], step)
+            ]
+        )
+        pred = scores.argmax(-1)
+    return pred.reshape(size), scores.T.reshape(c, *size)

@@ -1,0 +1,277 @@
+"""Fitting class-conditional logit distributions (METHOD.md §1, §2, §4).
+
+The sufficient statistic is a logit-collection matrix of histograms on one shared, uniform logit
+grid: ``counts[c, l, b]`` is the number of pixels labelled ``c`` whose logit of channel ``l``
+falls in bin ``b``. Diagonal cells are the classes' positive distributions, off-diagonal cells
+their negatives; the anchors pool all diagonal (``P+``) and all off-diagonal (``P-``) cells.
+Histograms stream (``update``) and merge (sum), so shards and chunks give the same result as one
+pass. From the counts a distribution is read either exactly (``hist``: the empirical CDF, linear
+within a bin) or as a K-component Gaussian mixture (``gmm``: weighted EM on bin centres).
+
+Shape legend: N pixels, C classes, B bins, G = B + 1 grid edges, K mixture components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.classes import IGNORE_INDEX
+
+ESTIMATORS = ("hist", "gmm")
+VARIANCE_FLOOR = 1e-4
+"""Smallest mixture variance, as in the paper."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A uniform logit grid of ``bins`` bins from ``lo`` to ``hi``."""
+
+    lo: float
+    hi: float
+    bins: int
+
+    def __post_init__(self) -> None:
+        if not (self.hi > self.lo) or self.bins < 2:
+            raise ValueError(f"bad grid: lo={self.lo}, hi={self.hi}, bins={self.bins}")
+
+    @property
+    def step(self) -> float:
+        """Bin width."""
+        return (self.hi - self.lo) / self.bins
+
+    @property
+    def edges(self) -> np.ndarray:
+        """``(G,)`` float64 bin edges."""
+        return np.linspace(self.lo, self.hi, self.bins + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """``(B,)`` float64 bin centres."""
+        e = self.edges
+        return (e[:-1] + e[1:]) / 2
+
+    @classmethod
+    def covering(cls, low: float, high: float, bins: int) -> Grid:
+        """A grid whose bounds are whole numbers strictly enclosing ``[low, high]``."""
+        lo = math.floor(low) - 1.0
+        hi = math.ceil(high) + 1.0
+        return cls(lo, hi, bins)
+
+
+class LogitHistogram:
+    """Streaming histograms of the logit-collection matrix (update / merge / counts).
+
+    Args:
+        num_classes: Number of classes ``C``.
+        grid: The shared logit grid; logits outside it are counted in the edge bins.
+        device: Where the counts accumulate.
+        chunk_pixels: Pixels binned per step (bounds memory; does not change the result).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        grid: Grid,
+        device: torch.device | str = "cpu",
+        chunk_pixels: int = 1 << 20,
+    ) -> None:
+        self.num_classes = num_classes
+        self.grid = grid
+        self.device = torch.device(device)
+        self.chunk_pixels = chunk_pixels
+        self._counts = torch.zeros(
+            num_classes * num_classes * grid.bins, dtype=torch.int64, device=self.device
+        )
+        self.num_pixels = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add pixels.
+
+        Args:
+            logits: ``(C, H, W)`` or ``(N, C)`` logits.
+            labels: ``(H, W)`` or ``(N,)`` class per pixel; 255 and values ``>= C`` are skipped.
+        """
+        c = self.num_classes
+        if logits.dim() == 3:
+            logits = logits.reshape(c, -1).T
+        labels = labels.reshape(-1).to(self.device)
+        if logits.shape != (labels.numel(), c):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match labels {labels.numel()}")
+        logits = logits.to(self.device)
+        keep = (labels != IGNORE_INDEX) & (labels < c)
+        logits, labels = logits[keep], labels[keep].long()
+        offsets = torch.arange(c, device=self.device) * self.grid.bins
+        for start in range(0, labels.numel(), self.chunk_pixels):
+            z = logits[start : start + self.chunk_pixels].float()
+            y = labels[start : start + self.chunk_pixels]
+            bins = ((z - self.grid.lo) / self.grid.step).floor().clamp_(0, self.grid.bins - 1)
+            index = (y[:, None] * (c * self.grid.bins) + offsets[None, :]) + bins.long()
+            self._counts += torch.bincount(index.reshape(-1), minlength=self._counts.numel())
+        self.num_pixels += int(labels.numel())
+
+    def merge(self, other: LogitHistogram) -> None:
+        """Add another histogram's counts (same classes and grid)."""
+        if other.grid != self.grid or other.num_classes != self.num_classes:
+            raise ValueError("cannot merge histograms with different grids or class counts")
+        self._counts += other._counts.to(self.device)
+        self.num_pixels += other.num_pixels
+
+    def counts(self) -> np.ndarray:
+        """``(C, C, B)`` int64 counts, ``[label c, channel l, bin]``."""
+        c = self.num_classes
+        return self._counts.reshape(c, c, self.grid.bins).cpu().numpy()
+
+
+def pool_anchors(counts: np.ndarray) -> np.ndarray:
+    """Pool cells into the two anchors.
+
+    Args:
+        counts: ``(C, C, B)`` cell histograms.
+
+    Returns:
+        ``(2, B)``: row 0 the positive anchor (all diagonal cells), row 1 the negative anchor
+        (all off-diagonal cells).
+    """
+    diag = np.einsum("ccb->b", counts)
+    return np.stack([diag, counts.sum(axis=(0, 1)) - diag])
+
+
+@dataclass
+class Mixture:
+    """Gaussian mixtures, one per row: ``weights``, ``means``, ``sigmas`` each ``(..., K)``."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    sigmas: np.ndarray
+
+
+def fit_mixture(
+    centers: np.ndarray, counts: np.ndarray, components: int = 5, iterations: int = 200
+) -> Mixture:
+    """Fit a K-component Gaussian mixture to each histogram by weighted EM on bin centres.
+
+    Deterministic: components start at the histogram's quantiles ``(k + 0.5) / K``. Rows with no
+    counts get zero weights.
+
+    Args:
+        centers: ``(B,)`` bin centres.
+        counts: ``(M, B)`` histograms.
+        components: ``K``.
+        iterations: EM steps.
+
+    Returns:
+        The mixtures, arrays ``(M, K)``.
+    """
+    x = torch.as_tensor(centers, dtype=torch.float64)
+    h = torch.as_tensor(counts, dtype=torch.float64)
+    total = h.sum(-1, keepdim=True)
+    p = h / total.clamp_min(1)
+    cdf = p.cumsum(-1)
+    targets = (torch.arange(components, dtype=torch.float64) + 0.5) / components
+    idx = torch.searchsorted(cdf.contiguous(), targets.expand(h.shape[0], -1).contiguous())
+    mu = x[idx.clamp(max=x.numel() - 1)]
+    mean = (p * x).sum(-1, keepdim=True)
+    var = (p * (x - mean) ** 2).sum(-1, keepdim=True).clamp_min(VARIANCE_FLOOR)
+    var = var.expand(-1, components).clone()
+    w = torch.full_like(mu, 1.0 / components)
+    for _ in range(iterations):
+        log_pdf = (
+            -0.5 * (x[None, None, :] - mu[..., None]) ** 2 / var[..., None]
+            - 0.5 * torch.log(2 * math.pi * var[..., None])
+            + torch.log(w.clamp_min(1e-300))[..., None]
+        )  # (M, K, B)
+        resp = torch.softmax(log_pdf, dim=1) * p[:, None, :]
+        mass = resp.sum(-1)  # (M, K)
+        w = mass
+        safe = mass.clamp_min(1e-12)
+        mu = torch.where(mass > 1e-12, (resp * x).sum(-1) / safe, mu)
+        var = torch.where(
+            mass > 1e-12, (resp * (x[None, None, :] - mu[..., None]) ** 2).sum(-1) / safe, var
+        ).clamp_min(VARIANCE_FLOOR)
+    w = torch.where(total > 0, w / w.sum(-1, keepdim=True).clamp_min(1e-300), torch.zeros_like(w))
+    return Mixture(w.numpy(), mu.numpy(), var.sqrt().numpy())
+
+
+@dataclass
+class LogitStats:
+    """Fitted logit statistics of one dataset: what ``fit-stats`` writes and ``correct`` reads.
+
+    Attributes:
+        class_names: ``C`` names.
+        grid: The logit grid of the histograms.
+        counts: ``(C, C, B)`` int64 cell histograms ``[label, channel, bin]``.
+        anchor_counts: ``(2, B)`` int64 positive and negative anchor histograms.
+        estimator: ``hist`` (empirical CDF) or ``gmm``.
+        mixtures: With ``gmm``: the cells' mixtures, arrays ``(C, C, K)``; else None.
+        anchor_mixtures: With ``gmm``: the anchors' mixtures, arrays ``(2, K)``; else None.
+        settings: How the statistics were made (labels, min_pixels, sources, ...).
+    """
+
+    class_names: list[str]
+    grid: Grid
+    counts: np.ndarray
+    anchor_counts: np.ndarray
+    estimator: str = "hist"
+    mixtures: Mixture | None = None
+    anchor_mixtures: Mixture | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """``C``."""
+        return len(self.class_names)
+
+    @property
+    def cell_pixels(self) -> np.ndarray:
+        """``(C, C)`` pixels per cell."""
+        return self.counts.sum(-1)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short content hash identifying these statistics."""
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.counts).tobytes())
+        digest.update(repr((self.grid, self.estimator, self.class_names)).encode())
+        if self.mixtures is not None:
+            for arr in (self.mixtures.weights, self.mixtures.means, self.mixtures.sigmas):
+                digest.update(np.ascontiguousarray(arr).tobytes())
+        return digest.hexdigest()[:16]
+
+
+def make_stats(
+    histogram: LogitHistogram,
+    class_names: list[str],
+    estimator: str = "hist",
+    components: int = 5,
+    settings: dict[str, Any] | None = None,
+) -> LogitStats:
+    """Turn accumulated histograms into :class:`LogitStats`, fitting mixtures for ``gmm``."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    counts = histogram.counts()
+    anchors = pool_anchors(counts)
+    stats = LogitStats(
+        class_names=list(class_names),
+        grid=histogram.grid,
+        counts=counts,
+        anchor_counts=anchors,
+        estimator=estimator,
+        settings=dict(settings or {}),
+    )
+    if estimator == "gmm":
+        c, b = histogram.num_classes, histogram.grid.bins
+        cells = fit_mixture(histogram.grid.centers, counts.reshape(c * c, b), components)
+        stats.mixtures = Mixture(
+            cells.weights.reshape(c, c, components),
+            cells.means.reshape(c, c, components),
+            cells.sigmas.reshape(c, c, components),
+        )
+        stats.anchor_mixtures = fit_mixture(histogram.grid.centers, anchors, components)
+    stats.settings.setdefault("components", components if estimator == "gmm" else None)
+    return stats

@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import torch
+from reference_blda import (
+    collect_cells,
+    confusion,
+    miou,
+    reference_scores_hist,
+    reference_scores_raw,
+)
+
+from blda_posthoc.core.correct import (
+    build_maps,
+    corrected_log_scores,
+    predict,
+    resize_logits,
+)
+from blda_posthoc.core.fit import Grid, LogitHistogram, LogitStats, make_stats
+
+C = 5
+NAMES = [f"c{i}" for i in range(C)]
+
+
+def biased_pixels(seed: int, n: int, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels whose logits favour the last classes by ``bias``; labels skewed to class 0."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(C, size=n, p=[0.4, 0.25, 0.15, 0.12, 0.08])
+    z = rng.normal(0, 1.2, (n, C)).astype(np.float32)
+    z[np.arange(n), labels] += rng.uniform(1.0, 3.0, n).astype(np.float32)
+    z += np.linspace(-bias, bias, C, dtype=np.float32)
+    return z, labels
+
+
+def fit(z: np.ndarray, labels: np.ndarray, bins: int = 2048, **kw) -> LogitStats:
+    hist = LogitHistogram(C, Grid.covering(float(z.min()), float(z.max()), bins))
+    hist.update(torch.from_numpy(z), torch.from_numpy(labels))
+    return make_stats(hist, NAMES, settings={"min_pixels": 1}, **kw)
+
+
+@pytest.fixture(scope="module")
+def case():
+    src_z, src_y = biased_pixels(0, 20000, bias=0.0)
+    tgt_z, tgt_y = biased_pixels(1, 6000, bias=0.8)
+    return src_z, src_y, tgt_z, tgt_y
+
+
+def test_matches_pointwise_histogram_reference(case):
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    maps = build_maps(stats, stats, clamp=0.01)
+    ours = corrected_log_scores(torch.from_numpy(tgt_z), maps, tau=0.5).numpy()
+    ref = reference_scores_hist(
+        tgt_z, stats.grid.edges, stats.counts, stats.anchor_counts, tau=0.5, clamp=0.01
+    )
+    # Tabulating T_ij on the grid and interpolating costs at most a few thousandths.
+    err = np.abs(ours - ref)
+    assert err.max() < 1e-2 and np.quantile(err, 0.99) < 1e-3
+    assert (ours.argmax(1) == ref.argmax(1)).mean() > 0.999
+
+
+def test_agrees_with_raw_sample_reference_on_conditionals_from_pseudo_labels(case):
+    src_z, src_y, tgt_z, tgt_y = case
+    pseudo = tgt_z.argmax(1)
+    cond, anchors = fit(tgt_z, pseudo), fit(src_z, src_y)
+    maps = build_maps(cond, anchors, clamp=0.01)
+    ours = corrected_log_scores(torch.from_numpy(tgt_z), maps, tau=0.2).numpy().argmax(1)
+    ref = reference_scores_raw(
+        tgt_z, collect_cells(tgt_z, pseudo, C), collect_cells(src_z, src_y, C), tau=0.2
+    ).argmax(1)
+    assert (ours == ref).mean() >= 0.98
+    assert abs(miou(confusion(ours, tgt_y, C)) - miou(confusion(ref, tgt_y, C))) < 1.0
+    # The correction does something on this biased case.
+    assert (ours != tgt_z.argmax(1)).mean() > 0.002
+
+
+def test_gmm_estimator_agrees_with_histogram_on_gaussian_cells(case):
+    src_z, src_y, tgt_z, _ = case
+    hist_stats, gmm_stats = fit(src_z, src_y), fit(src_z, src_y, estimator="gmm", components=5)
+    z = torch.from_numpy(tgt_z)
+    a = corrected_log_scores(z, build_maps(hist_stats, hist_stats), 0.5).argmax(1)
+    b = corrected_log_scores(z, build_maps(gmm_stats, gmm_stats), 0.5).argmax(1)
+    assert (a == b).float().mean() > 0.97
+
+
+def test_tau_zero_is_the_plain_argmax(case):
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    maps = build_maps(stats, stats)
+    logits = torch.from_numpy(tgt_z.T.reshape(C, 60, 100).copy())
+    pred, scores = predict(logits, (60, 100), maps, tau=0.0)
+    assert torch.equal(pred, logits.argmax(0))
+    torch.testing.assert_close(scores, torch.log_softmax(logits, 0))
+
+
+def test_tiny_tau_is_close_to_identity(case):
+    # The general path (no short-cut) with a vanishing tau changes (almost) nothing.
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    z = torch.from_numpy(tgt_z)
+    s = corrected_log_scores(z, build_maps(stats, stats), tau=1e-6)
+    torch.testing.assert_close(s, torch.log_softmax(z, -1), atol=1e-4, rtol=0)
+
+
+def test_identical_conditionals_and_anchors_give_no_shift():
+    # Every positive cell equals P+ and every negative cell equals P-: T_ij is the identity.
+    rng = np.random.default_rng(7)
+    pos, neg = rng.integers(1, 50, 400), rng.integers(1, 50, 400)
+    counts = np.where(np.eye(C, dtype=bool)[..., None], pos, neg).astype(np.int64)
+    grid = Grid(-10, 10, 400)
+    stats = LogitStats(NAMES, grid, counts, np.stack([pos * C, neg * C * (C - 1)]))
+    maps = build_maps(stats, stats, clamp=0.0)
+    z = torch.from_numpy(rng.uniform(-9.9, 9.9, (1000, C)).astype(np.float32))
+    s = corrected_log_scores(z, maps, tau=1.0)
+    torch.testing.assert_close(s, torch.log_softmax(z, -1), atol=1e-3, rtol=0)
+
+
+def test_result_does_not_depend_on_chunk_size(case):
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    maps = build_maps(stats, stats)
+    logits = torch.from_numpy(tgt_z.T.reshape(C, 60, 100).copy())
+    p1, s1 = predict(logits, (60, 100), maps, tau=0.3, chunk_pixels=6000)
+    p2, s2 = predict(logits, (60, 100), maps, tau=0.3, chunk_pixels=77)
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(s1, s2, atol=1e-6, rtol=0)
+
+
+def test_small_cells_get_no_shift():
+    src_z, src_y = biased_pixels(2, 3000, bias=0.0)
+    src_y[src_y == 4] = 3  # class 4 never labelled: its row of cells is empty
+    stats = fit(src_z, src_y)
+    maps = build_maps(stats, stats, min_pixels=1)
+    assert not maps.valid[4].any() and maps.valid[:4].all()
+    assert (4, 4) in maps.skipped and (4, 0) in maps.skipped
+    z = torch.from_numpy(src_z)
+    s = corrected_log_scores(z, maps, tau=0.7)
+    torch.testing.assert_close(s[:, 4], torch.log_softmax(z, -1)[:, 4])
+    assert not torch.allclose(s[:, 0], torch.log_softmax(z, -1)[:, 0])
+
+
+def test_anchors_with_too_few_pixels_are_refused():
+    z, y = biased_pixels(3, 50, bias=0.0)
+    stats = fit(z, y)
+    with pytest.raises(ValueError, match="anchors hold too few pixels"):
+        build_maps(stats, stats, min_pixels=100)
+
+
+def test_correction_raises_an_under_predicted_class():
+    # Target logits are biased against class 0: the source-statistics correction (anchors and
+    # conditionals from the *target-like* model behaviour on labelled data) must predict class 0
+    # more often than the plain argmax, and get closer to its true frequency.
+    z, y = biased_pixels(4, 20000, bias=0.8)
+    stats = fit(z, y)
+    s = corrected_log_scores(torch.from_numpy(z), build_maps(stats, stats), tau=0.5)
+    before = (z.argmax(1) == 0).mean()
+    after = (s.argmax(1).numpy() == 0).mean()
+    truth = (y == 0).mean()
+    assert before < truth and abs(after - truth) < abs(before - truth)
+
+
+def test_resize_logits_is_bilinear_and_noop_at_same_size():
+    x = torch.arange(2 * 2 * 2, dtype=torch.float32).reshape(2, 2, 2)
+    assert resize_logits(x, (2, 2)) is x
+    up = resize_logits(x, (4, 4))
+    assert up.shape == (2, 4, 4)
+    torch.testing.assert_close(up.mean((1, 2)), x.mean((1, 2)))
