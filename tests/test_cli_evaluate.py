@@ -326,3 +326,27 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
     assert run("--store", store, "--stats", stats, "--tau", 0, "--json", zero)[0] == 0
     z = json.loads(zero.read_text())
     assert z["after"]["per_class"] == z["before"]["per_class"]
+
+
+def test_colour_previews_skipped_and_extra_predictions_warned(
+    tmp_path: Path, pred_case: tuple[Path, Path]
+) -> None:
+    pred_dir, labels_dir = pred_case
+    rgb = np.zeros((24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(pred_dir / "city_a" / "img_000_color.png")
+    code, _, stderr = run("--pred-dir", pred_dir, "--labels", labels_dir, "--num-classes", 4)
+    assert code == 0, stderr
+    assert "warning" not in stderr
+    Image.fromarray(rgb[..., 0]).save(pred_dir / "extra.png")
+    code, _, stderr = run("--pred-dir", pred_dir, "--labels", labels_dir, "--num-classes", 4)
+    assert code == 0 and "warning: 1 predictions have no label" in stderr
+
+
+def test_label_beyond_num_classes_names_the_label(
+    tmp_path: Path, pred_case: tuple[Path, Path]
+) -> None:
+    pred_dir, labels_dir = pred_case
+    code, _, stderr = run("--pred-dir", pred_dir, "--labels", labels_dir, "--num-classes", 3)
+    assert code == 1
+    assert stderr.startswith("error: ") and "labels/city_a/img_000.png" in stderr
+    assert "label value 3 is outside 0..2" in stderr

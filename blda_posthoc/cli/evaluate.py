@@ -37,6 +37,7 @@ from blda_posthoc.core.evaluate import (
     softmax_confidence,
     summarize,
 )
+from blda_posthoc.io.correct import COLOR_SUFFIX
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
 from blda_posthoc.io.report import (
@@ -124,10 +125,9 @@ def add_pixels(cm: ConfusionMatrix, pred: Any, label: Any, source: Path | str) -
 
 
 def resolve_classes(
-    spec: str | None, num_classes: int | None, cm: ConfusionMatrix | None
+    names: list[str] | None, num_classes: int | None, cm: ConfusionMatrix | None
 ) -> list[str]:
     """Class names from ``--class-names`` / ``--num-classes``, or inferred from ``cm``."""
-    names = parse_class_names(spec)
     if names is not None:
         if num_classes is not None and num_classes != len(names):
             raise InputError(f"--num-classes {num_classes} but --class-names gives {len(names)}")
@@ -143,6 +143,15 @@ def resolve_classes(
         f"largest id present ({largest})"
     )
     return default_names(largest + 1)
+
+
+def drop_previews(preds: dict[str, Path]) -> dict[str, Path]:
+    """Leave out ``NAME_color.png`` colour previews that ``blda correct --color`` writes."""
+    return {
+        name: path
+        for name, path in preds.items()
+        if not (name.endswith(COLOR_SUFFIX) and name[: -len(COLOR_SUFFIX)] in preds)
+    }
 
 
 def evaluate_pred_dir(
@@ -161,7 +170,7 @@ def evaluate_pred_dir(
         num_classes: ``C`` when known; else every id 0..254 is tracked (resize later).
         allow_missing: See :func:`pair_names`.
     """
-    preds = find_files(pred_dir, (".png",))
+    preds = drop_previews(find_files(pred_dir, (".png",)))
     labels = find_files(labels_dir, (".png",), label_suffix)
     if not labels:
         raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
@@ -501,7 +510,7 @@ def run_pred_dir(
     names = parse_class_names(class_spec)
     known = len(names) if names is not None else num_classes
     cm, pairs = evaluate_pred_dir(pred_dir, labels_dir, label_suffix, known, allow_missing)
-    class_names = resolve_classes(class_spec, num_classes, None if known else cm)
+    class_names = resolve_classes(names, num_classes, None if known else cm)
     if cm.num_classes != len(class_names):
         cm = cm.resized(len(class_names))
     result = Result(summarize(cm.compute()))
