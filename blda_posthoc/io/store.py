@@ -162,6 +162,7 @@ class StoreWriter:
         logits: np.ndarray,
         label: np.ndarray | None = None,
         size: tuple[int, int] | None = None,
+        value_range: tuple[float, float] | None = None,
     ) -> None:
         """Store one image.
 
@@ -170,14 +171,18 @@ class StoreWriter:
             logits: ``(C, h, w)`` logits (any float dtype; stored as the store's dtype).
             label: ``(H, W)`` uint8 trainIds, or None.
             size: ``(H, W)`` original image size; default the label's size, else ``(h, w)``.
+            value_range: ``(min, max)`` of ``logits``, from a caller that has computed it and
+                checked that the logits are finite (saves two slow passes over float16 data).
         """
         if logits.ndim != 3 or logits.shape[0] != len(self.class_names):
             raise InputError(
                 f"{name}: expected logits of shape ({len(self.class_names)}, h, w), "
                 f"got {tuple(logits.shape)}"
             )
-        if not np.isfinite(logits).all():
-            raise InputError(f"{name}: logits contain NaN or infinite values")
+        if value_range is None:
+            if not np.isfinite(logits).all():
+                raise InputError(f"{name}: logits contain NaN or infinite values")
+            value_range = (float(logits.min()), float(logits.max()))
         if size is None:
             shape = label.shape if label is not None else logits.shape[1:]
             size = (int(shape[0]), int(shape[1]))
@@ -207,8 +212,8 @@ class StoreWriter:
         group.attrs["name"] = name
         group.attrs["height"] = int(size[0])
         group.attrs["width"] = int(size[1])
-        group.attrs["logit_min"] = float(logits.min())
-        group.attrs["logit_max"] = float(logits.max())
+        group.attrs["logit_min"] = float(value_range[0])
+        group.attrs["logit_max"] = float(value_range[1])
         group.attrs["has_label"] = label is not None
         self.file.flush()
         group.attrs["complete"] = True

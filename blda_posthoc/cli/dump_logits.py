@@ -1,0 +1,290 @@
+"""``blda dump-logits``: run a frozen segmenter over an image folder into a logits store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blda_posthoc.cli.common import (
+    class_names_option,
+    device_option,
+    handle_errors,
+    info,
+    overwrite_option,
+    parse_class_names,
+    progress,
+    resolve_device,
+    warn,
+)
+from blda_posthoc.core.infer import IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, Preprocess
+from blda_posthoc.io.dump import (
+    DumpOptions,
+    collect_items,
+    dump_logits,
+    torchrun_device,
+    torchrun_shard,
+)
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.models import load_model
+
+
+class _Floats3(click.ParamType):
+    """Three comma-separated numbers, e.g. ``123.675,116.28,103.53``."""
+
+    name = "R,G,B"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[float, float, float]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            parts = [float(p) for p in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
+        if len(parts) != 3:
+            self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
+        return parts[0], parts[1], parts[2]
+
+
+class _Size(click.ParamType):
+    """``HxW`` in pixels, e.g. ``512x1024``."""
+
+    name = "HxW"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            self.fail(f"{value!r} is not HxW with positive integers (e.g. 512x1024)", param, ctx)
+        return int(parts[0]), int(parts[1])
+
+
+class _Shard(click.ParamType):
+    """``K/N`` with ``1 <= K <= N``."""
+
+    name = "K/N"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            self.fail(f"{value!r} is not K/N (e.g. 1/4)", param, ctx)
+        k, n = int(parts[0]), int(parts[1])
+        if not 1 <= k <= n:
+            self.fail(f"{value!r}: need 1 <= K <= N", param, ctx)
+        return k, n
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+@click.command("dump-logits")
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="TorchScript file (.pt/.pth/.ts), ONNX file (.onnx), or package.module:factory.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Weights for a factory model (state dict, {'state_dict': ...}, or a module).",
+)
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of PNG/JPEG images, searched recursively.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Logits store (.h5) to write; shards write OUT-K-of-N.h5.",
+)
+@click.option(
+    "--labels",
+    "labels_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of trainId label PNGs stored alongside (same names).",
+)
+@click.option("--image-suffix", default="", help="Stem ending stripped from image names.")
+@click.option("--label-suffix", default="", help="Stem ending of label files.")
+@class_names_option
+@click.option(
+    "--num-classes",
+    type=click.IntRange(1, 255),
+    default=None,
+    help="Number of output channels when --class-names is not given.",
+)
+@click.option("--bgr", is_flag=True, help="Feed channels in BGR order (mean/std in that order).")
+@click.option(
+    "--mean",
+    type=_Floats3(),
+    default=_fmt(IMAGENET_MEAN),
+    show_default=True,
+    help="Channel means on the 0-255 scale.",
+)
+@click.option(
+    "--std",
+    type=_Floats3(),
+    default=_fmt(IMAGENET_STD),
+    show_default=True,
+    help="Channel standard deviations on the 0-255 scale.",
+)
+@click.option(
+    "--scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Resize images by this factor before the model.",
+)
+@click.option("--size", type=_Size(), default=None, help="Resize images to HxW before the model.")
+@click.option(
+    "--window",
+    type=_Size(),
+    default=None,
+    help="Sliding-window inference with HxW windows (default: whole image).",
+)
+@click.option(
+    "--stride",
+    type=_Size(),
+    default=None,
+    help="Sliding-window step HxW (default: the window size).",
+)
+@click.option(
+    "--logits-scale",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Store logits at this fraction of the image size.",
+)
+@device_option
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images per forward pass.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    default="fp32",
+    show_default=True,
+    help="Autocast precision (fp16 needs CUDA).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Storage dtype of the logits.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Image-decoding worker processes (0: decode in the main process).",
+)
+@click.option(
+    "--shard",
+    type=_Shard(),
+    default=None,
+    help="Process shard K of N (1-based); default from torchrun's RANK/WORLD_SIZE.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run, skipping done images.")
+@overwrite_option
+@handle_errors
+def command(
+    model_spec: str,
+    checkpoint: Path | None,
+    images_dir: Path,
+    out: Path,
+    labels_dir: Path | None,
+    image_suffix: str,
+    label_suffix: str,
+    class_names: str | None,
+    num_classes: int | None,
+    bgr: bool,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    scale: float | None,
+    size: tuple[int, int] | None,
+    window: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+    logits_scale: float,
+    device: str,
+    batch_size: int,
+    precision: str,
+    dtype: str,
+    workers: int,
+    shard: tuple[int, int] | None,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Run a frozen segmenter over images and store its logits (and labels).
+
+    Image names are paths relative to --images without extension and --image-suffix: with
+    `--images leftImg8bit/val --image-suffix _leftImg8bit` the file
+    `frankfurt/frankfurt_000000_000294_leftImg8bit.png` is named
+    `frankfurt/frankfurt_000000_000294`.
+    """
+    if scale is not None and size is not None:
+        raise click.UsageError("give --scale or --size, not both")
+    if stride is not None and window is None:
+        raise click.UsageError("--stride needs --window")
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
+    pre = Preprocess(mean, std, bgr, scale, size, window, stride, logits_scale)
+    torch_device = torchrun_device(device, resolve_device(device))
+    if precision == "fp16" and torch_device.type == "cpu":
+        raise InputError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
+    run_shard = _shard(shard)
+    items = collect_items(images_dir, labels_dir, image_suffix, label_suffix)
+    loaded = load_model(model_spec, checkpoint, torch_device, warn=warn)
+    if not loaded.autocast and precision != "fp32":
+        warn(f"{model_spec}: --precision {precision} applies to torch models only; ignored")
+        precision = "fp32"
+    options = DumpOptions(
+        out=out,
+        preprocess=pre,
+        class_names=parse_class_names(class_names),
+        num_classes=num_classes,
+        device=torch_device,
+        batch_size=batch_size,
+        precision=precision,
+        dtype=dtype,
+        workers=workers,
+        resume=resume,
+        overwrite=overwrite,
+        shard=run_shard,
+    )
+    result = dump_logits(
+        loaded.forward, items, options, model_name=model_spec, progress=progress, log=info
+    )
+    info(
+        f"wrote {result.path}: {result.written} images computed, {result.skipped} already done, "
+        f"{len(result.class_names)} classes on {torch_device}"
+    )
+
+
+def _shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--shard``, else the shard from torchrun's environment."""
+    from_env = torchrun_shard()
+    if shard is not None and from_env is not None and shard != from_env:
+        warn(f"--shard {shard[0]}/{shard[1]} overrides torchrun's {from_env[0]}/{from_env[1]}")
+    return shard if shard is not None else from_env

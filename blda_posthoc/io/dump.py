@@ -1,0 +1,502 @@
+"""Running a model over an image folder into a logits store (what ``blda dump-logits`` does).
+
+The pipeline overlaps its three stages: worker processes of a torch ``DataLoader`` decode the
+images (and labels), the calling thread runs the model, and a writer thread compresses and writes
+the logits through a bounded queue. Shape legend: ``N`` images, ``C`` classes, ``H, W`` image
+size, ``h, w`` stored logits size.
+
+Sharding: with ``shard=(K, N)`` the images, sorted by name, at indices ``i`` with
+``i % N == K - 1`` are processed and written to ``OUT-K-of-N.EXT`` (see :func:`shard_path`);
+:func:`torchrun_shard` reads the shard from ``torchrun``'s ``RANK``/``WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from blda_posthoc.core.classes import default_names
+from blda_posthoc.core.infer import Model, Preprocess, predict_logits
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb
+from blda_posthoc.io.store import StoreWriter, partial_path
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to process: its name, image file and optional label file."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class DumpOptions:
+    """Everything about a dump run except the model.
+
+    Attributes:
+        out: Store path (before the shard suffix is added).
+        preprocess: Normalisation, resizing and window options.
+        class_names: Channel names; None to use ``num_classes`` or the model's channel count.
+        num_classes: Expected channel count when ``class_names`` is None.
+        device: Where the model runs (the images are moved there).
+        batch_size: Images per forward pass (images of different sizes are never mixed).
+        precision: ``fp32``, ``fp16`` or ``bf16`` autocast.
+        dtype: Storage dtype, ``float16`` or ``float32``.
+        workers: DataLoader worker processes for decoding (0: decode in this thread).
+        resume: Skip images already complete in an existing (partial) store.
+        overwrite: Replace an existing store.
+        shard: ``(K, N)``, 1-based, or None for all images.
+        queue_size: Images waiting for the writer thread at most.
+    """
+
+    out: Path
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    class_names: list[str] | None = None
+    num_classes: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 1
+    precision: str = "fp32"
+    dtype: str = "float16"
+    workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+    queue_size: int = 4
+
+
+@dataclass
+class DumpResult:
+    """What a run did: the store written, images computed now and images already there."""
+
+    path: Path
+    class_names: list[str]
+    written: int
+    skipped: int
+
+
+def collect_items(
+    images: Path, labels: Path | None = None, image_suffix: str = "", label_suffix: str = ""
+) -> list[Item]:
+    """Pair every image under ``images`` with its label under ``labels``, sorted by name.
+
+    Args:
+        images: Image folder (PNG/JPEG, searched recursively).
+        labels: Label folder (PNG trainIds), or None.
+        image_suffix: Ending of image stems to strip from names (e.g. ``_leftImg8bit``).
+        label_suffix: Ending of label stems (e.g. ``_gtFine_labelTrainIds``).
+
+    Returns:
+        One item per image; each has a label when ``labels`` is given.
+    """
+    found = find_files(images, IMAGE_EXTENSIONS, image_suffix)
+    if not found:
+        hint = f" ending in {image_suffix!r}" if image_suffix else ""
+        raise InputError(f"{images}: no PNG/JPEG images{hint} found")
+    if labels is None:
+        return [Item(name, path, None) for name, path in found.items()]
+    label_files = find_files(labels, (".png",), label_suffix)
+    items = []
+    for name, path in found.items():
+        if name not in label_files:
+            raise InputError(f"{path}: no label {name}{label_suffix}.png under {labels}")
+        items.append(Item(name, path, label_files[name]))
+    return items
+
+
+def select_shard(items: Sequence[Item], shard: tuple[int, int] | None) -> list[Item]:
+    """The items of shard ``(K, N)``: sorted by name, indices ``i`` with ``i % N == K - 1``."""
+    ordered = sorted(items, key=lambda item: item.name)
+    if shard is None:
+        return ordered
+    k, n = check_shard(shard)
+    return ordered[k - 1 :: n]
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """Validate a 1-based shard ``(K, N)``."""
+    k, n = shard
+    if n < 1 or not 1 <= k <= n:
+        raise InputError(f"--shard {k}/{n}: need 1 <= K <= N")
+    return k, n
+
+
+def shard_path(out: Path, shard: tuple[int, int] | None) -> Path:
+    """Store path of a shard: ``tgt.h5`` with ``(1, 2)`` gives ``tgt-1-of-2.h5``."""
+    if shard is None or shard[1] == 1:
+        return out
+    k, n = shard
+    return out.with_name(f"{out.stem}-{k}-of-{n}{out.suffix}")
+
+
+def torchrun_shard(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard ``(RANK + 1, WORLD_SIZE)`` under ``torchrun``; None when not distributed."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+    except ValueError as exc:
+        raise InputError(f"RANK/WORLD_SIZE: not integers ({exc})") from exc
+    if world <= 1:
+        return None
+    return check_shard((rank + 1, world))
+
+
+def torchrun_device(
+    spec: str, device: torch.device, env: Mapping[str, str] | None = None
+) -> torch.device:
+    """Under ``torchrun`` with ``--device auto`` and CUDA, use ``cuda:LOCAL_RANK``."""
+    env = os.environ if env is None else env
+    if spec == "auto" and device.type == "cuda" and "LOCAL_RANK" in env:
+        device = torch.device("cuda", int(env["LOCAL_RANK"]))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+class ImageDataset(Dataset[dict[str, Any]]):
+    """Decode items into samples; errors travel as messages (workers cannot raise cleanly).
+
+    A sample is ``{"name", "image": (H, W, 3) uint8 tensor, "label": (H, W) uint8 array or None,
+    "error": message or None}``.
+    """
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        sample: dict[str, Any] = {"name": item.name, "image": None, "label": None, "error": None}
+        try:
+            image = read_rgb(item.image)
+            sample["image"] = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+            if item.label is not None:
+                label = read_label(item.label)
+                if label.shape != image.shape[:2]:
+                    raise InputError(
+                        f"{item.label}: label is {label.shape[0]}x{label.shape[1]} but the image "
+                        f"is {image.shape[0]}x{image.shape[1]}"
+                    )
+                sample["label"] = label
+        except InputError as exc:
+            sample["error"] = str(exc)
+        return sample
+
+
+def collate_by_size(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stack runs of consecutive same-size samples into groups (order kept).
+
+    Returns:
+        Groups ``{"names": [...], "images": (n, H, W, 3) uint8, "labels": [...], "error"}``.
+    """
+    groups: list[dict[str, Any]] = []
+    run: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if run:
+            images = torch.stack([s["image"] for s in run])
+            names = [s["name"] for s in run]
+            groups.append(
+                {
+                    "names": names,
+                    "images": images,
+                    "labels": [s["label"] for s in run],
+                    "error": None,
+                }
+            )
+            run.clear()
+
+    for sample in samples:
+        if sample["error"] is not None:
+            flush()
+            groups.append({"names": [sample["name"]], "error": sample["error"]})
+            break
+        if run and run[0]["image"].shape != sample["image"].shape:
+            flush()
+        run.append(sample)
+    flush()
+    return groups
+
+
+class BackgroundWriter:
+    """Write records to a :class:`StoreWriter` from a thread, through a bounded queue.
+
+    Args:
+        store: The open store.
+        maxsize: Records waiting at most; ``put`` blocks beyond that.
+    """
+
+    def __init__(self, store: StoreWriter, maxsize: int = 4) -> None:
+        self.store = store
+        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max(1, maxsize))
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="blda-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.store.write(*record)
+                self.written += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+
+    def put(
+        self,
+        name: str,
+        logits: np.ndarray,
+        label: np.ndarray | None,
+        size: tuple[int, int],
+        value_range: tuple[float, float],
+    ) -> None:
+        """Queue one record (the arguments of :meth:`StoreWriter.write`); raise its errors."""
+        while True:
+            self._raise()
+            try:
+                self.queue.put((name, logits, label, size, value_range), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread and raise its error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+
+def dump_logits(
+    model: Model,
+    items: Sequence[Item],
+    options: DumpOptions,
+    *,
+    model_name: str = "model",
+    progress: Callable[..., Any] | None = None,
+    log: Log | None = None,
+) -> DumpResult:
+    """Run ``model`` over ``items`` and write their logits (and labels) to a store.
+
+    Args:
+        model: ``(N, 3, h, w)`` float32 input on ``options.device`` to the model's output.
+        items: Images to process (see :func:`collect_items`); the shard is selected here.
+        options: Output, preprocessing and run options.
+        model_name: How the model is named in error messages.
+        progress: Optional ``progress(iterable, total, desc)`` returning a tqdm-like bar (used
+            with ``update``/``close``), e.g. :func:`blda_posthoc.cli.common.progress`.
+        log: Optional ``log(message)`` for notes on stderr.
+
+    Returns:
+        What was written where.
+    """
+    say: Log = log or (lambda message: None)
+    todo = select_shard(items, options.shard)
+    out = shard_path(options.out, options.shard)
+    if not todo:
+        raise InputError(f"{out}: shard {options.shard} holds no image")
+    attrs: dict[str, str | int | float] = {}
+    if options.shard is not None and options.shard[1] > 1:
+        attrs["shard"] = f"{options.shard[0]}/{options.shard[1]}"
+    _check_output(out, options, attrs)
+    names = _class_names(model, todo[0], options, model_name, say)
+    store = StoreWriter(
+        out,
+        names,
+        dtype=options.dtype,
+        overwrite=options.overwrite,
+        resume=options.resume,
+        attrs=attrs,
+    )
+    try:
+        remaining = [item for item in todo if not store.has(item.name)]
+        if len(remaining) < len(todo):
+            say(f"resuming {out}: {len(todo) - len(remaining)} of {len(todo)} images already done")
+        written = _run(model, remaining, store, names, options, model_name, progress)
+    except BaseException:
+        kept = _complete_count(store)
+        store.close(success=False)
+        if kept:
+            say(f"stopped; {kept} finished images are kept in {store.tmp} (rerun with --resume)")
+        else:
+            store.tmp.unlink(missing_ok=True)
+        raise
+    store.close(success=True)
+    return DumpResult(out, names, written, len(todo) - len(remaining))
+
+
+def _complete_count(store: StoreWriter) -> int:
+    return sum(bool(group.attrs.get("complete", False)) for group in store.file["images"].values())
+
+
+def _check_output(out: Path, options: DumpOptions, attrs: Mapping[str, Any]) -> None:
+    """Refuse to replace outputs unasked, and to resume a store written differently."""
+    partial = partial_path(out)
+    if options.resume:
+        existing = partial if partial.exists() else out
+        if existing.exists():
+            _check_resumable(existing, options, attrs)
+        return
+    if options.overwrite:
+        return
+    if out.exists():
+        raise InputError(f"{out}: already exists (use --overwrite to replace it)")
+    if partial.exists():
+        raise InputError(
+            f"{partial}: an unfinished run is there (use --resume to continue it or "
+            "--overwrite to start over)"
+        )
+
+
+def _check_resumable(path: Path, options: DumpOptions, attrs: Mapping[str, Any]) -> None:
+    try:
+        with h5py.File(path, "r") as f:
+            stored_dtype = str(f.attrs.get("dtype", options.dtype))
+            stored_shard = f.attrs.get("shard")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot reopen to resume ({exc}); delete it") from exc
+    if stored_dtype != options.dtype:
+        raise InputError(f"{path}: stored as {stored_dtype}, not {options.dtype}; cannot resume")
+    if (None if stored_shard is None else str(stored_shard)) != attrs.get("shard"):
+        raise InputError(f"{path}: holds shard {stored_shard}, not this run's; cannot resume")
+
+
+def _class_names(
+    model: Model, first: Item, options: DumpOptions, model_name: str, say: Log
+) -> list[str]:
+    """Class names from the options, or from the channel count of one forward pass."""
+    if options.class_names is not None:
+        if options.num_classes is not None and options.num_classes != len(options.class_names):
+            raise InputError(
+                f"--num-classes {options.num_classes} differs from the "
+                f"{len(options.class_names)} names of --class-names"
+            )
+        return list(options.class_names)
+    if options.num_classes is not None:
+        return default_names(options.num_classes)
+    sample = ImageDataset([first])[0]
+    if sample["error"] is not None:
+        raise InputError(sample["error"])
+    logits = _forward(model, sample["image"][None], options, model_name, first.name)
+    channels = int(logits.shape[1])
+    say(
+        f"no --class-names or --num-classes: the model outputs {channels} channels, "
+        f"named class_0..class_{channels - 1}"
+    )
+    return default_names(channels)
+
+
+def _forward(
+    model: Model, images: torch.Tensor, options: DumpOptions, model_name: str, first: str
+) -> torch.Tensor:
+    """Logits ``(n, C, h, w)`` of ``(n, H, W, 3)`` uint8 images; model failures become errors."""
+    images = images.to(options.device, non_blocking=True)
+    try:
+        return predict_logits(model, images, options.preprocess, options.precision)
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (try a smaller --batch-size)" if "out of memory" in text else ""
+        raise InputError(f"{model_name}: failed on {first}: {text}{hint}") from exc
+
+
+def _run(
+    model: Model,
+    items: Sequence[Item],
+    store: StoreWriter,
+    names: list[str],
+    options: DumpOptions,
+    model_name: str,
+    progress: Callable[..., Any] | None,
+) -> int:
+    """Decode, infer and write ``items``; return how many images were written."""
+    if not items:
+        return 0
+    loader = DataLoader(
+        ImageDataset(items),
+        batch_size=max(1, options.batch_size),
+        shuffle=False,
+        num_workers=max(0, options.workers),
+        collate_fn=collate_by_size,
+        pin_memory=options.device.type == "cuda",
+    )
+    storage = torch.float16 if options.dtype == "float16" else torch.float32
+    bar = progress(None, total=len(items), desc="dump-logits") if progress else None
+    writer = BackgroundWriter(store, options.queue_size)
+    try:
+        for groups in loader:
+            for group in groups:
+                if group["error"] is not None:
+                    raise InputError(group["error"])
+                logits = _forward(model, group["images"], options, model_name, group["names"][0])
+                _check_channels(logits, names, model_name)
+                ranges = value_ranges(logits, storage, group["names"])
+                array = logits.to(storage).cpu().numpy()
+                size = tuple(group["images"].shape[1:3])
+                for index, name in enumerate(group["names"]):
+                    writer.put(name, array[index], group["labels"][index], size, ranges[index])
+                if bar is not None:
+                    bar.update(len(group["names"]))
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return writer.written
+
+
+def _check_channels(logits: torch.Tensor, names: list[str], model_name: str) -> None:
+    if logits.shape[1] != len(names):
+        raise InputError(
+            f"{model_name}: outputs {logits.shape[1]} channels but {len(names)} classes were "
+            "given (--class-names / --num-classes)"
+        )
+
+
+def value_ranges(
+    logits: torch.Tensor, storage: torch.dtype, names: Sequence[str]
+) -> list[tuple[float, float]]:
+    """Per-image ``(min, max)`` of the logits as stored, checking they are finite and fit.
+
+    Args:
+        logits: ``(N, C, h, w)`` float32 logits.
+        storage: Storage dtype (``torch.float16`` or ``torch.float32``).
+        names: The ``N`` image names, for error messages.
+
+    Returns:
+        One ``(min, max)`` per image, rounded to the storage dtype.
+    """
+    flat = logits.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    if not bool(finite.all()):
+        bad = names[int((~finite).nonzero()[0, 0])]
+        raise InputError(f"{bad}: the model gives NaN or infinite logits")
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    limit = torch.finfo(storage).max
+    if bool((high > limit).any() or (low < -limit).any()):
+        bad = names[int(((high > limit) | (low < -limit)).nonzero()[0, 0])]
+        raise InputError(f"{bad}: logits exceed the {storage} range; use --dtype float32")
+    low, high = low.to(storage).float().cpu(), high.to(storage).float().cpu()
+    return list(zip(low.tolist(), high.tolist(), strict=True))

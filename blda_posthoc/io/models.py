@@ -1,0 +1,258 @@
+"""Loading a frozen segmenter: a TorchScript file, an ONNX file, or a factory plus checkpoint.
+
+Every loader returns a :class:`LoadedModel` whose ``forward`` takes a ``(N, 3, h, w)`` float32
+tensor on the chosen device and returns what the model returns (a tensor, a list/tuple whose
+first element is the logits, or a dict with ``"out"``);
+:func:`blda_posthoc.core.infer.select_output` picks the logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pickle
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blda_posthoc.core.infer import Model
+from blda_posthoc.io.errors import InputError
+
+TORCHSCRIPT_EXTENSIONS = (".pt", ".pth", ".ts", ".jit")
+ONNX_EXTENSIONS = (".onnx",)
+ONNX_MISSING = "onnxruntime is not installed; install the extra: pip install 'blda-posthoc[onnx]'"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run.
+
+    Attributes:
+        spec: The ``--model`` value it came from.
+        kind: ``torchscript``, ``onnx`` or ``factory``.
+        forward: ``(N, 3, h, w)`` float32 input on the device to the model's output.
+        autocast: Whether ``--precision`` (torch autocast) applies to it.
+    """
+
+    spec: str
+    kind: str
+    forward: Model
+    autocast: bool = True
+
+
+def load_model(
+    spec: str, checkpoint: Path | None, device: torch.device, warn: Any = None
+) -> LoadedModel:
+    """Load a model from a ``--model`` spec.
+
+    Args:
+        spec: A TorchScript file (``.pt``, ``.pth``, ``.ts``, ``.jit``), an ONNX file
+            (``.onnx``), or ``package.module:factory``.
+        checkpoint: Weights for a factory model: a state dict, a dict holding one under
+            ``"state_dict"`` or ``"model"``, or a whole pickled module (used as is).
+        device: Where the model runs.
+        warn: Optional ``warn(message)`` for non-fatal notes.
+
+    Returns:
+        The loaded model, in eval mode, on ``device``.
+    """
+    path = Path(spec)
+    if path.suffix.lower() in ONNX_EXTENSIONS:
+        _no_checkpoint(spec, checkpoint)
+        return load_onnx(path, device, warn)
+    if path.suffix.lower() in TORCHSCRIPT_EXTENSIONS or path.exists():
+        _no_checkpoint(spec, checkpoint)
+        return load_torchscript(path, device)
+    if ":" in spec:
+        return load_factory(spec, checkpoint, device, warn)
+    raise InputError(
+        f"{spec}: not a model file (.pt/.pth/.ts/.jit TorchScript, .onnx) "
+        "nor a package.module:factory spec"
+    )
+
+
+def _no_checkpoint(spec: str, checkpoint: Path | None) -> None:
+    if checkpoint is not None:
+        raise InputError(
+            f"{checkpoint}: --checkpoint applies only to package.module:factory models"
+        )
+
+
+def _prepare(module: nn.Module, device: torch.device) -> nn.Module:
+    module = module.to(device).eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def load_torchscript(path: Path, device: torch.device) -> LoadedModel:
+    """Load a TorchScript file (or, failing that, a whole module saved with ``torch.save``)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    try:
+        module: nn.Module = torch.jit.load(str(path), map_location=device)
+    except RuntimeError as jit_error:
+        module = _load_pickled_module(path, jit_error)
+    return LoadedModel(str(path), "torchscript", _prepare(module, device))
+
+
+def _load_pickled_module(path: Path, jit_error: Exception) -> nn.Module:
+    obj = _torch_load(path)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        raise InputError(
+            f"{path}: holds weights, not a model; use --model package.module:factory "
+            f"--checkpoint {path}"
+        )
+    first = str(jit_error).strip().splitlines()[0] if str(jit_error).strip() else "unknown"
+    raise InputError(f"{path}: not a TorchScript model ({first})")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` on CPU: weights only first, a full unpickle if that is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read checkpoint ({_first_line(exc)})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
+        raise InputError(f"{path}: cannot read checkpoint ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_factory(
+    spec: str, checkpoint: Path | None, device: torch.device, warn: Any = None
+) -> LoadedModel:
+    """Build a model with ``package.module:factory`` and load ``checkpoint`` into it.
+
+    The factory is called without arguments. If the checkpoint holds a whole pickled module,
+    that module is used as is and the factory is not called (its module is still imported so
+    that the pickle can find its classes).
+    """
+    module_name, _, attr = spec.partition(":")
+    factory = _import_factory(spec, module_name, attr)
+    state: Any = None
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise InputError(f"{checkpoint}: no such checkpoint file")
+        state = _torch_load(checkpoint)
+        if isinstance(state, nn.Module):
+            return LoadedModel(spec, "factory", _prepare(state, device))
+    elif warn is not None:
+        warn(f"{spec}: no --checkpoint given; using the weights the factory builds")
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001 - a failing user factory is bad input
+        raise InputError(f"{spec}: the factory failed ({_first_line(exc)})") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{spec}: the factory returned {type(model).__name__}, not a torch module")
+    if state is not None:
+        assert checkpoint is not None
+        _load_state(model, state, checkpoint)
+    return LoadedModel(spec, "factory", _prepare(model, device))
+
+
+def _import_factory(spec: str, module_name: str, attr: str) -> Any:
+    if not module_name or not attr:
+        raise InputError(f"{spec}: expected package.module:factory")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working folder are found
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"{spec}: cannot import {module_name} ({_first_line(exc)})") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"{spec}: {module_name} has no callable {attr!r}")
+    if inspect.isclass(factory) and not issubclass(factory, nn.Module):
+        raise InputError(f"{spec}: {attr} is a class but not a torch module")
+    return factory
+
+
+def _load_state(model: nn.Module, state: Any, checkpoint: Path) -> None:
+    """Load a state dict (possibly nested under ``state_dict``/``model``, possibly DDP-prefixed)."""
+    if isinstance(state, Mapping):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise InputError(f"{checkpoint}: not a state dict (got {type(state).__name__})")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    result = model.load_state_dict(dict(state), strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_some(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_some(result.unexpected_keys)}")
+    if problems:
+        raise InputError(f"{checkpoint}: does not fit the model ({'; '.join(problems)})")
+
+
+def _some(keys: list[str], limit: int = 3) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_onnx(path: Path, device: torch.device, warn: Any = None) -> LoadedModel:
+    """Load an ONNX model with onnxruntime (CUDA provider when ``device`` is CUDA)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise InputError(f"{path}: {ONNX_MISSING}") from exc
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        elif warn is not None:
+            warn(f"{path}: onnxruntime has no CUDA provider (install onnxruntime-gpu); using CPU")
+    try:
+        session = ort.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise InputError(f"{path}: cannot load ONNX model ({_first_line(exc)})") from exc
+    return LoadedModel(str(path), "onnx", OnnxForward(session, device, path), autocast=False)
+
+
+class OnnxForward:
+    """Call an onnxruntime session like a torch model (first input, all outputs as tensors).
+
+    Args:
+        session: An ``onnxruntime.InferenceSession``.
+        device: Device of the returned tensors.
+        path: Model file, for error messages.
+    """
+
+    def __init__(self, session: Any, device: torch.device, path: Path) -> None:
+        self.session = session
+        self.device = device
+        self.path = path
+        first = session.get_inputs()[0]
+        self.input_name = first.name
+        self.half = first.type == "tensor(float16)"
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the session on ``(N, 3, h, w)`` input; return its outputs on the device."""
+        array = x.detach().to("cpu", torch.float16 if self.half else torch.float32).numpy()
+        try:
+            outputs = self.session.run(None, {self.input_name: array})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise InputError(
+                f"{self.path}: ONNX model failed on input {tuple(array.shape)} ({_first_line(exc)})"
+            ) from exc
+        return [torch.from_numpy(out).to(self.device) for out in outputs]
