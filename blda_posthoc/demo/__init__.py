@@ -1,0 +1,1 @@
+"""The embedded demo: the synthetic benchmark's files and the shipped demo network."""
