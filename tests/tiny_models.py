@@ -59,3 +59,13 @@ class HalfRes(nn.Module):
 def build() -> TinyNet:
     """Factory for ``--model tiny_models:build`` (4 classes, output a dict)."""
     return TinyNet(num_classes=4, output="dict")
+
+
+def build_tuple() -> TinyNet:
+    """Factory whose model returns ``(logits, aux)``."""
+    return TinyNet(num_classes=4, output="tuple")
+
+
+def build_tensor() -> TinyNet:
+    """Factory whose model returns the logits tensor."""
+    return TinyNet(num_classes=4, output="tensor")

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import pickle
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ def load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
     try:
-        module: nn.Module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch, but users have it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module: nn.Module = torch.jit.load(str(path), map_location=device)
     except RuntimeError as jit_error:
         module = _load_pickled_module(path, jit_error)
     return LoadedModel(str(path), "torchscript", _prepare(module, device))
@@ -193,7 +196,11 @@ def _load_state(model: nn.Module, state: Any, checkpoint: Path) -> None:
         raise InputError(f"{checkpoint}: not a state dict (got {type(state).__name__})")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    result = model.load_state_dict(dict(state), strict=False)
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise InputError(f"{checkpoint}: does not fit the model ({detail})") from exc
     problems = []
     if result.missing_keys:
         problems.append(f"missing {_some(result.missing_keys)}")
