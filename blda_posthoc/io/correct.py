@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from blda_posthoc.core.classes import colorize, palette_for
 from blda_posthoc.core.correct import AlignmentMaps, predict, resize_logits
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import write_png
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import LogitStore, Record
 
 COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
@@ -63,6 +64,69 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class CorrectedImage:
+    """One image of a store after the correction.
+
+    Attributes:
+        record: The store's record (``label`` only when asked for).
+        logits: ``(C, H, W)`` logits resized to the image size, on the compute device.
+        pred: ``(H, W)`` int64 corrected prediction.
+        scores: ``(C, H, W)`` corrected log-scores (not normalised).
+    """
+
+    record: Record
+    logits: torch.Tensor
+    pred: torch.Tensor
+    scores: torch.Tensor
+
+
+def corrected_images(
+    store: LogitStore,
+    names: Sequence[str],
+    maps: AlignmentMaps | None,
+    tau: float,
+    *,
+    with_label: bool = False,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
+) -> Iterator[CorrectedImage]:
+    """Read, resize and correct the images ``names`` of a store, one at a time.
+
+    Args:
+        store: The logits.
+        names: Images to visit, in this order.
+        maps: Tabulated maps (None: plain argmax).
+        tau: Correction strength.
+        with_label: Also read label maps.
+        device: Where to compute.
+        progress: Wraps the iteration over image names.
+
+    Yields:
+        One :class:`CorrectedImage` per name.
+    """
+    dev_maps = maps.to(device) if maps is not None else None
+    iterable: Iterable[str] = names if progress is None else progress(names, len(names))
+    for name in iterable:
+        record = store.read(name, with_label=with_label)
+        z = resize_logits(torch.from_numpy(record.logits).to(device), record.size)
+        pred, scores = predict(z, record.size, dev_maps, tau)
+        yield CorrectedImage(record, z, pred, scores)
+
+
+def write_label_map(files: list[Path], label_map: np.ndarray, palette: np.ndarray | None) -> None:
+    """Write ``files[0]`` (trainIds) and, with a palette, ``files[1]`` (colour preview).
+
+    Args:
+        files: Output paths from :func:`output_paths`.
+        label_map: ``(H, W)`` uint8 trainIds (255 = ignore).
+        palette: ``(256, 3)`` colours, or None for no preview.
+    """
+    write_png(files[0], label_map)
+    if palette is not None:
+        write_png(files[1], colorize(label_map, palette))
+
+
 def correct_store(
     store: LogitStore,
     maps: AlignmentMaps | None,
@@ -98,18 +162,11 @@ def correct_store(
     c = store.num_classes
     before = np.zeros(c, dtype=np.int64)
     after = np.zeros(c, dtype=np.int64)
-    dev_maps = maps.to(device) if maps is not None else None
-    iterable: Iterable[str] = todo if progress is None else progress(todo, len(todo))
-    for name in iterable:
-        record = store.read(name, with_label=False)
-        z = resize_logits(torch.from_numpy(record.logits).to(device), record.size)
-        pred, _ = predict(z, record.size, dev_maps, tau)
-        before += np.bincount(z.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
-        label_map = pred.cpu().numpy().astype(np.uint8)
+    for image in corrected_images(store, todo, maps, tau, device=device, progress=progress):
+        before += np.bincount(image.logits.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
+        label_map = image.pred.cpu().numpy().astype(np.uint8)
         after += np.bincount(label_map.reshape(-1), minlength=c)
-        write_png(paths[name][0], label_map)
-        if color:
-            write_png(paths[name][1], colorize(label_map, palette))
+        write_label_map(paths[image.record.name], label_map, palette if color else None)
     return {
         "images": len(todo),
         "skipped_existing": len(store.names) - len(todo),

@@ -1,0 +1,139 @@
+"""``blda relabel``: corrected pseudo-labels with ignore (255), optionally class-balanced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from blda_posthoc.cli.common import (
+    device_option,
+    handle_errors,
+    info,
+    overwrite_option,
+    progress,
+    resolve_device,
+    warn,
+)
+from blda_posthoc.cli.correct import describe_maps, stats_options
+from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
+from blda_posthoc.io.stats import load_alignment
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+
+PORTION_TOLERANCE = 0.005
+"""Warn when a class's kept fraction misses --keep-portion by more than this (ties)."""
+
+
+@click.command("relabel")
+@click.argument("stores", nargs=-1, required=True)
+@stats_options
+@click.option(
+    "--out-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for NAME.png pseudo-labels (255 = ignore) and manifest.json.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Ignore pixels whose corrected confidence (softmax of the corrected scores) is below P.",
+)
+@click.option(
+    "--keep-portion",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Class-balanced selection (CBST): per class keep the P most confident fraction of "
+    "its pixels, ignore the rest. Two passes over the stores.",
+)
+@click.option(
+    "--pseudo-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of current NAME.png pseudo-labels; the manifest reports what changes.",
+)
+@click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
+@click.option("--resume", is_flag=True, help="Keep images whose outputs already exist.")
+@device_option
+@overwrite_option
+@handle_errors
+def command(
+    stores: tuple[str, ...],
+    stats_path: Path,
+    anchors_path: Path | None,
+    tau: float,
+    clamp: float,
+    out_dir: Path,
+    min_confidence: float | None,
+    keep_portion: float | None,
+    pseudo_dir: Path | None,
+    color: bool,
+    resume: bool,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Relabel STORES into a pseudo-label set for the next self-training round.
+
+    Writes OUT_DIR/NAME.png trainIds at each image's size (255 = ignore) and
+    OUT_DIR/manifest.json; never modifies its inputs.
+
+    Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
+    --out-dir pseudo_r2
+    """
+    dev = resolve_device(device)
+    settings = RelabelSettings(tau, clamp, min_confidence, keep_portion, pseudo_dir, color)
+    with LogitStore(expand_store_paths(stores)) as store:
+        maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
+        describe_maps(maps, store.class_names)
+        statistics = {
+            "stats": str(stats_path),
+            "stats_fingerprint": cond.fingerprint,
+            "anchors": str(anchors_path or stats_path),
+            "anchors_fingerprint": anchors.fingerprint,
+            "skipped_cells": maps.skipped,
+        }
+        manifest = relabel_store(
+            store,
+            maps,
+            out_dir,
+            settings,
+            statistics,
+            overwrite=overwrite,
+            resume=resume,
+            device=dev,
+            progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
+        )
+    report(manifest, out_dir)
+
+
+def report(manifest: dict[str, Any], out_dir: Path) -> None:
+    """Summarise a relabelling run on stderr."""
+    written = manifest["images_written"]
+    kept = manifest["num_images"] - written
+    info(
+        f"wrote {written} pseudo-labels"
+        + (f" (kept {kept} existing)" if kept else "")
+        + f"; ignore fraction {manifest['ignore_fraction']:.4f}; "
+        f"changed vs argmax {manifest['changes']['argmax']['changed_fraction']:.4f}"
+    )
+    if "pseudo_dir" in manifest["changes"]:
+        info(f"changed vs --pseudo-dir {manifest['changes']['pseudo_dir']['changed_fraction']:.4f}")
+    portion = manifest["settings"]["keep_portion"]
+    if portion is not None:
+        for name, entry in manifest["thresholds"].items():
+            achieved = entry["portion_kept_fraction"]
+            if achieved is not None and abs(achieved - portion) > PORTION_TOLERANCE:
+                warn(f"{name}: kept {achieved:.4f} of its pixels (ties at the threshold)")
+    quality = manifest["quality"]
+    if quality:
+        for key, q in quality.items():
+            info(
+                f"labels: {key:<10} mIoU {_pct(q['miou'])}, pixel acc {_pct(q['pixel_acc'])} "
+                f"over non-ignored pixels (coverage {q['coverage']:.4f})"
+            )
+    info(f"manifest: {out_dir / MANIFEST}")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,428 @@
+"""Relabel a logits store into a pseudo-label set: trainId PNGs plus ``manifest.json``.
+
+Two streaming passes when ``keep_portion`` is set (pass 1: per-class confidence histograms over
+the whole store, giving the class thresholds; pass 2: write), one pass otherwise. Memory is one
+image plus ``(C, 65536)`` histogram counts.
+
+Manifest (format ``blda-relabel``, version 1), keys sorted, floats rounded to 6 decimals,
+undefined values ``null``::
+
+    {"format": "blda-relabel", "version": 1, "complete": true,
+     "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
+     "settings": {"tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir", "color"},
+     "statistics": {"stats", "stats_fingerprint", "anchors", "anchors_fingerprint",
+                    "skipped_cells"},
+     "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
+                ["pseudo_dir": {...}]},
+     "ignore_fraction": f,
+     "changes": {"argmax": {"changed_pixels": n, "changed_fraction": f,
+                            "flow": [[...]]}, ["pseudo_dir": {...}]},
+     "flow_labels": [<class>, ..., "ignore"],
+     "thresholds": {<class>: {"min_confidence", "portion_confidence", "portion_logodds",
+                              "portion_kept_fraction", "pixels"}},
+     "quality": null | {"argmax" | "relabelled" | "pseudo_dir":
+                        {"miou", "pixel_acc", "scored_pixels", "coverage"}}}
+
+``flow[a][b]`` counts pixels whose label went from ``flow_labels[a]`` (plain argmax, or the
+``--pseudo-dir`` label) to ``flow_labels[b]``; its diagonal (unchanged pixels) is zero.
+``quality`` (only when every image has a label) scores each set over its non-ignored pixels:
+mIoU and pixel accuracy in percent, coverage = kept share of the labelled pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.classes import IGNORE_INDEX, palette_for
+from blda_posthoc.core.correct import AlignmentMaps, resize_logits
+from blda_posthoc.core.evaluate import ConfusionMatrix, summarize
+from blda_posthoc.core.relabel import (
+    ConfidenceHistogram,
+    KeepThresholds,
+    confidence_logodds,
+    keep_thresholds,
+    mask_ignored,
+    select,
+    transitions,
+)
+from blda_posthoc.io.correct import (
+    check_outputs,
+    corrected_images,
+    output_paths,
+    write_json,
+    write_label_map,
+)
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.store import LogitStore
+
+FORMAT = "blda-relabel"
+VERSION = 1
+MANIFEST = "manifest.json"
+DECIMALS = 6
+Progress = Callable[[Iterable[str], int], Iterable[str]]
+
+
+@dataclass
+class RelabelSettings:
+    """What a relabelling run does (recorded in the manifest).
+
+    Attributes:
+        tau: Correction strength.
+        clamp: The maps' CDF clamp ``r`` (recorded only).
+        min_confidence: Ignore pixels whose corrected confidence is below this, or None.
+        keep_portion: Class-balanced portion kept per class, or None.
+        pseudo_dir: Folder of the user's current pseudo-labels to compare against, or None.
+        color: Also write palette previews.
+    """
+
+    tau: float
+    clamp: float
+    min_confidence: float | None = None
+    keep_portion: float | None = None
+    pseudo_dir: Path | None = None
+    color: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "tau": self.tau,
+            "clamp": self.clamp,
+            "min_confidence": self.min_confidence,
+            "keep_portion": self.keep_portion,
+            "pseudo_dir": None if self.pseudo_dir is None else str(self.pseudo_dir),
+            "color": self.color,
+        }
+
+
+@dataclass
+class Tally:
+    """Counts accumulated over the written pseudo-labels.
+
+    Attributes:
+        num_classes: ``C``.
+        flows: ``(C + 1, C + 1)`` transitions per baseline (``argmax``, ``pseudo_dir``).
+        after: ``(C + 1,)`` relabelled pixels per class, last entry ignore.
+        quality: Confusion matrices per pseudo-label set, scored over non-ignored pixels.
+    """
+
+    num_classes: int
+    flows: dict[str, np.ndarray] = field(default_factory=dict)
+    after: np.ndarray | None = None
+    quality: dict[str, ConfusionMatrix] = field(default_factory=dict)
+
+    def add(
+        self,
+        after: torch.Tensor,
+        baselines: dict[str, torch.Tensor],
+        label: torch.Tensor | None,
+    ) -> None:
+        """Add one image: its relabelled map, baseline maps, and its true label (or None)."""
+        c = self.num_classes
+        for key, before in baselines.items():
+            flow = transitions(before, after, c)
+            self.flows[key] = self.flows.get(key, 0) + flow
+        counts = np.bincount(
+            torch.where(after == IGNORE_INDEX, c, after.long()).reshape(-1).cpu().numpy(),
+            minlength=c + 1,
+        )
+        self.after = counts if self.after is None else self.after + counts
+        if label is None:
+            return
+        for key, pred in (*baselines.items(), ("relabelled", after)):
+            matrix = self.quality.setdefault(key, ConfusionMatrix(c))
+            matrix.update(pred.long().cpu(), mask_ignored(label, pred).cpu())
+
+
+def pseudo_label_files(pseudo_dir: Path, names: Sequence[str]) -> dict[str, Path]:
+    """The ``NAME.png`` of every image under ``pseudo_dir``; refuse when one is missing."""
+    found = find_files(pseudo_dir, (".png",))
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise InputError(
+            f"{pseudo_dir / (missing[0] + '.png')}: no pseudo-label for image {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return {n: found[n] for n in names}
+
+
+def read_label_map(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Read a trainId PNG, checking its size and that values are classes or 255."""
+    label = read_label(path)
+    if label.shape != tuple(size):
+        raise InputError(f"{path}: size {label.shape} differs from the image's {tuple(size)}")
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise InputError(
+            f"{path}: value {int(label[bad].max())} is neither a class (0..{num_classes - 1}) "
+            f"nor {IGNORE_INDEX}"
+        )
+    return label
+
+
+def confidence_histogram(
+    store: LogitStore,
+    maps: AlignmentMaps | None,
+    tau: float,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> ConfidenceHistogram:
+    """Pass 1: per-class histograms of the corrected confidence log-odds over the whole store."""
+    hist = ConfidenceHistogram(store.num_classes, device=device)
+    for image in corrected_images(store, store.names, maps, tau, device=device, progress=progress):
+        pred, logodds = confidence_logodds(image.scores)
+        hist.update(pred, logodds)
+    return hist
+
+
+def _check_not_inputs(out_dir: Path, settings: RelabelSettings, store: LogitStore) -> None:
+    inputs = [p.resolve() for p in store.paths]
+    if settings.pseudo_dir is not None:
+        inputs.append(settings.pseudo_dir.resolve())
+    if out_dir.resolve() in inputs:
+        raise InputError(f"{out_dir}: the output folder is one of the inputs")
+
+
+def _check_manifest(path: Path, head: dict[str, Any], overwrite: bool, resume: bool) -> None:
+    """Refuse an existing manifest unless asked; on resume it must match this run's settings."""
+    if not path.exists() or overwrite:
+        return
+    if not resume:
+        raise InputError(f"{path}: already exists (use --overwrite, or --resume to continue)")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc}); use --overwrite") from exc
+    for key in ("settings", "statistics", "class_names", "stores"):
+        if old.get(key) != head[key]:
+            raise InputError(
+                f"{path}: written with other {key} than this run's; cannot resume "
+                "(use --overwrite to start again)"
+            )
+
+
+def relabel_store(
+    store: LogitStore,
+    maps: AlignmentMaps | None,
+    out_dir: Path,
+    settings: RelabelSettings,
+    statistics: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], Progress | None] | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
+
+    Args:
+        store: The logits (with labels, the manifest also scores the pseudo-labels).
+        maps: Tabulated maps (None: plain argmax).
+        out_dir: Output folder (names keep their sub-folders).
+        settings: What to do.
+        statistics: The statistics' identity (paths, fingerprints), recorded as given.
+        overwrite: Replace existing outputs.
+        resume: Keep images whose outputs exist (they are read back for the manifest).
+        device: Where to compute.
+        progress: Given a pass name, wraps the iteration over image names.
+
+    Returns:
+        The manifest, with ``"images_written"`` added (not stored in the file).
+    """
+    _check_not_inputs(out_dir, settings, store)
+    c = store.num_classes
+    head = {
+        "format": FORMAT,
+        "version": VERSION,
+        "class_names": store.class_names,
+        "stores": [str(p) for p in store.paths],
+        "settings": settings.as_dict(),
+        "statistics": statistics,
+    }
+    manifest_path = out_dir / MANIFEST
+    _check_manifest(manifest_path, head, overwrite, resume)
+    paths = output_paths(out_dir, store.names, settings.color)
+    todo = set(check_outputs(paths, overwrite, resume))
+    pseudo = pseudo_label_files(settings.pseudo_dir, store.names) if settings.pseudo_dir else None
+    with_label = store.has_labels()
+    wrap = progress or _no_progress
+    thresholds, grid = None, None
+    if settings.keep_portion is not None:
+        hist = confidence_histogram(
+            store, maps, settings.tau, device=device, progress=wrap("pass 1/2")
+        )
+        grid = hist.grid
+        thresholds = keep_thresholds(hist.counts(), grid, settings.keep_portion)
+    write_json(manifest_path, {**head, "complete": False})
+    tally = Tally(c)
+    palette = palette_for(store.class_names) if settings.color else None
+    names = [n for n in store.names if n in todo]
+    images = corrected_images(
+        store,
+        names,
+        maps,
+        settings.tau,
+        with_label=with_label,
+        device=device,
+        progress=wrap("pass 2/2" if thresholds is not None else "relabel"),
+    )
+    for image in images:
+        pred, logodds = confidence_logodds(image.scores)
+        after = select(
+            pred,
+            logodds,
+            min_confidence=settings.min_confidence,
+            thresholds=thresholds,
+            grid=grid,
+        )
+        name = image.record.name
+        write_label_map(paths[name], after.cpu().numpy(), palette)
+        baselines = _baselines(image.logits, name, image.record.size, pseudo, c)
+        tally.add(after, baselines, _label(image.record.label, image.record.size, name))
+    for name in store.names:
+        if name not in todo:
+            _add_existing(store, name, paths[name][0], pseudo, tally, with_label, device)
+    manifest = {
+        **head,
+        "complete": True,
+        **_summary(tally, store.class_names, settings, thresholds),
+        "num_images": len(store.names),
+    }
+    write_json(manifest_path, manifest)
+    return {**manifest, "images_written": len(names)}
+
+
+def _no_progress(_: str) -> Progress | None:
+    return None
+
+
+def _label(label: np.ndarray | None, size: tuple[int, int], name: str) -> torch.Tensor | None:
+    if label is None:
+        return None
+    if label.shape != tuple(size):
+        raise InputError(f"{name}: label size {label.shape} differs from the image's {size}")
+    return torch.from_numpy(label)
+
+
+def _baselines(
+    logits: torch.Tensor,
+    name: str,
+    size: tuple[int, int],
+    pseudo: dict[str, Path] | None,
+    num_classes: int,
+) -> dict[str, torch.Tensor]:
+    """The label maps a relabelled image is compared with: argmax, and the user's pseudo-labels."""
+    out = {"argmax": logits.argmax(0).to(torch.uint8).cpu()}
+    if pseudo is not None:
+        out["pseudo_dir"] = torch.from_numpy(read_label_map(pseudo[name], size, num_classes))
+    return out
+
+
+def _add_existing(
+    store: LogitStore,
+    name: str,
+    png: Path,
+    pseudo: dict[str, Path] | None,
+    tally: Tally,
+    with_label: bool,
+    device: torch.device | str,
+) -> None:
+    """Count an image kept from an earlier run (resume): read its PNG back; no correction."""
+    record = store.read(name, with_label=with_label)
+    c = store.num_classes
+    try:
+        after = torch.from_numpy(read_label_map(png, record.size, c))
+    except InputError as exc:
+        raise InputError(f"{exc} (cannot resume; use --overwrite)") from exc
+    z = torch.from_numpy(record.logits).to(device)
+    baselines = _baselines(resize_logits(z, record.size), name, record.size, pseudo, c)
+    tally.add(after, baselines, _label(record.label, record.size, name))
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), DECIMALS)
+
+
+def _per_class(values: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    """``(C + 1,)`` counts as ``{class: n, ..., "ignore": n}``."""
+    return {name: int(v) for name, v in zip([*class_names, "ignore"], values, strict=True)}
+
+
+def _summary(
+    tally: Tally,
+    class_names: list[str],
+    settings: RelabelSettings,
+    thresholds: KeepThresholds | None,
+) -> dict[str, Any]:
+    """The manifest's counts, changes, thresholds and quality."""
+    assert tally.after is not None
+    total = int(tally.after.sum())
+    pixels = {"relabelled": _per_class(tally.after, class_names)}
+    changes = {}
+    for key, flow in sorted(tally.flows.items()):
+        pixels[key] = _per_class(flow.sum(1), class_names)
+        changed = flow - np.diag(np.diag(flow))
+        changes[key] = {
+            "changed_pixels": int(changed.sum()),
+            "changed_fraction": _round(changed.sum() / max(total, 1)),
+            "flow": changed.tolist(),
+        }
+    quality = None
+    if tally.quality:
+        quality = {key: _quality(m) for key, m in sorted(tally.quality.items())}
+        labelled = max(tally.quality["argmax"].compute().sum(), 1)
+        for entry in quality.values():
+            entry["coverage"] = _round(entry["scored_pixels"] / labelled)
+    return {
+        "num_pixels": total,
+        "pixels": pixels,
+        "ignore_fraction": _round(tally.after[-1] / max(total, 1)),
+        "changes": changes,
+        "flow_labels": [*class_names, "ignore"],
+        "thresholds": _thresholds(class_names, settings, thresholds),
+        "quality": quality,
+    }
+
+
+def _thresholds(
+    class_names: list[str], settings: RelabelSettings, thresholds: KeepThresholds | None
+) -> dict[str, dict[str, Any]]:
+    out = {}
+    for k, name in enumerate(class_names):
+        entry: dict[str, Any] = {
+            "min_confidence": settings.min_confidence,
+            "portion_confidence": None,
+            "portion_logodds": None,
+            "portion_kept_fraction": None,
+            "pixels": None,
+        }
+        if thresholds is not None:
+            entry.update(
+                portion_confidence=_round(thresholds.confidence[k]),
+                portion_logodds=_round(thresholds.logodds[k]),
+                portion_kept_fraction=_round(thresholds.kept_fraction[k]),
+                pixels=int(thresholds.pixels[k]),
+            )
+        out[name] = entry
+    return out
+
+
+def _quality(matrix: ConfusionMatrix) -> dict[str, Any]:
+    """Score a pseudo-label set: mIoU and pixel accuracy (percent) over non-ignored pixels."""
+    s = summarize(matrix.compute())
+    return {
+        "miou": _round(s["miou"]),
+        "pixel_acc": _round(s["pixel_acc"]),
+        "scored_pixels": s["num_pixels"],
+    }
