@@ -17,7 +17,7 @@ K mixture components, M rows, Q queries per row.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class AlignmentMaps:
         table: ``(C, C, G)`` float32, ``table[i, j, g] = T_ij(lo + g * step)``.
         valid: ``(C, C)`` bool, False where the cell had too few pixels (no shift).
         clamp: The ``r`` used.
+        cache: Packed shift tables per ``(tau, device)`` (see :func:`shift_table`).
     """
 
     lo: float
@@ -47,6 +48,9 @@ class AlignmentMaps:
     table: torch.Tensor
     valid: torch.Tensor
     clamp: float
+    cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def skipped(self) -> list[tuple[int, int]]:
@@ -204,6 +208,36 @@ def build_maps(
     )
 
 
+def shift_table(maps: AlignmentMaps, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shifted logits ``S_ij(z) = z + tau * valid_ij * (T_ij(z) - z)`` packed for lookup.
+
+    ``S_ij`` is tabulated on the grid and stored channel-major, so that one row lookup per
+    (pixel, channel ``j``) returns the values for every hypothesis ``i`` at once. Interpolating
+    ``S`` linearly is the same as interpolating ``T``, since ``z`` is linear within a cell.
+
+    Args:
+        maps: Tabulated maps.
+        tau: Correction strength.
+
+    Returns:
+        ``packed`` ``(C_j * (G - 1), 2 * C_i)`` float32 with, for grid cell ``k`` of channel
+        ``j``, ``S_:j(x_k)`` then ``S_:j(x_{k+1}) - S_:j(x_k)``; and ``slope`` ``(C_j, C_i)``,
+        ``dS_ij/dz`` outside the grid (``1 - tau`` for valid cells, 1 for skipped ones).
+    """
+    key = (float(tau), str(maps.table.device))
+    if key not in maps.cache:
+        table = maps.table.double()
+        g = table.shape[-1]
+        x = maps.lo + maps.step * torch.arange(g, dtype=torch.float64, device=table.device)
+        weight = tau * maps.valid.double()[..., None]
+        shifted = x + weight * (table - x)  # (C_i, C_j, G)
+        pairs = torch.stack([shifted[..., :-1], shifted[..., 1:] - shifted[..., :-1]])
+        packed = pairs.permute(2, 3, 0, 1).reshape(-1, 2 * table.shape[0])
+        slope = (1.0 - tau * maps.valid.double()).T
+        maps.cache[key] = (packed.float().contiguous(), slope.float().contiguous())
+    return maps.cache[key]
+
+
 def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> torch.Tensor:
     """Corrected log-scores ``s`` of pixels.
 
@@ -217,24 +251,25 @@ def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> to
     """
     if tau == 0:
         return torch.log_softmax(z, dim=-1)
-    c = z.shape[1]
-    g = maps.table.shape[-1]
-    pos = ((z - maps.lo) / maps.step).clamp(0, g - 1)
-    k = pos.floor().long().clamp(max=g - 2)
-    frac = (pos - k)[None]
-    channels = torch.arange(c, device=z.device)
-    v0 = maps.table[:, channels, k]  # (C_i, N, C_j)
-    v1 = maps.table[:, channels, k + 1]
-    mapped = v0 + frac * (v1 - v0)
-    delta = (mapped - z[None]) * maps.valid[:, None, :]
-    shifted = z[None] + tau * delta  # (C_i, N, C_j)
-    own = shifted.diagonal(dim1=0, dim2=2)  # (N, C_i)
-    return own - torch.logsumexp(shifted, dim=-1).T
+    packed, slope = shift_table(maps, tau)
+    n, c = z.shape
+    cells = packed.shape[0] // c
+    inside = z.clamp(maps.lo, maps.lo + maps.step * cells)
+    pos = (inside - maps.lo) / maps.step
+    k = pos.floor().clamp_(max=cells - 1)
+    frac = (pos - k)[..., None]
+    rows = (k.long() + torch.arange(c, device=z.device) * cells).reshape(-1)
+    pairs = packed.index_select(0, rows).view(n, c, 2, c)
+    shifted = torch.addcmul(pairs[:, :, 0], frac, pairs[:, :, 1])  # (N, C_j, C_i)
+    outside = z - inside
+    if bool(outside.any()):
+        shifted = shifted + outside[..., None] * slope
+    return shifted.diagonal(dim1=1, dim2=2) - torch.logsumexp(shifted, dim=1)
 
 
 def default_chunk(num_classes: int) -> int:
-    """Pixels per step so that one step holds about 8 M values per ``(C, N, C)`` temporary."""
-    return max(1024, (1 << 23) // (num_classes * num_classes))
+    """Pixels per step so that one ``(N, C, C)`` temporary holds about 2 M values."""
+    return max(1024, (1 << 21) // (num_classes * num_classes))
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
