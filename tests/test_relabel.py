@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ NAMES = ["road", "wall", "pole", "sky", "car"]
 BIAS = np.array([-1.5, -0.5, 0.0, 0.8, 1.5], dtype=np.float32)
 
 
-def write_store(path: Path, seed: int, n: int = 8, size: tuple[int, int] = (48, 64)) -> None:
+def write_store(path: Path, seed: int, n: int = 6, size: tuple[int, int] = (32, 48)) -> None:
     """A labelled store whose logits favour the last classes; one image at half resolution."""
     rng = np.random.default_rng(seed)
     with StoreWriter(path, NAMES, dtype="float32") as writer:
@@ -53,6 +54,17 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with LogitStore([root / "src.h5"]) as store:
         write_stats(root / "src_stats.h5", fit_store(store, labels="gt"))
     return {"root": root, "store": root / "tgt.h5", "stats": root / "src_stats.h5"}
+
+
+KEEP_ARGS = ("--tau", "0.5", "--keep-portion", "0.6", "--color")
+
+
+@pytest.fixture(scope="module")
+def runs(case: dict[str, Path]) -> dict[str, Path]:
+    """Outputs shared by several tests: ``--tau 0.5`` and ``--tau 0.5 --keep-portion 0.6``."""
+    relabel(case, case["root"] / "tau05", "--tau", "0.5")
+    relabel(case, case["root"] / "keep06", *KEEP_ARGS)
+    return {"tau05": case["root"] / "tau05", "keep06": case["root"] / "keep06"}
 
 
 def run(*args: object) -> tuple[int, str]:
@@ -99,10 +111,10 @@ def outputs(out: Path, names: list[str]) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------ what issue 5 requires
 
 
-def test_tau_half_with_source_stats_beats_plain_argmax(case, tmp_path):
-    manifest = relabel(case, tmp_path / "r", "--tau", "0.5")
+def test_tau_half_with_source_stats_beats_plain_argmax(case, runs):
+    manifest = json.loads((runs["tau05"] / "manifest.json").read_text())
     ref = images(case["store"])
-    after = outputs(tmp_path / "r", [n for n, _, _ in ref])
+    after = outputs(runs["tau05"], [n for n, _, _ in ref])
     before_miou, before_acc = miou([(p, y) for _, p, y in ref])
     after_miou, after_acc = miou([(after[n], y) for n, _, y in ref])
     assert after_miou > before_miou + 3.0
@@ -114,12 +126,11 @@ def test_tau_half_with_source_stats_beats_plain_argmax(case, tmp_path):
         assert after[name].shape == label.shape == pred.shape
 
 
-def test_keep_portion_ignores_the_rest_and_keeps_the_accurate_pixels(case, tmp_path):
-    manifest = relabel(case, tmp_path / "k", "--tau", "0.5", "--keep-portion", "0.6")
-    relabel(case, tmp_path / "f", "--tau", "0.5")
+def test_keep_portion_ignores_the_rest_and_keeps_the_accurate_pixels(case, runs):
+    manifest = json.loads((runs["keep06"] / "manifest.json").read_text())
     ref = images(case["store"])
-    kept = outputs(tmp_path / "k", [n for n, _, _ in ref])
-    every = outputs(tmp_path / "f", [n for n, _, _ in ref])
+    kept = outputs(runs["keep06"], [n for n, _, _ in ref])
+    every = outputs(runs["tau05"], [n for n, _, _ in ref])
     ignored = sum(int((kept[n] == 255).sum()) for n, _, _ in ref)
     total = sum(kept[n].size for n, _, _ in ref)
     assert abs(ignored / total - 0.4) < 0.01
@@ -292,71 +303,39 @@ def test_tau_zero_gives_the_plain_argmax_and_color_previews(case, tmp_path):
     assert manifest["changes"]["argmax"]["changed_pixels"] == 0
 
 
-def test_relabelling_twice_gives_byte_identical_files(case, tmp_path):
-    args = ("--tau", "0.5", "--keep-portion", "0.6", "--color")
-    relabel(case, tmp_path / "a", *args)
-    relabel(case, tmp_path / "b", *args)
-    files_a = sorted(
-        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
-    )
-    files_b = sorted(
-        p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file()
-    )
-    assert files_a == files_b and len(files_a) == 2 * 8 + 1
-    for rel in files_a:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+def files_of(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_relabelling_twice_gives_byte_identical_files(case, runs, tmp_path):
+    relabel(case, tmp_path / "again", *KEEP_ARGS)
+    first, second = files_of(runs["keep06"]), files_of(tmp_path / "again")
+    assert len(first) == 2 * 6 + 1 and Path("manifest.json") in first
+    assert first == second
 
 
 # ------------------------------------------------------------------ CLI behaviour
 
 
-def test_refuses_to_overwrite_and_resumes(case, tmp_path):
+def test_refuses_to_overwrite_and_resumes(case, runs, tmp_path):
     out = tmp_path / "r"
-    relabel(case, out, "--keep-portion", "0.5")
-    original = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code, err = run(
-        case["store"], "--stats", case["stats"], "--out-dir", out, "--keep-portion", "0.5"
-    )
+    shutil.copytree(runs["keep06"], out)
+    original = files_of(out)
+    base = (case["store"], "--stats", case["stats"], "--out-dir", out)
+    code, err = run(*base, *KEEP_ARGS)
     assert code == 1 and err.startswith("error:") and "already exists" in err
     assert err.count("\n") == 1
-    victim = out / "city_a" / "img_002.png"
-    victim.unlink()
-    code, err = run(
-        case["store"],
-        "--stats",
-        case["stats"],
-        "--out-dir",
-        out,
-        "--keep-portion",
-        "0.5",
-        "--resume",
-    )
+    (out / "city_a" / "img_002.png").unlink()
+    (out / "city_b" / "img_003_color.png").unlink()
+    code, err = run(*base, *KEEP_ARGS, "--resume")
     assert code == 0, err
-    assert "wrote 1 pseudo-labels" in err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == original
-    code, err = run(
-        case["store"],
-        "--stats",
-        case["stats"],
-        "--out-dir",
-        out,
-        "--keep-portion",
-        "0.7",
-        "--resume",
-    )
-    assert code == 1 and "other settings" in err
-    code, err = run(
-        case["store"],
-        "--stats",
-        case["stats"],
-        "--out-dir",
-        out,
-        "--keep-portion",
-        "0.7",
-        "--overwrite",
-    )
+    assert "wrote 2 pseudo-labels (kept 4 existing)" in err
+    assert files_of(out) == original  # the manifest counts the kept images too
+    code, err = run(*base, "--tau", "0.5", "--keep-portion", "0.7", "--color", "--resume")
+    assert code == 1 and "other settings" in err and err.count("\n") == 1
+    code, err = run(*base, "--tau", "0", "--overwrite")
     assert code == 0, err
-    assert json.loads((out / "manifest.json").read_text())["settings"]["keep_portion"] == 0.7
+    assert json.loads((out / "manifest.json").read_text())["settings"]["tau"] == 0.0
 
 
 def test_bad_inputs_give_one_line_errors(case, tmp_path):
