@@ -164,3 +164,25 @@ def test_resize_logits_is_bilinear_and_noop_at_same_size():
     up = resize_logits(x, (4, 4))
     assert up.shape == (2, 4, 4)
     torch.testing.assert_close(up.mean((1, 2)), x.mean((1, 2)))
+
+
+def test_logits_outside_the_grid_and_skipped_cells_match_reference(case):
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    threshold = int(np.sort(stats.cell_pixels.ravel())[2]) + 1  # three cells are too small
+    maps = build_maps(stats, stats, min_pixels=threshold)
+    assert len(maps.skipped) == 3
+    wide = (tgt_z[:500] * 3.0).astype(np.float32)  # far beyond the fitted logit range
+    assert wide.max() > stats.grid.hi and wide.min() < stats.grid.lo
+    ours = corrected_log_scores(torch.from_numpy(wide), maps, tau=0.5).numpy()
+    ref = reference_scores_hist(
+        wide, stats.grid.edges, stats.counts, stats.anchor_counts, tau=0.5, min_pixels=threshold
+    )
+    np.testing.assert_allclose(ours, ref, atol=1e-2)
+
+
+def test_too_large_tau_is_refused(case):
+    src_z, src_y, tgt_z, _ = case
+    stats = fit(src_z, src_y)
+    with pytest.raises(ValueError, match="too large"):
+        corrected_log_scores(torch.from_numpy(tgt_z), build_maps(stats, stats), tau=1000.0)

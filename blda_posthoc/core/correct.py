@@ -40,7 +40,7 @@ class AlignmentMaps:
         table: ``(C, C, G)`` float32, ``table[i, j, g] = T_ij(lo + g * step)``.
         valid: ``(C, C)`` bool, False where the cell had too few pixels (no shift).
         clamp: The ``r`` used.
-        cache: Packed shift tables per ``(tau, device)`` (see :func:`shift_table`).
+        cache: Lookup tables per ``(tau, device)`` (see :func:`lookup_tables`).
     """
 
     lo: float
@@ -48,7 +48,7 @@ class AlignmentMaps:
     table: torch.Tensor
     valid: torch.Tensor
     clamp: float
-    cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = field(
+    cache: dict[tuple[float, str], LookupTables] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -208,33 +208,65 @@ def build_maps(
     )
 
 
-def shift_table(maps: AlignmentMaps, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shifted logits ``S_ij(z) = z + tau * valid_ij * (T_ij(z) - z)`` packed for lookup.
+@dataclass
+class LookupTables:
+    """What :func:`corrected_log_scores` looks up for one ``tau`` (see :func:`lookup_tables`).
 
-    ``S_ij`` is tabulated on the grid and stored channel-major, so that one row lookup per
-    (pixel, channel ``j``) returns the values for every hypothesis ``i`` at once. Interpolating
-    ``S`` linearly is the same as interpolating ``T``, since ``z`` is linear within a cell.
+    Attributes:
+        exp_shift: ``(C_j * G, C_i)`` float32; row ``j * G + g`` holds
+            ``valid_ij * exp(tau * D_ij(x_g) - offset)`` for every hypothesis ``i``.
+        skipped: ``(C_j, C_i)`` float32, 1 where cell ``(i, j)`` gets no shift.
+        own: ``(C, G)`` float32, ``T_ii(x_g)`` (the diagonal maps).
+        offset: The constant taken out of the exponent so that it cannot overflow.
+    """
+
+    exp_shift: torch.Tensor
+    skipped: torch.Tensor
+    own: torch.Tensor
+    offset: float
+
+
+MAX_EXPONENT_SPREAD = 160.0
+"""Largest range of ``tau * D`` over the grid that float32 exponentials hold (about e^±80)."""
+
+
+def lookup_tables(maps: AlignmentMaps, tau: float) -> LookupTables:
+    """Tabulate ``exp(tau * D_ij)`` channel-major for one ``tau``, cached on the maps.
+
+    Writing ``m = max_j z_j`` and ``w_j = exp(z_j - m)``, the log-sum-exp of the corrected
+    score is ``m + log(sum_j w_j * exp(tau * D_ij(z_j)))``; with ``exp(tau * D_ij)`` tabulated
+    per channel, that sum is one weighted row lookup per (pixel, channel): an embedding bag,
+    with no ``(N, C, C)`` temporary.
 
     Args:
         maps: Tabulated maps.
         tau: Correction strength.
 
     Returns:
-        ``packed`` ``(C_j * (G - 1), 2 * C_i)`` float32 with, for grid cell ``k`` of channel
-        ``j``, ``S_:j(x_k)`` then ``S_:j(x_{k+1}) - S_:j(x_k)``; and ``slope`` ``(C_j, C_i)``,
-        ``dS_ij/dz`` outside the grid (``1 - tau`` for valid cells, 1 for skipped ones).
+        The lookup tables, on the maps' device.
     """
     key = (float(tau), str(maps.table.device))
     if key not in maps.cache:
         table = maps.table.double()
-        g = table.shape[-1]
+        c, _, g = table.shape
         x = maps.lo + maps.step * torch.arange(g, dtype=torch.float64, device=table.device)
-        weight = tau * maps.valid.double()[..., None]
-        shifted = x + weight * (table - x)  # (C_i, C_j, G)
-        pairs = torch.stack([shifted[..., :-1], shifted[..., 1:] - shifted[..., :-1]])
-        packed = pairs.permute(2, 3, 0, 1).reshape(-1, 2 * table.shape[0])
-        slope = (1.0 - tau * maps.valid.double()).T
-        maps.cache[key] = (packed.float().contiguous(), slope.float().contiguous())
+        valid = maps.valid.double()
+        exponent = tau * (table - x)  # (C_i, C_j, G)
+        used = exponent[maps.valid]
+        low, high = (float(used.min()), float(used.max())) if used.numel() else (0.0, 0.0)
+        if high - low > MAX_EXPONENT_SPREAD:
+            raise ValueError(
+                f"tau={tau} is too large for these statistics: tau * shift spans "
+                f"{high - low:.0f} (at most {MAX_EXPONENT_SPREAD:.0f})"
+            )
+        offset = (low + high) / 2
+        exp_shift = valid[..., None] * torch.exp(exponent - offset)
+        maps.cache[key] = LookupTables(
+            exp_shift=exp_shift.permute(1, 2, 0).reshape(c * g, c).float().contiguous(),
+            skipped=(1.0 - valid).T.float().contiguous(),
+            own=table.diagonal(dim1=0, dim2=1).T.float().contiguous(),
+            offset=offset,
+        )
     return maps.cache[key]
 
 
@@ -251,25 +283,35 @@ def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> to
     """
     if tau == 0:
         return torch.log_softmax(z, dim=-1)
-    packed, slope = shift_table(maps, tau)
+    tables = lookup_tables(maps, tau)
     n, c = z.shape
-    cells = packed.shape[0] // c
-    inside = z.clamp(maps.lo, maps.lo + maps.step * cells)
+    g = tables.own.shape[1]
+    inside = z.clamp(maps.lo, maps.lo + maps.step * (g - 1))
     pos = (inside - maps.lo) / maps.step
-    k = pos.floor().clamp_(max=cells - 1)
-    frac = (pos - k)[..., None]
-    rows = (k.long() + torch.arange(c, device=z.device) * cells).reshape(-1)
-    pairs = packed.index_select(0, rows).view(n, c, 2, c)
-    shifted = torch.addcmul(pairs[:, :, 0], frac, pairs[:, :, 1])  # (N, C_j, C_i)
-    outside = z - inside
-    if bool(outside.any()):
-        shifted = shifted + outside[..., None] * slope
-    return shifted.diagonal(dim1=1, dim2=2) - torch.logsumexp(shifted, dim=1)
+    k = pos.floor().clamp_(max=g - 2)
+    frac = pos - k
+    k_long = k.long()
+    top = z.amax(1, keepdim=True)
+    weight = torch.exp(z - top)  # (N, C_j)
+    # Outside the grid T is constant, so exp(tau * D) falls by exp(-tau * (z - edge)).
+    shifted_weight = weight * torch.exp(-tau * (z - inside))
+    rows = k_long + torch.arange(c, device=z.device) * g
+    bag = F.embedding_bag(
+        torch.cat([rows, rows + 1], 1),
+        tables.exp_shift,
+        per_sample_weights=torch.cat([shifted_weight * (1 - frac), shifted_weight * frac], 1),
+        mode="sum",
+    )  # (N, C_i): sum_j w_j exp(tau * D_ij - offset) over valid cells
+    log_total = torch.logaddexp(torch.log(bag) + tables.offset, torch.log(weight @ tables.skipped))
+    channels = torch.arange(c, device=z.device)
+    t0, t1 = tables.own[channels, k_long], tables.own[channels, k_long + 1]
+    own_shift = (t0 + frac * (t1 - t0) - z) * maps.valid.diagonal()
+    return z + tau * own_shift - top - log_total
 
 
 def default_chunk(num_classes: int) -> int:
-    """Pixels per step so that one ``(N, C, C)`` temporary holds about 2 M values."""
-    return max(1024, (1 << 21) // (num_classes * num_classes))
+    """Pixels per step: temporaries are ``(N, 2C)``, so about 4 M values each."""
+    return max(4096, (1 << 22) // (2 * num_classes))
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
