@@ -11,8 +11,11 @@ from typing import Any, TypeVar
 import click
 import torch
 
+from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
+
+__all__ = ["info", "progress", "warn"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,16 +24,6 @@ def fail(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 1."""
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
-
-
-def warn(message: str) -> None:
-    """Print ``warning: message`` on stderr."""
-    click.echo(f"warning: {message}", err=True)
-
-
-def info(message: str) -> None:
-    """Print a progress note on stderr (stdout stays for results)."""
-    click.echo(message, err=True)
 
 
 def handle_errors(func: F) -> F:
@@ -97,18 +90,3 @@ def check_output_file(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output file unless ``--overwrite``."""
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
-
-
-def progress(iterable: Any, total: int | None, desc: str, unit: str = "img") -> Any:
-    """A tqdm progress bar on stderr, off when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        unit=unit,
-        disable=None,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )

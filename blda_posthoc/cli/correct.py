@@ -18,7 +18,7 @@ from blda_posthoc.cli.common import (
 )
 from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_TAU, AlignmentMaps
 from blda_posthoc.io.correct import correct_store, write_json
-from blda_posthoc.io.stats import load_alignment
+from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 
@@ -116,16 +116,8 @@ def command(
             device=dev,
             progress=lambda it, n: progress(it, n, "correct"),
         )
-        summary["settings"] = {
-            "tau": tau,
-            "clamp": clamp,
-            "stats": str(stats_path),
-            "stats_fingerprint": cond.fingerprint,
-            "anchors": str(anchors_path or stats_path),
-            "anchors_fingerprint": anchors.fingerprint,
-            "stores": [str(p) for p in store.paths],
-            "skipped_cells": maps.skipped,
-        }
+        summary["settings"] = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
+        summary["settings"]["stores"] = [str(p) for p in store.paths]
         summary["class_names"] = store.class_names
     write_json(out_dir / "correct.json", summary)
     info(f"wrote {summary['images']} predictions to {out_dir}")

@@ -40,6 +40,7 @@ class AlignmentMaps:
         table: ``(C, C, G)`` float32, ``table[i, j, g] = T_ij(lo + g * step)``.
         valid: ``(C, C)`` bool, False where the cell had too few pixels (no shift).
         clamp: The ``r`` used.
+        min_pixels: Cells with fewer pixels than this were marked invalid.
         cache: Lookup tables per ``(tau, device)`` (see :func:`lookup_tables`).
     """
 
@@ -48,6 +49,7 @@ class AlignmentMaps:
     table: torch.Tensor
     valid: torch.Tensor
     clamp: float
+    min_pixels: int
     cache: dict[tuple[float, str], LookupTables] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -60,7 +62,12 @@ class AlignmentMaps:
     def to(self, device: torch.device | str) -> AlignmentMaps:
         """The same maps on another device."""
         return AlignmentMaps(
-            self.lo, self.step, self.table.to(device), self.valid.to(device), self.clamp
+            self.lo,
+            self.step,
+            self.table.to(device),
+            self.valid.to(device),
+            self.clamp,
+            self.min_pixels,
         )
 
 
@@ -205,6 +212,7 @@ def build_maps(
         table=torch.as_tensor(table, dtype=torch.float32),
         valid=torch.as_tensor(valid),
         clamp=clamp,
+        min_pixels=min_pixels,
     )
 
 

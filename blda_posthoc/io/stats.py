@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import h5py
 
@@ -108,6 +109,7 @@ def load_alignment(
     anchors_path: Path | None,
     class_names: list[str],
     clamp: float = DEFAULT_CLAMP,
+    min_pixels: int | None = None,
 ) -> tuple[AlignmentMaps, LogitStats, LogitStats]:
     """Read conditionals (and anchors, default the same file) and tabulate the maps.
 
@@ -116,6 +118,7 @@ def load_alignment(
         anchors_path: Stats file of the anchors, or None for ``stats_path``.
         class_names: The store's class names, which both files must share.
         clamp: ``r``.
+        min_pixels: Cells with fewer pixels get no shift; default the stats file's setting.
 
     Returns:
         ``(maps, conditionals, anchors)``.
@@ -127,7 +130,8 @@ def load_alignment(
             raise InputError(
                 f"{path}: class names {stats.class_names} differ from the store's {class_names}"
             )
-    min_pixels = int(cond.settings.get("min_pixels", DEFAULT_MIN_PIXELS))
+    if min_pixels is None:
+        min_pixels = int(cond.settings.get("min_pixels", DEFAULT_MIN_PIXELS))
     anchor_pixels = anchors.anchor_counts.sum(-1)
     if (anchor_pixels < max(min_pixels, 1)).any():
         raise InputError(
@@ -137,3 +141,26 @@ def load_alignment(
     if not 0.0 <= clamp < 0.5:
         raise InputError(f"--clamp must lie in [0, 0.5), got {clamp}")
     return build_maps(cond, anchors, clamp, min_pixels), cond, anchors
+
+
+def alignment_settings(
+    maps: AlignmentMaps,
+    cond: LogitStats,
+    anchors: LogitStats,
+    stats_path: Path,
+    anchors_path: Path | None,
+    tau: float,
+) -> dict[str, Any]:
+    """How a correction was set up, for reports and manifests."""
+    return {
+        "tau": tau,
+        "clamp": maps.clamp,
+        "min_pixels": maps.min_pixels,
+        "stats": str(stats_path),
+        "stats_fingerprint": cond.fingerprint,
+        "stats_labels": cond.settings.get("labels"),
+        "anchors": str(anchors_path or stats_path),
+        "anchors_fingerprint": anchors.fingerprint,
+        "estimator": cond.estimator,
+        "skipped_cells": [list(ij) for ij in maps.skipped],
+    }

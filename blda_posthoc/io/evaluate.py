@@ -1,0 +1,275 @@
+"""Evaluation over PNG prediction folders or logits stores, before and after correction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blda_posthoc.core.classes import IGNORE_INDEX, default_names
+from blda_posthoc.core.correct import AlignmentMaps, predict, resize_logits
+from blda_posthoc.core.evaluate import (
+    CalibrationError,
+    ConfusionMatrix,
+    softmax_confidence,
+    summarize,
+)
+from blda_posthoc.io.console import info, progress, warn
+from blda_posthoc.io.correct import COLOR_SUFFIX
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.report import Result
+from blda_posthoc.io.stats import alignment_settings, load_alignment
+from blda_posthoc.io.store import LogitStore
+
+ALL_IDS = IGNORE_INDEX
+"""Classes tracked while the class count is still unknown: every id but the ignore value."""
+
+
+@dataclass
+class Pairs:
+    """Images to evaluate: names with a prediction and a label, and what was left out.
+
+    Attributes:
+        names: Names evaluated, sorted.
+        missing: Labelled names without a prediction.
+        unlabelled: Predicted names without a label.
+    """
+
+    names: list[str]
+    missing: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The counts that go into the report."""
+        return {
+            "num_images": len(self.names),
+            "num_missing_predictions": len(self.missing),
+            "num_unlabelled_predictions": len(self.unlabelled),
+        }
+
+
+def pair_names(predicted: list[str], labelled: list[str], allow_missing: bool, where: str) -> Pairs:
+    """Match predictions with labels by name.
+
+    A label without a prediction is an error unless ``allow_missing``; a prediction without a
+    label is skipped (prediction folders may hold colour previews and other files).
+
+    Args:
+        predicted: Names that have a prediction.
+        labelled: Names that have a label.
+        allow_missing: Evaluate the pairs that exist when some predictions are missing.
+        where: Describes a missing prediction's expected location; ``{name}`` is filled in.
+    """
+    have = set(predicted)
+    pairs = Pairs(
+        names=sorted(n for n in labelled if n in have),
+        missing=sorted(n for n in labelled if n not in have),
+        unlabelled=sorted(have.difference(labelled)),
+    )
+    if pairs.missing and not allow_missing:
+        first = where.format(name=pairs.missing[0])
+        raise InputError(
+            f"{first}: no prediction for this label ({len(pairs.missing)} of {len(labelled)} "
+            "labels have none; --allow-missing evaluates the rest)"
+        )
+    if pairs.missing:
+        warn(f"{len(pairs.missing)} labelled images have no prediction and are left out")
+    if pairs.unlabelled:
+        warn(f"{len(pairs.unlabelled)} predictions have no label and are left out")
+    if not pairs.names:
+        raise InputError("no image has both a prediction and a label")
+    return pairs
+
+
+def add_pixels(cm: ConfusionMatrix, pred: Any, label: Any, source: Path | str) -> None:
+    """``cm.update`` that names the offending file in its error."""
+    try:
+        cm.update(pred, label)
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- --pred-dir
+
+
+def resolve_classes(
+    names: list[str] | None, num_classes: int | None, cm: ConfusionMatrix | None
+) -> list[str]:
+    """Class names from ``--class-names`` / ``--num-classes``, or inferred from ``cm``."""
+    if names is not None:
+        if num_classes is not None and num_classes != len(names):
+            raise InputError(f"--num-classes {num_classes} but --class-names gives {len(names)}")
+        return names
+    if num_classes is not None:
+        return default_names(num_classes)
+    assert cm is not None
+    largest = cm.largest_id()
+    if largest < 0:
+        raise InputError("every label pixel is ignore (255): nothing to evaluate")
+    info(
+        f"note: no --class-names or --num-classes; inferred {largest + 1} classes from the "
+        f"largest id present ({largest})"
+    )
+    return default_names(largest + 1)
+
+
+def drop_previews(preds: dict[str, Path]) -> dict[str, Path]:
+    """Leave out ``NAME_color.png`` colour previews that ``blda correct --color`` writes."""
+    return {
+        name: path
+        for name, path in preds.items()
+        if not (name.endswith(COLOR_SUFFIX) and name[: -len(COLOR_SUFFIX)] in preds)
+    }
+
+
+def evaluate_pred_dir(
+    pred_dir: Path,
+    labels_dir: Path,
+    label_suffix: str,
+    num_classes: int | None,
+    allow_missing: bool,
+) -> tuple[ConfusionMatrix, Pairs]:
+    """Accumulate the confusion matrix of PNG predictions against PNG labels.
+
+    Args:
+        pred_dir: Folder of ``NAME.png`` predictions.
+        labels_dir: Folder of ``NAME<label_suffix>.png`` labels.
+        label_suffix: Suffix of the label stems.
+        num_classes: ``C`` when known; else every id 0..254 is tracked (resize later).
+        allow_missing: See :func:`pair_names`.
+    """
+    preds = drop_previews(find_files(pred_dir, (".png",)))
+    labels = find_files(labels_dir, (".png",), label_suffix)
+    if not labels:
+        raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
+    where = f"{labels_dir}/{{name}}{label_suffix}.png"
+    pairs = pair_names(list(preds), list(labels), allow_missing, where)
+    cm = ConfusionMatrix(num_classes if num_classes is not None else ALL_IDS)
+    for name in progress(pairs.names, len(pairs.names), "evaluate"):
+        label = read_label(labels[name])
+        pred = read_label(preds[name])
+        if pred.shape != label.shape:
+            raise InputError(
+                f"{preds[name]}: prediction is {pred.shape[0]}x{pred.shape[1]} but its label "
+                f"{labels[name]} is {label.shape[0]}x{label.shape[1]}"
+            )
+        add_pixels(cm, pred, label, labels[name])
+    return cm, pairs
+
+
+# ---------------------------------------------------------------- --store
+
+
+@dataclass
+class Correction:
+    """What the after-correction pass needs, and how it was set up (for the report)."""
+
+    maps: AlignmentMaps
+    tau: float
+    settings: dict[str, Any]
+
+
+def load_correction(
+    stats_path: Path,
+    anchors_path: Path | None,
+    tau: float,
+    clamp: float,
+    min_pixels: int | None,
+    class_names: list[str],
+    device: torch.device,
+) -> Correction:
+    """Read the statistics and tabulate the alignment maps (see :func:`load_alignment`)."""
+    maps, cond, anchors = load_alignment(stats_path, anchors_path, class_names, clamp, min_pixels)
+    settings = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
+    return Correction(maps.to(device), tau, settings)
+
+
+class Pass:
+    """Confusion matrix and calibration error of one set of store predictions."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.cm = ConfusionMatrix(num_classes)
+        self.ece = CalibrationError()
+
+    def add(self, pred: torch.Tensor, scores: torch.Tensor, label: torch.Tensor, name: str) -> None:
+        """Add one image: ``(H, W)`` prediction, ``(C, H, W)`` log-scores, ``(H, W)`` label."""
+        add_pixels(self.cm, pred, label, name)
+        confidence, top = softmax_confidence(scores)
+        valid = label != IGNORE_INDEX
+        self.ece.update_confidence(confidence[valid], (top == label.long())[valid])
+
+    def result(self) -> Result:
+        """Metrics so far."""
+        return Result(summarize(self.cm.compute()), self.ece.compute())
+
+
+def store_labels(
+    store: LogitStore, labels_dir: Path | None, label_suffix: str, allow_missing: bool
+) -> tuple[Pairs, dict[str, Path]]:
+    """Pair the store's images with labels from ``labels_dir`` or from the store itself.
+
+    With the store's own labels, images without one are found while reading (see
+    :func:`iterate_store`); here the store only has to hold labels for all of them unless
+    ``allow_missing``.
+    """
+    if labels_dir is not None:
+        files = find_files(labels_dir, (".png",), label_suffix)
+        if not files:
+            raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
+        where = f"{labels_dir}/{{name}}{label_suffix}.png"
+        return pair_names(store.names, list(files), allow_missing, where), files
+    if not store.names:
+        raise InputError(f"{store.paths[0]}: the store holds no complete image")
+    if not store.has_labels() and not allow_missing:
+        raise InputError(
+            f"{store.paths[0]}: some images have no label (give --labels DIR, or "
+            "--allow-missing to evaluate the labelled ones)"
+        )
+    return Pairs(list(store.names)), {}
+
+
+def iterate_store(
+    store: LogitStore, pairs: Pairs, label_files: dict[str, Path], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield ``(name, logits (C, H, W) at label size, label (H, W))`` on ``device``.
+
+    Images without a label are skipped and moved from ``pairs.names`` to ``pairs.unlabelled``.
+    """
+    for name in progress(list(pairs.names), len(pairs.names), "evaluate"):
+        record = store.read(name, with_label=name not in label_files)
+        label = read_label(label_files[name]) if name in label_files else record.label
+        if label is None:
+            pairs.names.remove(name)
+            pairs.unlabelled.append(name)
+            continue
+        size = (int(label.shape[0]), int(label.shape[1]))
+        logits = torch.from_numpy(record.logits).to(device)
+        yield name, resize_logits(logits, size), torch.from_numpy(label).to(device)
+
+
+def evaluate_store(
+    store: LogitStore,
+    pairs: Pairs,
+    label_files: dict[str, Path],
+    correction: Correction | None,
+    device: torch.device,
+) -> tuple[Result, Result | None]:
+    """Evaluate the plain argmax of the logits and, with ``correction``, the corrected one."""
+    c = store.num_classes
+    plain = Pass(c)
+    corrected = Pass(c) if correction is not None else None
+    for name, z, label in iterate_store(store, pairs, label_files, device):
+        size = (int(label.shape[0]), int(label.shape[1]))
+        pred, scores = predict(z, size, None)
+        plain.add(pred, scores, label, name)
+        if correction is not None and corrected is not None:
+            pred, scores = predict(z, size, correction.maps, correction.tau)
+            corrected.add(pred, scores, label, name)
+    return plain.result(), corrected.result() if corrected is not None else None
+
+
+# ---------------------------------------------------------------- command
