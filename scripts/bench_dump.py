@@ -16,8 +16,8 @@ subprocess so that peak memory is per phase:
   writer thread.
 
 Both phases load the model and run one warm-up forward before the clock starts. Peak memory is
-the maximum resident set size of the phase's process (and, for ``dump``, of its decoding
-workers); on CUDA also ``torch.cuda.max_memory_allocated``.
+the maximum resident set size of the phase's main process (``ru_maxrss``; the decoding workers
+are forked and hold one image or batch each); on CUDA also ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from blda_posthoc.core.infer import normalize
 from blda_posthoc.io.dump import DumpOptions, collect_items, dump_logits
 from blda_posthoc.io.images import read_rgb
 from blda_posthoc.io.models import load_model
+
+PHASES = ("bare", "dump", "dump-serial")
 
 
 class BenchNet(nn.Module):
@@ -117,7 +119,10 @@ def run_bare(work: Path, args: argparse.Namespace) -> float:
 
 
 def run_dump(work: Path, args: argparse.Namespace) -> float:
-    """Time :func:`dump_logits` over all images; return seconds."""
+    """Time :func:`dump_logits` over all images; return seconds.
+
+    Phase ``dump-serial`` turns the overlap off (decoding and writing in the main thread).
+    """
     device = torch.device(args.device)
     model = load_model(str(work / "model.pt"), None, device).forward
     items = collect_items(work / "images")
@@ -129,7 +134,8 @@ def run_dump(work: Path, args: argparse.Namespace) -> float:
         batch_size=args.batch_size,
         precision=args.precision,
         dtype=args.dtype,
-        workers=args.workers,
+        workers=0 if args.phase == "dump-serial" else args.workers,
+        queue_size=0 if args.phase == "dump-serial" else 4,
         overwrite=True,
     )
     warm = DumpOptions(
@@ -152,7 +158,6 @@ def phase(args: argparse.Namespace) -> None:
         "phase": args.phase,
         "seconds": seconds,
         "rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
-        "workers_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
         "cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
         ),
@@ -188,19 +193,21 @@ def report(args: argparse.Namespace, rows: dict[str, list[dict[str, float]]]) ->
         f"workers {args.workers}, {args.precision}, store {args.dtype}, {device}, "
         f"{torch.get_num_threads()} torch threads, best of {args.repeat}"
     )
-    print(
-        f"{'phase':<6} {'wall s':>8} {'img/s':>7} {'peak RSS MiB':>13} {'workers MiB':>12} "
-        f"{'CUDA MiB':>9}"
-    )
-    for name in ("bare", "dump"):
-        r = best[name]
+    print(f"{'phase':<11} {'wall s':>8} {'img/s':>7} {'peak RSS MiB':>13} {'CUDA MiB':>9}")
+    for name, r in best.items():
         print(
-            f"{name:<6} {r['seconds']:8.2f} {args.images / r['seconds']:7.2f} "
-            f"{r['rss_mb']:13.0f} {r['workers_rss_mb']:12.0f} {r['cuda_mb']:9.0f}"
+            f"{name:<11} {r['seconds']:8.2f} {args.images / r['seconds']:7.2f} "
+            f"{r['rss_mb']:13.0f} {r['cuda_mb']:9.0f}"
         )
-    ratio = best["dump"]["seconds"] / best["bare"]["seconds"]
-    print(f"overhead: dump / bare = {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
+    for name in names_after_bare(best):
+        ratio = best[name]["seconds"] / best["bare"]["seconds"]
+        print(f"overhead: {name} / bare = {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
     print("all runs (s):", {k: [round(r["seconds"], 2) for r in v] for k, v in rows.items()})
+
+
+def names_after_bare(best: dict[str, dict[str, float]]) -> list[str]:
+    """The dump phases that were run."""
+    return [name for name in best if name != "bare"]
 
 
 def parse() -> argparse.Namespace:
@@ -220,7 +227,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--repeat", type=int, default=2, help="alternating runs of each phase")
     p.add_argument("--work", default=None, help="keep the images and model in this folder")
-    p.add_argument("--phase", choices=["bare", "dump"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serial", action="store_true", help="also time dump without overlap")
+    p.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -235,9 +243,10 @@ def main() -> None:
         if not (work / "model.pt").exists():
             make_images(work / "images", args.images, args.height, args.width)
             make_model(work / "model.pt", args)
-        rows: dict[str, list[dict[str, float]]] = {"bare": [], "dump": []}
+        names = PHASES if args.serial else PHASES[:2]
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for _ in range(args.repeat):
-            for name in ("bare", "dump"):
+            for name in names:
                 rows[name].append(child(work, name, args))
                 print(f"{name}: {rows[name][-1]['seconds']:.2f} s", file=sys.stderr)
         report(args, rows)

@@ -60,7 +60,8 @@ class DumpOptions:
         resume: Skip images already complete in an existing (partial) store.
         overwrite: Replace an existing store.
         shard: ``(K, N)``, 1-based, or None for all images.
-        queue_size: Images waiting for the writer thread at most.
+        queue_size: Images waiting for the writer thread at most; 0 writes in the calling
+            thread instead (no overlap; for benchmarks).
     """
 
     out: Path
@@ -291,6 +292,21 @@ class BackgroundWriter:
         self._raise()
 
 
+class _Inline:
+    """The :class:`BackgroundWriter` interface, writing in the calling thread."""
+
+    def __init__(self, store: StoreWriter) -> None:
+        self.store = store
+        self.written = 0
+
+    def put(self, *record: Any) -> None:
+        self.store.write(*record)
+        self.written += 1
+
+    def close(self) -> None:
+        pass
+
+
 def dump_logits(
     model: Model,
     items: Sequence[Item],
@@ -445,7 +461,7 @@ def _run(
     )
     storage = torch.float16 if options.dtype == "float16" else torch.float32
     bar = progress(None, total=len(items), desc="dump-logits") if progress else None
-    writer = BackgroundWriter(store, options.queue_size)
+    writer = BackgroundWriter(store, options.queue_size) if options.queue_size else _Inline(store)
     try:
         for groups in loader:
             for group in groups:
