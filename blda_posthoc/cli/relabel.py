@@ -18,7 +18,7 @@ from blda_posthoc.cli.common import (
 )
 from blda_posthoc.cli.correct import describe_maps, stats_options
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
-from blda_posthoc.io.stats import load_alignment
+from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 PORTION_TOLERANCE = 0.005
@@ -86,13 +86,7 @@ def command(
     with LogitStore(expand_store_paths(stores)) as store:
         maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
         describe_maps(maps, store.class_names)
-        statistics = {
-            "stats": str(stats_path),
-            "stats_fingerprint": cond.fingerprint,
-            "anchors": str(anchors_path or stats_path),
-            "anchors_fingerprint": anchors.fingerprint,
-            "skipped_cells": maps.skipped,
-        }
+        statistics = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
         manifest = relabel_store(
             store,
             maps,

@@ -10,8 +10,9 @@ undefined values ``null``::
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
      "settings": {"tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir", "color"},
-     "statistics": {"stats", "stats_fingerprint", "anchors", "anchors_fingerprint",
-                    "skipped_cells"},
+     "statistics": {"stats", "stats_fingerprint", "stats_labels", "anchors",
+                    "anchors_fingerprint", "estimator", "min_pixels", "tau", "clamp",
+                    "skipped_cells"},  (io.stats.alignment_settings)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
                 ["pseudo_dir": {...}]},
      "ignore_fraction": f,
