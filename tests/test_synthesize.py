@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def test_shapes_and_label_values(domain: str) -> None:
     assert values <= set(range(len(DEMO_CLASSES))) | {255}
 
 
+@cache
 def _labels(domain: str, count: int = 24) -> np.ndarray:
     return np.stack([render_indexed(7, domain, i, SIZE)[1] for i in range(count)])
 

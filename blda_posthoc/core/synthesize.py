@@ -6,9 +6,9 @@ poles with traffic signs, trees) drawn far to near. Two domains share the geomet
 differ in class frequencies (label shift) and in rendering (appearance shift):
 
 * ``source``: saturated daylight colours, sharp, clean; wide roads with many cars.
-* ``target``: an overcast dusk: darker, blue-grey cast, haze, blur and sensor noise, greyer
-  sidewalks and concrete facades; narrower roads, wider sidewalks, fewer cars, more people and
-  poles.
+* ``target``: an overcast dusk: darker, blue-grey cast, haze, blur and sensor noise, duller
+  sidewalks, facades and cars, darker clothes; narrower roads, wider sidewalks, fewer cars, more
+  people, poles and signs.
 
 Everything is pure numpy and deterministic given a :class:`numpy.random.Generator`; use
 :func:`render_indexed` for per-image seeding. Label maps hold trainIds ``0..C-1`` in the order
@@ -141,36 +141,36 @@ TARGET_STYLE = DomainStyle(
     name="target",
     road_width=(5.0, 8.0),
     sidewalk_width=(2.5, 5.0),
-    cars=(0, 4),
+    cars=(0, 3),
     people=(2, 7),
     poles=(2, 4),
     sign_prob=0.5,
     trees=(0, 2),
     building_prob=0.75,
     colours={
-        "sky": (0.62, 0.66, 0.72),
-        "road": (0.34, 0.34, 0.36),
-        "marking": (0.8, 0.8, 0.78),
-        "sidewalk": (0.5, 0.48, 0.5),
-        "terrain": (0.45, 0.48, 0.3),
-        "building": (0.55, 0.53, 0.5),
-        "window": (0.3, 0.32, 0.35),
-        "vegetation": (0.25, 0.35, 0.18),
-        "trunk": (0.3, 0.25, 0.2),
-        "pole": (0.4, 0.4, 0.42),
-        "skin": (0.75, 0.6, 0.5),
+        "sky": (0.49, 0.63, 0.84),
+        "road": (0.35, 0.34, 0.37),
+        "marking": (0.88, 0.88, 0.84),
+        "sidewalk": (0.64, 0.55, 0.55),
+        "terrain": (0.5, 0.62, 0.3),
+        "building": (0.65, 0.54, 0.45),
+        "window": (0.28, 0.34, 0.45),
+        "vegetation": (0.23, 0.48, 0.17),
+        "trunk": (0.35, 0.27, 0.18),
+        "pole": (0.48, 0.48, 0.51),
+        "skin": (0.83, 0.65, 0.53),
     },
-    car_colours=((0.2, 0.2, 0.22), (0.7, 0.7, 0.72), (0.9, 0.9, 0.9), (0.35, 0.2, 0.2)),
-    cloth_colours=((0.15, 0.15, 0.18), (0.3, 0.3, 0.35), (0.35, 0.25, 0.2), (0.5, 0.1, 0.1)),
-    saturation=0.8,
-    brightness=0.75,
+    car_colours=((0.7, 0.15, 0.15), (0.2, 0.3, 0.7), (0.9, 0.9, 0.9), (0.25, 0.25, 0.28)),
+    cloth_colours=((0.6, 0.2, 0.2), (0.2, 0.25, 0.55), (0.3, 0.3, 0.35), (0.7, 0.6, 0.25)),
+    saturation=0.85,
+    brightness=0.85,
     cast=(0.92, 0.97, 1.1),
-    haze=0.35,
-    blur=1.0,
-    noise=0.035,
-    gamma=1.15,
+    haze=0.25,
+    blur=0.7,
+    noise=0.025,
+    gamma=1.05,
 )
-"""Target domain: overcast dusk, hazy, blurred and noisy; sidewalk- and pedestrian-heavy."""
+"""Target domain: overcast dusk, hazy, blurred, noisy, duller; sidewalk- and pedestrian-heavy."""
 
 STYLES: dict[str, DomainStyle] = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
 
