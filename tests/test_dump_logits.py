@@ -24,7 +24,7 @@ from blda_posthoc.io.dump import (
 )
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.models import load_model
-from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.io.store import LogitStore, StoreWriter, encode_logits, expand_store_paths
 
 TESTS = Path(__file__).parent
 RAW = ["--mean", "0,0,0", "--std", "1,1,1"]
@@ -659,3 +659,32 @@ def test_cuda_matches_cpu(
     cpu, gpu = read_store(tmp_path / "cpu.h5"), read_store(tmp_path / "gpu.h5")
     agree = np.mean(np.concatenate([(cpu[n].argmax(0) == gpu[n].argmax(0)).ravel() for n in cpu]))
     assert agree >= (0.999 if precision == "fp32" else 0.98)
+
+
+# ------------------------------------------------------------------------- parallel encoding
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_encoded_chunks_read_back_like_plain_writes(tmp_path: Path, dtype: str) -> None:
+    logits = np.random.default_rng(0).normal(0, 8, size=(2, 600, 530)).astype(np.float32)
+    path = tmp_path / "enc.h5"
+    with StoreWriter(path, ["a", "b"], dtype=dtype) as writer:
+        writer.write("plain", logits)
+        writer.write("encoded", logits, encoded=encode_logits(logits, dtype))
+    with LogitStore([path]) as store:
+        plain, encoded = store.read("plain").logits, store.read("encoded").logits
+    np.testing.assert_array_equal(encoded, plain)
+    np.testing.assert_array_equal(encoded, logits.astype(dtype).astype(np.float32))
+
+
+def test_serial_mode_writes_the_same_store(tmp_path: Path, images_dir: Path) -> None:
+    model = TinyNet(4).eval()
+    items = collect_items(images_dir)
+    piped = DumpOptions(out=tmp_path / "p.h5", num_classes=4, batch_size=4, encoders=3)
+    serial = DumpOptions(out=tmp_path / "s.h5", num_classes=4, batch_size=4, queue_size=0)
+    dump_logits(model, items, piped)
+    dump_logits(model, items, serial)
+    a, b = read_store(tmp_path / "p.h5"), read_store(tmp_path / "s.h5")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from blda_posthoc.core.classes import default_names
 from blda_posthoc.core.infer import Model, Preprocess, predict_logits
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb
-from blda_posthoc.io.store import StoreWriter, partial_path
+from blda_posthoc.io.store import StoreWriter, encode_logits, partial_path
 
 Log = Callable[[str], None]
 
@@ -62,6 +63,7 @@ class DumpOptions:
         shard: ``(K, N)``, 1-based, or None for all images.
         queue_size: Images waiting for the writer thread at most; 0 writes in the calling
             thread instead (no overlap; for benchmarks).
+        encoders: Threads compressing logits for the writer (0: half the CPU cores, 1 to 8).
     """
 
     out: Path
@@ -77,6 +79,7 @@ class DumpOptions:
     overwrite: bool = False
     shard: tuple[int, int] | None = None
     queue_size: int = 4
+    encoders: int = 0
 
 
 @dataclass
@@ -238,13 +241,20 @@ def collate_by_size(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class BackgroundWriter:
     """Write records to a :class:`StoreWriter` from a thread, through a bounded queue.
 
+    The logits are compressed by a pool of encoder threads (:func:`encode_logits`, which
+    releases the GIL) as soon as they are queued; the writer thread copies the compressed
+    chunks into the file in order. h5py serialises all its calls, so compressing inside it
+    would use one core and hold the GIL.
+
     Args:
         store: The open store.
         maxsize: Records waiting at most; ``put`` blocks beyond that.
+        encoders: Encoder threads.
     """
 
-    def __init__(self, store: StoreWriter, maxsize: int = 4) -> None:
+    def __init__(self, store: StoreWriter, maxsize: int = 4, encoders: int = 1) -> None:
         self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=max(1, encoders), thread_name_prefix="encode")
         self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max(1, maxsize))
         self.error: BaseException | None = None
         self.written = 0
@@ -259,7 +269,8 @@ class BackgroundWriter:
             if self.error is not None:
                 continue
             try:
-                self.store.write(*record)
+                name, logits, label, size, value_range, encoding = record
+                self.store.write(name, logits, label, size, value_range, encoding.result())
                 self.written += 1
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self.error = exc
@@ -273,10 +284,11 @@ class BackgroundWriter:
         value_range: tuple[float, float],
     ) -> None:
         """Queue one record (the arguments of :meth:`StoreWriter.write`); raise its errors."""
+        encoding = self.pool.submit(encode_logits, logits, self.store.dtype)
         while True:
             self._raise()
             try:
-                self.queue.put((name, logits, label, size, value_range), timeout=0.5)
+                self.queue.put((name, logits, label, size, value_range, encoding), timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -286,9 +298,10 @@ class BackgroundWriter:
             raise self.error
 
     def close(self) -> None:
-        """Write what is queued, stop the thread and raise its error, if any."""
+        """Write what is queued, stop the threads and raise the writer's error, if any."""
         self.queue.put(None)
         self.thread.join()
+        self.pool.shutdown()
         self._raise()
 
 
@@ -461,7 +474,9 @@ def _run(
     )
     storage = torch.float16 if options.dtype == "float16" else torch.float32
     bar = progress(None, total=len(items), desc="dump-logits") if progress else None
-    writer = BackgroundWriter(store, options.queue_size) if options.queue_size else _Inline(store)
+    writer: BackgroundWriter | _Inline = _Inline(store)
+    if options.queue_size:
+        writer = BackgroundWriter(store, options.queue_size, _encoders(options.encoders))
     try:
         for groups in loader:
             for group in groups:
@@ -481,6 +496,11 @@ def _run(
         if bar is not None:
             bar.close()
     return writer.written
+
+
+def _encoders(requested: int) -> int:
+    """Encoder threads: ``requested``, or half the CPU cores (1 to 8)."""
+    return requested if requested > 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _check_channels(logits: torch.Tensor, names: list[str], model_name: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,45 @@ class Record:
     logits: np.ndarray
     label: np.ndarray | None
     size: tuple[int, int]
+
+
+GZIP_LEVEL = 1
+CHUNK_SIZE = 512
+
+
+def chunk_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """HDF5 chunk shape of a ``(C, h, w)`` logits dataset: one channel, at most 512 x 512."""
+    return 1, min(shape[1], CHUNK_SIZE), min(shape[2], CHUNK_SIZE)
+
+
+def encode_logits(logits: np.ndarray, dtype: str) -> list[tuple[tuple[int, int, int], bytes]]:
+    """Compress ``(C, h, w)`` logits chunk by chunk exactly as the store's filters do.
+
+    Byte shuffle, then deflate (zlib, level :data:`GZIP_LEVEL`); edge chunks are padded with
+    zeros to the full chunk shape, as HDF5 does. numpy and zlib release the GIL here, so several
+    threads can encode images in parallel while :meth:`StoreWriter.write` (``encoded=``) only
+    copies bytes into the file.
+
+    Args:
+        logits: ``(C, h, w)`` logits.
+        dtype: Storage dtype, ``float16`` or ``float32``.
+
+    Returns:
+        ``((c, y, x) chunk offset, compressed bytes)`` for every chunk.
+    """
+    data = np.asarray(logits).astype(dtype, copy=False)
+    _, ch, cw = chunk_shape(data.shape)
+    itemsize = data.dtype.itemsize
+    encoded = []
+    for c in range(data.shape[0]):
+        for y in range(0, data.shape[1], ch):
+            for x in range(0, data.shape[2], cw):
+                part = data[c, y : y + ch, x : x + cw]
+                block = np.zeros((ch, cw), dtype=data.dtype)
+                block[: part.shape[0], : part.shape[1]] = part
+                shuffled = block.view(np.uint8).reshape(-1, itemsize).T.tobytes()
+                encoded.append(((c, y, x), zlib.compress(shuffled, GZIP_LEVEL)))
+    return encoded
 
 
 def partial_path(path: Path) -> Path:
@@ -163,6 +203,7 @@ class StoreWriter:
         label: np.ndarray | None = None,
         size: tuple[int, int] | None = None,
         value_range: tuple[float, float] | None = None,
+        encoded: Sequence[tuple[tuple[int, int, int], bytes]] | None = None,
     ) -> None:
         """Store one image.
 
@@ -173,6 +214,8 @@ class StoreWriter:
             size: ``(H, W)`` original image size; default the label's size, else ``(h, w)``.
             value_range: ``(min, max)`` of ``logits``, from a caller that has computed it and
                 checked that the logits are finite (saves two slow passes over float16 data).
+            encoded: The logits' chunks as :func:`encode_logits` returns them (compressed
+                beforehand, e.g. in parallel threads); written as they are.
         """
         if logits.ndim != 3 or logits.shape[0] != len(self.class_names):
             raise InputError(
@@ -191,15 +234,17 @@ class StoreWriter:
         if key in images:
             del images[key]
         group = images.create_group(key)
-        c, h, w = logits.shape
-        group.create_dataset(
-            "logits",
-            data=logits.astype(self.dtype, copy=False),
-            chunks=(1, min(h, 512), min(w, 512)),
-            compression="gzip",
-            compression_opts=1,
-            shuffle=True,
-        )
+        filters = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
+        chunks = chunk_shape(logits.shape)
+        if encoded is None:
+            data = logits.astype(self.dtype, copy=False)
+            group.create_dataset("logits", data=data, chunks=chunks, **filters)
+        else:
+            dset = group.create_dataset(
+                "logits", shape=logits.shape, dtype=self.dtype, chunks=chunks, **filters
+            )
+            for offset, chunk in encoded:
+                dset.id.write_direct_chunk(offset, chunk)
         if label is not None:
             label = np.asarray(label)
             if label.dtype != np.uint8 or label.ndim != 2:
