@@ -304,19 +304,37 @@ def plot_iou(
     Undefined IoUs are drawn as empty bars. The format follows the file extension (png, pdf,
     svg, ...).
     """
+    results = [("before" if after else "IoU", before)] + ([("after", after)] if after else [])
+    plot_iou_series(
+        path,
+        class_names,
+        [(label, r.summary["iou"], r.summary["miou"]) for label, r in results],
+    )
+
+
+def plot_iou_series(
+    path: Path,
+    class_names: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float | None], float | None]],
+) -> None:
+    """Write a grouped per-class IoU bar chart, one bar per series and class.
+
+    Args:
+        path: Image to write (format from the extension).
+        class_names: ``C`` names.
+        series: ``(label, per-class IoU in percent or None, mIoU)`` per series.
+    """
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [("before" if after else "IoU", before)] + ([("after", after)] if after else [])
     n = len(class_names)
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n + 2), 4.0))
-    for k, (label, result) in enumerate(series):
-        values = [v if v is not None else 0.0 for v in result.summary["iou"]]
-        miou = result.summary["miou"]
+    for k, (label, ious, miou) in enumerate(series):
+        values = [v if v is not None else 0.0 for v in ious]
         positions = [i + (k - (len(series) - 1) / 2) * width for i in range(n)]
         ax.bar(positions, values, width, label=f"{label} (mIoU {_fmt(miou, '.2f')})")
     ax.set_xticks(range(n))

@@ -1,0 +1,358 @@
+"""``blda demo``: the whole pipeline on the built-in synthetic UDA case.
+
+Every step runs the real ``blda`` command with the arguments a user would type (no demo-only
+shortcuts); the demo only generates the data first and summarises the results last.
+
+Work folder layout::
+
+    data/{source,target}/{images,labels}/   the synthetic benchmark
+    src.h5, tgt.h5                          logits stores (dump-logits)
+    src_stats.h5, tgt_stats.h5              statistics (fit-stats: source gt, target pseudo)
+    diagnose.json                           over/under-prediction report
+    pred_paper/, pred_source/               corrected trainId PNGs of the two settings
+    eval_*.json                             evaluate reports
+    report.md, iou.png, examples/*.png      the summary, the chart and side-by-side pictures
+    commands.log                            every command run and its standard output
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw
+
+from blda_posthoc.core.classes import colorize, palette_for
+from blda_posthoc.core.synthesize import DEMO_CLASSES, DOMAINS
+from blda_posthoc.demo.data import DEFAULT_COUNT, DEFAULT_SEED, scene_name, write_domain
+from blda_posthoc.io.console import info
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.images import read_label, read_rgb, write_png
+from blda_posthoc.io.report import plot_iou_series, write_text
+
+TAU = 0.2
+"""The paper's post-hoc tau, used unchanged for both settings (no demo-specific tuning)."""
+
+MODEL = "blda_posthoc.demo.net:build"
+CHECKPOINT = Path(__file__).with_name("model.pt")
+NUM_EXAMPLES = 3
+
+
+@dataclass
+class Setting:
+    """One correction setting the demo compares against the plain argmax."""
+
+    key: str
+    title: str
+    stats: str
+    anchors: str | None
+
+
+SETTINGS = (
+    Setting(
+        "paper", "target pseudo-label conditionals + source anchors", "tgt_stats.h5", "src_stats.h5"
+    ),
+    Setting("source", "source ground-truth conditionals and anchors", "src_stats.h5", None),
+)
+
+
+class Runner:
+    """Runs ``blda`` commands in a work folder, logging each command line and its output."""
+
+    def __init__(self, workdir: Path, device: str) -> None:
+        self.workdir = workdir
+        self.device = device
+        self.log = workdir / "commands.log"
+        self.timings: list[tuple[str, float]] = []
+
+    def __call__(self, *args: str | Path, device: bool = False) -> None:
+        """Run ``blda ARGS`` (paths relative to the work folder), failing on a non-zero exit."""
+        from blda_posthoc.cli import main
+
+        words = [str(a) for a in args] + (["--device", self.device] if device else [])
+        line = "blda " + " ".join(shlex.quote(w) for w in words)
+        info(f"$ {line}")
+        out = io.StringIO()
+        start = time.perf_counter()
+        with contextlib.chdir(self.workdir), contextlib.redirect_stdout(out):
+            try:
+                main.main(args=words, prog_name="blda", standalone_mode=False)
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    raise InputError(f"demo step failed: {line}") from exc
+        self.timings.append((words[0], time.perf_counter() - start))
+        with self.log.open("a") as f:
+            f.write(f"$ {line}\n{out.getvalue()}\n")
+
+
+def demo_outputs(workdir: Path) -> list[Path]:
+    """Everything the demo writes, for the overwrite check."""
+    names = [
+        "data",
+        "src.h5",
+        "tgt.h5",
+        "src_stats.h5",
+        "tgt_stats.h5",
+        "diagnose.json",
+        "eval_plain.json",
+        "report.md",
+        "iou.png",
+        "examples",
+        "commands.log",
+    ]
+    names += [f"pred_{s.key}" for s in SETTINGS] + [f"eval_{s.key}.json" for s in SETTINGS]
+    return [workdir / n for n in names]
+
+
+def prepare(workdir: Path, overwrite: bool) -> None:
+    """Refuse to touch earlier demo outputs unless ``overwrite``; then remove them."""
+    import shutil
+
+    existing = [p for p in demo_outputs(workdir) if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]}: already exists (use --overwrite to run the demo again)")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(
+    workdir: Path,
+    count: int = DEFAULT_COUNT,
+    seed: int = DEFAULT_SEED,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Generate the benchmark, run the pipeline, and write the summary.
+
+    Args:
+        workdir: Work folder.
+        count: Scenes per domain.
+        seed: Data seed.
+        device: ``--device`` for the commands that compute.
+        overwrite: Replace an earlier demo's outputs.
+
+    Returns:
+        The summary (also written to ``report.md``).
+    """
+    start = time.perf_counter()
+    prepare(workdir, overwrite)
+    run = Runner(workdir, device)
+    names = ",".join(DEMO_CLASSES)
+    info(f"generating {count} source and {count} target scenes in {workdir / 'data'}")
+    for domain in DOMAINS:
+        write_domain(workdir / "data", domain, count, seed)
+    for domain, store in (("source", "src.h5"), ("target", "tgt.h5")):
+        run(
+            "dump-logits",
+            "--model",
+            MODEL,
+            "--checkpoint",
+            CHECKPOINT,
+            "--images",
+            f"data/{domain}/images",
+            "--labels",
+            f"data/{domain}/labels",
+            "--class-names",
+            names,
+            "--out",
+            store,
+            device=True,
+        )
+    run("fit-stats", "src.h5", "--labels", "gt", "--out", "src_stats.h5", device=True)
+    run("fit-stats", "tgt.h5", "--labels", "pseudo", "--out", "tgt_stats.h5", device=True)
+    run("diagnose", "tgt.h5", "--stats", "tgt_stats.h5", "--json", "diagnose.json", device=True)
+    run("evaluate", "--store", "tgt.h5", "--json", "eval_plain.json", device=True)
+    for s in SETTINGS:
+        anchors = ["--anchors", s.anchors] if s.anchors else []
+        run(
+            "correct",
+            "tgt.h5",
+            "--stats",
+            s.stats,
+            *anchors,
+            "--tau",
+            str(TAU),
+            "--out-dir",
+            f"pred_{s.key}",
+            device=True,
+        )
+        run(
+            "evaluate",
+            "--pred-dir",
+            f"pred_{s.key}",
+            "--labels",
+            "data/target/labels",
+            "--class-names",
+            names,
+            "--json",
+            f"eval_{s.key}.json",
+        )
+    summary = summarise(workdir)
+    draw_examples(workdir, count)
+    plot_iou_series(
+        workdir / "iou.png",
+        list(DEMO_CLASSES),
+        [
+            (label, [summary["per_class"][c][key] for c in DEMO_CLASSES], summary["miou"][key])
+            for key, label in (
+                ("plain", "plain argmax"),
+                ("paper", f"BLDA paper setting, τ={TAU}"),
+                ("source", f"BLDA source statistics, τ={TAU}"),
+            )
+        ],
+    )
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["timings"] = run.timings
+    write_text(workdir / "report.md", format_report(summary, count))
+    return summary
+
+
+def summarise(workdir: Path) -> dict[str, Any]:
+    """Per-class IoU and mIoU of the plain argmax and both settings, plus the diagnosis."""
+    reports = {
+        key: json.loads((workdir / f"eval_{key}.json").read_text())
+        for key in ("plain", "paper", "source")
+    }
+    diagnosis = json.loads((workdir / "diagnose.json").read_text())["per_class"]
+    per_class = {
+        c: {
+            **{k: r["per_class"][c]["iou"] for k, r in reports.items()},
+            "verdict": diagnosis[c]["verdict"],
+            "ratio": reports["plain"]["per_class"][c]["pred_true_ratio"],
+        }
+        for c in DEMO_CLASSES
+    }
+    return {
+        "per_class": per_class,
+        "miou": {k: r["miou"] for k, r in reports.items()},
+        "macc": {k: r["macc"] for k, r in reports.items()},
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _delta(after: float | None, before: float | None) -> str:
+    return "-" if after is None or before is None else f"{after - before:+.1f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The before/after per-class IoU table (plain text, also valid Markdown)."""
+    rows = [["class", "pred/true", "verdict", "plain", "paper τ=0.2", "Δ", "source τ=0.2", "Δ"]]
+    for c, v in summary["per_class"].items():
+        rows.append(
+            [
+                c,
+                _fmt(v["ratio"]) if v["ratio"] is None else f"{v['ratio']:.2f}",
+                v["verdict"],
+                _fmt(v["plain"]),
+                _fmt(v["paper"]),
+                _delta(v["paper"], v["plain"]),
+                _fmt(v["source"]),
+                _delta(v["source"], v["plain"]),
+            ]
+        )
+    for metric in ("miou", "macc"):
+        m = summary[metric]
+        rows.append(
+            [
+                f"**{metric.replace('m', 'm', 1).upper() if metric == 'macc' else 'mIoU'}**",
+                "",
+                "",
+                _fmt(m["plain"]),
+                _fmt(m["paper"]),
+                _delta(m["paper"], m["plain"]),
+                _fmt(m["source"]),
+                _delta(m["source"], m["plain"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) + " |"
+        for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def format_report(summary: dict[str, Any], count: int) -> str:
+    """The Markdown report written to ``report.md``."""
+    steps = "\n".join(f"| `{name}` | {seconds:.1f} |" for name, seconds in summary["timings"])
+    return f"""# blda demo
+
+Synthetic street scenes: {count} source images (the frozen model's training domain) and {count}
+target images (appearance and label shift). Statistics: `src_stats.h5` from source ground
+truth, `tgt_stats.h5` from target pseudo-labels. τ = {TAU} for both settings (the paper's
+post-hoc value; nothing tuned for this case).
+
+- **paper setting**: conditionals from target pseudo-labels, anchors from source ground truth;
+- **source setting**: conditionals and anchors from source ground truth.
+
+Target IoU (%) per class; `pred/true` and the verdict come from `blda diagnose` / `blda evaluate`
+on the plain predictions.
+
+{format_table(summary)}
+
+![per-class IoU](iou.png)
+
+Examples (image | ground truth | plain | paper setting | source setting): `examples/`.
+
+| step | seconds |
+|---|---|
+{steps}
+
+Total: {summary["seconds"]:.1f} s. Every command is in `commands.log`.
+"""
+
+
+def draw_examples(workdir: Path, count: int) -> None:
+    """Side-by-side pictures: image | ground truth | plain | paper | source, in the palette."""
+    palette = palette_for(list(DEMO_CLASSES))
+    from blda_posthoc.io.store import LogitStore
+
+    with LogitStore([workdir / "tgt.h5"]) as store:
+        for index in range(min(NUM_EXAMPLES, count)):
+            name = scene_name(index)
+            image = read_rgb(workdir / "data" / "target" / "images" / f"{name}.png")
+            label = read_label(workdir / "data" / "target" / "labels" / f"{name}.png")
+            plain = store.read(name, with_label=False).logits.argmax(0).astype(np.uint8)
+            panels = [
+                ("image", image),
+                ("ground truth", colorize(label, palette)),
+                ("plain", colorize(plain, palette)),
+            ]
+            for s in SETTINGS:
+                pred = read_label(workdir / f"pred_{s.key}" / f"{name}.png")
+                panels.append((f"{s.key} setting", colorize(pred, palette)))
+            write_png(workdir / "examples" / f"{name}.png", side_by_side(panels))
+
+
+def side_by_side(
+    panels: list[tuple[str, np.ndarray]], gap: int = 4, caption: int = 14
+) -> np.ndarray:
+    """Put ``(H, W, 3)`` panels in a row with a caption above each."""
+    h, w = panels[0][1].shape[:2]
+    canvas = Image.new("RGB", (len(panels) * (w + gap) - gap, h + caption), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (title, array) in enumerate(panels):
+        x = k * (w + gap)
+        canvas.paste(Image.fromarray(array), (x, caption))
+        draw.text((x + 2, 1), title, fill="black")
+    return np.asarray(canvas)
+
+
+def echo_summary(summary: dict[str, Any], workdir: Path) -> None:
+    """Print the table and where everything is."""
+    click.echo(format_table(summary))
+    click.echo(f"\nwork folder: {workdir} (report.md, iou.png, examples/, commands.log)")
+    click.echo(f"demo finished in {summary['seconds']:.1f} s")
