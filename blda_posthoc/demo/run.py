@@ -262,11 +262,11 @@ def format_table(summary: dict[str, Any]) -> str:
                 _delta(v["source"], v["plain"]),
             ]
         )
-    for metric in ("miou", "macc"):
+    for metric, title in (("miou", "mIoU"), ("macc", "mAcc")):
         m = summary[metric]
         rows.append(
             [
-                f"**{metric.replace('m', 'm', 1).upper() if metric == 'macc' else 'mIoU'}**",
+                f"**{title}**",
                 "",
                 "",
                 _fmt(m["plain"]),
