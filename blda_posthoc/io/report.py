@@ -341,7 +341,13 @@ def plot_iou_series(
     ax.set_xticklabels(class_names, rotation=60, ha="right")
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=len(series),
+        fontsize="small",
+        frameon=False,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
