@@ -2,22 +2,27 @@
 
 Usage::
 
-    python scripts/bench_dump.py                     # CPU defaults: 20 images 512x1024, 19 classes
+    python scripts/bench_dump.py                  # CPU defaults (below)
+    python scripts/bench_dump.py --serial         # also time dump without any overlap
     python scripts/bench_dump.py --device cuda --images 200 --batch-size 4
 
-The script writes synthetic street-like PNGs and a TorchScript CNN (a stride-4 conv stem and
-``--depth`` 3x3 conv layers of ``--channels`` channels at 1/4 resolution, a 1x1 classifier; the
-logits come out at 1/4 resolution, as with most segmenters), then times, each in a fresh
-subprocess so that peak memory is per phase:
+The script writes synthetic street-like PNGs (default 20 images of 512x1024) and a TorchScript
+CNN: a stride-4 conv stem, ``--depth`` (4) 3x3 conv layers of ``--channels`` (256) channels at
+1/4 resolution and a 1x1 classifier to ``--classes`` (19); about 87 G multiply-adds per image,
+logits at 1/4 resolution as with most segmenters (a SegFormer-B5/DAFormer-class model costs
+several times more). It then times, each in a fresh subprocess so that memory is per phase:
 
 - ``bare``: read each image, normalise, forward, fetch the output (no store, no resize);
 - ``dump``: :func:`blda_posthoc.io.dump.dump_logits`, what ``blda dump-logits`` runs: decoding in
-  worker processes, forward, bilinear resize to full resolution, float16, gzip store via a
-  writer thread.
+  worker processes, forward, bilinear resize to full resolution, float16, chunks compressed by
+  encoder threads and written by a writer thread;
+- ``dump-serial`` (with ``--serial``): the same with decoding and writing in the main thread.
 
-Both phases load the model and run one warm-up forward before the clock starts. Peak memory is
-the maximum resident set size of the phase's main process (``ru_maxrss``; the decoding workers
-are forked and hold one image or batch each); on CUDA also ``torch.cuda.max_memory_allocated``.
+Both phases load the model and run one warm-up forward before the clock starts. Reported: wall
+time (best of ``--repeat`` alternating runs, all runs listed), CPU seconds of the process and its
+decoding workers (less sensitive to other load on the machine than wall time), peak resident
+set size of the main process (``ru_maxrss``; the forked workers hold one batch each), and on
+CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -99,6 +104,15 @@ def peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (decoding workers)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def run_bare(work: Path, args: argparse.Namespace) -> float:
     """Time read + normalise + forward over all images; return seconds."""
     device = torch.device(args.device)
@@ -158,6 +172,7 @@ def phase(args: argparse.Namespace) -> None:
         "phase": args.phase,
         "seconds": seconds,
         "rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
+        "cpu_s": cpu_seconds(),
         "cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
         ),
@@ -193,11 +208,11 @@ def report(args: argparse.Namespace, rows: dict[str, list[dict[str, float]]]) ->
         f"workers {args.workers}, {args.precision}, store {args.dtype}, {device}, "
         f"{torch.get_num_threads()} torch threads, best of {args.repeat}"
     )
-    print(f"{'phase':<11} {'wall s':>8} {'img/s':>7} {'peak RSS MiB':>13} {'CUDA MiB':>9}")
+    print(f"{'phase':<11} {'wall s':>8} {'img/s':>7} {'CPU s':>7} {'RSS MiB':>8} {'CUDA MiB':>9}")
     for name, r in best.items():
         print(
-            f"{name:<11} {r['seconds']:8.2f} {args.images / r['seconds']:7.2f} "
-            f"{r['rss_mb']:13.0f} {r['cuda_mb']:9.0f}"
+            f"{name:<11} {r['seconds']:8.2f} {args.images / r['seconds']:7.2f} {r['cpu_s']:7.1f} "
+            f"{r['rss_mb']:8.0f} {r['cuda_mb']:9.0f}"
         )
     for name in names_after_bare(best):
         ratio = best[name]["seconds"] / best["bare"]["seconds"]
@@ -217,7 +232,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--classes", type=int, default=19)
-    p.add_argument("--channels", type=int, default=128, help="conv width at 1/4 resolution")
+    p.add_argument("--channels", type=int, default=256, help="conv width at 1/4 resolution")
     p.add_argument("--depth", type=int, default=4, help="3x3 conv layers at 1/4 resolution")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=1)
