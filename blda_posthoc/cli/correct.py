@@ -17,7 +17,8 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_TAU, AlignmentMaps
-from blda_posthoc.io.correct import correct_store, write_json
+from blda_posthoc.io.correct import correct_store
+from blda_posthoc.io.report import write_json
 from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -119,5 +120,5 @@ def command(
         summary["settings"] = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
         summary["settings"]["stores"] = [str(p) for p in store.paths]
         summary["class_names"] = store.class_names
-    write_json(out_dir / "correct.json", summary)
+    write_json(out_dir / "correct.json", summary, sort_keys=True)
     info(f"wrote {summary['images']} predictions to {out_dir}")

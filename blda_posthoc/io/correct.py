@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +52,6 @@ def check_outputs(paths: dict[str, list[Path]], overwrite: bool, resume: bool) -
             raise InputError(f"{first}: already exists (use --overwrite, or --resume to skip)")
         todo.append(name)
     return todo
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (sorted keys, so the same content gives the same bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass

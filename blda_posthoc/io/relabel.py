@@ -58,11 +58,11 @@ from blda_posthoc.io.correct import (
     check_outputs,
     corrected_images,
     output_paths,
-    write_json,
     write_label_map,
 )
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-relabel"
@@ -263,7 +263,7 @@ def relabel_store(
         )
         grid = hist.grid
         thresholds = keep_thresholds(hist.counts(), grid, settings.keep_portion)
-    write_json(manifest_path, {**head, "complete": False})
+    write_json(manifest_path, {**head, "complete": False}, sort_keys=True)
     tally = Tally(c)
     palette = palette_for(store.class_names) if settings.color else None
     names = [n for n in store.names if n in todo]
@@ -298,7 +298,7 @@ def relabel_store(
         **_summary(tally, store.class_names, settings, thresholds),
         "num_images": len(store.names),
     }
-    write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest, sort_keys=True)
     return {**manifest, "images_written": len(names)}
 
 

@@ -126,9 +126,9 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write the report as strict JSON (``allow_nan=False``), atomically."""
-    write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
+    """Write strict JSON (``allow_nan=False``), atomically; the same data gives the same bytes."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------- tables
@@ -348,6 +348,13 @@ def plot_iou_series(
         fontsize="small",
         frameon=False,
     )
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure atomically (no timestamp in PNGs, so reruns are identical)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -1,0 +1,200 @@
+"""Diagnosing a store: prediction counts, the report dict, its table and its chart.
+
+JSON report (``--json``, format ``blda-diagnose`` version 1; keys sorted, undefined ``null``)::
+
+    {"format": "blda-diagnose", "version": 1, "class_names": [...], "num_images": n,
+     "num_pixels": N, "has_labels": bool, "rank_correlation": rho | null,
+     "anchor_median": m, "statistics": {"path": str | null, "fingerprint": str,
+     "labels": "gt" | "pseudo"}, "thresholds": {"score": 0.1, "under_ratio": 0.7,
+     "over_ratio": 1.3},
+     "per_class": {"<name>": {"verdict": "over-predicted" | "under-predicted" | "balanced"
+                              | "unknown", "decided_by": "labels" | "label-free" | null,
+                              "score": s, "pred_share": f, "predicted_pixels": n,
+                              "never_predicted": bool, "positive_median": m, "bias": b,
+                              "pred_true_ratio": r}}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.correct import resize_logits
+from blda_posthoc.core.diagnose import (
+    OVER,
+    OVER_RATIO,
+    SCORE_THRESHOLD,
+    UNDER,
+    UNDER_RATIO,
+    Diagnosis,
+)
+from blda_posthoc.core.evaluate import ConfusionMatrix
+from blda_posthoc.core.fit import LogitStats
+from blda_posthoc.io.console import info, progress
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.fit_stats import fit_store
+from blda_posthoc.io.report import require_matplotlib, save_figure
+from blda_posthoc.io.stats import read_stats
+from blda_posthoc.io.store import LogitStore
+
+FORMAT = "blda-diagnose"
+VERSION = 1
+DECIMALS = 6
+
+
+def count_predictions(
+    store: LogitStore,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stream a store: plain-argmax pixels per class and, with labels, the confusion matrix.
+
+    Returns:
+        ``(C,)`` int64 predicted pixels and a ``(C, C + 1)`` confusion matrix or None.
+    """
+    c = store.num_classes
+    with_label = store.has_labels()
+    predicted = np.zeros(c, dtype=np.int64)
+    matrix = ConfusionMatrix(c) if with_label else None
+    names: Iterable[str] = store.names if progress is None else progress(store.names, len(store))
+    for name in names:
+        record = store.read(name, with_label=with_label)
+        pred = resize_logits(torch.from_numpy(record.logits).to(device), record.size).argmax(0)
+        predicted += np.bincount(pred.reshape(-1).cpu().numpy(), minlength=c)
+        if matrix is not None and record.label is not None:
+            if record.label.shape != record.size:
+                raise InputError(f"{name}: label size {record.label.shape} != {record.size}")
+            try:
+                matrix.update(pred.cpu(), torch.from_numpy(record.label))
+            except ValueError as exc:
+                raise InputError(f"{name}: {exc}") from exc
+    return predicted, None if matrix is None else matrix.compute()
+
+
+def load_or_fit_stats(
+    store: LogitStore, stats_path: Path | None, device: torch.device
+) -> LogitStats:
+    """Read ``--stats`` (same class names as the store) or fit pseudo-label statistics."""
+    if stats_path is None:
+        info("no --stats: fitting pseudo-label statistics on the fly")
+        return fit_store(
+            store,
+            labels="pseudo",
+            device=device,
+            progress=lambda it, n: progress(it, n, "fit-stats"),
+        )
+    stats = read_stats(stats_path)
+    if stats.class_names != store.class_names:
+        raise InputError(
+            f"{stats_path}: class names {stats.class_names} differ from the store's "
+            f"{store.class_names}"
+        )
+    return stats
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), DECIMALS)
+
+
+def report_dict(
+    result: Diagnosis, stats: LogitStats, stats_path: Path | None, num_images: int
+) -> dict[str, Any]:
+    """The JSON form of a diagnosis."""
+    per_class = {}
+    for d in result.classes:
+        entry = asdict(d)
+        name = entry.pop("name")
+        for key in ("score", "pred_share", "positive_median", "bias", "pred_true_ratio"):
+            entry[key] = _round(entry[key])
+        per_class[name] = entry
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "class_names": stats.class_names,
+        "num_images": num_images,
+        "num_pixels": int(sum(d.predicted_pixels for d in result.classes)),
+        "has_labels": result.has_labels,
+        "rank_correlation": _round(result.rank_correlation),
+        "anchor_median": _round(result.anchor_median),
+        "statistics": {
+            "path": None if stats_path is None else str(stats_path),
+            "fingerprint": stats.fingerprint,
+            "labels": stats.settings.get("labels"),
+        },
+        "thresholds": {
+            "score": SCORE_THRESHOLD,
+            "under_ratio": UNDER_RATIO,
+            "over_ratio": OVER_RATIO,
+        },
+        "per_class": per_class,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(result: Diagnosis) -> str:
+    """A fixed-width per-class table (and the rank correlation) for the terminal."""
+    width = max(8, *(len(d.name) for d in result.classes))
+    head = f"{'class':<{width}}  {'share%':>7}  {'score':>6}  {'verdict':<15}  {'by':<10}"
+    if result.has_labels:
+        head += f"  {'bias':>7}  {'ratio':>6}"
+    lines = [head, "-" * len(head)]
+    for d in result.classes:
+        line = (
+            f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {_fmt(d.score, '+.3f'):>6}  "
+            f"{d.verdict:<15}  {d.decided_by or '-':<10}"
+        )
+        if result.has_labels:
+            line += f"  {_fmt(d.bias, '+.2f'):>7}  {_fmt(d.pred_true_ratio, '.2f'):>6}"
+        if d.never_predicted:
+            line += "  (never predicted)"
+        lines.append(line)
+    lines.append("")
+    lines.append(
+        "score: Cliff's delta of the class's positive logits vs the class-balanced "
+        "positive anchor; "
+        f"|score| >= {SCORE_THRESHOLD} decides without labels"
+    )
+    if result.has_labels:
+        lines.append(
+            f"with labels the verdict follows pred/true ratio (< {UNDER_RATIO} under, "
+            f"> {OVER_RATIO} over); Spearman(score, Bias) = {_fmt(result.rank_correlation, '.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def plot_scores(path: Path, result: Diagnosis) -> None:
+    """Bar chart of the per-class scores coloured by verdict, thresholds dashed."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {OVER: "tab:red", UNDER: "tab:blue"}
+    names = [d.name for d in result.classes]
+    values = [d.score if d.score is not None else 0.0 for d in result.classes]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0))
+    ax.bar(
+        range(len(names)), values, color=[colors.get(d.verdict, "tab:gray") for d in result.classes]
+    )
+    for level in (SCORE_THRESHOLD, -SCORE_THRESHOLD):
+        ax.axhline(level, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right")
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("score (Cliff's delta vs P+)")
+    rho = _fmt(result.rank_correlation, ".2f")
+    ax.set_title(
+        "red: over-predicted, blue: under-predicted"
+        + (f"; Spearman vs Bias {rho}" if result.has_labels else "")
+    )
+    save_figure(fig, path)
