@@ -9,14 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def collect_cells(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> list[list[np.ndarray]]:
+def collect_cells(
+    logits: np.ndarray, labels: np.ndarray, num_classes: int
+) -> list[list[np.ndarray]]:
     """Raw samples of the logit-collection matrix: ``cells[c][l]`` = z_l at pixels labelled c.
 
     logits: (N, C); labels: (N,) with 255 = ignore.
     """
     keep = labels != 255
     z, y = logits[keep].astype(np.float64), labels[keep]
-    return [[np.sort(z[y == c, l]) for l in range(num_classes)] for c in range(num_classes)]
+    return [[np.sort(z[y == c, ch]) for ch in range(num_classes)] for c in range(num_classes)]
 
 
 def ecdf(samples: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -31,9 +31,9 @@ def test_histogram_matches_numpy_per_cell():
     hist.update(z, y)
     counts = hist.counts()
     for c in range(C):
-        for l in range(C):
-            expected, _ = np.histogram(z[y == c, l].numpy().astype(np.float64), bins=grid.edges)
-            np.testing.assert_array_equal(counts[c, l], expected)
+        for ch in range(C):
+            expected, _ = np.histogram(z[y == c, ch].numpy().astype(np.float64), bins=grid.edges)
+            np.testing.assert_array_equal(counts[c, ch], expected)
     assert hist.num_pixels == int((y != 255).sum())
 
 
@@ -119,7 +119,7 @@ def test_gmm_with_five_components_fits_every_cell_and_anchor():
     assert stats.mixtures is not None and stats.anchor_mixtures is not None
     assert stats.mixtures.weights.shape == (C, C, 5)
     np.testing.assert_allclose(stats.mixtures.weights.sum(-1), 1.0)
-    assert (stats.mixtures.sigmas ** 2 >= 1e-4 - 1e-12).all()
+    assert (stats.mixtures.sigmas**2 >= 1e-4 - 1e-12).all()
     # The positive cells sit about 3 above the negative ones.
     mean = (stats.mixtures.weights * stats.mixtures.means).sum(-1)
     assert (np.diag(mean) > mean.mean() + 1.5).all()
