@@ -14,9 +14,7 @@ from blda_posthoc.io.errors import InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def find_files(
-    root: Path, extensions: Iterable[str], suffix: str = ""
-) -> dict[str, Path]:
+def find_files(root: Path, extensions: Iterable[str], suffix: str = "") -> dict[str, Path]:
     """Map names to files under ``root``, recursively, in sorted order.
 
     A name is the path relative to ``root`` with ``/`` separators, without the extension and
