@@ -1,9 +1,11 @@
 """A procedural synthetic street-scene benchmark for unsupervised domain adaptation.
 
 Scenes are rendered with a pinhole camera 1.5 m above a flat street: a road and sidewalks in
-perspective, building facades and hedges along both sides, sky above, and objects (cars, people,
-poles with traffic signs, trees) drawn far to near. Two domains share the geometry generator but
-differ in class frequencies (label shift) and in rendering (appearance shift):
+perspective, building facades and hedges along both sides (some with signs fixed to the wall),
+sky above, and objects (cars, people, poles carrying one or two traffic signs, trees) drawn far to
+near. Poles and signs stay the rarest, thinnest classes (under about 1 % of pixels each). Two
+domains share the geometry generator but differ in class frequencies (label shift) and in
+rendering (appearance shift):
 
 * ``source``: saturated daylight colours, sharp, clean; wide roads with many cars.
 * ``target``: an overcast dusk: darker, blue-grey cast, haze, blur and sensor noise, duller
@@ -67,6 +69,7 @@ class DomainStyle:
         people: Range (inclusive) of the number of people.
         poles: Range (inclusive) of the number of poles per side.
         sign_prob: Probability that a pole carries a traffic sign.
+        wall_signs: Range (inclusive) of the number of signs fixed to building facades per side.
         trees: Range (inclusive) of the number of trees per side.
         building_prob: Probability that a facade segment is a building (else hedge or gap).
         colours: Base RGB colour in ``[0, 1]`` per material name.
@@ -88,6 +91,7 @@ class DomainStyle:
     people: tuple[int, int]
     poles: tuple[int, int]
     sign_prob: float
+    wall_signs: tuple[int, int]
     trees: tuple[int, int]
     building_prob: float
     colours: dict[str, Colour]
@@ -109,7 +113,8 @@ SOURCE_STYLE = DomainStyle(
     cars=(3, 8),
     people=(0, 3),
     poles=(1, 2),
-    sign_prob=0.35,
+    sign_prob=0.6,
+    wall_signs=(0, 1),
     trees=(0, 2),
     building_prob=0.7,
     colours={
@@ -144,7 +149,8 @@ TARGET_STYLE = DomainStyle(
     cars=(0, 3),
     people=(2, 7),
     poles=(2, 4),
-    sign_prob=0.5,
+    sign_prob=0.75,
+    wall_signs=(1, 2),
     trees=(0, 2),
     building_prob=0.75,
     colours={
@@ -175,6 +181,11 @@ TARGET_STYLE = DomainStyle(
 STYLES: dict[str, DomainStyle] = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
 
 SIGN_COLOURS: tuple[Colour, ...] = ((0.9, 0.1, 0.1), (0.1, 0.3, 0.85), (0.95, 0.8, 0.1))
+"""Sign face colours (regulatory red, informational blue, warning yellow); every plate has a
+white rim, as real signs do."""
+
+SIGN_RIM: Colour = (0.95, 0.95, 0.95)
+"""Colour of a sign's retro-reflective rim."""
 
 
 def domain_style(domain: str) -> DomainStyle:
@@ -422,6 +433,47 @@ def _paint_facades(
     _paint(canvas, building, BUILDING, wall[building])
     hedge = visible & (kinds == VEGETATION)[None, :]
     _paint(canvas, hedge, VEGETATION, _foliage(rng, style, (h, w))[hedge])
+    _paint_wall_signs(canvas, depth, height, segments, building, style, rng)
+
+
+def _paint_wall_signs(
+    canvas: Canvas,
+    depth: np.ndarray,
+    height: np.ndarray,
+    segments: list[tuple[float, float, int, float]],
+    building: np.ndarray,
+    style: DomainStyle,
+    rng: np.random.Generator,
+) -> None:
+    """Signs fixed flat to one side's building facades, 2.3 to 4.5 m above the pavement.
+
+    Street-name plates, direction and shop signs: a coloured face inside a white rim, drawn in
+    the facade plane (so in perspective) on buildings nearer than 40 m.
+
+    Args:
+        canvas: The canvas, facades already painted.
+        depth: ``(W,)`` depth in metres of the facade plane per column.
+        height: ``(H, W)`` height in metres above the ground of the facade plane per pixel.
+        segments: The side's facade segments (see :func:`_segments`).
+        building: ``(H, W)`` mask of the visible building pixels of this side.
+        style: The domain style.
+        rng: Random generator.
+    """
+    near = [seg for seg in segments if seg[2] == BUILDING and seg[0] < 40.0 and seg[3] > 5.0]
+    for _ in range(_count(rng, style.wall_signs)):
+        if not near:
+            return
+        start, end, _, _ = near[int(rng.integers(len(near)))]
+        wide, tall = float(rng.uniform(0.8, 2.0)), float(rng.uniform(0.45, 0.8))
+        first = max(start, 4.0)
+        z0 = float(rng.uniform(first, max(first, min(end, 40.0) - wide)))
+        h0 = float(rng.uniform(2.3, 4.5))
+        face = _jitter(rng, SIGN_COLOURS[int(rng.integers(len(SIGN_COLOURS)))], 0.05)
+        rim = 0.06
+        for inset, colour in ((0.0, np.asarray(SIGN_RIM, np.float32)), (rim, face)):
+            along = (depth >= z0 + inset) & (depth <= z0 + wide - inset)
+            up = (height >= h0 + inset) & (height <= h0 + tall - inset)
+            _paint(canvas, building & along[None, :] & up, SIGN, colour)
 
 
 def _foliage(rng: np.random.Generator, style: DomainStyle, shape: tuple[int, int]) -> np.ndarray:
@@ -566,13 +618,19 @@ def _pole(
     rng: np.random.Generator,
 ) -> Drawer:
     metal = _jitter(rng, style.colours["pole"], 0.05)
-    face = _jitter(rng, SIGN_COLOURS[int(rng.integers(len(SIGN_COLOURS)))], 0.05)
-    tall, thick = float(rng.uniform(4.0, 9.0)), float(rng.uniform(0.12, 0.2))
-    board, lift, round_sign = (
-        float(rng.uniform(0.5, 0.8)),
-        float(rng.uniform(2.2, 3.2)),
-        rng.random() < 0.5,
-    )
+    tall, thick = float(rng.uniform(4.0, 9.0)), float(rng.uniform(0.14, 0.25))
+    lift = float(rng.uniform(2.2, 3.0))
+    # One or two plates stacked on the pole: (round, half width, half height, face colour).
+    plates = []
+    for _ in range(2 if rng.random() < 0.3 else 1):
+        face = _jitter(rng, SIGN_COLOURS[int(rng.integers(len(SIGN_COLOURS)))], 0.05)
+        half = 0.5 * float(rng.uniform(0.6, 0.9))
+        if rng.random() < 0.45:
+            plates.append((True, half, half, face))
+        elif rng.random() < 0.6:
+            plates.append((False, half, half, face))
+        else:  # a direction sign, wider than tall
+            plates.append((False, float(rng.uniform(0.5, 0.7)), float(rng.uniform(0.2, 0.3)), face))
 
     def draw(canvas: Canvas) -> None:
         s = cam.focal / depth
@@ -586,12 +644,19 @@ def _pole(
         )
         if not sign:
             return
-        cy, r = bottom - lift * s, 0.5 * board * s
-        if round_sign:
-            _fill_ellipse(canvas, cam, (cx, cy), (r, r), SIGN, np.asarray((0.95, 0.95, 0.95)))
-            _fill_ellipse(canvas, cam, (cx, cy), (0.75 * r, 0.75 * r), SIGN, face)
-        else:
-            _fill_box(canvas, cam, (cx - r, cx + r, cy - r, cy + r), SIGN, face)
+        rim = np.asarray(SIGN_RIM, np.float32)
+        base = lift
+        for round_plate, half_w, half_h, face in plates:
+            cy, rx, ry = bottom - (base + half_h) * s, half_w * s, half_h * s
+            if round_plate:
+                _fill_ellipse(canvas, cam, (cx, cy), (rx, ry), SIGN, rim)
+                _fill_ellipse(canvas, cam, (cx, cy), (0.78 * rx, 0.78 * ry), SIGN, face)
+            else:
+                _fill_box(canvas, cam, (cx - rx, cx + rx, cy - ry, cy + ry), SIGN, rim)
+                m = 0.2 * min(rx, ry)
+                inner = (cx - rx + m, cx + rx - m, cy - ry + m, cy + ry - m)
+                _fill_box(canvas, cam, inner, SIGN, face)
+            base += 2.0 * half_h + 0.1
 
     return draw
 
