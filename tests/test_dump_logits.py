@@ -688,3 +688,72 @@ def test_serial_mode_writes_the_same_store(tmp_path: Path, images_dir: Path) -> 
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_native_resolution_store_corrects_like_full_resolution(tmp_path: Path) -> None:
+    """A half-resolution model: the native store is smaller, and `correct` gives the same PNGs."""
+    import torch
+    from click.testing import CliRunner
+    from PIL import Image
+    from tiny_models import HalfRes
+
+    from blda_posthoc.cli import main
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+            images / f"im{i}.png"
+        )
+    torch.manual_seed(0)
+    model = torch.jit.script(HalfRes(3).eval())
+    model.save(str(tmp_path / "half.pt"))
+    runner = CliRunner()
+    common = [
+        "dump-logits",
+        "--model",
+        str(tmp_path / "half.pt"),
+        "--images",
+        str(images),
+        "--num-classes",
+        "3",
+        "--dtype",
+        "float32",
+        "--workers",
+        "0",
+    ]
+    for name, extra in (("native", []), ("full", ["--logits-scale", "1"])):
+        result = runner.invoke(main, [*common, "--out", str(tmp_path / f"{name}.h5"), *extra])
+        assert result.exit_code == 0, result.output
+    with LogitStore([tmp_path / "native.h5"]) as store:
+        assert store.read("im0").logits.shape[1:] != (24, 32) and store.size("im0") == (24, 32)
+    for name in ("native", "full"):
+        for args in (
+            [
+                "fit-stats",
+                str(tmp_path / f"{name}.h5"),
+                "--labels",
+                "pseudo",
+                "--min-pixels",
+                "1",
+                "--out",
+                str(tmp_path / f"{name}_s.h5"),
+            ],
+            [
+                "correct",
+                str(tmp_path / f"{name}.h5"),
+                "--stats",
+                str(tmp_path / f"{name}_s.h5"),
+                "--tau",
+                "0",
+                "--out-dir",
+                str(tmp_path / f"{name}_pred"),
+            ],
+        ):
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, result.output
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / "native_pred" / f"im{i}.png"))
+        b = np.asarray(Image.open(tmp_path / "full_pred" / f"im{i}.png"))
+        assert a.shape == (24, 32) and (a == b).mean() == 1.0

@@ -129,10 +129,14 @@ def test_slide_averages_overlapping_windows() -> None:
     torch.testing.assert_close(got[0, 0], total / count)
 
 
-def test_predict_logits_brings_low_resolution_output_back_to_image_size() -> None:
+def test_predict_logits_native_keeps_model_resolution_and_scale_resizes() -> None:
     model = HalfRes(3).eval()
     images = pixels(2, 21, 35)
-    logits = predict_logits(model, images, Preprocess())
+    native = predict_logits(model, images, Preprocess())
+    raw = forward_whole(model, normalize(images, Preprocess()))
+    assert native.shape == raw.shape and native.shape[2:] != (21, 35)
+    torch.testing.assert_close(native, raw)
+    logits = predict_logits(model, images, Preprocess(logits_scale=1.0))
     assert logits.shape == (2, 3, 21, 35) and logits.dtype == torch.float32
     small = predict_logits(model, images, Preprocess(logits_scale=0.5))
     assert small.shape == (2, 3, *logits_size((21, 35), 0.5)) == (2, 3, 10, 18)

@@ -166,10 +166,10 @@ def _fmt(values: tuple[float, ...]) -> str:
 )
 @click.option(
     "--logits-scale",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=1.0,
+    default="native",
     show_default=True,
-    help="Store logits at this fraction of the image size.",
+    help="Store logits at this fraction of the image size, or 'native': the model's own output "
+    "size (later commands upsample bilinearly to the image size either way).",
 )
 @device_option
 @click.option(
@@ -226,7 +226,7 @@ def command(
     size: tuple[int, int] | None,
     window: tuple[int, int] | None,
     stride: tuple[int, int] | None,
-    logits_scale: float,
+    logits_scale: str,
     device: str,
     batch_size: int,
     precision: str,
@@ -249,7 +249,7 @@ def command(
         raise click.UsageError("--stride needs --window")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
-    pre = Preprocess(mean, std, bgr, scale, size, window, stride, logits_scale)
+    pre = Preprocess(mean, std, bgr, scale, size, window, stride, parse_logits_scale(logits_scale))
     torch_device = torchrun_device(device, resolve_device(device))
     if precision == "fp16" and torch_device.type == "cpu":
         raise InputError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
@@ -288,3 +288,18 @@ def _shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     if shard is not None and from_env is not None and shard != from_env:
         warn(f"--shard {shard[0]}/{shard[1]} overrides torchrun's {from_env[0]}/{from_env[1]}")
     return shard if shard is not None else from_env
+
+
+def parse_logits_scale(value: str) -> float | None:
+    """``--logits-scale``: ``native`` (None) or a fraction in (0, 1]."""
+    if value == "native":
+        return None
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = -1.0
+    if not 0 < scale <= 1:
+        raise click.BadParameter(
+            f"{value!r} is not 'native' or a number in (0, 1]", param_hint="--logits-scale"
+        )
+    return scale

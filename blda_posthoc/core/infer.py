@@ -48,7 +48,10 @@ class Preprocess:
         size: Resize the input to ``(h, w)`` before the model (None: keep); excludes ``scale``.
         window: Sliding-window size ``(h, w)`` in model-input pixels (None: whole image).
         stride: Sliding-window step ``(h, w)``; defaults to ``window``.
-        logits_scale: Logits are returned at ``round(H * logits_scale), round(W * ...)``.
+        logits_scale: Logits are returned at ``round(H * logits_scale), round(W * ...)``; None
+            (native) keeps the model's own output size (the input size with a sliding window),
+            capped at the image size. Later commands upsample bilinearly to the image size, so
+            native storage loses nothing and is typically 16x smaller than full resolution.
     """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -58,7 +61,7 @@ class Preprocess:
     size: tuple[int, int] | None = None
     window: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
-    logits_scale: float = 1.0
+    logits_scale: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -69,7 +72,7 @@ class Preprocess:
             raise ValueError("give either scale or size, not both")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
-        if self.logits_scale <= 0 or self.logits_scale > 1:
+        if self.logits_scale is not None and not 0 < self.logits_scale <= 1:
             raise ValueError(f"logits_scale must be in (0, 1], got {self.logits_scale}")
         for name in ("size", "window", "stride"):
             value = getattr(self, name)
@@ -222,7 +225,8 @@ def predict_logits(
         precision: ``fp32``, ``fp16`` or ``bf16`` (autocast on the images' device).
 
     Returns:
-        ``(N, C, h, w)`` float32 logits with ``(h, w) = logits_size((H, W), pre.logits_scale)``.
+        ``(N, C, h, w)`` float32 logits with ``(h, w) = logits_size((H, W), pre.logits_scale)``,
+        or the model's output size with a native ``logits_scale`` (None).
     """
     size = (images.shape[1], images.shape[2])
     x = normalize(images, pre)
@@ -231,7 +235,11 @@ def predict_logits(
             logits = forward_whole(model, x)
         else:
             logits = forward_slide(model, x, pre.window, pre.stride or pre.window)
-    return resize(logits.float(), logits_size(size, pre.logits_scale))
+    if pre.logits_scale is not None:
+        return resize(logits.float(), logits_size(size, pre.logits_scale))
+    if logits.shape[2] > size[0] or logits.shape[3] > size[1]:
+        return resize(logits.float(), size)
+    return logits.float()
 
 
 @contextlib.contextmanager
