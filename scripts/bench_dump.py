@@ -14,7 +14,8 @@ several times more). It then times, each in a fresh subprocess so that memory is
 
 - ``bare``: read each image, normalise, forward, fetch the output (no store, no resize);
 - ``dump``: :func:`blda_posthoc.io.dump.dump_logits`, what ``blda dump-logits`` runs: decoding in
-  worker processes, forward, bilinear resize to full resolution, float16, chunks compressed by
+  worker processes, forward, logits kept at the model's resolution (``--logits-scale native``,
+  the default; ``--logits-scale 1`` resizes them to full resolution), float16, chunks compressed by
   encoder threads and written by a writer thread;
 - ``dump-serial`` (with ``--serial``): the same with decoding and writing in the main thread.
 
@@ -41,7 +42,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blda_posthoc.core.infer import normalize
+from blda_posthoc.core.infer import Preprocess, normalize
 from blda_posthoc.io.dump import DumpOptions, collect_items, dump_logits
 from blda_posthoc.io.images import read_rgb
 from blda_posthoc.io.models import load_model
@@ -141,8 +142,10 @@ def run_dump(work: Path, args: argparse.Namespace) -> float:
     model = load_model(str(work / "model.pt"), None, device).forward
     items = collect_items(work / "images")
     out = work / "bench.h5"
+    scale = None if args.logits_scale == "native" else float(args.logits_scale)
     options = DumpOptions(
         out=out,
+        preprocess=Preprocess(logits_scale=scale),
         num_classes=args.classes,
         device=device,
         batch_size=args.batch_size,
@@ -193,6 +196,8 @@ def child(work: Path, name: str, args: argparse.Namespace) -> dict[str, float]:
         args.dtype,
         "--threads",
         str(args.threads),
+        "--logits-scale",
+        args.logits_scale,
     ]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -239,6 +244,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--logits-scale", default="native", help="native or a fraction in (0, 1]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--repeat", type=int, default=2, help="alternating runs of each phase")
     p.add_argument("--work", default=None, help="keep the images and model in this folder")
