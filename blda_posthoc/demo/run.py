@@ -338,9 +338,10 @@ def draw_examples(workdir: Path, count: int) -> None:
 
 
 def side_by_side(
-    panels: list[tuple[str, np.ndarray]], gap: int = 4, caption: int = 14
+    panels: list[tuple[str, np.ndarray]], gap: int = 4, caption: int = 14, zoom: int = 2
 ) -> np.ndarray:
-    """Put ``(H, W, 3)`` panels in a row with a caption above each."""
+    """Put ``(H, W, 3)`` panels, enlarged ``zoom`` times, in a row with a caption above each."""
+    panels = [(t, a.repeat(zoom, axis=0).repeat(zoom, axis=1)) for t, a in panels]
     h, w = panels[0][1].shape[:2]
     canvas = Image.new("RGB", (len(panels) * (w + gap) - gap, h + caption), "white")
     draw = ImageDraw.Draw(canvas)

@@ -344,7 +344,7 @@ def plot_iou_series(
     ax.legend(
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),
-        ncol=len(series),
+        ncol=1 if len(series) > 2 else len(series),
         fontsize="small",
         frameon=False,
     )
@@ -359,7 +359,8 @@ def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, metadata={"Software": None} if path.suffix.lower() == ".png" else None)
+        metadata = {"Software": None} if path.suffix.lower() == ".png" else None
+        fig.savefig(tmp, metadata=metadata, bbox_inches="tight")
     except ValueError as exc:
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
