@@ -303,6 +303,8 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
     report = json.loads(both.read_text())
     assert set(report) >= {"before", "after", "settings", "num_images"}
     before = json.loads(plain.read_text())
+    assert before.pop("format") == report["format"] == "blda-evaluate"
+    assert before.pop("version") == report["version"] == 1
     for key in ("settings", "num_images", "num_missing_predictions", "num_unlabelled_predictions"):
         before.pop(key)
     assert report["before"] == before

@@ -120,5 +120,6 @@ def command(
         summary["settings"] = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
         summary["settings"]["stores"] = [str(p) for p in store.paths]
         summary["class_names"] = store.class_names
+        summary.update({"format": "blda-correct", "version": 1})
     write_json(out_dir / "correct.json", summary, sort_keys=True)
     info(f"wrote {summary['images']} predictions to {out_dir}")

@@ -2,7 +2,8 @@
 
 JSON report (``evaluate --json``), percentages in percent, undefined values ``null``::
 
-    {"miou": 68.3, "macc": 75.1, "pixel_acc": 94.2, "iou_std": 14.8, "ece": 3.1,
+    {"format": "blda-evaluate", "version": 1,
+     "miou": 68.3, "macc": 75.1, "pixel_acc": 94.2, "iou_std": 14.8, "ece": 3.1,
      "num_pixels": 123456, "out_of_range_pixels": 0,
      "per_class": {"road": {"iou": 97.1, "acc": 98.4, "bias": 1.2, "pred_true_ratio": 1.02,
                             "labelled_pixels": 1000, "predicted_pixels": 1020}, ...},
@@ -107,12 +108,13 @@ def build_report(
     Returns:
         A JSON-ready dict (no NaN: undefined values are None).
     """
+    report: dict[str, Any] = {"format": "blda-evaluate", "version": 1}
     if after is None:
-        report = metrics_dict(class_names, before)
+        report.update(metrics_dict(class_names, before))
     else:
         b, a = metrics_dict(class_names, before), metrics_dict(class_names, after)
         delta = {key: _difference(a[key], b[key]) for key in MEAN_KEYS}
-        report = {"before": b, "after": a, "delta": delta}
+        report.update({"before": b, "after": a, "delta": delta})
     report.update(counts or {})
     report["settings"] = settings or {}
     return report
