@@ -224,7 +224,8 @@ class LookupTables:
         exp_shift: ``(C_j * G, C_i)`` float32; row ``j * G + g`` holds
             ``valid_ij * exp(tau * D_ij(x_g) - offset)`` for every hypothesis ``i``.
         skipped: ``(C_j, C_i)`` float32, 1 where cell ``(i, j)`` gets no shift.
-        own: ``(C, G)`` float32, ``T_ii(x_g)`` (the diagonal maps).
+        own: ``(C, G)`` float32, ``T_ii(x_g)`` (the diagonal maps; row ``j`` uses the same
+            grid rows ``j * G + g`` as ``exp_shift``).
         offset: The constant taken out of the exponent so that it cannot overflow.
     """
 
@@ -303,16 +304,18 @@ def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> to
     weight = torch.exp(z - top)  # (N, C_j)
     # Outside the grid T is constant, so exp(tau * D) falls by exp(-tau * (z - edge)).
     shifted_weight = weight * torch.exp(-tau * (z - inside))
-    rows = k_long + torch.arange(c, device=z.device) * g
+    rows = k_long + torch.arange(c, device=z.device) * g  # (N, C_j) rows of grid point k
+    # sum_j w_j exp(tau * D_ij - offset) over valid cells, interpolated between k and k + 1.
     bag = F.embedding_bag(
-        torch.cat([rows, rows + 1], 1),
-        tables.exp_shift,
-        per_sample_weights=torch.cat([shifted_weight * (1 - frac), shifted_weight * frac], 1),
-        mode="sum",
-    )  # (N, C_i): sum_j w_j exp(tau * D_ij - offset) over valid cells
-    log_total = torch.logaddexp(torch.log(bag) + tables.offset, torch.log(weight @ tables.skipped))
-    channels = torch.arange(c, device=z.device)
-    t0, t1 = tables.own[channels, k_long], tables.own[channels, k_long + 1]
+        rows, tables.exp_shift, per_sample_weights=shifted_weight * (1 - frac), mode="sum"
+    ) + F.embedding_bag(
+        rows + 1, tables.exp_shift, per_sample_weights=shifted_weight * frac, mode="sum"
+    )  # (N, C_i)
+    log_total = torch.log(bag) + tables.offset
+    if not bool(maps.valid.all()):
+        log_total = torch.logaddexp(log_total, torch.log(weight @ tables.skipped))
+    own = tables.own.reshape(-1)
+    t0, t1 = own.take(rows), own.take(rows + 1)
     own_shift = (t0 + frac * (t1 - t0) - z) * maps.valid.diagonal()
     return z + tau * own_shift - top - log_total
 
@@ -350,7 +353,7 @@ def predict(
     """
     z = resize_logits(logits.float(), size)
     c = z.shape[0]
-    flat = z.reshape(c, -1).T
+    flat = z.reshape(c, -1).T.contiguous()  # (N, C): pixel rows, one copy
     if maps is None or tau == 0:
         scores = torch.log_softmax(flat, dim=-1)
         pred = flat.argmax(-1)
