@@ -406,3 +406,39 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "blda_posthoc", "--help"], capture_output=True, text=True, check=True
     )
     assert "fit-stats" in out.stdout and "correct" in out.stdout
+
+
+def test_correct_scores_store_agrees_with_the_pngs(tmp_path, stores):
+    run("fit-stats", stores["src"], "--out", tmp_path / "s.h5")
+    run(
+        "correct",
+        stores["tgt"],
+        "--stats",
+        tmp_path / "s.h5",
+        "--tau",
+        "0.5",
+        "--out-dir",
+        tmp_path / "p",
+        "--scores-out",
+        tmp_path / "scores.h5",
+    )
+    with LogitStore([tmp_path / "scores.h5"]) as scores:
+        assert len(scores) == 6
+        for name in scores.names:
+            record = scores.read(name)
+            assert record.logits.shape == (4, 24, 32) and record.size == (24, 32)
+            pred = np.asarray(Image.open(tmp_path / "p" / f"{name}.png"))
+            assert (record.logits.argmax(0) == pred).mean() > 0.999  # float16 storage
+    result = run(
+        "correct",
+        stores["tgt"],
+        "--stats",
+        tmp_path / "s.h5",
+        "--out-dir",
+        tmp_path / "q",
+        "--scores-out",
+        tmp_path / "x.h5",
+        "--resume",
+        ok=False,
+    )
+    assert result.exit_code == 2 and "--resume" in result.output

@@ -82,6 +82,11 @@ def describe_maps(maps: AlignmentMaps, class_names: list[str]) -> None:
 )
 @click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
 @click.option("--resume", is_flag=True, help="Skip images whose outputs already exist.")
+@click.option(
+    "--scores-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also store the corrected log-scores (C, H, W) as a logits store (float16).",
+)
 @device_option
 @overwrite_option
 @handle_errors
@@ -94,6 +99,7 @@ def command(
     out_dir: Path,
     color: bool,
     resume: bool,
+    scores_out: Path | None,
     device: str,
     overwrite: bool,
 ) -> None:
@@ -102,6 +108,8 @@ def command(
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
     """
+    if resume and scores_out is not None:
+        raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
@@ -114,6 +122,7 @@ def command(
             color=color,
             overwrite=overwrite,
             resume=resume,
+            scores_out=scores_out,
             device=dev,
             progress=lambda it, n: progress(it, n, "correct"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from blda_posthoc.core.classes import colorize, palette_for
 from blda_posthoc.core.correct import AlignmentMaps, predict, resize_logits
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import write_png
-from blda_posthoc.io.store import LogitStore, Record
+from blda_posthoc.io.store import LogitStore, Record, StoreWriter
 
 COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
@@ -126,6 +127,7 @@ def correct_store(
     color: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    scores_out: Path | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
 ) -> dict[str, Any]:
@@ -139,6 +141,8 @@ def correct_store(
         color: Also write ``NAME_color.png`` palette previews.
         overwrite: Replace existing PNGs.
         resume: Skip images whose outputs exist.
+        scores_out: Also write the corrected log-scores ``(C, H, W)`` as a logits store here
+            (its argmax is the prediction, its softmax the renormalised probabilities).
         device: Where to compute.
         progress: Wraps the iteration over image names.
 
@@ -152,11 +156,20 @@ def correct_store(
     c = store.num_classes
     before = np.zeros(c, dtype=np.int64)
     after = np.zeros(c, dtype=np.int64)
-    for image in corrected_images(store, todo, maps, tau, device=device, progress=progress):
-        before += np.bincount(image.logits.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
-        label_map = image.pred.cpu().numpy().astype(np.uint8)
-        after += np.bincount(label_map.reshape(-1), minlength=c)
-        write_label_map(paths[image.record.name], label_map, palette if color else None)
+    with contextlib.ExitStack() as stack:
+        scores_store = None
+        if scores_out is not None:
+            attrs: dict[str, str | int | float] = {"content": f"corrected log-scores (tau={tau})"}
+            scores_store = stack.enter_context(
+                StoreWriter(scores_out, store.class_names, overwrite=overwrite, attrs=attrs)
+            )
+        for image in corrected_images(store, todo, maps, tau, device=device, progress=progress):
+            before += np.bincount(image.logits.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
+            label_map = image.pred.cpu().numpy().astype(np.uint8)
+            after += np.bincount(label_map.reshape(-1), minlength=c)
+            write_label_map(paths[image.record.name], label_map, palette if color else None)
+            if scores_store is not None:
+                scores_store.write(image.record.name, image.scores.cpu().numpy())
     return {
         "images": len(todo),
         "skipped_existing": len(store.names) - len(todo),
