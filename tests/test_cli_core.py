@@ -442,3 +442,20 @@ def test_correct_scores_store_agrees_with_the_pngs(tmp_path, stores):
         ok=False,
     )
     assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_too_large_tau_is_a_one_line_error_before_any_output(tmp_path, stores):
+    run("fit-stats", stores["src"], "--out", tmp_path / "s.h5")
+    result = run(
+        "correct",
+        stores["tgt"],
+        "--stats",
+        tmp_path / "s.h5",
+        "--tau",
+        "1000",
+        "--out-dir",
+        tmp_path / "p",
+        ok=False,
+    )
+    assert_error(result, "s.h5", "too large")
+    assert not (tmp_path / "p").exists()

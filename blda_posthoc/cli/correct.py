@@ -112,7 +112,9 @@ def command(
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
-        maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
+        maps, cond, anchors = load_alignment(
+            stats_path, anchors_path, store.class_names, clamp, tau=tau
+        )
         describe_maps(maps, store.class_names)
         summary = correct_store(
             store,

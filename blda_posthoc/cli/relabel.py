@@ -84,7 +84,9 @@ def command(
     dev = resolve_device(device)
     settings = RelabelSettings(tau, clamp, min_confidence, keep_portion, pseudo_dir, color)
     with LogitStore(expand_store_paths(stores)) as store:
-        maps, cond, anchors = load_alignment(stats_path, anchors_path, store.class_names, clamp)
+        maps, cond, anchors = load_alignment(
+            stats_path, anchors_path, store.class_names, clamp, tau=tau
+        )
         describe_maps(maps, store.class_names)
         statistics = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
         manifest = relabel_store(

@@ -183,7 +183,9 @@ def load_correction(
     device: torch.device,
 ) -> Correction:
     """Read the statistics and tabulate the alignment maps (see :func:`load_alignment`)."""
-    maps, cond, anchors = load_alignment(stats_path, anchors_path, class_names, clamp, min_pixels)
+    maps, cond, anchors = load_alignment(
+        stats_path, anchors_path, class_names, clamp, min_pixels, tau=tau
+    )
     settings = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
     return Correction(maps.to(device), tau, settings)
 

@@ -25,7 +25,13 @@ from typing import Any
 import h5py
 
 from blda_posthoc import __version__
-from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_MIN_PIXELS, AlignmentMaps, build_maps
+from blda_posthoc.core.correct import (
+    DEFAULT_CLAMP,
+    DEFAULT_MIN_PIXELS,
+    AlignmentMaps,
+    build_maps,
+    lookup_tables,
+)
 from blda_posthoc.core.fit import Grid, LogitStats, Mixture
 from blda_posthoc.io.errors import InputError
 
@@ -110,6 +116,7 @@ def load_alignment(
     class_names: list[str],
     clamp: float = DEFAULT_CLAMP,
     min_pixels: int | None = None,
+    tau: float | None = None,
 ) -> tuple[AlignmentMaps, LogitStats, LogitStats]:
     """Read conditionals (and anchors, default the same file) and tabulate the maps.
 
@@ -119,6 +126,8 @@ def load_alignment(
         class_names: The store's class names, which both files must share.
         clamp: ``r``.
         min_pixels: Cells with fewer pixels get no shift; default the stats file's setting.
+        tau: When given, the lookup tables for this ``tau`` are built now (and cached), so that
+            a ``tau`` these statistics cannot take is reported before any output is written.
 
     Returns:
         ``(maps, conditionals, anchors)``.
@@ -140,7 +149,13 @@ def load_alignment(
         )
     if not 0.0 <= clamp < 0.5:
         raise InputError(f"--clamp must lie in [0, 0.5), got {clamp}")
-    return build_maps(cond, anchors, clamp, min_pixels), cond, anchors
+    maps = build_maps(cond, anchors, clamp, min_pixels)
+    if tau:
+        try:
+            lookup_tables(maps, tau)
+        except ValueError as exc:
+            raise InputError(f"{stats_path}: {exc}") from exc
+    return maps, cond, anchors
 
 
 def alignment_settings(
