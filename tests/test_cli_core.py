@@ -459,3 +459,18 @@ def test_too_large_tau_is_a_one_line_error_before_any_output(tmp_path, stores):
     )
     assert_error(result, "s.h5", "too large")
     assert not (tmp_path / "p").exists()
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, stores):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "s.h5"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "s.h5"
+    result = run("fit-stats", stores["src"], "--labels", "gt", "--out", out, ok=False)
+    assert_error(result, str(tmp_path))

@@ -35,6 +35,9 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except InputError as exc:
             fail(str(exc))
+        except OSError as exc:  # a file or folder that cannot be read or written
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
             fail("interrupted")
 
