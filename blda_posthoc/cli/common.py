@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 import torch
 
+from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_TAU, AlignmentMaps
 from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
@@ -93,3 +94,51 @@ def check_output_file(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output file unless ``--overwrite``."""
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def stats_options(func: F) -> F:
+    """``--stats``, ``--anchors``, ``--tau``, ``--clamp``: the correction's settings."""
+    options = [
+        click.option(
+            "--stats",
+            "stats_path",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Stats file of the conditionals F_ij.",
+        ),
+        click.option(
+            "--anchors",
+            "anchors_path",
+            type=click.Path(path_type=Path),
+            help="Stats file whose pooled anchors are the targets (default: --stats).",
+        ),
+        click.option(
+            "--tau",
+            type=click.FloatRange(0.0),
+            default=DEFAULT_TAU,
+            show_default=True,
+            help="Correction strength (0 = plain argmax).",
+        ),
+        click.option(
+            "--clamp",
+            type=float,
+            default=DEFAULT_CLAMP,
+            show_default=True,
+            help="CDF values are clamped to [r, 1 - r].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def describe_maps(maps: AlignmentMaps, class_names: list[str]) -> None:
+    """Report cells that get no shift."""
+    skipped = maps.skipped
+    if not skipped:
+        return
+    own = [class_names[i] for i, j in skipped if i == j]
+    warn(
+        f"{len(skipped)} of {len(class_names) ** 2} cells hold too few pixels and get no shift"
+        + (f" (positive cells of: {', '.join(own)})" if own else "")
+    )

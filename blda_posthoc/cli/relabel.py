@@ -8,15 +8,16 @@ from typing import Any
 import click
 
 from blda_posthoc.cli.common import (
+    describe_maps,
     device_option,
     handle_errors,
     info,
     overwrite_option,
     progress,
     resolve_device,
+    stats_options,
     warn,
 )
-from blda_posthoc.cli.correct import describe_maps, stats_options
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
 from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
