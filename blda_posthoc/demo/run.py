@@ -36,7 +36,7 @@ from blda_posthoc.demo.data import DEFAULT_COUNT, DEFAULT_SEED, scene_name, writ
 from blda_posthoc.io.console import info
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import read_label, read_rgb, write_png
-from blda_posthoc.io.report import plot_iou_series, write_text
+from blda_posthoc.io.report import fmt_or_dash, plot_iou_series, write_text
 
 TAU = 0.2
 """The paper's post-hoc tau, used unchanged for both settings (no demo-specific tuning)."""
@@ -239,7 +239,7 @@ def summarise(workdir: Path) -> dict[str, Any]:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return fmt_or_dash(value, ".1f")
 
 
 def _delta(after: float | None, before: float | None) -> str:

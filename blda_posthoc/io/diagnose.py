@@ -38,7 +38,7 @@ from blda_posthoc.core.fit import LogitStats
 from blda_posthoc.io.console import info, progress
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.fit_stats import fit_store
-from blda_posthoc.io.report import require_matplotlib, save_figure
+from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore
 
@@ -98,10 +98,6 @@ def load_or_fit_stats(
     return stats
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None or not np.isfinite(value) else round(float(value), DECIMALS)
-
-
 def report_dict(
     result: Diagnosis, stats: LogitStats, stats_path: Path | None, num_images: int
 ) -> dict[str, Any]:
@@ -111,7 +107,7 @@ def report_dict(
         entry = asdict(d)
         name = entry.pop("name")
         for key in ("score", "pred_share", "positive_median", "bias", "pred_true_ratio"):
-            entry[key] = _round(entry[key])
+            entry[key] = round_or_none(entry[key], DECIMALS)
         per_class[name] = entry
     return {
         "format": FORMAT,
@@ -120,8 +116,8 @@ def report_dict(
         "num_images": num_images,
         "num_pixels": int(sum(d.predicted_pixels for d in result.classes)),
         "has_labels": result.has_labels,
-        "rank_correlation": _round(result.rank_correlation),
-        "anchor_median": _round(result.anchor_median),
+        "rank_correlation": round_or_none(result.rank_correlation, DECIMALS),
+        "anchor_median": round_or_none(result.anchor_median, DECIMALS),
         "statistics": {
             "path": None if stats_path is None else str(stats_path),
             "fingerprint": stats.fingerprint,
@@ -136,10 +132,6 @@ def report_dict(
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(result: Diagnosis) -> str:
     """A fixed-width per-class table (and the rank correlation) for the terminal."""
     width = max(8, *(len(d.name) for d in result.classes))
@@ -149,11 +141,13 @@ def format_table(result: Diagnosis) -> str:
     lines = [head, "-" * len(head)]
     for d in result.classes:
         line = (
-            f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {_fmt(d.score, '+.3f'):>6}  "
+            f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {fmt_or_dash(d.score, '+.3f'):>6}  "
             f"{d.verdict:<15}  {d.decided_by or '-':<10}"
         )
         if result.has_labels:
-            line += f"  {_fmt(d.bias, '+.2f'):>7}  {_fmt(d.pred_true_ratio, '.2f'):>6}"
+            line += (
+                f"  {fmt_or_dash(d.bias, '+.2f'):>7}  {fmt_or_dash(d.pred_true_ratio, '.2f'):>6}"
+            )
         if d.never_predicted:
             line += "  (never predicted)"
         lines.append(line)
@@ -166,7 +160,8 @@ def format_table(result: Diagnosis) -> str:
     if result.has_labels:
         lines.append(
             f"with labels the verdict follows pred/true ratio (< {UNDER_RATIO} under, "
-            f"> {OVER_RATIO} over); Spearman(score, Bias) = {_fmt(result.rank_correlation, '.3f')}"
+            f"> {OVER_RATIO} over); Spearman(score, Bias) = "
+            + fmt_or_dash(result.rank_correlation, ".3f")
         )
     return "\n".join(lines)
 
@@ -192,7 +187,7 @@ def plot_scores(path: Path, result: Diagnosis) -> None:
     ax.set_xticklabels(names, rotation=60, ha="right")
     ax.set_ylim(-1, 1)
     ax.set_ylabel("score (Cliff's delta vs P+)")
-    rho = _fmt(result.rank_correlation, ".2f")
+    rho = fmt_or_dash(result.rank_correlation, ".2f")
     ax.set_title(
         "red: over-predicted, blue: under-predicted"
         + (f"; Spearman vs Bias {rho}" if result.has_labels else "")

@@ -33,7 +33,6 @@ mIoU and pixel accuracy in percent, coverage = kept share of the labelled pixels
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ from blda_posthoc.io.correct import (
 )
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
-from blda_posthoc.io.report import write_json
+from blda_posthoc.io.report import round_or_none, write_json
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-relabel"
@@ -349,12 +348,6 @@ def _add_existing(
     tally.add(after, baselines, _label(record.label, record.size, name))
 
 
-def _round(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return round(float(value), DECIMALS)
-
-
 def _per_class(values: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
     """``(C + 1,)`` counts as ``{class: n, ..., "ignore": n}``."""
     return {name: int(v) for name, v in zip([*class_names, "ignore"], values, strict=True)}
@@ -376,7 +369,7 @@ def _summary(
         changed = flow - np.diag(np.diag(flow))
         changes[key] = {
             "changed_pixels": int(changed.sum()),
-            "changed_fraction": _round(changed.sum() / max(total, 1)),
+            "changed_fraction": round_or_none(changed.sum() / max(total, 1), DECIMALS),
             "flow": changed.tolist(),
         }
     quality = None
@@ -384,11 +377,11 @@ def _summary(
         quality = {key: _quality(m) for key, m in sorted(tally.quality.items())}
         labelled = max(tally.quality["argmax"].compute().sum(), 1)
         for entry in quality.values():
-            entry["coverage"] = _round(entry["scored_pixels"] / labelled)
+            entry["coverage"] = round_or_none(entry["scored_pixels"] / labelled, DECIMALS)
     return {
         "num_pixels": total,
         "pixels": pixels,
-        "ignore_fraction": _round(tally.after[-1] / max(total, 1)),
+        "ignore_fraction": round_or_none(tally.after[-1] / max(total, 1), DECIMALS),
         "changes": changes,
         "flow_labels": [*class_names, "ignore"],
         "thresholds": _thresholds(class_names, settings, thresholds),
@@ -410,9 +403,9 @@ def _thresholds(
         }
         if thresholds is not None:
             entry.update(
-                portion_confidence=_round(thresholds.confidence[k]),
-                portion_logodds=_round(thresholds.logodds[k]),
-                portion_kept_fraction=_round(thresholds.kept_fraction[k]),
+                portion_confidence=round_or_none(thresholds.confidence[k], DECIMALS),
+                portion_logodds=round_or_none(thresholds.logodds[k], DECIMALS),
+                portion_kept_fraction=round_or_none(thresholds.kept_fraction[k], DECIMALS),
                 pixels=int(thresholds.pixels[k]),
             )
         out[name] = entry
@@ -423,7 +416,7 @@ def _quality(matrix: ConfusionMatrix) -> dict[str, Any]:
     """Score a pseudo-label set: mIoU and pixel accuracy (percent) over non-ignored pixels."""
     s = summarize(matrix.compute())
     return {
-        "miou": _round(s["miou"]),
-        "pixel_acc": _round(s["pixel_acc"]),
+        "miou": round_or_none(s["miou"], DECIMALS),
+        "pixel_acc": round_or_none(s["pixel_acc"], DECIMALS),
         "scored_pixels": s["num_pixels"],
     }

@@ -17,6 +17,7 @@ mean metrics), ``"num_images"`` and ``"settings"``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class Result:
     ece: float | None = None
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(float(value), DECIMALS)
+def round_or_none(value: float | None, decimals: int = DECIMALS) -> float | None:
+    """``value`` rounded for JSON; None (``null``) when undefined or not finite."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), decimals)
 
 
 def metrics_dict(class_names: Sequence[str], result: Result) -> dict[str, Any]:
@@ -63,21 +67,21 @@ def metrics_dict(class_names: Sequence[str], result: Result) -> dict[str, Any]:
         raise ValueError(f"{len(class_names)} class names for {s['num_classes']} classes")
     per_class = {
         name: {
-            "iou": _round(s["iou"][k]),
-            "acc": _round(s["acc"][k]),
-            "bias": _round(s["bias"][k]),
-            "pred_true_ratio": _round(s["pred_true_ratio"][k]),
+            "iou": round_or_none(s["iou"][k]),
+            "acc": round_or_none(s["acc"][k]),
+            "bias": round_or_none(s["bias"][k]),
+            "pred_true_ratio": round_or_none(s["pred_true_ratio"][k]),
             "labelled_pixels": s["labelled_pixels"][k],
             "predicted_pixels": s["predicted_pixels"][k],
         }
         for k, name in enumerate(class_names)
     }
     return {
-        "miou": _round(s["miou"]),
-        "macc": _round(s["macc"]),
-        "pixel_acc": _round(s["pixel_acc"]),
-        "iou_std": _round(s["iou_std"]),
-        "ece": _round(result.ece),
+        "miou": round_or_none(s["miou"]),
+        "macc": round_or_none(s["macc"]),
+        "pixel_acc": round_or_none(s["pixel_acc"]),
+        "iou_std": round_or_none(s["iou_std"]),
+        "ece": round_or_none(result.ece),
         "num_pixels": s["num_pixels"],
         "out_of_range_pixels": s["out_of_range_pixels"],
         "per_class": per_class,
@@ -85,7 +89,7 @@ def metrics_dict(class_names: Sequence[str], result: Result) -> dict[str, Any]:
 
 
 def _difference(after: float | None, before: float | None) -> float | None:
-    return None if after is None or before is None else _round(after - before)
+    return None if after is None or before is None else round_or_none(after - before)
 
 
 def build_report(
@@ -136,7 +140,8 @@ def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> Non
 # ---------------------------------------------------------------- tables
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt_or_dash(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec`` for a table; ``-`` when undefined."""
     return "-" if value is None else format(value, spec)
 
 
@@ -170,13 +175,13 @@ def _columns(class_names: Sequence[str], before: Summary, after: Summary | None)
     for title, key, spec, with_delta in specs:
         b: list[float | None] = before[key]  # type: ignore[literal-required]
         if after is None:
-            cols.append(Column(title, [_fmt(v, spec) for v in b]))
+            cols.append(Column(title, [fmt_or_dash(v, spec) for v in b]))
             continue
         a: list[float | None] = after[key]  # type: ignore[literal-required]
-        cols.append(Column("before", [_fmt(v, spec) for v in b], title))
-        cols.append(Column("after", [_fmt(v, spec) for v in a], title))
+        cols.append(Column("before", [fmt_or_dash(v, spec) for v in b], title))
+        cols.append(Column("after", [fmt_or_dash(v, spec) for v in a], title))
         if with_delta:
-            deltas = [_fmt(_difference(x, y), "+.2f") for x, y in zip(a, b, strict=True)]
+            deltas = [fmt_or_dash(_difference(x, y), "+.2f") for x, y in zip(a, b, strict=True)]
             cols.append(Column("Δ", deltas, title))
     return cols
 
@@ -188,12 +193,13 @@ def _mean_rows(before: Result, after: Result | None) -> list[tuple[str, str]]:
         b = before.ece if key == "ece" else before.summary[key]  # type: ignore[literal-required]
         if after is None:
             if key != "ece" or b is not None:
-                rows.append((MEAN_LABELS[key], _fmt(b, ".2f")))
+                rows.append((MEAN_LABELS[key], fmt_or_dash(b, ".2f")))
             continue
         a = after.ece if key == "ece" else after.summary[key]  # type: ignore[literal-required]
         if key == "ece" and a is None and b is None:
             continue
-        text = f"{_fmt(b, '.2f')} -> {_fmt(a, '.2f')} ({_fmt(_difference(a, b), '+.2f')})"
+        change = fmt_or_dash(_difference(a, b), "+.2f")
+        text = f"{fmt_or_dash(b, '.2f')} -> {fmt_or_dash(a, '.2f')} ({change})"
         rows.append((MEAN_LABELS[key], text))
     return rows
 
@@ -338,7 +344,7 @@ def plot_iou_series(
     for k, (label, ious, miou) in enumerate(series):
         values = [v if v is not None else 0.0 for v in ious]
         positions = [i + (k - (len(series) - 1) / 2) * width for i in range(n)]
-        ax.bar(positions, values, width, label=f"{label} (mIoU {_fmt(miou, '.2f')})")
+        ax.bar(positions, values, width, label=f"{label} (mIoU {fmt_or_dash(miou, '.2f')})")
     ax.set_xticks(range(n))
     ax.set_xticklabels(class_names, rotation=60, ha="right")
     ax.set_ylabel("IoU (%)")
