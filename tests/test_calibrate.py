@@ -244,3 +244,14 @@ def test_sample_pixels_takes_all_when_asked_for_as_many_or_more():
     assert sample_pixels(10, 0, seed=0).shape == (0,)
     with pytest.raises(ValueError):
         sample_pixels(10, -1, seed=0)
+
+
+def test_label_255_is_ignored_even_with_more_than_255_classes():
+    rng = np.random.default_rng(15)
+    z = rng.normal(size=(600, 260))
+    y = rng.integers(0, 260, 600)
+    y[:100] = 255
+    cal = fit_calibration(z, y, "bias", max_iter=5)
+    keep = y != 255
+    assert cal.bias[255] == cal.bias.min()  # class 255 is absent from the fit
+    assert cal.loss == pytest.approx(cross_entropy(z[keep], y[keep], cal.scale, cal.bias))
