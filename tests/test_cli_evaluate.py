@@ -286,8 +286,9 @@ def test_store_labels_from_folder(tmp_path: Path, npy_case: tuple[Path, Path]) -
 
 
 def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None:
-    from blda_posthoc.core.correct import build_maps, predict
-    from blda_posthoc.io.fit_stats import fit_store
+    from blda_posthoc.core.correct import build_maps, correct_image
+    from blda_posthoc.core.methods import Aligned
+    from blda_posthoc.io.fit_stats import FitOptions, fit_store
     from blda_posthoc.io.stats import read_stats, write_stats
     from blda_posthoc.io.store import LogitStore
 
@@ -295,7 +296,7 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
     store, stats = tmp_path / "s.h5", tmp_path / "stats.h5"
     pairs = write_store(store, logits_dir, labels_dir)
     with LogitStore([store]) as s:
-        write_stats(stats, fit_store(s, labels="gt", min_pixels=10))
+        write_stats(stats, fit_store(s, FitOptions(labels="gt", min_pixels=10)))
     plain, both = tmp_path / "plain.json", tmp_path / "both.json"
     assert run("--store", store, "--json", plain)[0] == 0
     code, stdout, stderr = run("--store", store, "--stats", stats, "--tau", 0.5, "--json", both)
@@ -317,7 +318,9 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
     corrected = []
     with LogitStore([store]) as s:
         for record in s:
-            pred, _ = predict(torch.from_numpy(record.logits), record.size, maps, 0.5)
+            pred, _ = correct_image(
+                torch.from_numpy(record.logits), record.size, Aligned(maps), 0.5
+            )
             corrected.append((pred.numpy(), record.label))
     ref_after = reference(corrected, 4)  # type: ignore[arg-type]
     assert report["after"]["miou"] == pytest.approx(ref_after["miou"], abs=0.01)

@@ -11,11 +11,12 @@ from reference_blda import (
 
 from blda_posthoc.core.correct import (
     build_maps,
+    correct_image,
     corrected_log_scores,
-    predict,
     resize_logits,
 )
 from blda_posthoc.core.fit import Grid, LogitHistogram, LogitStats, make_stats
+from blda_posthoc.core.methods import Aligned
 
 C = 5
 NAMES = [f"c{i}" for i in range(C)]
@@ -87,7 +88,7 @@ def test_tau_zero_is_the_plain_argmax(case):
     stats = fit(src_z, src_y)
     maps = build_maps(stats, stats)
     logits = torch.from_numpy(tgt_z.T.reshape(C, 60, 100).copy())
-    pred, scores = predict(logits, (60, 100), maps, tau=0.0)
+    pred, scores = correct_image(logits, (60, 100), Aligned(maps), tau=0.0)
     assert torch.equal(pred, logits.argmax(0))
     torch.testing.assert_close(scores, torch.log_softmax(logits, 0))
 
@@ -119,8 +120,8 @@ def test_result_does_not_depend_on_chunk_size(case):
     stats = fit(src_z, src_y)
     maps = build_maps(stats, stats)
     logits = torch.from_numpy(tgt_z.T.reshape(C, 60, 100).copy())
-    p1, s1 = predict(logits, (60, 100), maps, tau=0.3, chunk_pixels=6000)
-    p2, s2 = predict(logits, (60, 100), maps, tau=0.3, chunk_pixels=77)
+    p1, s1 = correct_image(logits, (60, 100), Aligned(maps), tau=0.3, chunk_pixels=6000)
+    p2, s2 = correct_image(logits, (60, 100), Aligned(maps), tau=0.3, chunk_pixels=77)
     assert torch.equal(p1, p2)
     torch.testing.assert_close(s1, s2, atol=1e-6, rtol=0)
 

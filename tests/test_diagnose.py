@@ -18,7 +18,7 @@ from blda_posthoc.core.diagnose import (
     positive_dominance,
     spearman,
 )
-from blda_posthoc.io.fit_stats import fit_store
+from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.stats import write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
 
@@ -129,7 +129,7 @@ def test_never_predicted_class_is_flagged_with_null_score(stores, tmp_path):
 
 def test_stats_option_uses_the_given_file_and_checks_class_names(stores, tmp_path):
     with LogitStore([stores["labelled"]]) as store:
-        stats = fit_store(store, labels="gt")
+        stats = fit_store(store, FitOptions(labels="gt"))
     write_stats(tmp_path / "gt.h5", stats)
     report = diagnose_json(tmp_path, stores["unlabelled"], "--stats", tmp_path / "gt.h5")
     assert report["statistics"]["fingerprint"] == stats.fingerprint
@@ -138,7 +138,7 @@ def test_stats_option_uses_the_given_file_and_checks_class_names(stores, tmp_pat
     with StoreWriter(other, ["a", "b", "c", "d", "e"]) as w:
         w.write("x", np.zeros((C, 4, 4), np.float32))
     with LogitStore([other]) as store:
-        write_stats(tmp_path / "o.h5", fit_store(store, labels="pseudo"))
+        write_stats(tmp_path / "o.h5", fit_store(store, FitOptions(labels="pseudo")))
     code, _, err = run(stores["unlabelled"], "--stats", tmp_path / "o.h5")
     assert code == 1 and err.startswith("error:") and "class names" in err
     assert err.count("\n") == 1

@@ -16,7 +16,7 @@ from PIL import Image
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.classes import palette_for
-from blda_posthoc.core.correct import predict
+from blda_posthoc.core.correct import correct_image
 from blda_posthoc.core.relabel import (
     ConfidenceHistogram,
     LogOddsGrid,
@@ -25,8 +25,9 @@ from blda_posthoc.core.relabel import (
     select,
     transitions,
 )
-from blda_posthoc.io.fit_stats import fit_store
-from blda_posthoc.io.stats import load_alignment, write_stats
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.fit_stats import FitOptions, fit_store
+from blda_posthoc.io.stats import write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
 
 C = 5
@@ -52,7 +53,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_store(root / "src.h5", seed=1)
     write_store(root / "tgt.h5", seed=2)
     with LogitStore([root / "src.h5"]) as store:
-        write_stats(root / "src_stats.h5", fit_store(store, labels="gt"))
+        write_stats(root / "src_stats.h5", fit_store(store, FitOptions(labels="gt")))
     return {"root": root, "store": root / "tgt.h5", "stats": root / "src_stats.h5"}
 
 
@@ -158,9 +159,9 @@ def test_keep_portion_ignores_the_rest_and_keeps_the_accurate_pixels(case, runs)
 
 def scores_of(case: dict[str, Path], tau: float) -> list[torch.Tensor]:
     with LogitStore([case["store"]]) as store:
-        maps, _, _ = load_alignment(case["stats"], None, store.class_names)
+        ready = load_correction(CorrectionSpec(stats=case["stats"]), store.class_names)
         return [
-            predict(torch.from_numpy(r.logits), r.size, maps, tau)[1]
+            correct_image(torch.from_numpy(r.logits), r.size, ready.corrector, tau)[1]
             for r in (store.read(n) for n in store.names)
         ]
 
@@ -276,7 +277,7 @@ def test_manifest_numbers_match_a_direct_count(case, tmp_path):
     )
     assert manifest["settings"]["min_confidence"] == 0.6
     with LogitStore([case["stats"].parent / "src.h5"]) as store:
-        fingerprint = fit_store(store, labels="gt").fingerprint
+        fingerprint = fit_store(store, FitOptions(labels="gt")).fingerprint
     assert manifest["statistics"]["stats_fingerprint"] == fingerprint
     assert manifest["statistics"]["anchors"] == str(case["stats"])
 
@@ -343,7 +344,7 @@ def test_bad_inputs_give_one_line_errors(case, tmp_path):
     with StoreWriter(other, ["a", "b", "c", "d", "e"]) as w:
         w.write("x", np.zeros((C, 4, 4), np.float32))
     with LogitStore([other]) as store:
-        write_stats(tmp_path / "other_stats.h5", fit_store(store, labels="pseudo"))
+        write_stats(tmp_path / "other_stats.h5", fit_store(store, FitOptions(labels="pseudo")))
     code, err = run(
         case["store"], "--stats", tmp_path / "other_stats.h5", "--out-dir", tmp_path / "o"
     )

@@ -16,6 +16,8 @@ COMMANDS = {
     "correct": "correct",
     "relabel": "relabel",
     "evaluate": "evaluate",
+    "compare": "compare",
+    "info": "info",
     "demo": "demo",
 }
 
@@ -48,6 +50,6 @@ class LazyGroup(click.Group):
 def main() -> None:
     """Post-hoc class-bias correction of frozen domain-adapted segmenters (BLDA).
 
-    Pipeline: dump-logits (or import-logits) -> fit-stats -> diagnose / correct / relabel ->
-    evaluate. `blda demo` runs it all on a built-in synthetic case.
+    Pipeline: dump-logits (or import-logits) -> fit-stats -> diagnose / compare / correct /
+    relabel -> evaluate. `blda demo` runs it all on a built-in synthetic case.
     """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +13,10 @@ from typing import Any, TypeVar
 import click
 import torch
 
-from blda_posthoc.core.correct import DEFAULT_CLAMP, DEFAULT_TAU, AlignmentMaps
+from blda_posthoc.core.correct import DEFAULT_CLAMP
+from blda_posthoc.core.methods import METHODS, has_strength
 from blda_posthoc.io.console import info, progress, warn
+from blda_posthoc.io.corrections import Correction, CorrectionSpec
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
 
@@ -96,35 +100,53 @@ def check_output_file(path: Path, overwrite: bool) -> None:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
 
 
-def stats_options(func: F) -> F:
-    """``--stats``, ``--anchors``, ``--tau``, ``--clamp``: the correction's settings."""
+def parse_tau(text: str | None, option: str = "--tau") -> tuple[float | None, bool]:
+    """``--tau`` as ``(value or None, auto)``: ``auto`` or a finite number >= 0."""
+    if text is None:
+        return None, False
+    if text.strip().lower() == "auto":
+        return None, True
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a number nor 'auto'", param_hint=option
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{text!r} must be a finite number >= 0", param_hint=option)
+    return value, False
+
+
+def statistics_options(func: F) -> F:
+    """``--stats``, ``--anchors``, ``--clamp``, ``--min-pixels``: where corrections come from.
+
+    The wrapped command receives ``stats``, ``anchors``, ``clamp`` and ``min_pixels``.
+    """
     options = [
         click.option(
             "--stats",
-            "stats_path",
-            required=True,
-            type=click.Path(path_type=Path),
-            help="Stats file of the conditionals F_ij.",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Stats file of the data being corrected (usually target pseudo-labels).",
         ),
         click.option(
             "--anchors",
-            "anchors_path",
-            type=click.Path(path_type=Path),
-            help="Stats file whose pooled anchors are the targets (default: --stats).",
-        ),
-        click.option(
-            "--tau",
-            type=click.FloatRange(0.0),
-            default=DEFAULT_TAU,
-            show_default=True,
-            help="Correction strength (0 = plain argmax).",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Labelled stats file (usually source ground truth): anchors, class priors "
+            "and calibrations [default: --stats].",
         ),
         click.option(
             "--clamp",
-            type=float,
+            type=click.FloatRange(0.0, 0.5, max_open=True),
             default=DEFAULT_CLAMP,
             show_default=True,
-            help="CDF values are clamped to [r, 1 - r].",
+            help="BLDA methods: CDF values are clamped to [r, 1 - r].",
+        ),
+        click.option(
+            "--min-pixels",
+            type=click.IntRange(min=1),
+            default=None,
+            help="BLDA methods: cells with fewer pixels get no shift [default: the stats "
+            "file's setting].",
         ),
     ]
     for option in reversed(options):
@@ -132,13 +154,116 @@ def stats_options(func: F) -> F:
     return func
 
 
-def describe_maps(maps: AlignmentMaps, class_names: list[str]) -> None:
-    """Report cells that get no shift."""
-    skipped = maps.skipped
-    if not skipped:
-        return
-    own = [class_names[i] for i, j in skipped if i == j]
-    warn(
-        f"{len(skipped)} of {len(class_names) ** 2} cells hold too few pixels and get no shift"
-        + (f" (positive cells of: {', '.join(own)})" if own else "")
-    )
+def correction_options(func: F) -> F:
+    """``--method``, ``--tau``, ``--from-compare`` and :func:`statistics_options`, as one spec.
+
+    The wrapped command receives ``correction``: a :class:`CorrectionSpec`, or None when none
+    of ``--method``, ``--stats`` and ``--from-compare`` was given (plain argmax only).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["correction"] = build_spec(
+            method=kwargs.pop("method"),
+            tau=kwargs.pop("tau"),
+            stats=kwargs.pop("stats"),
+            anchors=kwargs.pop("anchors"),
+            clamp=kwargs.pop("clamp"),
+            min_pixels=kwargs.pop("min_pixels"),
+            from_compare=kwargs.pop("from_compare"),
+        )
+        return func(*args, **kwargs)
+
+    options = [
+        click.option(
+            "--method",
+            type=click.Choice(METHODS),
+            default=None,
+            help="Correction to apply [default: blda]; see docs/methods.md. "
+            "'blda compare' measures them all.",
+        ),
+        click.option(
+            "--tau",
+            default=None,
+            metavar="T|auto",
+            help="Strength of the correction (0 = plain argmax; 'auto': chosen label-free on "
+            "--stats' pixel sample) [default: 0.2 for the BLDA methods, 1 for cbst, em-prior "
+            "and logit-adjust; ignored by the calibrations].",
+        ),
+        click.option(
+            "--from-compare",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="Use the method and strength selected by 'blda compare --json FILE' (and its "
+            "--stats/--anchors unless given).",
+        ),
+    ]
+    decorated: Any = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return statistics_options(decorated)
+
+
+def build_spec(
+    *,
+    method: str | None,
+    tau: str | None,
+    stats: Path | None,
+    anchors: Path | None,
+    clamp: float,
+    min_pixels: int | None,
+    from_compare: Path | None,
+) -> CorrectionSpec | None:
+    """Check the correction options together and freeze them into one spec."""
+    tau_value, auto = parse_tau(tau)
+    if from_compare is not None:
+        chosen = read_compare_selection(from_compare)
+        if method is not None or tau is not None:
+            raise click.UsageError("--from-compare sets --method and --tau; give neither")
+        method = chosen["method"]
+        tau_value = chosen["tau"]
+        stats = stats or (Path(chosen["stats"]) if chosen.get("stats") else None)
+        anchors = anchors or (Path(chosen["anchors"]) if chosen.get("anchors") else None)
+    if method is None and stats is None:
+        if anchors is not None:
+            raise click.UsageError("--anchors needs --stats")
+        if tau is not None:
+            raise click.UsageError("--tau needs --stats")
+        return None
+    method = method or "blda"
+    if stats is None and method != "none":
+        raise click.UsageError(f"--method {method} needs --stats")
+    if auto and not has_strength(method):
+        raise click.UsageError(f"--tau auto: --method {method} has no strength")
+    return CorrectionSpec(method, tau_value, auto, stats, anchors, clamp, min_pixels)
+
+
+def read_compare_selection(path: Path) -> dict[str, Any]:
+    """The ``selected`` entry of a ``blda compare`` JSON (with its statistics paths)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != "blda-compare":
+        raise InputError(f"{path}: not a 'blda compare' report (format blda-compare)")
+    selected = data.get("selected")
+    if not isinstance(selected, dict) or selected.get("method") not in METHODS:
+        raise InputError(f"{path}: holds no valid 'selected' entry")
+    settings = data.get("settings", {})
+    return {
+        "method": selected["method"],
+        "tau": selected.get("tau"),
+        "stats": settings.get("stats"),
+        "anchors": settings.get("anchors"),
+    }
+
+
+def report_notes(correction: Correction) -> None:
+    """Show what the user should know about a correction (on stderr)."""
+    for note in correction.notes:
+        warn(note)
+    tau = correction.settings.get("tau_auto")
+    if tau is not None:
+        info(f"--tau auto chose {tau['tau']:g} ({tau['criterion']})")

@@ -7,24 +7,24 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import (
-    describe_maps,
+    correction_options,
     device_option,
     handle_errors,
     info,
     overwrite_option,
     progress,
+    report_notes,
     resolve_device,
-    stats_options,
 )
 from blda_posthoc.io.correct import correct_store
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.report import write_json
-from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 
 @click.command("correct")
 @click.argument("stores", nargs=-1, required=True)
-@stats_options
+@correction_options
 @click.option(
     "--out-dir",
     required=True,
@@ -43,10 +43,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 @handle_errors
 def command(
     stores: tuple[str, ...],
-    stats_path: Path,
-    anchors_path: Path | None,
-    tau: float,
-    clamp: float,
+    correction: CorrectionSpec | None,
     out_dir: Path,
     color: bool,
     resume: bool,
@@ -59,18 +56,17 @@ def command(
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
     """
+    if correction is None:
+        raise click.UsageError("give --stats (and --method), or --from-compare")
     if resume and scores_out is not None:
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
-        maps, cond, anchors = load_alignment(
-            stats_path, anchors_path, store.class_names, clamp, tau=tau
-        )
-        describe_maps(maps, store.class_names)
+        ready = load_correction(correction, store.class_names, dev)
+        report_notes(ready)
         summary = correct_store(
             store,
-            maps,
-            tau,
+            ready,
             out_dir,
             color=color,
             overwrite=overwrite,
@@ -79,8 +75,7 @@ def command(
             device=dev,
             progress=lambda it, n: progress(it, n, "correct"),
         )
-        summary["settings"] = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
-        summary["settings"]["stores"] = [str(p) for p in store.paths]
+        summary["settings"] = dict(ready.settings, stores=[str(p) for p in store.paths])
         summary["class_names"] = store.class_names
         summary.update({"format": "blda-correct", "version": 1})
     write_json(out_dir / "correct.json", summary, sort_keys=True)

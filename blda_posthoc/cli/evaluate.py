@@ -11,26 +11,24 @@ import torch
 from blda_posthoc.cli.common import (
     check_output_file,
     class_names_option,
+    correction_options,
     device_option,
     handle_errors,
     info,
     overwrite_option,
     parse_class_names,
+    report_notes,
     resolve_device,
     warn,
-)
-from blda_posthoc.core.correct import (
-    DEFAULT_CLAMP,
-    DEFAULT_TAU,
 )
 from blda_posthoc.core.evaluate import (
     summarize,
 )
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.evaluate import (
     evaluate_pred_dir,
     evaluate_store,
-    load_correction,
     resolve_classes,
     store_labels,
 )
@@ -51,19 +49,16 @@ def check_usage(
     pred_dir: Path | None,
     stores: tuple[str, ...],
     labels_dir: Path | None,
-    stats: Path | None,
-    anchors: Path | None,
+    correction: CorrectionSpec | None,
     num_classes: int | None,
 ) -> None:
     """Reject option combinations that cannot work (click usage errors, exit 2)."""
     if (pred_dir is None) == (not stores):
-        raise click.UsageError("give exactly one of --pred-dir DIR or --store STORE")
+        raise click.UsageError("give STORES, or --pred-dir DIR (not both)")
     if pred_dir is not None and labels_dir is None:
         raise click.UsageError("--pred-dir needs --labels DIR")
-    if pred_dir is not None and stats is not None:
-        raise click.UsageError("--stats needs --store (the correction works on logits)")
-    if anchors is not None and stats is None:
-        raise click.UsageError("--anchors needs --stats")
+    if pred_dir is not None and correction is not None:
+        raise click.UsageError("a correction (--stats/--method) needs STORES: it works on logits")
     if stores and num_classes is not None:
         raise click.UsageError("--num-classes is for --pred-dir; a store carries its classes")
 
@@ -119,41 +114,14 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
 
 
 @click.command("evaluate")
+@click.argument("stores", nargs=-1)
+@click.option("--store", "store_options", multiple=True, hidden=True)
 @click.option("--pred-dir", type=IN_DIR, help="Folder of NAME.png trainId predictions.")
-@click.option(
-    "--store",
-    "stores",
-    multiple=True,
-    help="Logits store (repeat, or a quoted glob, for shards); evaluates its argmax.",
-)
 @click.option("--labels", "labels_dir", type=IN_DIR, help="Folder of NAME.png trainId labels.")
 @click.option("--label-suffix", default="", help="Label stem suffix, e.g. _gtFine_labelTrainIds.")
 @class_names_option
 @click.option("--num-classes", type=click.IntRange(1, 255), help="Class count (for --pred-dir).")
-@click.option("--stats", type=IN_FILE, help="Statistics: also evaluate after the correction.")
-@click.option(
-    "--anchors", type=IN_FILE, help="Statistics whose anchors are used (default --stats)."
-)
-@click.option(
-    "--tau",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_TAU,
-    show_default=True,
-    help="Correction strength.",
-)
-@click.option(
-    "--clamp",
-    type=click.FloatRange(0, 0.5, max_open=True),
-    default=DEFAULT_CLAMP,
-    show_default=True,
-    help="CDF clamp r.",
-)
-@click.option(
-    "--min-pixels",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Cells with fewer pixels get no shift [default: the stats file's setting].",
-)
+@correction_options
 @click.option(
     "--allow-missing", is_flag=True, help="Evaluate the rest when predictions are missing."
 )
@@ -164,17 +132,14 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
 @device_option
 @handle_errors
 def command(
-    pred_dir: Path | None,
     stores: tuple[str, ...],
+    store_options: tuple[str, ...],
+    pred_dir: Path | None,
     labels_dir: Path | None,
     label_suffix: str,
     class_names: str | None,
     num_classes: int | None,
-    stats: Path | None,
-    anchors: Path | None,
-    tau: float,
-    clamp: float,
-    min_pixels: int | None,
+    correction: CorrectionSpec | None,
     allow_missing: bool,
     json_path: Path | None,
     markdown_path: Path | None,
@@ -184,11 +149,15 @@ def command(
 ) -> None:
     """Per-class IoU, accuracy, Bias and pred/true ratio; mIoU, mAcc, IoU std, ECE.
 
-    Predictions come from --pred-dir (PNGs) or --store (argmax of the logits, upsampled
-    bilinearly to the label size); labels from --labels or the store. With --stats the store is
-    evaluated before and after the correction in one run. The table goes to stdout.
+    Predictions come from STORES (argmax of the logits, upsampled bilinearly to the label size)
+    or from --pred-dir (PNGs); labels from --labels or the store. With --stats (and --method) the
+    stores are evaluated before and after the correction in one run. The table goes to stdout.
+    Metrics are defined in docs/metrics.md.
+
+    Example: blda evaluate tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json eval.json
     """
-    check_usage(pred_dir, stores, labels_dir, stats, anchors, num_classes)
+    stores = stores + store_options  # --store: the spelling before 0.2, kept for one release
+    check_usage(pred_dir, stores, labels_dir, correction, num_classes)
     outputs = {"json": json_path, "markdown": markdown_path, "plot": plot_path}
     for path in outputs.values():
         if path is not None:
@@ -206,11 +175,7 @@ def command(
             labels_dir,
             label_suffix,
             class_names,
-            stats,
-            anchors,
-            tau,
-            clamp,
-            min_pixels,
+            correction,
             allow_missing,
             outputs,
             resolve_device(device),
@@ -251,24 +216,19 @@ def run_store(
     labels_dir: Path | None,
     label_suffix: str,
     class_spec: str | None,
-    stats: Path | None,
-    anchors: Path | None,
-    tau: float,
-    clamp: float,
-    min_pixels: int | None,
+    spec: CorrectionSpec | None,
     allow_missing: bool,
     outputs: dict[str, Path | None],
     device: torch.device,
 ) -> None:
-    """``evaluate --store``, optionally before and after the correction."""
+    """``evaluate STORES``, optionally before and after a correction."""
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         class_names = store_class_names(store, class_spec)
         correction = None
-        if stats is not None:
-            correction = load_correction(
-                stats, anchors, tau, clamp, min_pixels, list(store.class_names), device
-            )
+        if spec is not None:
+            correction = load_correction(spec, list(store.class_names), device)
+            report_notes(correction)
         pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing)
         before, after = evaluate_store(store, pairs, label_files, correction, device)
     if pairs.unlabelled and not label_files:

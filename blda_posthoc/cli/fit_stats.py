@@ -18,8 +18,15 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.fit import ESTIMATORS, LogitStats
-from blda_posthoc.io.fit_stats import DEFAULT_BINS, LABEL_SOURCES, fit_store
-from blda_posthoc.io.stats import write_stats
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.fit_stats import (
+    DEFAULT_BINS,
+    DEFAULT_SAMPLE_PIXELS,
+    LABEL_SOURCES,
+    FitOptions,
+    fit_store,
+)
+from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 
@@ -61,6 +68,29 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     show_default=True,
     help="Histogram bins over the logit range.",
 )
+@click.option(
+    "--sample-pixels",
+    type=click.IntRange(0, 10_000_000),
+    default=DEFAULT_SAMPLE_PIXELS,
+    show_default=True,
+    help="Seeded pixel sample kept in the file (calibration fit, em-prior, --tau auto).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pixel sample.")
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="With --labels gt: fit temperature, vector-scaling and bias calibrations and the "
+    "statistics of calibrated logits (a second pass).",
+)
+@click.option(
+    "--calibration",
+    "calibration_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="A stats file fitted with --labels gt (usually the source's): also fit statistics "
+    "of the logits calibrated with its vector scaling, for --method calibrated-blda.",
+)
 @device_option
 @overwrite_option
 @handle_errors
@@ -72,6 +102,10 @@ def command(
     components: int,
     min_pixels: int,
     bins: int,
+    sample_pixels: int,
+    seed: int,
+    calibrate: bool,
+    calibration_path: Path | None,
     device: str,
     overwrite: bool,
 ) -> None:
@@ -84,19 +118,40 @@ def command(
         if labels is None:
             labels = "gt" if store.has_labels() else "pseudo"
             info(f"labels: {labels} (pass --labels to choose)")
-        stats = fit_store(
-            store,
+        calibration = None
+        if calibration_path is not None:
+            calibration = read_calibration(calibration_path, store.class_names)
+        options = FitOptions(
             labels=labels,
             estimator=estimator,
             components=components,
             min_pixels=min_pixels,
             bins=bins,
+            sample_pixels=sample_pixels,
+            seed=seed,
+            calibrate=calibrate,
+            calibration=calibration,
+            calibration_source=None if calibration_path is None else str(calibration_path),
+        )
+        stats = fit_store(
+            store,
+            options,
             device=resolve_device(device),
             progress=lambda it, n: progress(it, n, "fit-stats"),
         )
     write_stats(out, stats, overwrite=overwrite)
     report_cells(stats)
     info(f"wrote {out} (fingerprint {stats.fingerprint})")
+
+
+def read_calibration(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The vector-scaling calibration of a stats file fitted with ground truth."""
+    stats = read_stats(path)
+    if stats.class_names != class_names:
+        raise InputError(f"{path}: class names {stats.class_names} differ from the store's")
+    if stats.extras is None or "vector" not in stats.extras.calibrations:
+        raise InputError(f"{path}: holds no vector-scaling calibration (fit it with --labels gt)")
+    return stats.extras.calibrations["vector"]
 
 
 def report_cells(stats: LogitStats) -> None:
@@ -113,5 +168,21 @@ def report_cells(stats: LogitStats) -> None:
         warn(
             f"{int(small.sum())} of {small.size} cells hold fewer than {min_pixels} pixels and "
             "will get no shift"
-            + (f"; classes without a usable positive cell: {', '.join(empty)}" if empty else "")
+            + (
+                f"; classes without a usable positive cell: {', '.join(empty)} (next step: "
+                "correct with --method filled-blda --anchors SOURCE_STATS, which borrows those "
+                "cells from source ground truth, or compare the methods with blda compare)"
+                if empty
+                else ""
+            )
         )
+    extras = stats.extras
+    if extras is not None and extras.calibrations:
+        vector = extras.calibrations["vector"]
+        info(
+            f"calibrations fitted on {len(extras.sample.labels)} sampled pixels (temperature, "
+            f"vector scaling: scale {vector[0].min():.3g}..{vector[0].max():.3g}, bias); "
+            "statistics of calibrated logits included"
+        )
+    elif extras is not None and extras.calibrated is not None:
+        info("statistics of calibrated logits included (--method calibrated-blda)")

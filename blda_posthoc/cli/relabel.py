@@ -8,18 +8,18 @@ from typing import Any
 import click
 
 from blda_posthoc.cli.common import (
-    describe_maps,
+    correction_options,
     device_option,
     handle_errors,
     info,
     overwrite_option,
     progress,
+    report_notes,
     resolve_device,
-    stats_options,
     warn,
 )
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
-from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 PORTION_TOLERANCE = 0.005
@@ -28,7 +28,7 @@ PORTION_TOLERANCE = 0.005
 
 @click.command("relabel")
 @click.argument("stores", nargs=-1, required=True)
-@stats_options
+@correction_options
 @click.option(
     "--out-dir",
     required=True,
@@ -61,10 +61,7 @@ PORTION_TOLERANCE = 0.005
 @handle_errors
 def command(
     stores: tuple[str, ...],
-    stats_path: Path,
-    anchors_path: Path | None,
-    tau: float,
-    clamp: float,
+    correction: CorrectionSpec | None,
     out_dir: Path,
     min_confidence: float | None,
     keep_portion: float | None,
@@ -82,20 +79,26 @@ def command(
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
     """
+    if correction is None:
+        raise click.UsageError("give --stats (and --method), or --from-compare")
     dev = resolve_device(device)
-    settings = RelabelSettings(tau, clamp, min_confidence, keep_portion, pseudo_dir, color)
     with LogitStore(expand_store_paths(stores)) as store:
-        maps, cond, anchors = load_alignment(
-            stats_path, anchors_path, store.class_names, clamp, tau=tau
+        ready = load_correction(correction, store.class_names, dev)
+        report_notes(ready)
+        settings = RelabelSettings(
+            ready.tau,
+            correction.clamp,
+            min_confidence,
+            keep_portion,
+            pseudo_dir,
+            color,
+            ready.method,
         )
-        describe_maps(maps, store.class_names)
-        statistics = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
         manifest = relabel_store(
             store,
-            maps,
+            ready,
             out_dir,
             settings,
-            statistics,
             overwrite=overwrite,
             resume=resume,
             device=dev,

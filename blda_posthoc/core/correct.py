@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.fit import LogitStats, Mixture
+
+if TYPE_CHECKING:
+    from blda_posthoc.core.methods import Corrector
 
 DEFAULT_TAU = 0.2
 DEFAULT_CLAMP = 0.01
@@ -150,12 +154,26 @@ def _mixture_cdf_rows(mix: Mixture, x: np.ndarray) -> np.ndarray:
     return (mix.weights[:, None, :] * phi).sum(-1)
 
 
-def cell_cdfs(stats: LogitStats) -> np.ndarray:
-    """Every cell's CDF at the statistics' grid edges: ``(C, C, G)`` float64."""
+def cell_cdfs(stats: LogitStats, at: np.ndarray | None = None) -> np.ndarray:
+    """Every cell's CDF at the statistics' grid edges (or at the points ``at``).
+
+    Args:
+        stats: The statistics.
+        at: ``(G,)`` points; default ``stats.grid.edges``.
+
+    Returns:
+        ``(C, C, G)`` float64.
+    """
     if stats.estimator == "gmm":
         assert stats.mixtures is not None
-        return mixture_cdf(stats.mixtures, stats.grid.edges)
-    return hist_cdf(stats.counts)
+        return mixture_cdf(stats.mixtures, stats.grid.edges if at is None else at)
+    cdf = hist_cdf(stats.counts)
+    if at is None:
+        return cdf
+    pos = np.clip((at - stats.grid.lo) / stats.grid.step, 0, stats.grid.bins)
+    k = np.minimum(np.floor(pos).astype(np.int64), stats.grid.bins - 1)
+    frac = pos - k
+    return cdf[..., k] + frac * (cdf[..., k + 1] - cdf[..., k])
 
 
 def anchor_quantiles(stats: LogitStats, u: np.ndarray) -> np.ndarray:
@@ -180,6 +198,7 @@ def build_maps(
     anchors: LogitStats,
     clamp: float = DEFAULT_CLAMP,
     min_pixels: int | None = None,
+    fallback: LogitStats | None = None,
 ) -> AlignmentMaps:
     """Tabulate ``T_ij = A_ij^{-1}(clamp(F_ij(z), r, 1 - r))`` on ``cond``'s grid.
 
@@ -188,6 +207,8 @@ def build_maps(
         anchors: Statistics whose pooled anchors ``P+``, ``P-`` are the targets.
         clamp: ``r`` in ``[0, 0.5)``.
         min_pixels: Cells with fewer pixels get no shift; default ``cond``'s own setting.
+        fallback: Statistics whose cells stand in where ``cond``'s are too small (e.g. source
+            ground truth for classes that target pseudo-labels never predict).
 
     Returns:
         The maps, on the CPU.
@@ -202,10 +223,17 @@ def build_maps(
     if (anchor_pixels < max(min_pixels, 1)).any():
         raise ValueError(f"anchors hold too few pixels ({anchor_pixels.tolist()})")
     c, g = cond.num_classes, cond.grid.bins + 1
-    u = np.clip(cell_cdfs(cond), clamp, 1.0 - clamp)
+    cdf = cell_cdfs(cond)
+    valid = cond.cell_pixels >= max(min_pixels, 1)
+    if fallback is not None:
+        if fallback.class_names != cond.class_names:
+            raise ValueError("conditionals and fallback have different class names")
+        borrow = ~valid & (fallback.cell_pixels >= max(min_pixels, 1))
+        cdf = np.where(borrow[..., None], cell_cdfs(fallback, at=cond.grid.edges), cdf)
+        valid = valid | borrow
+    u = np.clip(cdf, clamp, 1.0 - clamp)
     through = anchor_quantiles(anchors, u.reshape(-1)).reshape(2, c, c, g)
     table = np.where(np.eye(c, dtype=bool)[..., None], through[0], through[1])
-    valid = cond.cell_pixels >= max(min_pixels, 1)
     return AlignmentMaps(
         lo=cond.grid.lo,
         step=cond.grid.step,
@@ -332,10 +360,10 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def predict(
+def correct_image(
     logits: torch.Tensor,
     size: tuple[int, int],
-    maps: AlignmentMaps | None,
+    corrector: Corrector,
     tau: float = DEFAULT_TAU,
     chunk_pixels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +372,7 @@ def predict(
     Args:
         logits: ``(C, h, w)`` float32 logits.
         size: Output ``(H, W)``.
-        maps: Tabulated maps on the logits' device, or None for the plain argmax.
+        corrector: The correction (:mod:`blda_posthoc.core.methods`), on the logits' device.
         tau: Correction strength.
         chunk_pixels: Pixels per step (memory bound; the result does not depend on it).
 
@@ -354,16 +382,13 @@ def predict(
     z = resize_logits(logits.float(), size)
     c = z.shape[0]
     flat = z.reshape(c, -1).T.contiguous()  # (N, C): pixel rows, one copy
-    if maps is None or tau == 0:
+    if corrector.is_identity(tau):
         scores = torch.log_softmax(flat, dim=-1)
         pred = flat.argmax(-1)
     else:
         step = chunk_pixels or default_chunk(c)
         scores = torch.cat(
-            [
-                corrected_log_scores(flat[s : s + step], maps, tau)
-                for s in range(0, flat.shape[0], step)
-            ]
+            [corrector.log_scores(flat[s : s + step], tau) for s in range(0, flat.shape[0], step)]
         )
         pred = scores.argmax(-1)
     return pred.reshape(size), scores.T.reshape(c, *size)

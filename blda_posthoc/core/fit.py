@@ -199,6 +199,38 @@ def fit_mixture(
 
 
 @dataclass
+class PixelSample:
+    """A seeded sample of pixels: ``logits`` ``(S, C)`` float32, ``labels`` ``(S,)`` uint8."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class StatsExtras:
+    """Statistics beyond the logit histograms, for corrections other than plain BLDA.
+
+    Attributes:
+        predicted: ``(C,)`` int64 pixels per predicted (argmax) class, over every pixel.
+        confidence: ``(C, B')`` int64 histograms of the top-1 confidence log-odds of the pixels
+            predicted as each class, on ``confidence_grid`` (``lo``, ``hi``, ``bins``).
+        confidence_grid: ``(lo, hi, bins)`` of those histograms.
+        sample: A seeded sample of labelled pixels (labels as fitted: gt or pseudo).
+        calibrations: Affine calibrations ``{kind: (scale (C,), bias (C,))}`` fitted on the
+            sample (ground-truth labels only).
+        calibrated: Statistics of the calibrated logits (``settings["calibration"]`` says
+            which calibration), or None.
+    """
+
+    predicted: np.ndarray
+    confidence: np.ndarray
+    confidence_grid: tuple[float, float, int]
+    sample: PixelSample
+    calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    calibrated: LogitStats | None = None
+
+
+@dataclass
 class LogitStats:
     """Fitted logit statistics of one dataset: what ``fit-stats`` writes and ``correct`` reads.
 
@@ -211,6 +243,9 @@ class LogitStats:
         mixtures: With ``gmm``: the cells' mixtures, arrays ``(C, C, K)``; else None.
         anchor_mixtures: With ``gmm``: the anchors' mixtures, arrays ``(2, K)``; else None.
         settings: How the statistics were made (labels, min_pixels, sources, ...).
+        extras: What the other corrections need (predicted shares, confidence histograms, a
+            pixel sample, calibrations, statistics of calibrated logits); None in files written
+            before version 2.
     """
 
     class_names: list[str]
@@ -221,6 +256,7 @@ class LogitStats:
     mixtures: Mixture | None = None
     anchor_mixtures: Mixture | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    extras: StatsExtras | None = None
 
     @property
     def num_classes(self) -> int:
@@ -233,6 +269,11 @@ class LogitStats:
         return self.counts.sum(-1)
 
     @property
+    def label_pixels(self) -> np.ndarray:
+        """``(C,)`` labelled pixels per class (every pixel adds to each cell of its row)."""
+        return self.counts[:, 0, :].sum(-1)
+
+    @property
     def fingerprint(self) -> str:
         """A short content hash identifying these statistics."""
         digest = hashlib.sha256()
@@ -241,6 +282,14 @@ class LogitStats:
         if self.mixtures is not None:
             for arr in (self.mixtures.weights, self.mixtures.means, self.mixtures.sigmas):
                 digest.update(np.ascontiguousarray(arr).tobytes())
+        if self.extras is not None:
+            for name in sorted(self.extras.calibrations):
+                scale, bias = self.extras.calibrations[name]
+                digest.update(name.encode() + scale.tobytes() + bias.tobytes())
+            digest.update(np.ascontiguousarray(self.extras.predicted).tobytes())
+            digest.update(np.ascontiguousarray(self.extras.sample.logits).tobytes())
+            if self.extras.calibrated is not None:
+                digest.update(self.extras.calibrated.fingerprint.encode())
         return digest.hexdigest()[:16]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.classes import colorize, palette_for
-from blda_posthoc.core.correct import AlignmentMaps, predict, resize_logits
+from blda_posthoc.core.correct import correct_image
+from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import write_png
-from blda_posthoc.io.store import LogitStore, Record, StoreWriter
+from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
 
 COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
@@ -75,20 +76,18 @@ class CorrectedImage:
 def corrected_images(
     store: LogitStore,
     names: Sequence[str],
-    maps: AlignmentMaps | None,
-    tau: float,
+    correction: Correction,
     *,
     with_label: bool = False,
     device: torch.device | str = "cpu",
-    progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[CorrectedImage]:
     """Read, resize and correct the images ``names`` of a store, one at a time.
 
     Args:
         store: The logits.
         names: Images to visit, in this order.
-        maps: Tabulated maps (None: plain argmax).
-        tau: Correction strength.
+        correction: The correction (its corrector on ``device``).
         with_label: Also read label maps.
         device: Where to compute.
         progress: Wraps the iteration over image names.
@@ -96,12 +95,9 @@ def corrected_images(
     Yields:
         One :class:`CorrectedImage` per name.
     """
-    dev_maps = maps.to(device) if maps is not None else None
-    iterable: Iterable[str] = names if progress is None else progress(names, len(names))
-    for name in iterable:
-        record = store.read(name, with_label=with_label)
-        z = resize_logits(torch.from_numpy(record.logits).to(device), record.size)
-        pred, scores = predict(z, record.size, dev_maps, tau)
+    images = store.iter_images(names, device=device, with_label=with_label, progress=progress)
+    for record, z in images:
+        pred, scores = correct_image(z, record.size, correction.corrector, correction.tau)
         yield CorrectedImage(record, z, pred, scores)
 
 
@@ -120,8 +116,7 @@ def write_label_map(files: list[Path], label_map: np.ndarray, palette: np.ndarra
 
 def correct_store(
     store: LogitStore,
-    maps: AlignmentMaps | None,
-    tau: float,
+    correction: Correction,
     out_dir: Path,
     *,
     color: bool = False,
@@ -129,14 +124,13 @@ def correct_store(
     resume: bool = False,
     scores_out: Path | None = None,
     device: torch.device | str = "cpu",
-    progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Correct every image and write ``out_dir/NAME.png`` trainIds at the image's size.
 
     Args:
         store: The logits.
-        maps: Tabulated maps (None: plain argmax).
-        tau: Correction strength.
+        correction: The correction.
         out_dir: Output folder (names keep their sub-folders).
         color: Also write ``NAME_color.png`` palette previews.
         overwrite: Replace existing PNGs.
@@ -159,11 +153,13 @@ def correct_store(
     with contextlib.ExitStack() as stack:
         scores_store = None
         if scores_out is not None:
-            attrs: dict[str, str | int | float] = {"content": f"corrected log-scores (tau={tau})"}
+            content = f"corrected log-scores (method={correction.method}, tau={correction.tau:g})"
+            attrs: dict[str, str | int | float] = {"content": content}
             scores_store = stack.enter_context(
                 StoreWriter(scores_out, store.class_names, overwrite=overwrite, attrs=attrs)
             )
-        for image in corrected_images(store, todo, maps, tau, device=device, progress=progress):
+        images = corrected_images(store, todo, correction, device=device, progress=progress)
+        for image in images:
             before += np.bincount(image.logits.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
             label_map = image.pred.cpu().numpy().astype(np.uint8)
             after += np.bincount(label_map.reshape(-1), minlength=c)

@@ -37,7 +37,7 @@ from blda_posthoc.core.evaluate import ConfusionMatrix
 from blda_posthoc.core.fit import LogitStats
 from blda_posthoc.io.console import info, progress
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.fit_stats import fit_store
+from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore
@@ -85,7 +85,7 @@ def load_or_fit_stats(
         info("no --stats: fitting pseudo-label statistics on the fly")
         return fit_store(
             store,
-            labels="pseudo",
+            FitOptions(labels="pseudo"),
             device=device,
             progress=lambda it, n: progress(it, n, "fit-stats"),
         )

@@ -10,21 +10,23 @@ from typing import Any
 import torch
 
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
-from blda_posthoc.core.correct import AlignmentMaps, predict, resize_logits
+from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.evaluate import (
     CalibrationError,
     ConfusionMatrix,
     softmax_confidence,
     summarize,
 )
+from blda_posthoc.core.methods import Plain
 from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.correct import COLOR_SUFFIX
+from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
 from blda_posthoc.io.report import Result
-from blda_posthoc.io.stats import alignment_settings, load_alignment
 from blda_posthoc.io.store import LogitStore
 
+PLAIN = Plain()
 ALL_IDS = IGNORE_INDEX
 """Classes tracked while the class count is still unknown: every id but the ignore value."""
 
@@ -164,32 +166,6 @@ def evaluate_pred_dir(
 # ---------------------------------------------------------------- --store
 
 
-@dataclass
-class Correction:
-    """What the after-correction pass needs, and how it was set up (for the report)."""
-
-    maps: AlignmentMaps
-    tau: float
-    settings: dict[str, Any]
-
-
-def load_correction(
-    stats_path: Path,
-    anchors_path: Path | None,
-    tau: float,
-    clamp: float,
-    min_pixels: int | None,
-    class_names: list[str],
-    device: torch.device,
-) -> Correction:
-    """Read the statistics and tabulate the alignment maps (see :func:`load_alignment`)."""
-    maps, cond, anchors = load_alignment(
-        stats_path, anchors_path, class_names, clamp, min_pixels, tau=tau
-    )
-    settings = alignment_settings(maps, cond, anchors, stats_path, anchors_path, tau)
-    return Correction(maps.to(device), tau, settings)
-
-
 class Pass:
     """Confusion matrix and calibration error of one set of store predictions."""
 
@@ -241,16 +217,21 @@ def iterate_store(
 
     Images without a label are skipped and moved from ``pairs.names`` to ``pairs.unlabelled``.
     """
-    for name in progress(list(pairs.names), len(pairs.names), "evaluate"):
-        record = store.read(name, with_label=name not in label_files)
+    images = store.iter_images(
+        list(pairs.names),
+        device=device,
+        with_label=not label_files,
+        progress=lambda it, n: progress(it, n, "evaluate"),
+    )
+    for record, z in images:
+        name = record.name
         label = read_label(label_files[name]) if name in label_files else record.label
         if label is None:
             pairs.names.remove(name)
             pairs.unlabelled.append(name)
             continue
         size = (int(label.shape[0]), int(label.shape[1]))
-        logits = torch.from_numpy(record.logits).to(device)
-        yield name, resize_logits(logits, size), torch.from_numpy(label).to(device)
+        yield name, resize_logits(z, size), torch.from_numpy(label).to(device)
 
 
 def evaluate_store(
@@ -266,10 +247,10 @@ def evaluate_store(
     corrected = Pass(c) if correction is not None else None
     for name, z, label in iterate_store(store, pairs, label_files, device):
         size = (int(label.shape[0]), int(label.shape[1]))
-        pred, scores = predict(z, size, None)
+        pred, scores = correct_image(z, size, PLAIN)
         plain.add(pred, scores, label, name)
         if correction is not None and corrected is not None:
-            pred, scores = predict(z, size, correction.maps, correction.tau)
+            pred, scores = correct_image(z, size, correction.corrector, correction.tau)
             corrected.add(pred, scores, label, name)
     return plain.result(), corrected.result() if corrected is not None else None
 

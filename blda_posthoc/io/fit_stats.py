@@ -1,77 +1,281 @@
-"""Stream logits stores into fitted statistics (METHOD.md §4)."""
+"""Stream logits stores into fitted statistics (docs/method.md, "Estimating the distributions").
+
+One pass over the store accumulates, per image at its recorded size: the logit-collection
+histograms, the predicted-class counts, the per-class confidence histograms (for ``cbst``) and
+a seeded pixel sample. With ground-truth labels the affine calibrations (temperature, vector
+scaling, bias) are then fitted on the sample, and a second pass histograms the calibrated
+logits (for ``calibrated-blda``); with a calibration given (``--calibration``), the calibrated
+histograms come in the same single pass.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from blda_posthoc.core.correct import resize_logits
-from blda_posthoc.core.fit import Grid, LogitHistogram, LogitStats, make_stats
+from blda_posthoc.core.calibrate import CALIBRATIONS, fit_calibration, sample_pixels
+from blda_posthoc.core.classes import IGNORE_INDEX
+from blda_posthoc.core.fit import (
+    Grid,
+    LogitHistogram,
+    LogitStats,
+    PixelSample,
+    StatsExtras,
+    make_stats,
+)
+from blda_posthoc.core.methods import Affine
+from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import LogitStore, Progress
 
 LABEL_SOURCES = ("gt", "pseudo")
 DEFAULT_BINS = 4096
+DEFAULT_SAMPLE_PIXELS = 200_000
+CONFIDENCE_BINS = 4096
+CALIBRATED_WITH = "vector"
+"""The calibration whose logits the calibrated statistics describe."""
 
 
-def fit_store(
-    store: LogitStore,
-    *,
-    labels: str,
-    estimator: str = "hist",
-    components: int = 5,
-    min_pixels: int = 100,
-    bins: int = DEFAULT_BINS,
-    device: torch.device | str = "cpu",
-    progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
-) -> LogitStats:
-    """Fit statistics in one pass over a store, at each image's recorded size.
+@dataclass(frozen=True)
+class FitOptions:
+    """How ``fit-stats`` fits.
 
-    Logits are resized bilinearly to the image size first, exactly as ``correct`` sees them.
-    Memory is bounded by one image plus the ``(C, C, bins)`` histograms.
-
-    Args:
-        store: One or more stores read as one dataset.
+    Attributes:
         labels: ``gt`` (the store's label maps) or ``pseudo`` (argmax of the logits).
         estimator: ``hist`` or ``gmm``.
         components: Mixture components for ``gmm``.
         min_pixels: Cells with fewer pixels are skipped by ``correct``.
         bins: Histogram bins over the store's logit range.
+        sample_pixels: Size of the seeded pixel sample (calibration, EM, ``--tau auto``).
+        seed: Seed of the sample.
+        calibrate: With ``gt``: fit calibrations and the calibrated statistics (second pass).
+        calibration: A known vector calibration ``(scale, bias)`` whose calibrated statistics
+            are fitted in the same pass, or None.
+        calibration_source: Where ``calibration`` came from (recorded in the settings).
+    """
+
+    labels: str
+    estimator: str = "hist"
+    components: int = 5
+    min_pixels: int = 100
+    bins: int = DEFAULT_BINS
+    sample_pixels: int = DEFAULT_SAMPLE_PIXELS
+    seed: int = 0
+    calibrate: bool = True
+    calibration: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False)
+    calibration_source: str | None = None
+
+
+def fit_store(
+    store: LogitStore,
+    options: FitOptions,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> LogitStats:
+    """Fit statistics over a store, at each image's recorded size.
+
+    Logits are resized bilinearly to the image size first, exactly as ``correct`` sees them.
+    Memory is bounded by one image, the ``(C, C, bins)`` histograms and the pixel sample.
+
+    Args:
+        store: One or more stores read as one dataset.
+        options: What to fit.
         device: Where to compute.
         progress: Wraps the iteration over image names.
 
     Returns:
-        The fitted statistics.
+        The fitted statistics, with their extras (version 2).
     """
-    if labels not in LABEL_SOURCES:
-        raise InputError(f"--labels must be one of {LABEL_SOURCES}, got {labels!r}")
-    if labels == "gt" and not store.has_labels():
+    if options.labels not in LABEL_SOURCES:
+        raise InputError(f"--labels must be one of {LABEL_SOURCES}, got {options.labels!r}")
+    if options.labels == "gt" and not store.has_labels():
         raise InputError(f"{store.paths[0]}: --labels gt needs label maps in every image")
     lo, hi = store.logit_range()
-    histogram = LogitHistogram(store.num_classes, Grid.covering(lo, hi, bins), device)
-    names: Iterable[str] = store.names
-    if progress is not None:
-        names = progress(store.names, len(store.names))
-    for name in names:
-        record = store.read(name, with_label=labels == "gt")
-        z = resize_logits(torch.from_numpy(record.logits).to(device), record.size)
-        if labels == "gt":
-            assert record.label is not None
-            if record.label.shape != record.size:
-                raise InputError(f"{name}: label size {record.label.shape} != {record.size}")
-            y = torch.from_numpy(record.label).to(device).long()
-        else:
-            y = z.argmax(0)
-        histogram.update(z, y)
+    c = store.num_classes
+    known = _affine(options.calibration, device)
+    first = Pass(c, Grid.covering(lo, hi, options.bins), device, options, known, (lo, hi))
+    quota = math.ceil(options.sample_pixels / max(len(store.names), 1))
+    for record, z in store.iter_images(
+        device=device, with_label=options.labels == "gt", progress=progress
+    ):
+        first.add(record.name, z, _labels(record, z, options.labels, device), quota)
     settings: dict[str, Any] = {
-        "labels": labels,
-        "min_pixels": min_pixels,
-        "bins": bins,
+        "labels": options.labels,
+        "min_pixels": options.min_pixels,
+        "bins": options.bins,
         "num_images": len(store.names),
-        "num_pixels": histogram.num_pixels,
+        "num_pixels": first.histogram.num_pixels,
         "sources": [str(p) for p in store.paths],
         "resolution": "image",
+        "sample_pixels": options.sample_pixels,
+        "seed": options.seed,
     }
-    return make_stats(histogram, store.class_names, estimator, components, settings)
+    stats = make_stats(
+        first.histogram, store.class_names, options.estimator, options.components, settings
+    )
+    sample = first.sample()
+    calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if options.labels == "gt" and options.calibrate:
+        calibrations = _fit_calibrations(sample)
+    calibrated = None
+    if first.calibrated is not None:
+        calibrated = _calibrated_stats(first.calibrated, stats, options, options.calibration)
+    elif calibrations:
+        cal = calibrations[CALIBRATED_WITH]
+        second = Pass(c, None, device, options, _affine(cal, device), (lo, hi))
+        for record, z in store.iter_images(device=device, with_label=True, progress=progress):
+            second.add_calibrated(z, _labels(record, z, "gt", device))
+        assert second.calibrated is not None
+        calibrated = _calibrated_stats(second.calibrated, stats, options, cal, "self")
+    stats.extras = StatsExtras(
+        predicted=first.predicted.cpu().numpy(),
+        confidence=first.confidence.counts(),
+        confidence_grid=(
+            first.confidence.grid.lo,
+            first.confidence.grid.hi,
+            first.confidence.grid.bins,
+        ),
+        sample=sample,
+        calibrations=calibrations,
+        calibrated=calibrated,
+    )
+    return stats
+
+
+def _labels(record: Any, z: torch.Tensor, labels: str, device: torch.device | str) -> torch.Tensor:
+    if labels == "pseudo":
+        return z.argmax(0)
+    assert record.label is not None
+    if record.label.shape != record.size:
+        raise InputError(f"{record.name}: label size {record.label.shape} != {record.size}")
+    return torch.from_numpy(record.label).to(device).long()
+
+
+def _affine(cal: tuple[np.ndarray, np.ndarray] | None, device: torch.device | str) -> Affine | None:
+    if cal is None:
+        return None
+    scale, bias = (torch.tensor(np.asarray(v), dtype=torch.float32, device=device) for v in cal)
+    return Affine(scale, bias)
+
+
+class Pass:
+    """What one pass over the images accumulates.
+
+    Args:
+        num_classes: ``C``.
+        grid: Grid of the raw-logit histograms (None: calibrated histograms only).
+        device: Where counts accumulate.
+        options: The fit options (labels, seed).
+        calibration: Calibration whose calibrated logits are histogrammed too, or None.
+        logit_range: ``(lo, hi)`` of the raw logits (for the calibrated grid).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        grid: Grid | None,
+        device: torch.device | str,
+        options: FitOptions,
+        calibration: Affine | None,
+        logit_range: tuple[float, float],
+    ) -> None:
+        self.options = options
+        self.num_classes = num_classes
+        self.device = device
+        grid = grid or Grid(0.0, 1.0, 2)
+        self.histogram = LogitHistogram(num_classes, grid, device)
+        self.predicted = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.confidence = ConfidenceHistogram(
+            num_classes, LogOddsGrid.for_classes(num_classes, CONFIDENCE_BINS), device
+        )
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.calibration = calibration
+        self.calibrated: LogitHistogram | None = None
+        if calibration is not None:
+            lo, hi = _calibrated_range(calibration, logit_range)
+            self.calibrated = LogitHistogram(
+                num_classes, Grid.covering(lo, hi, options.bins), device
+            )
+
+    def add(self, name: str, z: torch.Tensor, y: torch.Tensor, quota: int) -> None:
+        """Add one image: ``z`` ``(C, H, W)`` logits, ``y`` ``(H, W)`` labels."""
+        c = self.num_classes
+        self.histogram.update(z, y)
+        pred, logodds = confidence_logodds(z)
+        self.predicted += torch.bincount(pred.reshape(-1), minlength=c)
+        self.confidence.update(pred, logodds)
+        flat_y = y.reshape(-1)
+        usable = torch.nonzero((flat_y != IGNORE_INDEX) & (flat_y < c)).reshape(-1)
+        seed = (self.options.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 32)
+        pick = usable[torch.as_tensor(sample_pixels(int(usable.numel()), quota, seed))]
+        flat_z = z.reshape(c, -1)
+        self.samples.append(
+            (flat_z[:, pick].T.cpu().numpy(), flat_y[pick].cpu().numpy().astype(np.uint8))
+        )
+        if self.calibration is not None:
+            self.add_calibrated(z, y if self.options.labels == "gt" else None)
+
+    def add_calibrated(self, z: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Histogram the calibrated logits (``y`` None: their own argmax as pseudo-labels)."""
+        assert self.calibration is not None and self.calibrated is not None
+        zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
+        self.calibrated.update(zc, zc.argmax(0) if y is None else y)
+
+    def sample(self) -> PixelSample:
+        """The pixel sample, in name order."""
+        if not self.samples:
+            return PixelSample(np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.uint8))
+        return PixelSample(
+            np.concatenate([s[0] for s in self.samples]).astype(np.float32),
+            np.concatenate([s[1] for s in self.samples]),
+        )
+
+
+def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> tuple[float, float]:
+    ends = (
+        torch.stack([calibration.scale * logit_range[0], calibration.scale * logit_range[1]])
+        + calibration.bias
+    )
+    return float(ends.min()), float(ends.max())
+
+
+def _fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if sample.labels.size == 0:
+        return {}
+    fits = {}
+    for kind in CALIBRATIONS:
+        fit = fit_calibration(sample.logits, sample.labels.astype(np.int64), kind)
+        fits[kind] = (np.asarray(fit.scale, np.float64), np.asarray(fit.bias, np.float64))
+    return fits
+
+
+def calibration_fingerprint(cal: tuple[np.ndarray, np.ndarray]) -> str:
+    """A short hash of a calibration's parameters."""
+    digest = hashlib.sha256(np.asarray(cal[0], np.float64).tobytes())
+    digest.update(np.asarray(cal[1], np.float64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _calibrated_stats(
+    histogram: LogitHistogram,
+    raw: LogitStats,
+    options: FitOptions,
+    calibration: tuple[np.ndarray, np.ndarray] | None,
+    source: str | None = None,
+) -> LogitStats:
+    assert calibration is not None
+    settings = dict(raw.settings)
+    settings["num_pixels"] = histogram.num_pixels
+    settings["calibration"] = {
+        "kind": CALIBRATED_WITH,
+        "fingerprint": calibration_fingerprint(calibration),
+        "source": source or options.calibration_source,
+    }
+    return make_stats(histogram, raw.class_names, options.estimator, options.components, settings)

@@ -9,10 +9,10 @@ undefined values ``null``::
 
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
-     "settings": {"tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir", "color"},
-     "statistics": {"stats", "stats_fingerprint", "stats_labels", "anchors",
-                    "anchors_fingerprint", "estimator", "min_pixels", "tau", "clamp",
-                    "skipped_cells"},  (io.stats.alignment_settings)
+     "settings": {"method", "tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir",
+                  "color"},
+     "statistics": {"method", "tau", "stats", "stats_fingerprint", "stats_labels", "anchors",
+                    "anchors_fingerprint", "estimator", ...},  (io.corrections.Correction)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
                 ["pseudo_dir": {...}]},
      "ignore_fraction": f,
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.classes import IGNORE_INDEX, palette_for
-from blda_posthoc.core.correct import AlignmentMaps, resize_logits
+from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, summarize
 from blda_posthoc.core.relabel import (
     ConfidenceHistogram,
@@ -59,6 +59,7 @@ from blda_posthoc.io.correct import (
     output_paths,
     write_label_map,
 )
+from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
 from blda_posthoc.io.report import round_or_none, write_json
@@ -76,7 +77,7 @@ class RelabelSettings:
     """What a relabelling run does (recorded in the manifest).
 
     Attributes:
-        tau: Correction strength.
+        tau: Correction strength (recorded only; the correction carries it).
         clamp: The maps' CDF clamp ``r`` (recorded only).
         min_confidence: Ignore pixels whose corrected confidence is below this, or None.
         keep_portion: Class-balanced portion kept per class, or None.
@@ -90,10 +91,12 @@ class RelabelSettings:
     keep_portion: float | None = None
     pseudo_dir: Path | None = None
     color: bool = False
+    method: str = "blda"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
+            "method": self.method,
             "tau": self.tau,
             "clamp": self.clamp,
             "min_confidence": self.min_confidence,
@@ -170,15 +173,15 @@ def read_label_map(path: Path, size: tuple[int, int], num_classes: int) -> np.nd
 
 def confidence_histogram(
     store: LogitStore,
-    maps: AlignmentMaps | None,
-    tau: float,
+    correction: Correction,
     *,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> ConfidenceHistogram:
     """Pass 1: per-class histograms of the corrected confidence log-odds over the whole store."""
     hist = ConfidenceHistogram(store.num_classes, device=device)
-    for image in corrected_images(store, store.names, maps, tau, device=device, progress=progress):
+    images = corrected_images(store, store.names, correction, device=device, progress=progress)
+    for image in images:
         pred, logodds = confidence_logodds(image.scores)
         hist.update(pred, logodds)
     return hist
@@ -212,10 +215,9 @@ def _check_manifest(path: Path, head: dict[str, Any], overwrite: bool, resume: b
 
 def relabel_store(
     store: LogitStore,
-    maps: AlignmentMaps | None,
+    correction: Correction,
     out_dir: Path,
     settings: RelabelSettings,
-    statistics: dict[str, Any],
     *,
     overwrite: bool = False,
     resume: bool = False,
@@ -226,10 +228,9 @@ def relabel_store(
 
     Args:
         store: The logits (with labels, the manifest also scores the pseudo-labels).
-        maps: Tabulated maps (None: plain argmax).
+        correction: The correction (its settings are recorded as ``statistics``).
         out_dir: Output folder (names keep their sub-folders).
         settings: What to do.
-        statistics: The statistics' identity (paths, fingerprints), recorded as given.
         overwrite: Replace existing outputs.
         resume: Keep images whose outputs exist (they are read back for the manifest).
         device: Where to compute.
@@ -246,7 +247,7 @@ def relabel_store(
         "class_names": store.class_names,
         "stores": [str(p) for p in store.paths],
         "settings": settings.as_dict(),
-        "statistics": statistics,
+        "statistics": correction.settings,
     }
     manifest_path = out_dir / MANIFEST
     _check_manifest(manifest_path, head, overwrite, resume)
@@ -257,9 +258,7 @@ def relabel_store(
     wrap = progress or _no_progress
     thresholds, grid = None, None
     if settings.keep_portion is not None:
-        hist = confidence_histogram(
-            store, maps, settings.tau, device=device, progress=wrap("pass 1/2")
-        )
+        hist = confidence_histogram(store, correction, device=device, progress=wrap("pass 1/2"))
         grid = hist.grid
         thresholds = keep_thresholds(hist.counts(), grid, settings.keep_portion)
     write_json(manifest_path, {**head, "complete": False}, sort_keys=True)
@@ -269,8 +268,7 @@ def relabel_store(
     images = corrected_images(
         store,
         names,
-        maps,
-        settings.tau,
+        correction,
         with_label=with_label,
         device=device,
         progress=wrap("pass 2/2" if thresholds is not None else "relabel"),

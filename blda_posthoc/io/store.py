@@ -23,7 +23,7 @@ import glob
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,9 +31,14 @@ from urllib.parse import quote
 
 import h5py
 import numpy as np
+import torch
 
 from blda_posthoc import __version__
+from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.io.errors import InputError
+
+Progress = Callable[[Iterable[str], int], Iterable[str]]
+"""Wraps an iteration over image names: ``progress(names, count)``."""
 
 FORMAT = "blda-logits"
 VERSION = 1
@@ -383,6 +388,32 @@ class LogitStore:
     def __iter__(self) -> Iterator[Record]:
         for name in self.names:
             yield self.read(name)
+
+    def iter_images(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        with_label: bool = False,
+        progress: Progress | None = None,
+    ) -> Iterator[tuple[Record, torch.Tensor]]:
+        """The one store loop: read, move to ``device`` and resize each image's logits.
+
+        Args:
+            names: Images to visit, in this order (default: all, sorted).
+            device: Where the logits go.
+            with_label: Also read the label maps (``record.label``).
+            progress: Wraps the iteration over names (``progress(names, count)``).
+
+        Yields:
+            ``(record, z)`` with ``z`` the ``(C, H, W)`` float32 logits at the image's size.
+        """
+        todo = list(self.names if names is None else names)
+        iterable: Iterable[str] = todo if progress is None else progress(todo, len(todo))
+        for name in iterable:
+            record = self.read(name, with_label=with_label)
+            z = torch.from_numpy(record.logits).to(device)
+            yield record, resize_logits(z, record.size)
 
     def close(self) -> None:
         """Close every file."""

@@ -1,0 +1,176 @@
+"""``blda compare``: every correction and strength side by side on labelled images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from blda_posthoc.cli.common import (
+    check_output_file,
+    device_option,
+    handle_errors,
+    info,
+    overwrite_option,
+    resolve_device,
+    statistics_options,
+    warn,
+)
+from blda_posthoc.core.methods import METHODS
+from blda_posthoc.io.compare import (
+    DEFAULT_TAU_GRID,
+    Comparison,
+    build_report,
+    build_rows,
+    check_methods,
+    compare_store,
+    format_table,
+    parse_grid,
+    plot_compare,
+)
+from blda_posthoc.io.corrections import CorrectionSpec, read_statistics
+from blda_posthoc.io.evaluate import store_labels
+from blda_posthoc.io.report import require_matplotlib, write_json
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+
+
+def parse_select_on(text: str | None) -> float | None:
+    """``--select-on``: a count of images (>= 1) or a fraction in (0, 1)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number", param_hint="--select-on") from None
+    if not (0 < value < 1 or (value >= 1 and value == int(value))):
+        raise click.BadParameter(
+            f"{text!r}: give a count of images (1, 2, ...) or a fraction in (0, 1)",
+            param_hint="--select-on",
+        )
+    return value
+
+
+@click.command("compare")
+@click.argument("stores", nargs=-1, required=True)
+@statistics_options
+@click.option(
+    "--methods",
+    default="all",
+    show_default=True,
+    help=f"Comma-separated methods to compare, or all ({', '.join(METHODS)}).",
+)
+@click.option(
+    "--tau",
+    "tau_grid",
+    default=",".join(f"{t:g}" for t in DEFAULT_TAU_GRID),
+    show_default=True,
+    help="Strengths tried for every method that has one (comma-separated).",
+)
+@click.option(
+    "--labels",
+    "labels_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of NAME.png trainId labels [default: the store's labels].",
+)
+@click.option("--label-suffix", default="", help="Label stem suffix, e.g. _gtFine_labelTrainIds.")
+@click.option(
+    "--select-on",
+    default=None,
+    metavar="N|FRACTION",
+    help="Pick the best row on N images (or a fraction) drawn at random and report every figure "
+    "on the other images: an honest estimate of what the choice gains.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the --select-on draw."
+)
+@click.option(
+    "--json",
+    "json_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the comparison as JSON (correct --from-compare reads it).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="mIoU against tau per method and the selected row's per-class gain.",
+)
+@device_option
+@overwrite_option
+@handle_errors
+def command(
+    stores: tuple[str, ...],
+    stats: Path | None,
+    anchors: Path | None,
+    clamp: float,
+    min_pixels: int | None,
+    methods: str,
+    tau_grid: str,
+    labels_dir: Path | None,
+    label_suffix: str,
+    select_on: str | None,
+    seed: int,
+    json_path: Path,
+    plot_path: Path | None,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Evaluate every correction method × strength on the labelled images of STORES, in one pass.
+
+    Prints a table (the selected row marked *), writes the JSON and optionally a plot. With
+    --select-on N the choice is made on N images and every figure comes from the others.
+
+    Example: blda compare tgt_val.h5 --stats tgt_stats.h5 --anchors src_stats.h5
+    --select-on 10 --json compare.json --plot compare.png
+    """
+    if stats is None:
+        raise click.UsageError("--stats is required")
+    fraction = parse_select_on(select_on)
+    for path in (json_path, plot_path):
+        if path is not None:
+            check_output_file(path, overwrite)
+    if plot_path is not None:
+        require_matplotlib()
+    wanted = check_methods([m.strip() for m in methods.split(",") if m.strip()])
+    taus = parse_grid(tau_grid)
+    dev = resolve_device(device)
+    spec = CorrectionSpec("blda", None, False, stats, anchors, clamp, min_pixels)
+    paths = expand_store_paths(stores)
+    with LogitStore(paths) as store:
+        statistics = read_statistics(stats, anchors, store.class_names)
+        rows, auto, skipped = build_rows(wanted, taus, spec, statistics, store.class_names, dev)
+        for method, reason in skipped.items():
+            warn(f"{method} left out: {reason}")
+        pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
+        info(f"comparing {len(rows)} rows on {len(pairs.names)} images")
+        split = compare_store(
+            store, pairs, label_files, rows, select_on=fraction, seed=seed, device=dev
+        )
+        settings = dict(statistics.settings())
+        settings.update(
+            methods=wanted,
+            tau_grid=taus,
+            select_on=fraction,
+            seed=seed,
+            clamp=clamp,
+            min_pixels=min_pixels,
+            labels=str(labels_dir) if labels_dir is not None else "store",
+        )
+        comparison = Comparison(rows, split, auto, skipped, pairs)
+        report = build_report(comparison, store.class_names, settings, paths)
+    click.echo(format_table(report), nl=False)
+    write_json(json_path, report)
+    info(f"wrote {json_path}")
+    if plot_path is not None:
+        plot_compare(plot_path, report)
+        info(f"wrote {plot_path}")
+    chosen = report["selected"]
+    tau = "" if chosen["tau"] is None else f" --tau {chosen['tau']:g}"
+    info(
+        f"selected: --method {chosen['method']}{tau} (mIoU {chosen['miou']}, "
+        f"{chosen['gain_over_none']:+} over none); apply it with "
+        f"blda correct STORES --from-compare {json_path} --out-dir DIR"
+        if chosen["gain_over_none"] is not None
+        else f"selected: --method {chosen['method']}{tau}"
+    )

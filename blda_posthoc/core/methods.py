@@ -1,0 +1,178 @@
+"""Post-hoc corrections of a segmenter's logits, behind one interface (docs/method.md).
+
+Every correction turns pixel logits ``z`` into log-scores whose argmax is the corrected
+prediction. They differ in what they know:
+
+- ``none``: the plain argmax (``log_softmax(z)``).
+- ``blda``: anchor alignment of the class-conditional logit distributions
+  (:func:`blda_posthoc.core.correct.corrected_log_scores`); ``calibrated-blda`` aligns calibrated
+  logits with statistics fitted on calibrated logits; ``filled-blda`` borrows source cells where
+  target pseudo-labels leave a cell empty.
+- ``temperature`` / ``vector-scaling`` / ``bias``: an affine map ``a * z + b`` fitted by
+  cross-entropy on labelled (source) logits.
+- ``cbst``, ``em-prior``, ``logit-adjust``: a per-class additive shift of the (possibly
+  calibrated) logits, ``z + tau * shift``, from class-balanced confidence thresholds, an EM
+  estimate of the target class priors, or the predicted class shares.
+
+A correction's strength is ``tau``; every correction with a strength is the identity at
+``tau = 0``. Corrections are immutable; one object serves every ``tau`` (``compare`` evaluates a
+whole grid with one).
+
+Shape legend: N pixels, C classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from blda_posthoc.core.correct import AlignmentMaps, corrected_log_scores
+
+METHODS = (
+    "none",
+    "blda",
+    "calibrated-blda",
+    "filled-blda",
+    "temperature",
+    "vector-scaling",
+    "bias",
+    "cbst",
+    "em-prior",
+    "logit-adjust",
+)
+"""Every method name ``--method`` takes."""
+
+DEFAULT_TAUS = {
+    "blda": 0.2,
+    "calibrated-blda": 0.2,
+    "filled-blda": 0.2,
+    "cbst": 1.0,
+    "em-prior": 1.0,
+    "logit-adjust": 1.0,
+}
+"""Methods with a strength, and the strength used when ``--tau`` is not given."""
+
+
+def has_strength(method: str) -> bool:
+    """Whether ``method`` takes ``tau``."""
+    return method in DEFAULT_TAUS
+
+
+class Corrector(Protocol):
+    """What every correction offers."""
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """``(N, C)`` logits (float32) -> ``(N, C)`` log-scores; argmax = prediction."""
+        ...
+
+    def is_identity(self, tau: float) -> bool:
+        """Whether the argmax is the plain argmax at this ``tau`` (no work needed)."""
+        ...
+
+    def to(self, device: torch.device | str) -> Corrector:
+        """The same correction with its tensors on ``device``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Plain:
+    """The plain argmax (``--method none``)."""
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """``log_softmax(z)``."""
+        return torch.log_softmax(z, dim=-1)
+
+    def is_identity(self, tau: float) -> bool:
+        """Always."""
+        return True
+
+    def to(self, device: torch.device | str) -> Plain:
+        """Itself."""
+        return self
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``z' = scale * z + bias`` per class (temperature, vector scaling, bias).
+
+    Attributes:
+        scale: ``(C,)`` float32.
+        bias: ``(C,)`` float32.
+    """
+
+    scale: torch.Tensor
+    bias: torch.Tensor
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` logits -> ``(N, C)`` calibrated logits."""
+        return z * self.scale + self.bias
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """``log_softmax(scale * z + bias)``; ``tau`` is not used."""
+        return torch.log_softmax(self.apply(z), dim=-1)
+
+    def is_identity(self, tau: float) -> bool:
+        """Never (the map has no strength)."""
+        return False
+
+    def to(self, device: torch.device | str) -> Affine:
+        """On ``device``."""
+        return Affine(self.scale.to(device), self.bias.to(device))
+
+
+@dataclass(frozen=True)
+class Shift:
+    """``z' = pre(z) + tau * shift``: one additive term per class.
+
+    Attributes:
+        shift: ``(C,)`` float32 per-class shift at ``tau = 1``.
+        pre: A calibration applied first, or None.
+    """
+
+    shift: torch.Tensor
+    pre: Affine | None = None
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """``log_softmax(pre(z) + tau * shift)``."""
+        base = z if self.pre is None else self.pre.apply(z)
+        return torch.log_softmax(base + tau * self.shift, dim=-1)
+
+    def is_identity(self, tau: float) -> bool:
+        """At ``tau = 0`` without a calibration."""
+        return tau == 0 and self.pre is None
+
+    def to(self, device: torch.device | str) -> Shift:
+        """On ``device``."""
+        return Shift(self.shift.to(device), None if self.pre is None else self.pre.to(device))
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """BLDA anchor alignment, optionally of calibrated logits.
+
+    Attributes:
+        maps: Tabulated maps ``T_ij`` (fitted on calibrated logits when ``pre`` is set).
+        pre: A calibration applied before the alignment, or None.
+    """
+
+    maps: AlignmentMaps
+    pre: Affine | None = None
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """Corrected log-scores of ``pre(z)`` (not normalised)."""
+        base = z if self.pre is None else self.pre.apply(z)
+        return corrected_log_scores(base, self.maps, tau)
+
+    def is_identity(self, tau: float) -> bool:
+        """At ``tau = 0`` without a calibration."""
+        return tau == 0 and self.pre is None
+
+    def to(self, device: torch.device | str) -> Aligned:
+        """On ``device`` (the maps' lookup tables are rebuilt there on first use)."""
+        if self.maps.table.device == torch.device(device) and (
+            self.pre is None or self.pre.scale.device == torch.device(device)
+        ):
+            return self
+        return Aligned(self.maps.to(device), None if self.pre is None else self.pre.to(device))

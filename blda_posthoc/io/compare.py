@@ -1,0 +1,379 @@
+"""Every correction × a strength grid, evaluated in one streaming pass over labelled images.
+
+JSON report (format ``blda-compare``, version 1), percentages in percent, undefined ``null``::
+
+    {"format": "blda-compare", "version": 1, "class_names": [...], "stores": [...],
+     "settings": {"stats", "anchors", "stats_fingerprint", "anchors_fingerprint", "methods",
+                  "tau_grid", "select_on", "seed", "clamp", "min_pixels", "labels"},
+     "split": null | {"select": [names], "held_out": [names]},
+     "evaluated_on": "all images" | "held-out images",
+     "rows": [{"method", "tau", "auto", "miou", "macc", "pixel_acc", "selection_miou",
+               "per_class": {name: {"iou", "acc"}}}],
+     "selected": {"method", "tau", "miou", "macc", "selection_miou", "gain_over_none"},
+     "tau_auto": {method: {"tau", "criterion", "grid", "distance"}},
+     "skipped_methods": {method: reason}, "num_images": n}
+
+With ``select_on`` the row figures come from the held-out images only and ``selection_miou``
+from the selection images; the selected row is the best on the selection images among those that
+beat ``none`` there (else ``none``), so ``selected.miou`` is an honest held-out figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.correct import correct_image, lookup_tables
+from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
+from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_strength
+from blda_posthoc.core.select import pick_best, split_names
+from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store
+from blda_posthoc.io.report import round_or_none
+from blda_posthoc.io.store import LogitStore
+
+FORMAT = "blda-compare"
+VERSION = 1
+DEFAULT_TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+@dataclass
+class Row:
+    """One (method, strength) and its confusion matrices on the two image sets.
+
+    Attributes:
+        method: Method name.
+        tau: Strength (None for methods without one).
+        corrector: The correction.
+        auto: Whether ``tau`` was chosen by ``--tau auto``.
+        held: Confusion matrix on the images the figures are reported on.
+        select: Confusion matrix on the selection images (with a split).
+    """
+
+    method: str
+    tau: float | None
+    corrector: Corrector
+    auto: bool = False
+    held: ConfusionMatrix | None = None
+    select: ConfusionMatrix | None = None
+
+    def predict(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(H, W)`` prediction of ``(C, H, W)`` logits."""
+        return correct_image(z, size, self.corrector, self.tau or 0.0)[0]
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_store` found.
+
+    Attributes:
+        rows: Every row, ``none`` first.
+        split: ``(selection, held-out)`` names, or None.
+        tau_auto: The ``--tau auto`` choice per method.
+        skipped: Methods left out, with the reason.
+        pairs: The images evaluated.
+    """
+
+    rows: list[Row]
+    split: tuple[list[str], list[str]] | None
+    tau_auto: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    pairs: Pairs | None = None
+
+
+def build_rows(
+    methods: Sequence[str],
+    taus: Sequence[float],
+    spec: CorrectionSpec,
+    statistics: Statistics,
+    class_names: list[str],
+    device: torch.device | str,
+) -> tuple[list[Row], dict[str, dict[str, Any]], dict[str, str]]:
+    """One row per method and strength (``none`` first), plus ``--tau auto`` rows.
+
+    A method the statistics cannot support (e.g. no calibration in the anchors) is left out
+    and reported in the third return value rather than failing the whole comparison.
+    """
+    rows = [Row("none", None, Plain())]
+    auto: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for method in methods:
+        if method == "none":
+            continue
+        try:
+            ready = load_correction(spec.with_method(method), class_names, device, statistics)
+        except InputError as exc:
+            skipped[method] = str(exc)
+            continue
+        if not has_strength(method):
+            rows.append(Row(method, None, ready.corrector))
+            continue
+        for tau in taus:
+            if tau == 0 and ready.corrector.is_identity(0.0):
+                continue  # the same as none
+            if isinstance(ready.corrector, Aligned) and tau:
+                try:
+                    lookup_tables(ready.corrector.maps, tau)
+                except ValueError as exc:
+                    skipped[f"{method} tau {tau:g}"] = str(exc)
+                    continue
+            rows.append(Row(method, float(tau), ready.corrector))
+        if method in ALIGNED:
+            try:
+                chosen = load_correction(
+                    CorrectionSpec(
+                        method, None, True, spec.stats, spec.anchors, spec.clamp, spec.min_pixels
+                    ),
+                    class_names,
+                    device,
+                    statistics,
+                )
+            except InputError as exc:
+                skipped[f"{method} (tau auto)"] = str(exc)
+                continue
+            auto[method] = chosen.settings["tau_auto"]
+            rows.append(Row(method, chosen.tau, chosen.corrector, auto=True))
+    return rows, auto, skipped
+
+
+def compare_store(
+    store: LogitStore,
+    pairs: Pairs,
+    label_files: dict[str, Path],
+    rows: list[Row],
+    *,
+    select_on: float | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[str], list[str]] | None:
+    """Fill every row's confusion matrices in one pass over the labelled images.
+
+    Args:
+        store: The logits.
+        pairs: Images with labels (see :func:`blda_posthoc.io.evaluate.store_labels`).
+        label_files: Label PNGs by name (empty: the store's own labels).
+        rows: The rows (their matrices are reset here).
+        select_on: Images (count, or fraction) drawn for selection; None: no split.
+        seed: Seed of the draw.
+        device: Where to compute.
+
+    Returns:
+        ``(selection names, held-out names)``, or None without a split.
+    """
+    split = None
+    selection: set[str] = set()
+    if select_on is not None:
+        try:
+            split = split_names(pairs.names, select_on, seed)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        selection = set(split[0])
+    c = store.num_classes
+    for row in rows:
+        row.held = ConfusionMatrix(c)
+        row.select = ConfusionMatrix(c) if split is not None else None
+    for name, z, label in iterate_store(store, pairs, label_files, torch.device(device)):
+        size = (int(label.shape[0]), int(label.shape[1]))
+        for row in rows:
+            target = row.select if name in selection else row.held
+            assert target is not None
+            add_pixels(target, row.predict(z, size), label, name)
+    return split
+
+
+def _summary(matrix: ConfusionMatrix | None) -> Summary | None:
+    return None if matrix is None else summarize(matrix.compute())
+
+
+def row_dict(row: Row, class_names: Sequence[str]) -> dict[str, Any]:
+    """The JSON form of one row."""
+    held = _summary(row.held)
+    select = _summary(row.select)
+    assert held is not None
+    return {
+        "method": row.method,
+        "tau": row.tau,
+        "auto": row.auto,
+        "miou": round_or_none(held["miou"]),
+        "macc": round_or_none(held["macc"]),
+        "pixel_acc": round_or_none(held["pixel_acc"]),
+        "selection_miou": None if select is None else round_or_none(select["miou"]),
+        "per_class": {
+            name: {"iou": round_or_none(held["iou"][i]), "acc": round_or_none(held["acc"][i])}
+            for i, name in enumerate(class_names)
+        },
+    }
+
+
+def select_row(rows: list[dict[str, Any]], with_split: bool) -> int:
+    """Index of the selected row (``rows[0]`` is ``none``)."""
+    key = "selection_miou" if with_split else "miou"
+    return pick_best([r[key] for r in rows], baseline=0)
+
+
+def build_report(
+    comparison: Comparison,
+    class_names: list[str],
+    settings: dict[str, Any],
+    stores: Sequence[Path],
+) -> dict[str, Any]:
+    """The ``blda-compare`` JSON document."""
+    rows = [row_dict(r, class_names) for r in comparison.rows]
+    best = rows[select_row(rows, comparison.split is not None)]
+    none_miou = rows[0]["miou"]
+    gain = None if best["miou"] is None or none_miou is None else best["miou"] - none_miou
+    assert comparison.pairs is not None
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "class_names": class_names,
+        "stores": [str(p) for p in stores],
+        "settings": settings,
+        "num_images": len(comparison.pairs.names),
+        "split": None
+        if comparison.split is None
+        else {"select": comparison.split[0], "held_out": comparison.split[1]},
+        "evaluated_on": "all images" if comparison.split is None else "held-out images",
+        "rows": rows,
+        "selected": {
+            "method": best["method"],
+            "tau": best["tau"],
+            "auto": best["auto"],
+            "miou": best["miou"],
+            "macc": best["macc"],
+            "selection_miou": best["selection_miou"],
+            "gain_over_none": round_or_none(gain),
+        },
+        "tau_auto": comparison.tau_auto,
+        "skipped_methods": comparison.skipped,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The rows as a fixed-width table; the selected row marked ``*``."""
+    split = report["split"] is not None
+    header = ["", "method", "tau", "mIoU", "Δ none", "mAcc"] + (["select mIoU"] if split else [])
+    none = report["rows"][0]["miou"]
+    selected = report["selected"]
+    lines = []
+    for row in report["rows"]:
+        mark = (
+            "*"
+            if (row["method"], row["tau"], row["auto"])
+            == (selected["method"], selected["tau"], selected["auto"])
+            else ""
+        )
+        tau = "-" if row["tau"] is None else f"{row['tau']:g}" + (" auto" if row["auto"] else "")
+        cells = [
+            mark,
+            row["method"],
+            tau,
+            _pct(row["miou"]),
+            _signed(None if row["miou"] is None or none is None else row["miou"] - none),
+            _pct(row["macc"]),
+        ] + ([_pct(row["selection_miou"])] if split else [])
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+    render = [
+        "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        for cells in [header, *lines]
+    ]
+    where = (
+        f"held-out images ({len(report['split']['held_out'])}); selected on "
+        f"{len(report['split']['select'])} other images"
+        if split
+        else f"all {report['num_images']} images (selection and figures on the same images: "
+        "optimistic; use --select-on N for an honest figure)"
+    )
+    return "\n".join([f"figures on {where}", *render]) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def plot_compare(path: Path, report: dict[str, Any]) -> None:
+    """MIoU against tau per method, and the per-class IoU gain of the selected row."""
+    from blda_posthoc.io.report import require_matplotlib, save_figure
+
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    none = rows[0]["miou"]
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method and not r["auto"]]
+        if not mine or method == "none":
+            continue
+        if mine[0]["tau"] is None:
+            left.axhline(mine[0]["miou"] or 0, linestyle="--", linewidth=1, label=method)
+            continue
+        taus = ([0.0] if none is not None else []) + [r["tau"] for r in mine]
+        values = ([none] if none is not None else []) + [r["miou"] for r in mine]
+        left.plot(taus, values, marker="o", label=method)
+    if none is not None:
+        left.axhline(none, color="black", linewidth=1, label="none")
+    left.set_xlabel("tau (strength)")
+    left.set_ylabel(f"mIoU (%) on {report['evaluated_on']}")
+    left.legend(fontsize="small", ncol=2)
+    left.set_title("mIoU against strength")
+    selected = report["selected"]
+    best = next(
+        r
+        for r in rows
+        if (r["method"], r["tau"], r["auto"])
+        == (selected["method"], selected["tau"], selected["auto"])
+    )
+    names = list(best["per_class"])
+    gains = [
+        (best["per_class"][n]["iou"] or 0.0) - (rows[0]["per_class"][n]["iou"] or 0.0)
+        for n in names
+    ]
+    colours = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+    right.bar(range(len(names)), gains, color=colours)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(range(len(names)))
+    right.set_xticklabels(names, rotation=60, ha="right")
+    right.set_ylabel("IoU gain over none (points)")
+    tau = "" if selected["tau"] is None else f", tau {selected['tau']:g}"
+    right.set_title(f"selected: {selected['method']}{tau}")
+    save_figure(fig, path)
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    """``--methods`` values (``all`` or names), in the canonical order."""
+    wanted = set(METHODS) if "all" in names else set(names)
+    unknown = sorted(wanted.difference(METHODS))
+    if unknown:
+        raise InputError(
+            f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})"
+        )
+    return [m for m in METHODS if m in wanted]
+
+
+def parse_grid(text: str) -> list[float]:
+    """``--tau 0,0.1,0.5`` as sorted unique finite values >= 0."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"--tau: {part.strip()!r} is not a number") from None
+        if not np.isfinite(value) or value < 0:
+            raise InputError(f"--tau: {part.strip()!r} must be a finite number >= 0")
+        values.append(value)
+    return sorted(set(values))

@@ -1,0 +1,378 @@
+"""From stats files to a ready correction: the one place that turns ``--method`` into a corrector.
+
+``--stats`` is the file fitted on the data being corrected (usually target pseudo-labels): its
+class-conditional cells, predicted shares, confidence histograms and pixel sample are the
+*target* side. ``--anchors`` (default ``--stats``) is the labelled file (usually source ground
+truth): its anchors, class priors and calibrations are the *source* side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.correct import (
+    DEFAULT_CLAMP,
+    DEFAULT_MIN_PIXELS,
+    AlignmentMaps,
+    build_maps,
+    lookup_tables,
+)
+from blda_posthoc.core.fit import LogitStats, StatsExtras
+from blda_posthoc.core.methods import (
+    DEFAULT_TAUS,
+    METHODS,
+    Affine,
+    Aligned,
+    Corrector,
+    Plain,
+    Shift,
+    has_strength,
+)
+from blda_posthoc.core.priors import em_priors, logit_adjustment, prior_shift, smooth_counts
+from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
+from blda_posthoc.core.select import AUTO_GRID, auto_tau
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.stats import read_stats
+
+CBST_PORTION = 0.5
+"""``cbst`` divides each class's probability by the median confidence of its predicted pixels."""
+CALIBRATION_FOR = {"temperature": "temperature", "vector-scaling": "vector", "bias": "bias"}
+"""Affine methods and the calibration of the stats file each one uses."""
+ALIGNED = ("blda", "calibrated-blda", "filled-blda")
+
+
+@dataclass(frozen=True)
+class CorrectionSpec:
+    """What the user asked for: method, strength and statistics (one frozen object per run).
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        tau: Strength; None for the method's default.
+        tau_auto: Choose ``tau`` label-free on the ``--stats`` pixel sample.
+        stats: Stats file of the data being corrected (None only for ``none``).
+        anchors: Labelled stats file (default ``stats``).
+        clamp: CDF clamp ``r`` of the alignment.
+        min_pixels: Cells with fewer pixels get no shift; default the stats file's setting.
+    """
+
+    method: str = "blda"
+    tau: float | None = None
+    tau_auto: bool = False
+    stats: Path | None = None
+    anchors: Path | None = None
+    clamp: float = DEFAULT_CLAMP
+    min_pixels: int | None = None
+
+    def with_method(self, method: str, tau: float | None = None) -> CorrectionSpec:
+        """The same statistics with another method (and strength)."""
+        return replace(self, method=method, tau=tau, tau_auto=False)
+
+
+@dataclass
+class Statistics:
+    """The two stats files of a correction, read once.
+
+    Attributes:
+        cond: ``--stats`` (target side).
+        anchors: ``--anchors`` (source side; the same object as ``cond`` when not given).
+        cond_path: Where ``cond`` came from.
+        anchors_path: Where ``anchors`` came from.
+    """
+
+    cond: LogitStats
+    anchors: LogitStats
+    cond_path: Path
+    anchors_path: Path
+
+    def settings(self) -> dict[str, Any]:
+        """Paths and fingerprints, for reports."""
+        return {
+            "stats": str(self.cond_path),
+            "stats_fingerprint": self.cond.fingerprint,
+            "stats_labels": self.cond.settings.get("labels"),
+            "anchors": str(self.anchors_path),
+            "anchors_fingerprint": self.anchors.fingerprint,
+            "estimator": self.cond.estimator,
+        }
+
+
+def read_statistics(stats: Path, anchors: Path | None, class_names: list[str]) -> Statistics:
+    """Read ``--stats`` and ``--anchors``, which must share the store's class names."""
+    cond = read_stats(stats)
+    anchor_stats = cond if anchors is None else read_stats(anchors)
+    for path, read in ((stats, cond), (anchors or stats, anchor_stats)):
+        if read.class_names != class_names:
+            raise InputError(
+                f"{path}: class names {read.class_names} differ from the store's {class_names}"
+            )
+    return Statistics(cond, anchor_stats, Path(stats), Path(anchors or stats))
+
+
+@dataclass
+class Correction:
+    """A correction ready to apply, and how it was set up.
+
+    Attributes:
+        method: The method name.
+        tau: The strength used (0 for methods without one).
+        corrector: The correction (on the device asked for).
+        settings: Method, strength, statistics and fingerprints, for reports.
+        notes: Things the user should know (cells without shift, ignored options).
+    """
+
+    method: str
+    tau: float
+    corrector: Corrector
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_correction(
+    spec: CorrectionSpec,
+    class_names: list[str],
+    device: torch.device | str = "cpu",
+    statistics: Statistics | None = None,
+) -> Correction:
+    """Read the statistics (unless given) and build the correction ``spec`` asks for.
+
+    Args:
+        spec: Method, strength and statistics.
+        class_names: The store's class names.
+        device: Where the correction runs.
+        statistics: Already read statistics (``compare`` builds many corrections from one read).
+
+    Returns:
+        The correction; a strength the statistics cannot take is an :class:`InputError` here,
+        before any output is written.
+    """
+    if spec.method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+    notes = []
+    if spec.method == "none":
+        return Correction("none", 0.0, Plain(), {"method": "none", "tau": None})
+    if statistics is None:
+        if spec.stats is None:
+            raise InputError(f"--method {spec.method} needs --stats")
+        statistics = read_statistics(spec.stats, spec.anchors, class_names)
+    corrector, details = build_corrector(spec.method, statistics, spec.clamp, spec.min_pixels)
+    notes.extend(details.pop("notes", []))
+    if not has_strength(spec.method):
+        if spec.tau is not None or spec.tau_auto:
+            notes.append(f"--tau is ignored: {spec.method} has no strength")
+        tau = 0.0
+    elif spec.tau_auto:
+        choice = choose_tau(corrector, statistics)
+        tau = choice["tau"]
+        details["tau_auto"] = choice
+    else:
+        tau = DEFAULT_TAUS[spec.method] if spec.tau is None else spec.tau
+    if isinstance(corrector, Aligned) and tau:
+        try:
+            lookup_tables(corrector.maps, tau)
+        except ValueError as exc:
+            raise InputError(f"{statistics.cond_path}: {exc}") from exc
+    settings = {"method": spec.method, "tau": tau if has_strength(spec.method) else None}
+    settings.update(statistics.settings())
+    settings.update(details)
+    return Correction(spec.method, tau, corrector.to(device), settings, notes)
+
+
+def build_corrector(
+    method: str, statistics: Statistics, clamp: float, min_pixels: int | None
+) -> tuple[Corrector, dict[str, Any]]:
+    """The corrector of one method and what it was built from.
+
+    Args:
+        method: A method other than ``none``.
+        statistics: The two stats files.
+        clamp: CDF clamp of the alignment methods.
+        min_pixels: Smallest usable cell; default the ``--stats`` file's setting.
+
+    Returns:
+        The corrector (on the CPU) and details for the report (``notes`` is removed by the
+        caller and shown to the user).
+    """
+    if method in ALIGNED:
+        return _aligned(method, statistics, clamp, min_pixels)
+    if method in CALIBRATION_FOR:
+        scale, bias = _calibration(statistics, CALIBRATION_FOR[method])
+        return Affine(scale, bias), {"calibration": CALIBRATION_FOR[method]}
+    if method == "cbst":
+        return Shift(_cbst_shift(statistics)), {"cbst_portion": CBST_PORTION}
+    if method == "logit-adjust":
+        source = smooth_counts(statistics.anchors.label_pixels)
+        target = smooth_counts(_extras(statistics.cond, statistics.cond_path, method).predicted)
+        shift = logit_adjustment(source, target, 1.0)
+        return Shift(torch.as_tensor(shift, dtype=torch.float32)), {}
+    if method == "em-prior":
+        return _em_prior(statistics)
+    raise InputError(f"unknown method {method!r}")
+
+
+def _extras(stats: LogitStats, path: Path, method: str) -> StatsExtras:
+    if stats.extras is None:
+        raise InputError(
+            f"{path}: a version 1 stats file holds no statistics for --method {method} "
+            "(fit it again with this version of blda fit-stats)"
+        )
+    return stats.extras
+
+
+def _calibration(statistics: Statistics, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    extras = _extras(statistics.anchors, statistics.anchors_path, f"{kind} calibration")
+    if kind not in extras.calibrations:
+        raise InputError(
+            f"{statistics.anchors_path}: holds no {kind} calibration (it is fitted by "
+            "blda fit-stats --labels gt on labelled, usually source, logits)"
+        )
+    scale, bias = extras.calibrations[kind]
+    return (
+        torch.tensor(np.asarray(scale), dtype=torch.float32),
+        torch.tensor(np.asarray(bias), dtype=torch.float32),
+    )
+
+
+def _min_pixels(stats: LogitStats, min_pixels: int | None) -> int:
+    return (
+        int(stats.settings.get("min_pixels", DEFAULT_MIN_PIXELS))
+        if min_pixels is None
+        else min_pixels
+    )
+
+
+def _aligned(
+    method: str, statistics: Statistics, clamp: float, min_pixels: int | None
+) -> tuple[Corrector, dict[str, Any]]:
+    cond, anchors, pre = statistics.cond, statistics.anchors, None
+    if method == "calibrated-blda":
+        cond = _calibrated(statistics.cond, statistics.cond_path)
+        anchors = _calibrated(statistics.anchors, statistics.anchors_path)
+        if _calibration_id(cond) != _calibration_id(anchors):
+            raise InputError(
+                f"{statistics.cond_path}: its calibrated statistics were made with another "
+                f"calibration than {statistics.anchors_path}'s (fit it with "
+                f"--calibration {statistics.anchors_path})"
+            )
+        pre = Affine(*_calibration(statistics, "vector"))
+    min_px = _min_pixels(statistics.cond, min_pixels)
+    anchor_pixels = anchors.anchor_counts.sum(-1)
+    if (anchor_pixels < max(min_px, 1)).any():
+        raise InputError(
+            f"{statistics.anchors_path}: anchors hold too few pixels "
+            f"(positive {anchor_pixels[0]}, negative {anchor_pixels[1]}; need {min_px})"
+        )
+    if not 0.0 <= clamp < 0.5:
+        raise InputError(f"--clamp must lie in [0, 0.5), got {clamp}")
+    fallback = anchors if method == "filled-blda" else None
+    maps = build_maps(cond, anchors, clamp, min_px, fallback=fallback)
+    details: dict[str, Any] = {
+        "clamp": clamp,
+        "min_pixels": min_px,
+        "skipped_cells": [list(ij) for ij in maps.skipped],
+        "notes": _skipped_note(maps, cond.class_names),
+    }
+    if pre is not None:
+        details["calibration"] = "vector"
+    return Aligned(maps, pre), details
+
+
+def _calibration_id(stats: LogitStats) -> str | None:
+    return (stats.settings.get("calibration") or {}).get("fingerprint")
+
+
+def _calibrated(stats: LogitStats, path: Path) -> LogitStats:
+    extras = _extras(stats, path, "calibrated-blda")
+    if extras.calibrated is None:
+        raise InputError(
+            f"{path}: holds no statistics of calibrated logits (fit it with --labels gt, or "
+            "with --calibration SOURCE_STATS)"
+        )
+    return extras.calibrated
+
+
+def _skipped_note(maps: AlignmentMaps, class_names: list[str]) -> list[str]:
+    skipped = maps.skipped
+    if not skipped:
+        return []
+    own = [class_names[i] for i, j in skipped if i == j]
+    return [
+        f"{len(skipped)} of {len(class_names) ** 2} cells hold too few pixels and get no shift"
+        + (
+            f" (positive cells of: {', '.join(own)}; --method filled-blda borrows them from "
+            "--anchors)"
+            if own
+            else ""
+        )
+    ]
+
+
+def _cbst_shift(statistics: Statistics) -> torch.Tensor:
+    extras = _extras(statistics.cond, statistics.cond_path, "cbst")
+    lo, hi, bins = extras.confidence_grid
+    thresholds = keep_thresholds(extras.confidence, LogOddsGrid(lo, hi, bins), CBST_PORTION)
+    present = thresholds.pixels > 0
+    logodds = np.where(present, thresholds.logodds, np.nan)
+    # -log(sigmoid(l)) = softplus(-l); a class never predicted gets the largest boost.
+    shift = np.logaddexp(0.0, -logodds)
+    fill = np.nanmax(shift) if present.any() else 0.0
+    return torch.as_tensor(np.where(present, shift, fill), dtype=torch.float32)
+
+
+def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
+    """EM estimate of the target class priors on the ``--stats`` pixel sample.
+
+    The sample's probabilities are calibrated first with the ``--anchors`` vector scaling when
+    it has one (EM on raw, under-confident probabilities tends to collapse onto one class).
+
+    Returns:
+        ``(target priors (C,), source priors (C,), calibration or None)``.
+    """
+    extras = _extras(statistics.cond, statistics.cond_path, "em-prior")
+    source = smooth_counts(statistics.anchors.label_pixels)
+    pre = None
+    anchor_extras = statistics.anchors.extras
+    if anchor_extras is not None and "vector" in anchor_extras.calibrations:
+        pre = Affine(*_calibration(statistics, "vector"))
+    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
+    if pre is not None:
+        z = pre.apply(z)
+    probs = torch.softmax(z.double(), dim=-1).numpy()
+    target, _ = em_priors(probs, source)
+    return target, source, pre
+
+
+def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    target, source, pre = target_priors(statistics)
+    shift = prior_shift(source, np.maximum(target, 1e-12))
+    details: dict[str, Any] = {
+        "calibration": "vector" if pre is not None else None,
+        "target_priors": [round(float(p), 6) for p in target],
+    }
+    if pre is None:
+        details["notes"] = [
+            f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
+            "which tends to collapse (fit the anchors with --labels gt)"
+        ]
+    return Shift(torch.as_tensor(shift, dtype=torch.float32), pre), details
+
+
+def choose_tau(corrector: Corrector, statistics: Statistics) -> dict[str, Any]:
+    """``--tau auto``: the strength chosen on the ``--stats`` pixel sample.
+
+    The strength whose predicted class shares come closest to the EM estimate of the target
+    priors (see :func:`blda_posthoc.core.select.auto_tau`).
+    """
+    extras = _extras(statistics.cond, statistics.cond_path, "--tau auto")
+    target, _, pre = target_priors(statistics)
+    if pre is None:
+        raise InputError(
+            f"{statistics.anchors_path}: --tau auto needs a source calibration (fit the "
+            "anchors with blda fit-stats --labels gt)"
+        )
+    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
+    return auto_tau(corrector, z, target, AUTO_GRID)
