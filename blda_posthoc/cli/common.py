@@ -162,6 +162,7 @@ def correction_options(func: F) -> F:
     """
 
     @functools.wraps(func)
+    @handle_errors
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         kwargs["correction"] = build_spec(
             method=kwargs.pop("method"),

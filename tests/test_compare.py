@@ -1,0 +1,279 @@
+"""``blda compare`` end to end: rows equal separate runs, one pass, honest selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_case
+
+from blda_posthoc.cli import main
+from blda_posthoc.io.store import LogitStore
+
+
+def run(*args, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def assert_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    src = write_case(root / "src", num_images=8, num_classes=5, seed=21, bias_scale=0.0)
+    tgt = write_case(root / "tgt", num_images=12, num_classes=5, seed=22, bias_scale=1.5)
+    paths = {k: root / f"{k}.h5" for k in ("src", "tgt", "src_stats", "tgt_stats")}
+    paths["labels"] = tgt[1]
+    run("import-logits", src[0], "--labels", src[1], "--out", paths["src"])
+    run("import-logits", tgt[0], "--labels", tgt[1], "--out", paths["tgt"])
+    run(
+        "fit-stats",
+        paths["src"],
+        "--labels",
+        "gt",
+        "--min-pixels",
+        "20",
+        "--out",
+        paths["src_stats"],
+    )
+    run(
+        "fit-stats",
+        paths["tgt"],
+        "--labels",
+        "pseudo",
+        "--min-pixels",
+        "20",
+        "--calibration",
+        paths["src_stats"],
+        "--out",
+        paths["tgt_stats"],
+    )
+    return paths
+
+
+def compare(case, out: Path, *extra) -> dict:
+    result = run(
+        "compare",
+        case["tgt"],
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--tau",
+        "0.2,0.5,1",
+        "--json",
+        out,
+        *extra,
+    )
+    assert "figures on" in result.stdout and "*" in result.stdout
+    return json.loads(out.read_text())
+
+
+def test_rows_equal_separate_evaluate_runs(case, tmp_path):
+    report = compare(case, tmp_path / "c.json")
+    assert report["format"] == "blda-compare" and report["version"] == 1
+    assert report["rows"][0]["method"] == "none" and report["rows"][0]["tau"] is None
+    methods = {r["method"] for r in report["rows"]}
+    assert methods == {
+        "none",
+        "blda",
+        "calibrated-blda",
+        "filled-blda",
+        "temperature",
+        "vector-scaling",
+        "bias",
+        "cbst",
+        "em-prior",
+        "logit-adjust",
+    }
+    assert report["skipped_methods"] == {}
+    checked = 0
+    for row in report["rows"]:
+        if row["method"] == "none" or (row["tau"] not in (None, 0.5) and not row["auto"]):
+            continue
+        out = tmp_path / f"e{checked}.json"
+        tau = [] if row["tau"] is None else ["--tau", f"{row['tau']}"]
+        run(
+            "evaluate",
+            case["tgt"],
+            "--method",
+            row["method"],
+            *tau,
+            "--stats",
+            case["tgt_stats"],
+            "--anchors",
+            case["src_stats"],
+            "--json",
+            out,
+        )
+        after = json.loads(out.read_text())["after"]
+        assert after["miou"] == row["miou"], row
+        assert after["per_class"]["class_1"]["iou"] == row["per_class"]["class_1"]["iou"]
+        checked += 1
+    assert checked >= 10
+    plain = tmp_path / "plain.json"
+    run("evaluate", case["tgt"], "--json", plain)
+    assert json.loads(plain.read_text())["miou"] == report["rows"][0]["miou"]
+
+
+def test_one_pass_over_the_images(case, tmp_path, monkeypatch):
+    reads: list[str] = []
+    original = LogitStore.read
+
+    def counting(self, name, *, with_label=True):
+        reads.append(name)
+        return original(self, name, with_label=with_label)
+
+    monkeypatch.setattr(LogitStore, "read", counting)
+    report = compare(case, tmp_path / "c.json")
+    assert len(report["rows"]) > 20
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 12
+
+
+def test_select_on_reports_held_out_figures(case, tmp_path):
+    report = compare(case, tmp_path / "c.json", "--select-on", "4", "--seed", "3")
+    split = report["split"]
+    assert len(split["select"]) == 4 and len(split["held_out"]) == 8
+    assert not set(split["select"]) & set(split["held_out"])
+    assert report["evaluated_on"] == "held-out images"
+    selected = report["selected"]
+    row = next(
+        r
+        for r in report["rows"]
+        if (r["method"], r["tau"], r["auto"])
+        == (selected["method"], selected["tau"], selected["auto"])
+    )
+    assert selected["miou"] == row["miou"]
+    none = report["rows"][0]
+    assert selected["method"] == "none" or row["selection_miou"] > none["selection_miou"]
+    best_select = max(r["selection_miou"] for r in report["rows"])
+    assert row["selection_miou"] == best_select or selected["method"] == "none"
+    # The held-out figures equal an evaluation of the held-out images alone.
+    labels = tmp_path / "held_labels"
+    for name in split["held_out"]:
+        src = case["labels"] / f"{name}.png"
+        dst = labels / f"{name}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    out = tmp_path / "held.json"
+    run("evaluate", case["tgt"], "--labels", labels, "--allow-missing", "--json", out)
+    assert json.loads(out.read_text())["miou"] == none["miou"]
+    # The same seed gives the same split; another seed another one.
+    again = compare(case, tmp_path / "c2.json", "--select-on", "0.33", "--seed", "3")
+    assert again["split"] == split
+    other = compare(case, tmp_path / "c3.json", "--select-on", "4", "--seed", "4")
+    assert other["split"] != split
+
+
+def test_from_compare_applies_the_selection(case, tmp_path):
+    report = compare(case, tmp_path / "c.json", "--select-on", "4", "--plot", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    out = tmp_path / "pred"
+    run("correct", case["tgt"], "--from-compare", tmp_path / "c.json", "--out-dir", out)
+    settings = json.loads((out / "correct.json").read_text())["settings"]
+    assert settings["method"] == report["selected"]["method"]
+    assert settings["tau"] == report["selected"]["tau"]
+    assert settings["stats"] == str(case["tgt_stats"])
+    usage = run(
+        "correct",
+        case["tgt"],
+        "--from-compare",
+        tmp_path / "c.json",
+        "--tau",
+        "0.1",
+        "--out-dir",
+        tmp_path / "p2",
+        ok=False,
+    )
+    assert usage.exit_code == 2 and "--from-compare" in usage.stderr
+
+
+def test_compare_errors(case, tmp_path):
+    out = tmp_path / "c.json"
+    base = ["compare", case["tgt"], "--stats", case["tgt_stats"], "--json", out]
+    assert run(*base, "--select-on", "0", ok=False).exit_code == 2
+    assert run(*base, "--select-on", "2.5", ok=False).exit_code == 2
+    assert_error(run(*base, "--select-on", "12", ok=False), "no held-out image")
+    assert_error(run(*base, "--methods", "blda,magic", ok=False), "magic")
+    assert_error(run(*base, "--tau", "0.2,nan", ok=False), "nan")
+    assert_error(
+        run("compare", case["tgt"], "--stats", tmp_path / "none.h5", "--json", out, ok=False),
+        "none.h5",
+    )
+    usage = run("compare", case["tgt"], "--json", out, ok=False)
+    assert usage.exit_code == 2 and "--stats" in usage.stderr
+    assert not out.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert_error(
+        run("correct", case["tgt"], "--from-compare", bad, "--out-dir", tmp_path / "p", ok=False),
+        "bad.json",
+    )
+
+
+def test_methods_the_statistics_cannot_support_are_left_out_with_a_reason(case, tmp_path):
+    out = tmp_path / "c.json"
+    # Target statistics alone: no calibration, so the calibration methods are left out.
+    result = run(
+        "compare", case["tgt"], "--stats", case["tgt_stats"], "--tau", "0.5", "--json", out
+    )
+    report = json.loads(out.read_text())
+    assert "vector-scaling" in report["skipped_methods"]
+    assert "vector-scaling left out" in result.stderr
+    assert {r["method"] for r in report["rows"]} >= {"none", "blda", "cbst", "logit-adjust"}
+
+
+def test_option_errors_on_correct(case, tmp_path):
+    out = tmp_path / "p"
+    for bad in ("nan", "-1", "inf", "x"):
+        result = run(
+            "correct",
+            case["tgt"],
+            "--stats",
+            case["tgt_stats"],
+            "--tau",
+            bad,
+            "--out-dir",
+            out,
+            ok=False,
+        )
+        assert result.exit_code == 2 and "--tau" in result.stderr, bad
+    result = run(
+        "correct",
+        case["tgt"],
+        "--method",
+        "vector-scaling",
+        "--stats",
+        case["tgt_stats"],
+        "--out-dir",
+        out,
+        ok=False,
+    )
+    assert_error(result, "calibration")
+    assert not out.exists()
+    result = run(
+        "correct",
+        case["tgt"],
+        "--method",
+        "vector-scaling",
+        "--tau",
+        "0.3",
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--out-dir",
+        out,
+    )
+    assert "--tau is ignored" in result.stderr
