@@ -150,7 +150,6 @@ def _minimise(
         max_iter=max_iter,
         tolerance_grad=1e-9,
         tolerance_change=1e-12,
-        history_size=20,
         line_search_fn="strong_wolfe",
     )
 
