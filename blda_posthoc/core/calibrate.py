@@ -150,7 +150,6 @@ def _minimise(
         max_iter=max_iter,
         tolerance_grad=1e-9,
         tolerance_change=1e-12,
-        history_size=20,
         line_search_fn="strong_wolfe",
     )
 
@@ -186,7 +185,8 @@ def fit_calibration(
         kind: One of :data:`CALIBRATIONS`.
         max_iter: L-BFGS iterations at most.
         weight_decay: Optional L2 pull of the fitted parameters towards the identity,
-            ``weight_decay / 2 * (sum (scale - 1)^2 + sum bias^2)``, added to the objective.
+            ``weight_decay / 2 * (sum (scale - 1)^2 + sum bias^2)`` over the fitted parameters
+            (the shared temperature scale counts once), added to the objective.
 
     Returns:
         The fitted :class:`Calibration`; its ``loss`` is the plain mean cross-entropy of the
