@@ -180,7 +180,8 @@ def report_cells(stats: LogitStats) -> None:
     if extras is not None and extras.calibrations:
         vector = extras.calibrations["vector"]
         info(
-            f"calibrations fitted on {len(extras.sample.labels)} sampled pixels (temperature, "
+            f"calibrations fitted on {stats.settings['calibration_pixels']} labelled pixels "
+            "(temperature, "
             f"vector scaling: scale {vector[0].min():.3g}..{vector[0].max():.3g}, bias); "
             "statistics of calibrated logits included"
         )

@@ -1,11 +1,12 @@
 """Stream logits stores into fitted statistics (docs/method.md, "Estimating the distributions").
 
 One pass over the store accumulates, per image at its recorded size: the logit-collection
-histograms, the predicted-class counts, the per-class confidence histograms (for ``cbst``) and
-a seeded pixel sample. With ground-truth labels the affine calibrations (temperature, vector
-scaling, bias) are then fitted on the sample, and a second pass histograms the calibrated
-logits (for ``calibrated-blda``); with a calibration given (``--calibration``), the calibrated
-histograms come in the same single pass.
+histograms, the predicted-class counts, the per-class confidence histograms (for ``cbst``), a
+seeded pixel sample and, when a calibration is known, the histograms of the calibrated logits
+(for ``calibrated-blda``). With ground-truth labels the affine calibrations (temperature, vector
+scaling, bias) are fitted first on labelled pixels of at most 32 images spread over the store;
+the vector scaling is then the known calibration. ``--calibration`` gives one instead (target
+statistics take the source's).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ LABEL_SOURCES = ("gt", "pseudo")
 DEFAULT_BINS = 4096
 DEFAULT_SAMPLE_PIXELS = 200_000
 CONFIDENCE_BINS = 4096
+CALIBRATION_PIXELS = 50_000
+"""Labelled pixels the calibrations are fitted on (2C parameters at most: plenty)."""
+CALIBRATION_IMAGES = 32
+"""Images those pixels are drawn from."""
 CALIBRATED_WITH = "vector"
 """The calibration whose logits the calibrated statistics describe."""
 
@@ -54,7 +59,7 @@ class FitOptions:
         bins: Histogram bins over the store's logit range.
         sample_pixels: Size of the seeded pixel sample (calibration, EM, ``--tau auto``).
         seed: Seed of the sample.
-        calibrate: With ``gt``: fit calibrations and the calibrated statistics (second pass).
+        calibrate: With ``gt``: fit the calibrations and the calibrated statistics.
         calibration: A known vector calibration ``(scale, bias)`` whose calibrated statistics
             are fitted in the same pass, or None.
         calibration_source: Where ``calibration`` came from (recorded in the settings).
@@ -99,8 +104,15 @@ def fit_store(
         raise InputError(f"{store.paths[0]}: --labels gt needs label maps in every image")
     lo, hi = store.logit_range()
     c = store.num_classes
-    known = _affine(options.calibration, device)
-    first = Pass(c, Grid.covering(lo, hi, options.bins), device, options, known, (lo, hi))
+    calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    known, source = options.calibration, options.calibration_source
+    if options.labels == "gt" and options.calibrate:
+        labelled = calibration_sample(store, options, device)
+        calibrations = _fit_calibrations(labelled)
+        if known is None and calibrations:
+            known, source = calibrations[CALIBRATED_WITH], "self"
+    grid = Grid.covering(lo, hi, options.bins)
+    first = Pass(c, grid, device, options, _affine(known, device), (lo, hi))
     quota = math.ceil(options.sample_pixels / max(len(store.names), 1))
     for record, z in store.iter_images(
         device=device, with_label=options.labels == "gt", progress=progress
@@ -117,23 +129,14 @@ def fit_store(
         "sample_pixels": options.sample_pixels,
         "seed": options.seed,
     }
+    if calibrations:
+        settings["calibration_pixels"] = int(labelled.labels.size)
     stats = make_stats(
         first.histogram, store.class_names, options.estimator, options.components, settings
     )
-    sample = first.sample()
-    calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if options.labels == "gt" and options.calibrate:
-        calibrations = _fit_calibrations(sample)
     calibrated = None
-    if first.calibrated is not None:
-        calibrated = _calibrated_stats(first.calibrated, stats, options, options.calibration)
-    elif calibrations:
-        cal = calibrations[CALIBRATED_WITH]
-        second = Pass(c, None, device, options, _affine(cal, device), (lo, hi))
-        for record, z in store.iter_images(device=device, with_label=True, progress=progress):
-            second.add_calibrated(z, _labels(record, z, "gt", device))
-        assert second.calibrated is not None
-        calibrated = _calibrated_stats(second.calibrated, stats, options, cal, "self")
+    if first.calibrated is not None and known is not None:
+        calibrated = _calibrated_stats(first.calibrated, stats, options, known, source)
     stats.extras = StatsExtras(
         predicted=first.predicted.cpu().numpy(),
         confidence=first.confidence.counts(),
@@ -142,11 +145,68 @@ def fit_store(
             first.confidence.grid.hi,
             first.confidence.grid.bins,
         ),
-        sample=sample,
+        sample=first.sample(),
         calibrations=calibrations,
         calibrated=calibrated,
     )
     return stats
+
+
+def calibration_sample(
+    store: LogitStore, options: FitOptions, device: torch.device | str
+) -> PixelSample:
+    """Labelled pixels for the calibration fit, from at most :data:`CALIBRATION_IMAGES` images.
+
+    The images are spread evenly over the name-sorted store, so that the calibration is known
+    before the main pass (which then histograms the calibrated logits too) at the cost of
+    reading a small part of a large store twice.
+    """
+    names = store.names
+    step = max(1, math.ceil(len(names) / CALIBRATION_IMAGES))
+    chosen = names[::step]
+    quota = math.ceil(CALIBRATION_PIXELS / max(len(chosen), 1))
+    parts = [
+        sample_image(record.name, z, _labels(record, z, "gt", device), quota, options.seed)
+        for record, z in store.iter_images(chosen, device=device, with_label=True)
+    ]
+    return join_samples(parts, store.num_classes)
+
+
+def sample_image(
+    name: str, z: torch.Tensor, y: torch.Tensor, quota: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of an image's labelled pixels.
+
+    The draw depends on the seed and the image's name only, so shards and reruns draw the same
+    pixels.
+
+    Args:
+        name: Image name.
+        z: ``(C, H, W)`` logits.
+        y: ``(H, W)`` labels (255 and ids ``>= C`` are not drawn).
+        quota: Pixels to draw (all when the image has fewer).
+        seed: Seed of the sample.
+
+    Returns:
+        ``(q, C)`` float32 logits and ``(q,)`` uint8 labels.
+    """
+    c = z.shape[0]
+    flat_y = y.reshape(-1)
+    usable = torch.nonzero((flat_y != IGNORE_INDEX) & (flat_y < c)).reshape(-1)
+    image_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 32)
+    pick = usable[torch.as_tensor(sample_pixels(int(usable.numel()), quota, image_seed))]
+    logits = z.reshape(c, -1)[:, pick].T.float().cpu().numpy()
+    return logits, flat_y[pick].cpu().numpy().astype(np.uint8)
+
+
+def join_samples(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> PixelSample:
+    """One :class:`PixelSample` from per-image samples, in the given order."""
+    if not parts:
+        return PixelSample(np.zeros((0, num_classes), np.float32), np.zeros(0, np.uint8))
+    return PixelSample(
+        np.concatenate([p[0] for p in parts]).astype(np.float32),
+        np.concatenate([p[1] for p in parts]),
+    )
 
 
 def _labels(record: Any, z: torch.Tensor, labels: str, device: torch.device | str) -> torch.Tensor:
@@ -170,7 +230,7 @@ class Pass:
 
     Args:
         num_classes: ``C``.
-        grid: Grid of the raw-logit histograms (None: calibrated histograms only).
+        grid: Grid of the raw-logit histograms.
         device: Where counts accumulate.
         options: The fit options (labels, seed).
         calibration: Calibration whose calibrated logits are histogrammed too, or None.
@@ -180,7 +240,7 @@ class Pass:
     def __init__(
         self,
         num_classes: int,
-        grid: Grid | None,
+        grid: Grid,
         device: torch.device | str,
         options: FitOptions,
         calibration: Affine | None,
@@ -188,8 +248,6 @@ class Pass:
     ) -> None:
         self.options = options
         self.num_classes = num_classes
-        self.device = device
-        grid = grid or Grid(0.0, 1.0, 2)
         self.histogram = LogitHistogram(num_classes, grid, device)
         self.predicted = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.confidence = ConfidenceHistogram(
@@ -211,31 +269,14 @@ class Pass:
         pred, logodds = confidence_logodds(z)
         self.predicted += torch.bincount(pred.reshape(-1), minlength=c)
         self.confidence.update(pred, logodds)
-        flat_y = y.reshape(-1)
-        usable = torch.nonzero((flat_y != IGNORE_INDEX) & (flat_y < c)).reshape(-1)
-        seed = (self.options.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 32)
-        pick = usable[torch.as_tensor(sample_pixels(int(usable.numel()), quota, seed))]
-        flat_z = z.reshape(c, -1)
-        self.samples.append(
-            (flat_z[:, pick].T.cpu().numpy(), flat_y[pick].cpu().numpy().astype(np.uint8))
-        )
-        if self.calibration is not None:
-            self.add_calibrated(z, y if self.options.labels == "gt" else None)
-
-    def add_calibrated(self, z: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Histogram the calibrated logits (``y`` None: their own argmax as pseudo-labels)."""
-        assert self.calibration is not None and self.calibrated is not None
-        zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
-        self.calibrated.update(zc, zc.argmax(0) if y is None else y)
+        self.samples.append(sample_image(name, z, y, quota, self.options.seed))
+        if self.calibration is not None and self.calibrated is not None:
+            zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
+            self.calibrated.update(zc, y if self.options.labels == "gt" else zc.argmax(0))
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""
-        if not self.samples:
-            return PixelSample(np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.uint8))
-        return PixelSample(
-            np.concatenate([s[0] for s in self.samples]).astype(np.float32),
-            np.concatenate([s[1] for s in self.samples]),
-        )
+        return join_samples(self.samples, self.num_classes)
 
 
 def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> tuple[float, float]:
@@ -247,6 +288,7 @@ def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> 
 
 
 def _fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Temperature, vector scaling and bias fitted on labelled pixels."""
     if sample.labels.size == 0:
         return {}
     fits = {}
