@@ -235,8 +235,31 @@ def test_info_describes_a_stats_file(files) -> None:
     assert d["cells_below_min_pixels"] == int((stats.cell_pixels < 100).sum())
     assert d["anchor_pixels"]["positive"] == int(stats.anchor_counts[0].sum())
     assert s["kind"] == "logits store"
+    assert stats.extras is not None and d["sample_pixels"] == stats.extras.sample.labels.shape[0]
+    assert d["calibrations"] == [] and d["calibrated"] is None  # pseudo labels: no calibration
     text = run("info", files["stats"]).stdout
     assert "hist" in text and "4096 bins" in text and stats.fingerprint in text
+
+
+def test_info_describes_calibrations_of_gt_statistics(tmp_path, files) -> None:
+    gt = tmp_path / "gt_stats.h5"
+    run("fit-stats", files["store"], "--labels", "gt", "--out", gt)
+    d = json.loads(run("info", gt, "--json").stdout)["files"][0]
+    stats = read_stats(gt)
+    assert stats.extras is not None and stats.extras.calibrated is not None
+    assert d["labels"] == "gt" and d["calibrations"] == sorted(stats.extras.calibrations)
+    assert d["calibrated"] == stats.extras.calibrated.settings["calibration"]
+    assert d["calibrated"]["kind"] == "vector"
+    assert "calibrations" in run("info", gt).stdout
+    # Renaming reaches the statistics of calibrated logits too, and keeps everything else.
+    run("info", "--rename-classes", "a,b,c,d", gt)
+    renamed = read_stats(gt)
+    assert renamed.class_names == ["a", "b", "c", "d"]
+    assert renamed.extras is not None and renamed.extras.calibrated is not None
+    assert renamed.extras.calibrated.class_names == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(renamed.extras.sample.logits, stats.extras.sample.logits)
+    assert sorted(renamed.extras.calibrations) == sorted(stats.extras.calibrations)
+    np.testing.assert_array_equal(renamed.extras.calibrated.counts, stats.extras.calibrated.counts)
 
 
 def test_info_counts_incomplete_images_and_shards(tmp_path, files) -> None:

@@ -14,11 +14,13 @@ and of a stats file's::
     path, kind="stats file", format, version, created_by, file_bytes, class_names,
     num_classes, estimator, components, grid {lo, hi, bins}, fingerprint,
     fingerprint_attribute, labels, min_pixels, num_images, num_pixels, sources, settings,
-    cells_below_min_pixels, anchor_pixels {positive, negative}
+    cells_below_min_pixels, anchor_pixels {positive, negative},
+    sample_pixels (null for version 1), calibrations [kind, ...],
+    calibrated (null, or {kind, fingerprint, source} of the calibration behind /calibrated)
 
-:func:`rename_classes` rewrites only the class names (and, for a stats file, its fingerprint
-attribute, since the fingerprint covers the names) in a copy of the file, then moves the copy
-over the original: a failure leaves the original untouched.
+:func:`rename_classes` rewrites only the class names (and, for a stats file, its fingerprint,
+which covers the names) through a temporary file that then replaces the original: a failure
+leaves the original untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any
 
 import h5py
 
+from blda_posthoc.core.fit import LogitStats
 from blda_posthoc.io import stats as stats_io
 from blda_posthoc.io import store as store_io
 from blda_posthoc.io.errors import InputError
@@ -134,7 +138,7 @@ def _describe_store(f: h5py.File) -> dict[str, Any]:
     }
 
 
-def _describe_stats(stats: Any, stored_fingerprint: str | None) -> dict[str, Any]:
+def _describe_stats(stats: LogitStats, stored_fingerprint: str | None) -> dict[str, Any]:
     settings = dict(stats.settings)
     min_pixels = settings.get("min_pixels")
     below = None
@@ -157,6 +161,22 @@ def _describe_stats(stats: Any, stored_fingerprint: str | None) -> dict[str, Any
         "settings": settings,
         "cells_below_min_pixels": below,
         "anchor_pixels": {"positive": int(anchor_pixels[0]), "negative": int(anchor_pixels[1])},
+        **_describe_extras(stats),
+    }
+
+
+def _describe_extras(stats: LogitStats) -> dict[str, Any]:
+    """What a version-2 stats file holds beyond the histograms (None / empty for version 1)."""
+    extras = stats.extras
+    if extras is None:
+        return {"sample_pixels": None, "calibrations": [], "calibrated": None}
+    calibrated = None
+    if extras.calibrated is not None:
+        calibrated = dict(extras.calibrated.settings.get("calibration") or {})
+    return {
+        "sample_pixels": int(extras.sample.labels.shape[0]),
+        "calibrations": sorted(extras.calibrations),
+        "calibrated": calibrated,
     }
 
 
@@ -185,7 +205,7 @@ def format_description(d: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("format", f"{d['format']} version {d['version']} ({d['created_by'] or 'unknown writer'})"),
         ("file size", _human_bytes(d["file_bytes"])),
-        ("classes", describe_names(d["class_names"], limit=8)),
+        ("classes", describe_names(d["class_names"], limit=64)),
     ]
     if d["kind"] == "logits store":
         rows += [
@@ -223,21 +243,36 @@ def format_description(d: dict[str, Any]) -> str:
             )
         a = d["anchor_pixels"]
         rows.append(("anchors", f"P+ {a['positive']} pixels, P- {a['negative']} pixels"))
+        if d["sample_pixels"] is not None:
+            rows.append(("pixel sample", f"{d['sample_pixels']} pixels"))
+        if d["calibrations"]:
+            rows.append(("calibrations", ", ".join(d["calibrations"])))
+        if d["calibrated"] is not None:
+            cal = d["calibrated"]
+            source = f" from {cal['source']}" if cal.get("source") else ""
+            kind = cal.get("kind", "calibrated")
+            rows.append(("calibrated", f"statistics of {kind}-calibrated logits{source}"))
         fingerprint = d["fingerprint"]
         if d["fingerprint_attribute"] not in (None, fingerprint):
             fingerprint += f" (the file's attribute says {d['fingerprint_attribute']})"
         rows.append(("fingerprint", fingerprint))
     width = max(len(key) for key, _ in rows)
     lines = [f"{d['path']}: {d['kind']}"]
-    lines += [f"  {key.ljust(width)}  {value}" for key, value in rows]
+    for key, value in rows:
+        wrapped = textwrap.wrap(value, 96 - width, break_on_hyphens=False) or [""]
+        lines.append(f"  {key.ljust(width)}  {wrapped[0]}")
+        lines += [f"  {'':{width}}  {more}" for more in wrapped[1:]]
     return "\n".join(lines)
 
 
 def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
     """Set the class names of a store or stats file, atomically.
 
-    The file is copied to a temporary name beside it, the copy's names (and a stats file's
-    fingerprint attribute) are rewritten, and the copy replaces the original.
+    A store is copied to a temporary name beside it, the copy's ``class_names`` attribute is
+    rewritten, and the copy replaces the original. A stats file is read and written again with
+    the new names (through a temporary file, see :func:`blda_posthoc.io.stats.write_stats`),
+    which also updates its fingerprint (the fingerprint covers the names); a version-1 stats
+    file is written as version 2.
 
     Args:
         path: A logits store or stats file.
@@ -260,16 +295,22 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
         )
     if list(names) == old:
         return old
+    if fmt == stats_io.FORMAT:
+        stats = stats_io.read_stats(path)
+        stats.class_names = list(names)
+        if stats.extras is not None and stats.extras.calibrated is not None:
+            stats.extras.calibrated.class_names = list(names)
+        try:
+            stats_io.write_stats(path, stats, overwrite=True)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot rename its classes ({exc})") from exc
+        return old
     tmp = path.with_name(f".{path.name}.rename.tmp")
     try:
         shutil.copyfile(path, tmp)
         shutil.copymode(path, tmp)
         with h5py.File(tmp, "a") as f:
             f.attrs["class_names"] = json.dumps(list(names))
-        if fmt == stats_io.FORMAT:
-            fingerprint = stats_io.read_stats(tmp).fingerprint
-            with h5py.File(tmp, "a") as f:
-                f.attrs["fingerprint"] = fingerprint
         os.replace(tmp, path)
     except OSError as exc:
         raise InputError(f"{path}: cannot rename its classes ({exc})") from exc
