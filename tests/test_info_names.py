@@ -319,7 +319,8 @@ def test_rename_classes_of_a_store_and_its_stats_lets_correct_run(tmp_path, file
         tmp_path / "p0",
         exit_code=1,
     )
-    assert "class names" in one_line_error(refused)
+    line = one_line_error(refused)
+    assert "class names" in line and "blda info --rename-classes NAMES" in line
     before = read_stats(files["stats"])
     result = run("info", "--rename-classes", real, files["store"], files["stats"])
     assert f"{files['store']}: renamed 4 classes (class_0 -> road, class_1 -> sky" in result.stderr
@@ -370,3 +371,79 @@ def test_rename_classes_failure_leaves_the_original(tmp_path, files, monkeypatch
     assert "cannot rename its classes" in line and "No space left" in line
     assert read_stats(files["stats"]).class_names[0] == "class_0"
     assert not [p for p in os.listdir(files["stats"].parent) if p.endswith(".tmp")]
+
+
+# evaluate: --ignore-pred-ignore and the suffix hint ----------------------------------------
+
+
+def write_pngs(folder: Path, maps: dict[str, np.ndarray]) -> Path:
+    for name, array in maps.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array.astype(np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_evaluate_prediction_of_255_counts_as_wrong_or_is_left_out(tmp_path) -> None:
+    # Two images; a pseudo-label set that leaves pixels unlabelled (255).
+    labels = write_pngs(
+        tmp_path / "labels",
+        {"a": np.array([[0, 0], [1, 1]]), "b": np.array([[1, 1], [0, 255]])},
+    )
+    preds = write_pngs(
+        tmp_path / "pred",
+        {"a": np.array([[0, 255], [1, 0]]), "b": np.array([[1, 255], [255, 1]])},
+    )
+    wrong, skip = tmp_path / "wrong.json", tmp_path / "skip.json"
+    base = ("evaluate", "--pred-dir", preds, "--labels", labels, "--num-classes", 2)
+    counted = run(*base, "--json", wrong)
+    assert "3 labelled pixels were predicted with ids outside 0..1" in counted.stderr
+    assert "--ignore-pred-ignore leaves those pixels out" in counted.stderr
+    left_out = run(*base, "--ignore-pred-ignore", "--json", skip)
+    assert "note: 3 labelled pixels predicted as 255 (ignore) are left out" in left_out.stderr
+    assert "outside 0..1" not in left_out.stderr
+    a, b = json.loads(wrong.read_text()), json.loads(skip.read_text())
+    # Counted as wrong: 7 labelled pixels, 3 right (a: 0,1; b: 1); 255 is a miss.
+    assert a["num_pixels"] == 7 and a["out_of_range_pixels"] == 3
+    assert a["pixel_acc"] == pytest.approx(100 * 3 / 7, abs=1e-3)
+    assert a["ignored_pred_pixels"] == 0 and a["settings"]["ignore_pred_ignore"] is False
+    # Left out: 4 scored pixels (a: 0->0, 1->1, 1->0; b: 1->1), 3 right.
+    assert b["num_pixels"] == 4 and b["out_of_range_pixels"] == 0
+    assert b["pixel_acc"] == pytest.approx(75.0)
+    assert b["per_class"]["class_0"]["iou"] == pytest.approx(50.0)  # TP 1, FP 1, FN 0
+    assert b["per_class"]["class_1"]["iou"] == pytest.approx(200 / 3, abs=1e-3)  # TP 2, FN 1
+    assert b["ignored_pred_pixels"] == 3 and b["settings"]["ignore_pred_ignore"] is True
+
+
+def test_ignore_pred_ignore_is_for_pred_dir_only(files) -> None:
+    result = run("evaluate", files["store"], "--ignore-pred-ignore", exit_code=2)
+    assert "--ignore-pred-ignore is for --pred-dir" in result.stderr
+
+
+def test_evaluate_suggests_the_forgotten_label_suffix(tmp_path, files) -> None:
+    labels = tmp_path / "gt"
+    for png in sorted(files["labels"].rglob("*.png")):
+        target = labels / png.relative_to(files["labels"]).parent
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{png.stem}_gtFine_labelTrainIds.png").write_bytes(png.read_bytes())
+    store_run = run("evaluate", files["store"], "--labels", labels, exit_code=1)
+    line = one_line_error(store_run)
+    assert line.startswith(f"error: {labels}: no label for 4 image(s), e.g. 'city_a/img_000'")
+    assert "the folder holds 'img_000_gtFine_labelTrainIds.png'" in line
+    assert line.endswith("try --label-suffix _gtFine_labelTrainIds")
+    preds = write_pngs(
+        tmp_path / "pred",
+        {"city_a/img_000": np.zeros((24, 32)), "city_b/img_001": np.zeros((24, 32))},
+    )
+    pred_run = run("evaluate", "--pred-dir", preds, "--labels", labels, exit_code=1)
+    assert one_line_error(pred_run).endswith("try --label-suffix _gtFine_labelTrainIds")
+    wrong = run(
+        "evaluate", "--pred-dir", preds, "--labels", labels, "--label-suffix", "_labelIds",
+        exit_code=1,
+    )  # fmt: skip
+    line = one_line_error(wrong)
+    assert "no label PNG (with suffix '_labelIds') found" in line
+    assert line.endswith("try --label-suffix _gtFine_labelTrainIds")
+    fixed = run(
+        "evaluate", files["store"], "--labels", labels, "--label-suffix", "_gtFine_labelTrainIds"
+    )
+    assert "mIoU" in fixed.stdout
