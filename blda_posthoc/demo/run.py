@@ -233,7 +233,7 @@ def run_demo(
     run("fit-stats", "src.h5", "--labels", "gt", "--out", "src_stats.h5", device=True)
     run("fit-stats", "tgt.h5", "--labels", "pseudo", "--out", "tgt_stats.h5", device=True)
     run("diagnose", "tgt.h5", "--stats", "tgt_stats.h5", "--json", "diagnose.json", device=True)
-    run("evaluate", "--store", "tgt.h5", "--json", "eval_plain.json", device=True)
+    run("evaluate", "tgt.h5", "--json", "eval_plain.json", device=True)
     for s in SETTINGS:
         anchors = ["--anchors", s.anchors] if s.anchors else []
         run(
