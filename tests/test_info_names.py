@@ -447,3 +447,20 @@ def test_evaluate_suggests_the_forgotten_label_suffix(tmp_path, files) -> None:
         "evaluate", files["store"], "--labels", labels, "--label-suffix", "_gtFine_labelTrainIds"
     )
     assert "mIoU" in fixed.stdout
+
+
+def test_relabel_quality_and_evaluate_ignore_pred_ignore_give_one_number(tmp_path, files) -> None:
+    out = tmp_path / "pl"
+    run("relabel", files["store"], "--stats", files["stats"], "--keep-portion", "0.5",
+        "--out-dir", out)  # fmt: skip
+    quality = json.loads((out / "manifest.json").read_text())["quality"]["relabelled"]
+    base = ("evaluate", "--pred-dir", out, "--labels", files["labels"], "--num-classes", 4)
+    skip, wrong = tmp_path / "skip.json", tmp_path / "wrong.json"
+    run(*base, "--ignore-pred-ignore", "--json", skip)
+    run(*base, "--json", wrong)
+    skipped, counted = json.loads(skip.read_text()), json.loads(wrong.read_text())
+    assert skipped["miou"] == pytest.approx(quality["miou"], abs=1e-3)
+    assert skipped["pixel_acc"] == pytest.approx(quality["pixel_acc"], abs=1e-3)
+    assert skipped["num_pixels"] == quality["scored_pixels"]
+    assert skipped["ignored_pred_pixels"] > 0
+    assert counted["pixel_acc"] < skipped["pixel_acc"]  # 255 counted as wrong
