@@ -1,4 +1,4 @@
-"""Independent, deliberately plain implementations of METHOD.md §3 used as test oracles.
+"""Independent, deliberately plain implementations of docs/method.md §4 used as test oracles.
 
 Written from the formulas, not from the package: loops over (i, j), float64 numpy, raw
 samples instead of tables.

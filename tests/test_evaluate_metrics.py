@@ -191,3 +191,60 @@ def test_softmax_confidence_matches_torch_softmax() -> None:
     ref = torch.softmax(scores, dim=0)
     torch.testing.assert_close(conf, ref.max(0).values)
     torch.testing.assert_close(pred, ref.argmax(0))
+
+
+def test_prediction_of_255_counts_as_wrong_by_default() -> None:
+    # Labels 0 0 1 1; the second pixel of each class is predicted 255 (ignore).
+    label = np.array([0, 0, 1, 1], dtype=np.uint8)
+    pred = np.array([0, 255, 1, 255], dtype=np.uint8)
+    cm = ConfusionMatrix(2)
+    cm.update(pred, label)
+    expected = np.array([[1, 0, 1], [0, 1, 1]], dtype=np.int64)
+    np.testing.assert_array_equal(cm.compute(), expected)
+    s = summarize(cm.compute())
+    assert s["num_pixels"] == 4 and s["out_of_range_pixels"] == 2
+    assert s["iou"] == [approx(50.0), approx(50.0)]
+    assert s["acc"] == [approx(50.0), approx(50.0)]
+    assert s["pixel_acc"] == approx(50.0)
+    assert cm.ignored_pred_pixels == 0
+
+
+def test_prediction_of_255_is_skipped_with_ignore_pred_ignore() -> None:
+    label = np.array([0, 0, 1, 1, 255], dtype=np.uint8)
+    pred = np.array([0, 255, 1, 255, 255], dtype=np.uint8)
+    cm = ConfusionMatrix(2, ignore_pred_ignore=True)
+    cm.update(torch.from_numpy(pred), torch.from_numpy(label))
+    np.testing.assert_array_equal(cm.compute(), np.array([[1, 0, 0], [0, 1, 0]]))
+    s = summarize(cm.compute())
+    assert s["num_pixels"] == 2 and s["out_of_range_pixels"] == 0
+    assert s["miou"] == approx(100.0) and s["pixel_acc"] == approx(100.0)
+    # The pixel whose label is ignore too is not counted as a skipped prediction.
+    assert cm.ignored_pred_pixels == 2
+
+
+def test_ignore_pred_ignore_equals_masking_the_label_where_the_prediction_is_255() -> None:
+    # The definition relabel's quality report uses: score only the pixels the set keeps.
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 5, size=(40, 30)).astype(np.uint8)
+    label[rng.random(label.shape) < 0.1] = 255
+    pred = rng.integers(0, 5, size=label.shape).astype(np.uint8)
+    pred[rng.random(label.shape) < 0.3] = 255
+    pred[rng.random(label.shape) < 0.05] = 7  # out of range: still wrong either way
+    skipping = ConfusionMatrix(5, ignore_pred_ignore=True)
+    skipping.update(pred, label)
+    masked = ConfusionMatrix(5)
+    masked.update(pred, np.where(pred == 255, 255, label).astype(np.uint8))
+    np.testing.assert_array_equal(skipping.compute(), masked.compute())
+    assert skipping.compute()[:, 5].sum() == ((pred == 7) & (label != 255)).sum() > 0
+    assert skipping.ignored_pred_pixels == ((pred == 255) & (label != 255)).sum()
+    # Merging and resizing keep the setting and the count.
+    half = ConfusionMatrix(5, ignore_pred_ignore=True)
+    half.update(pred[:20], label[:20])
+    rest = ConfusionMatrix(5, ignore_pred_ignore=True)
+    rest.update(pred[20:], label[20:])
+    merged = half.merge(rest)
+    np.testing.assert_array_equal(merged.compute(), skipping.compute())
+    assert merged.ignored_pred_pixels == skipping.ignored_pred_pixels
+    assert skipping.resized(5).ignored_pred_pixels == skipping.ignored_pred_pixels
+    with pytest.raises(ValueError, match="ignore settings differ"):
+        ConfusionMatrix(5).merge(skipping)

@@ -51,5 +51,7 @@ def main() -> None:
     """Post-hoc class-bias correction of frozen domain-adapted segmenters (BLDA).
 
     Pipeline: dump-logits (or import-logits) -> fit-stats -> diagnose / compare / correct /
-    relabel -> evaluate. `blda demo` runs it all on a built-in synthetic case.
+    relabel -> evaluate; `blda info` describes a store or stats file. `blda demo` runs it all
+    on a built-in synthetic case. The method, the metrics and the file formats are explained in
+    docs/method.md, docs/metrics.md and docs/formats.md of the repository.
     """

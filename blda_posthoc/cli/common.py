@@ -50,12 +50,14 @@ def handle_errors(func: F) -> F:
 
 
 def class_names_option(func: F) -> F:
-    """``--class-names``: preset (``cityscapes``), comma-separated list, or text file."""
+    """``--class-names``: preset, comma-separated list, text file or JSON file."""
     return click.option(
         "--class-names",
         "class_names",
         default=None,
-        help="Preset (cityscapes), comma-separated names, or a file with one name per line.",
+        metavar="NAMES",
+        help="Preset (cityscapes), comma-separated names, a text file with one name per line, "
+        'or a JSON file ({"classes": [...]} or a list).',
     )(func)
 
 

@@ -35,7 +35,8 @@ def command(workdir: Path, count: int, seed: int, device: str, overwrite: bool) 
 
     dump-logits (shipped demo network) -> fit-stats (source gt, target pseudo) -> diagnose ->
     correct (two settings, tau 0.2) -> evaluate, then a before/after table, a Markdown report,
-    a per-class IoU chart and side-by-side pictures in the work folder.
+    a per-class IoU chart and example pictures in the work folder. Running it again replaces
+    its own earlier outputs there.
     """
     from blda_posthoc.demo.run import echo_summary, run_demo
 

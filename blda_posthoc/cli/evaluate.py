@@ -51,6 +51,7 @@ def check_usage(
     labels_dir: Path | None,
     correction: CorrectionSpec | None,
     num_classes: int | None,
+    ignore_pred_ignore: bool = False,
 ) -> None:
     """Reject option combinations that cannot work (click usage errors, exit 2)."""
     if (pred_dir is None) == (not stores):
@@ -61,6 +62,10 @@ def check_usage(
         raise click.UsageError("a correction (--stats/--method) needs STORES: it works on logits")
     if stores and num_classes is not None:
         raise click.UsageError("--num-classes is for --pred-dir; a store carries its classes")
+    if stores and ignore_pred_ignore:
+        raise click.UsageError(
+            "--ignore-pred-ignore is for --pred-dir (a store's argmax never predicts 255)"
+        )
 
 
 def store_class_names(store: LogitStore, spec: str | None) -> list[str]:
@@ -98,13 +103,21 @@ def write_outputs(
         info(f"wrote {paths['plot']}")
 
 
-def note_out_of_range(results: list[Result | None], num_classes: int) -> None:
+def note_out_of_range(
+    results: list[Result | None], num_classes: int, pred_dir: bool = False
+) -> None:
     """Warn when predictions held ids outside the classes (they count as wrong)."""
     pixels = max((r.summary["out_of_range_pixels"] for r in results if r), default=0)
     if pixels:
+        hint = (
+            " (if 255 in the predictions means 'no label', as in pseudo-labels, "
+            "--ignore-pred-ignore leaves those pixels out)"
+            if pred_dir
+            else ""
+        )
         warn(
             f"{pixels} labelled pixels were predicted with ids outside 0..{num_classes - 1}; "
-            "they count as wrong"
+            f"they count as wrong{hint}"
         )
 
 
@@ -125,6 +138,12 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
 @click.option(
     "--allow-missing", is_flag=True, help="Evaluate the rest when predictions are missing."
 )
+@click.option(
+    "--ignore-pred-ignore",
+    is_flag=True,
+    help="With --pred-dir: leave out pixels predicted as 255 (ignore) instead of counting them "
+    "as wrong, e.g. to score pseudo-labels as relabel's quality report does.",
+)
 @click.option("--json", "json_path", type=PATH, help="Write the report as JSON.")
 @click.option("--markdown", "markdown_path", type=PATH, help="Write the report as Markdown.")
 @click.option("--plot", "plot_path", type=PATH, help="Per-class IoU bar chart (needs matplotlib).")
@@ -141,6 +160,7 @@ def command(
     num_classes: int | None,
     correction: CorrectionSpec | None,
     allow_missing: bool,
+    ignore_pred_ignore: bool,
     json_path: Path | None,
     markdown_path: Path | None,
     plot_path: Path | None,
@@ -157,7 +177,7 @@ def command(
     Example: blda evaluate tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json eval.json
     """
     stores = stores + store_options  # --store: the spelling before 0.2, kept for one release
-    check_usage(pred_dir, stores, labels_dir, correction, num_classes)
+    check_usage(pred_dir, stores, labels_dir, correction, num_classes, ignore_pred_ignore)
     outputs = {"json": json_path, "markdown": markdown_path, "plot": plot_path}
     for path in outputs.values():
         if path is not None:
@@ -167,7 +187,14 @@ def command(
     if pred_dir is not None:
         assert labels_dir is not None
         run_pred_dir(
-            pred_dir, labels_dir, label_suffix, class_names, num_classes, allow_missing, outputs
+            pred_dir,
+            labels_dir,
+            label_suffix,
+            class_names,
+            num_classes,
+            allow_missing,
+            outputs,
+            ignore_pred_ignore=ignore_pred_ignore,
         )
     else:
         run_store(
@@ -190,16 +217,30 @@ def run_pred_dir(
     num_classes: int | None,
     allow_missing: bool,
     outputs: dict[str, Path | None],
+    *,
+    ignore_pred_ignore: bool = False,
 ) -> None:
     """``evaluate --pred-dir``."""
     names = parse_class_names(class_spec)
     known = len(names) if names is not None else num_classes
-    cm, pairs = evaluate_pred_dir(pred_dir, labels_dir, label_suffix, known, allow_missing)
+    cm, pairs = evaluate_pred_dir(
+        pred_dir,
+        labels_dir,
+        label_suffix,
+        known,
+        allow_missing,
+        ignore_pred_ignore=ignore_pred_ignore,
+    )
     class_names = resolve_classes(names, num_classes, None if known else cm)
     if cm.num_classes != len(class_names):
         cm = cm.resized(len(class_names))
     result = Result(summarize(cm.compute()))
-    note_out_of_range([result], len(class_names))
+    note_out_of_range([result], len(class_names), pred_dir=True)
+    if cm.ignored_pred_pixels:
+        info(
+            f"note: {cm.ignored_pred_pixels} labelled pixels predicted as 255 (ignore) are left "
+            "out (--ignore-pred-ignore)"
+        )
     settings = {
         "source": "pred_dir",
         "pred_dir": str(pred_dir),
@@ -207,8 +248,10 @@ def run_pred_dir(
         "label_suffix": label_suffix,
         "num_classes": len(class_names),
         "classes_inferred": known is None,
+        "ignore_pred_ignore": ignore_pred_ignore,
     }
-    write_outputs(outputs, class_names, result, None, pairs.counts(), settings)
+    counts = {**pairs.counts(), "ignored_pred_pixels": cm.ignored_pred_pixels}
+    write_outputs(outputs, class_names, result, None, counts, settings)
 
 
 def run_store(

@@ -15,6 +15,8 @@ from blda_posthoc.cli.common import (
     progress,
 )
 from blda_posthoc.io.import_logits import import_npy_folder
+from blda_posthoc.io.names import unnamed_classes_note
+from blda_posthoc.io.store import LogitStore
 
 
 @click.command("import-logits")
@@ -65,3 +67,6 @@ def command(
         progress=lambda it, n: progress(it, n, "import"),
     )
     info(f"wrote {out}: {count} images")
+    if class_names is None:
+        with LogitStore([out]) as store:
+            info(unnamed_classes_note(store.num_classes, out))

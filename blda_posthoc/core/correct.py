@@ -1,4 +1,4 @@
-"""Post-hoc anchor alignment of logits (METHOD.md §3).
+"""Post-hoc anchor alignment of logits (docs/method.md §4).
 
 For every hypothesised class ``i`` and channel ``j`` the map ``T_ij = A_ij^{-1} o F_ij`` (with
 ``F_ij`` the CDF of cell ``M[i][j]``, ``A_ij`` the positive anchor when ``i == j`` and the

@@ -1,4 +1,4 @@
-"""Which classes does a model over- or under-predict? (METHOD.md §1, §2).
+"""Which classes does a model over- or under-predict? (docs/method.md §2, §7; docs/metrics.md).
 
 Label-free score (the paper's observation: over-predicted classes have larger positive logits,
 under-predicted ones smaller). For class ``l`` let ``X ~ M[l][l]`` be its positive logit
@@ -24,7 +24,7 @@ fewer than ``min_pixels`` pixels gets no score (``None``) and, without labels, t
 
 With labels the verdict follows the exact predicted/true pixel ratio instead: below
 ``UNDER_RATIO = 0.7`` under-predicted, above ``OVER_RATIO = 1.3`` over-predicted, otherwise
-balanced; a class predicted but never labelled is over-predicted. Bias(l) (METHOD.md §1, in
+balanced; a class predicted but never labelled is over-predicted. Bias(l) (docs/metrics.md, in
 percentage points) is reported beside it, and the Spearman rank correlation between the
 label-free score and Bias over the classes where both exist says how far the label-free
 estimate can be trusted on this data.

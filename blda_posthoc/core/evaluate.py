@@ -9,6 +9,9 @@ Shape legend: ``C`` classes, ``N`` pixels, ``B`` calibration bins, ``...`` any s
 Confusion-matrix layout: ``(C, C + 1)`` int64 counts; row ``c`` is the true class, column ``l``
 the predicted class, and the last column counts valid pixels whose prediction lies outside
 ``0 .. C-1`` (always wrong: a false negative of the row's class, a false positive of no class).
+A prediction equal to the ignore value (255) is such a pixel by default; with
+``ignore_pred_ignore=True`` it is skipped like an ignored label instead (the convention for
+pseudo-labels, whose 255 means "no label here"). Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -63,29 +66,50 @@ class ConfusionMatrix:
     Args:
         num_classes: Number of classes ``C`` (ids ``0 .. C-1``).
         ignore_index: Label value that marks pixels to skip.
+        ignore_pred_ignore: Also skip pixels whose *prediction* is ``ignore_index`` (counted in
+            :attr:`ignored_pred_pixels`); by default such a prediction is wrong, like any id
+            outside ``0 .. C-1``.
+
+    Attributes:
+        matrix: ``(C, C + 1)`` int64 counts (see the module docstring).
+        ignored_pred_pixels: Labelled (non-ignored) pixels skipped because their prediction was
+            ``ignore_index`` (always 0 unless ``ignore_pred_ignore``).
 
     Example:
         >>> cm = ConfusionMatrix(3)
         >>> cm.update(np.array([0, 1, 2]), np.array([0, 1, 1]))
         >>> summarize(cm.compute())["pixel_acc"]
         66.66666666666667
+        >>> skip = ConfusionMatrix(3, ignore_pred_ignore=True)
+        >>> skip.update(np.array([0, 255, 2]), np.array([0, 1, 1]))
+        >>> summarize(skip.compute())["pixel_acc"], skip.ignored_pred_pixels
+        (50.0, 1)
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
+        *,
+        ignore_pred_ignore: bool = False,
+    ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index {ignore_index} collides with a class id 0..C-1")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.ignore_pred_ignore = ignore_pred_ignore
         self.matrix = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+        self.ignored_pred_pixels = 0
 
     def update(self, pred: ArrayLike, label: ArrayLike) -> None:
         """Add the pixels of one batch.
 
         Args:
             pred: ``(...)`` predicted class ids (numpy or torch, any integer dtype).
-            label: ``(...)`` true class ids, same shape; ``ignore_index`` pixels are skipped.
+            label: ``(...)`` true class ids, same shape; ``ignore_index`` pixels are skipped
+                (and, with ``ignore_pred_ignore``, pixels predicted as ``ignore_index``).
 
         Raises:
             ValueError: shapes differ, or a label outside ``0 .. C-1`` that is not ignored.
@@ -100,6 +124,10 @@ class ConfusionMatrix:
         y = _flat_int64(label, "label").to(p.device)
         keep = y != self.ignore_index
         p, y = p[keep], y[keep]
+        if self.ignore_pred_ignore:
+            predicted = p != self.ignore_index
+            self.ignored_pred_pixels += int(p.numel() - int(predicted.sum()))
+            p, y = p[predicted], y[predicted]
         if y.numel() == 0:
             return
         low, high = int(y.min()), int(y.max())
@@ -115,12 +143,17 @@ class ConfusionMatrix:
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another accumulator's counts (e.g. from another shard); returns ``self``."""
-        if other.num_classes != self.num_classes or other.ignore_index != self.ignore_index:
+        if (
+            other.num_classes != self.num_classes
+            or other.ignore_index != self.ignore_index
+            or other.ignore_pred_ignore != self.ignore_pred_ignore
+        ):
             raise ValueError(
                 f"cannot merge a {other.num_classes}-class confusion matrix into a "
-                f"{self.num_classes}-class one (or ignore values differ)"
+                f"{self.num_classes}-class one (or their ignore settings differ)"
             )
         self.matrix += other.matrix
+        self.ignored_pred_pixels += other.ignored_pred_pixels
         return self
 
     def compute(self) -> np.ndarray:
@@ -148,7 +181,10 @@ class ConfusionMatrix:
             raise ValueError(
                 f"labels hold class ids up to {self.largest_label()}, beyond 0..{num_classes - 1}"
             )
-        out = ConfusionMatrix(num_classes, self.ignore_index)
+        out = ConfusionMatrix(
+            num_classes, self.ignore_index, ignore_pred_ignore=self.ignore_pred_ignore
+        )
+        out.ignored_pred_pixels = self.ignored_pred_pixels
         out.matrix[:, :num_classes] = self.matrix[:num_classes, :num_classes]
         out.matrix[:, num_classes] = self.matrix[:num_classes, num_classes:].sum(1)
         return out
@@ -187,7 +223,7 @@ def summarize(confusion: np.ndarray) -> Summary:
       (excluded from mIoU, not counted as 0); 0 when predicted but never labelled.
     - Acc(c) = TP / labelled pixels of c (recall); undefined when c is not labelled.
     - Bias(l) = (1/C') * sum_c P(pred = l | y = c) - 1/C', the sum running over the C' classes
-      present in the labels (METHOD.md section 1), in percentage points; undefined for a class
+      present in the labels (docs/metrics.md), in percentage points; undefined for a class
       not present in the labels. Positive: over-predicted.
     - pred/true ratio(c) = predicted pixels of c / labelled pixels of c (valid pixels only);
       undefined when c is not labelled.

@@ -1,4 +1,4 @@
-"""Fitting class-conditional logit distributions (METHOD.md §1, §2, §4).
+"""Fitting class-conditional logit distributions (docs/method.md §2, §3, §5).
 
 The sufficient statistic is a logit-collection matrix of histograms on one shared, uniform logit
 grid: ``counts[c, l, b]`` is the number of pixels labelled ``c`` whose logit of channel ``l``

@@ -260,9 +260,3 @@ def _with_ignore_as(labels: torch.Tensor, c: int) -> torch.Tensor:
     if x.numel() and (int(x.min()) < 0 or int(x.max()) > c):
         raise ValueError(f"label values outside 0..{c - 1} and {IGNORE_INDEX}")
     return x
-
-
-def mask_ignored(label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """``label`` with 255 wherever ``pred`` is 255, to score only the selected pixels."""
-    ignore = pred.to(label.device) == IGNORE_INDEX
-    return torch.where(ignore, torch.full_like(label, IGNORE_INDEX), label)

@@ -28,15 +28,23 @@ from typing import Any
 
 import click
 import numpy as np
-from PIL import Image, ImageDraw
 
 from blda_posthoc.core.classes import colorize, palette_for
 from blda_posthoc.core.synthesize import DEMO_CLASSES, DOMAINS
 from blda_posthoc.demo.data import DEFAULT_COUNT, DEFAULT_SEED, scene_name, write_domain
 from blda_posthoc.io.console import info
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.images import read_label, read_rgb, write_png
-from blda_posthoc.io.report import fmt_or_dash, plot_iou_series, write_text
+from blda_posthoc.io.images import read_label, read_rgb
+from blda_posthoc.io.report import (
+    CHANGE_COLORS,
+    Panel,
+    change_map,
+    fmt_or_dash,
+    overlay,
+    plot_iou_series,
+    plot_panels,
+    write_text,
+)
 
 TAU = 0.2
 """The paper's post-hoc tau, used unchanged for both settings (no demo-specific tuning)."""
@@ -93,8 +101,12 @@ class Runner:
             f.write(f"$ {line}\n{out.getvalue()}\n")
 
 
+MARKER = ".blda-demo.json"
+"""Written first into the work folder: marks it as the demo's own, so a rerun may replace it."""
+
+
 def demo_outputs(workdir: Path) -> list[Path]:
-    """Everything the demo writes, for the overwrite check."""
+    """Everything the demo writes (but its marker), for the overwrite check."""
     names = [
         "data",
         "src.h5",
@@ -109,19 +121,66 @@ def demo_outputs(workdir: Path) -> list[Path]:
         "commands.log",
     ]
     names += [f"pred_{s.key}" for s in SETTINGS] + [f"eval_{s.key}.json" for s in SETTINGS]
-    return [workdir / n for n in names]
+    partial = [f"{n}.partial" for n in ("src.h5", "tgt.h5")]
+    return [workdir / n for n in names + partial]
 
 
-def prepare(workdir: Path, overwrite: bool) -> None:
-    """Refuse to touch earlier demo outputs unless ``overwrite``; then remove them."""
+def read_marker(workdir: Path) -> dict[str, Any] | None:
+    """The marker of an earlier demo run in ``workdir``, or None."""
+    try:
+        marker = json.loads((workdir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == "blda-demo" else None
+
+
+def write_marker(workdir: Path, count: int, seed: int, data_complete: bool) -> None:
+    """Record what the demo folder holds (``data_complete``: the benchmark is fully written)."""
+    marker = {
+        "format": "blda-demo",
+        "version": 1,
+        "images": count,
+        "seed": seed,
+        "data_complete": data_complete,
+    }
+    write_text(workdir / MARKER, json.dumps(marker, sort_keys=True) + "\n")
+
+
+def prepare(
+    workdir: Path, overwrite: bool, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED
+) -> bool:
+    """Make ``workdir`` ready for a run; return whether its benchmark data can be reused.
+
+    A folder that an earlier demo run marked as its own is cleaned and reused without asking
+    (so ``bash scripts/demo.sh`` works every time); its generated data is kept when it was
+    complete and made with the same ``count`` and ``seed`` (it is deterministic). Demo outputs in
+    an unmarked folder are replaced only with ``overwrite``. Files the demo does not write are
+    never touched.
+    """
     import shutil
 
+    marker = read_marker(workdir)
     existing = [p for p in demo_outputs(workdir) if p.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{existing[0]}: already exists (use --overwrite to run the demo again)")
+    if existing and marker is None and not overwrite:
+        raise InputError(
+            f"{existing[0]}: already exists and {workdir} is not a folder the demo made "
+            "(use --overwrite to replace the demo's files there, or another --workdir)"
+        )
+    reuse = (
+        marker is not None
+        and not overwrite
+        and marker.get("data_complete") is True
+        and marker.get("images") == count
+        and marker.get("seed") == seed
+        and (workdir / "data").is_dir()
+    )
     for path in existing:
+        if reuse and path == workdir / "data":
+            continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
+    write_marker(workdir, count, seed, data_complete=reuse)
+    return reuse
 
 
 def run_demo(
@@ -144,12 +203,16 @@ def run_demo(
         The summary (also written to ``report.md``).
     """
     start = time.perf_counter()
-    prepare(workdir, overwrite)
+    reuse = prepare(workdir, overwrite, count, seed)
     run = Runner(workdir, device)
     names = ",".join(DEMO_CLASSES)
-    info(f"generating {count} source and {count} target scenes in {workdir / 'data'}")
-    for domain in DOMAINS:
-        write_domain(workdir / "data", domain, count, seed)
+    if reuse:
+        info(f"reusing the {count} source and {count} target scenes in {workdir / 'data'}")
+    else:
+        info(f"generating {count} source and {count} target scenes in {workdir / 'data'}")
+        for domain in DOMAINS:
+            write_domain(workdir / "data", domain, count, seed)
+        write_marker(workdir, count, seed, data_complete=True)
     for domain, store in (("source", "src.h5"), ("target", "tgt.h5")):
         run(
             "dump-logits",
@@ -170,7 +233,7 @@ def run_demo(
     run("fit-stats", "src.h5", "--labels", "gt", "--out", "src_stats.h5", device=True)
     run("fit-stats", "tgt.h5", "--labels", "pseudo", "--out", "tgt_stats.h5", device=True)
     run("diagnose", "tgt.h5", "--stats", "tgt_stats.h5", "--json", "diagnose.json", device=True)
-    run("evaluate", "--store", "tgt.h5", "--json", "eval_plain.json", device=True)
+    run("evaluate", "tgt.h5", "--json", "eval_plain.json", device=True)
     for s in SETTINGS:
         anchors = ["--anchors", s.anchors] if s.anchors else []
         run(
@@ -212,6 +275,7 @@ def run_demo(
     )
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["timings"] = run.timings
+    summary["reused_data"] = reuse
     write_text(workdir / "report.md", format_report(summary, count))
     return summary
 
@@ -305,7 +369,9 @@ on the plain predictions.
 
 ![per-class IoU](iou.png)
 
-Examples (image | ground truth | plain | paper setting | source setting): `examples/`.
+Examples (`examples/`): the target image, its ground truth, the plain argmax over the image,
+both settings' predictions, and change maps of the pixels each setting changed (green fixed,
+red broken, amber wrong before and after), with a colour legend.
 
 | step | seconds |
 |---|---|
@@ -316,8 +382,16 @@ Total: {summary["seconds"]:.1f} s. Every command is in `commands.log`.
 
 
 def draw_examples(workdir: Path, count: int) -> None:
-    """Side-by-side pictures: image | ground truth | plain | paper | source, in the palette."""
+    """One picture per example scene: what the model sees, what it predicts, what BLDA changes.
+
+    Rows: image | ground truth | plain argmax over the image; the plain argmax and the two
+    settings' predictions side by side; the source setting over the image | the two settings'
+    change maps (pixels whose class the correction changed: fixed, broken, wrong both times).
+    A colour legend goes under the grid.
+    """
     palette = palette_for(list(DEMO_CLASSES))
+    classes = [(c, rgb(palette[k])) for k, c in enumerate(DEMO_CLASSES)]
+    classes.append(("ignore (255)", (0, 0, 0)))
     from blda_posthoc.io.store import LogitStore
 
     with LogitStore([workdir / "tgt.h5"]) as store:
@@ -326,30 +400,50 @@ def draw_examples(workdir: Path, count: int) -> None:
             image = read_rgb(workdir / "data" / "target" / "images" / f"{name}.png")
             label = read_label(workdir / "data" / "target" / "labels" / f"{name}.png")
             plain = store.read(name, with_label=False).logits.argmax(0).astype(np.uint8)
+            preds = {s.key: read_label(workdir / f"pred_{s.key}" / f"{name}.png") for s in SETTINGS}
             panels = [
-                ("image", image),
-                ("ground truth", colorize(label, palette)),
-                ("plain", colorize(plain, palette)),
+                Panel("target image", image),
+                Panel("ground truth", colorize(label, palette)),
+                Panel("plain argmax over the image", overlay(image, plain, palette)),
+                Panel(f"plain argmax ({accuracy(plain, label)})", colorize(plain, palette)),
             ]
             for s in SETTINGS:
-                pred = read_label(workdir / f"pred_{s.key}" / f"{name}.png")
-                panels.append((f"{s.key} setting", colorize(pred, palette)))
-            write_png(workdir / "examples" / f"{name}.png", side_by_side(panels))
+                title = f"{s.key} setting, τ={TAU} ({accuracy(preds[s.key], label)})"
+                panels.append(Panel(title, colorize(preds[s.key], palette)))
+            panels.append(
+                Panel("source setting over the image", overlay(image, preds["source"], palette))
+            )
+            for s in SETTINGS:
+                picture, counts = change_map(plain, preds[s.key], label, image)
+                fixed, broken = counts["fixed (wrong -> right)"], counts["broken (right -> wrong)"]
+                changed = int((plain != preds[s.key]).sum())
+                title = f"{s.key} setting changed {changed} px\n{fixed} fixed, {broken} broken"
+                panels.append(Panel(title, picture))
+            plot_panels(
+                workdir / "examples" / f"{name}.png",
+                panels,
+                columns=3,
+                legends=[
+                    ("classes", classes),
+                    ("change maps (against the plain argmax)", list(CHANGE_COLORS.items())),
+                ],
+                title=f"{name}: target scene, frozen source-only model, BLDA correction",
+            )
 
 
-def side_by_side(
-    panels: list[tuple[str, np.ndarray]], gap: int = 4, caption: int = 14, zoom: int = 2
-) -> np.ndarray:
-    """Put ``(H, W, 3)`` panels, enlarged ``zoom`` times, in a row with a caption above each."""
-    panels = [(t, a.repeat(zoom, axis=0).repeat(zoom, axis=1)) for t, a in panels]
-    h, w = panels[0][1].shape[:2]
-    canvas = Image.new("RGB", (len(panels) * (w + gap) - gap, h + caption), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (title, array) in enumerate(panels):
-        x = k * (w + gap)
-        canvas.paste(Image.fromarray(array), (x, caption))
-        draw.text((x + 2, 1), title, fill="black")
-    return np.asarray(canvas)
+def rgb(color: np.ndarray) -> tuple[int, int, int]:
+    """A palette row as an ``(r, g, b)`` tuple."""
+    return int(color[0]), int(color[1]), int(color[2])
+
+
+def accuracy(pred: np.ndarray, label: np.ndarray) -> str:
+    """Pixel accuracy of one picture over its labelled pixels, for a panel title."""
+    valid = label != 255
+    return (
+        f"pixel acc {100.0 * float((pred[valid] == label[valid]).mean()):.1f}%"
+        if valid.any()
+        else "-"
+    )
 
 
 def echo_summary(summary: dict[str, Any], workdir: Path) -> None:

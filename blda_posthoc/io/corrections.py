@@ -107,8 +107,15 @@ def read_statistics(stats: Path, anchors: Path | None, class_names: list[str]) -
     anchor_stats = cond if anchors is None else read_stats(anchors)
     for path, read in ((stats, cond), (anchors or stats, anchor_stats)):
         if read.class_names != class_names:
+            hint = (
+                f" (same count: set the names with `blda info --rename-classes NAMES {path}` "
+                "or on the store)"
+                if len(read.class_names) == len(class_names)
+                else ""
+            )
             raise InputError(
-                f"{path}: class names {read.class_names} differ from the store's {class_names}"
+                f"{path}: class names {read.class_names} differ from the store's "
+                f"{class_names}{hint}"
             )
     return Statistics(cond, anchor_stats, Path(stats), Path(anchors or stats))
 

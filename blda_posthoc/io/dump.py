@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from blda_posthoc.core.classes import default_names
 from blda_posthoc.core.infer import Model, Preprocess, predict_logits
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb
+from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb, suffix_hint
 from blda_posthoc.io.store import StoreWriter, encode_logits, partial_path
 
 Log = Callable[[str], None]
@@ -113,12 +113,15 @@ def collect_items(
     if labels is None:
         return [Item(name, path, None) for name, path in found.items()]
     label_files = find_files(labels, (".png",), label_suffix)
-    items = []
-    for name, path in found.items():
-        if name not in label_files:
-            raise InputError(f"{path}: no label {name}{label_suffix}.png under {labels}")
-        items.append(Item(name, path, label_files[name]))
-    return items
+    missing = [name for name in found if name not in label_files]
+    if missing:
+        more = f" (and {len(missing) - 1} more image(s))" if len(missing) > 1 else ""
+        hint = suffix_hint(missing, find_files(labels, (".png",)))
+        raise InputError(
+            f"{found[missing[0]]}: no label {missing[0]}{label_suffix}.png under {labels}"
+            f"{more}{hint}"
+        )
+    return [Item(name, path, label_files[name]) for name, path in found.items()]
 
 
 def select_shard(items: Sequence[Item], shard: tuple[int, int] | None) -> list[Item]:
@@ -434,7 +437,8 @@ def _class_names(
     channels = int(logits.shape[1])
     say(
         f"no --class-names or --num-classes: the model outputs {channels} channels, "
-        f"named class_0..class_{channels - 1}"
+        f"named class_0..class_{channels - 1} (name them later with "
+        "`blda info --rename-classes NAMES STORE`)"
     )
     return default_names(channels)
 

@@ -22,7 +22,7 @@ from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.correct import COLOR_SUFFIX
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.images import find_files, read_label, suffix_hint
 from blda_posthoc.io.report import Result
 from blda_posthoc.io.store import LogitStore
 
@@ -87,6 +87,33 @@ def pair_names(predicted: list[str], labelled: list[str], allow_missing: bool, w
     return pairs
 
 
+def find_labels(labels_dir: Path, label_suffix: str, names: list[str]) -> dict[str, Path]:
+    """The label PNGs of ``labels_dir`` by name; refuse when none fits the predicted ``names``.
+
+    When no predicted name has a label but the folder holds files that extend the names, the
+    error suggests the ``--label-suffix`` (e.g. ``x_gtFine_labelTrainIds.png`` for ``x``).
+
+    Args:
+        labels_dir: Folder of ``NAME<label_suffix>.png`` labels.
+        label_suffix: Suffix of the label stems.
+        names: Names that have a prediction.
+    """
+    labels = find_files(labels_dir, (".png",), label_suffix)
+    if names and not any(n in labels for n in names):
+        hint = suffix_hint(names, find_files(labels_dir, (".png",)))
+        if not labels:
+            raise InputError(
+                f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found{hint}"
+            )
+        if hint:
+            raise InputError(
+                f"{labels_dir}: no label for {len(names)} image(s), e.g. {names[0]!r}{hint}"
+            )
+    if not labels:
+        raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
+    return labels
+
+
 def add_pixels(cm: ConfusionMatrix, pred: Any, label: Any, source: Path | str) -> None:
     """``cm.update`` that names the offending file in its error."""
     try:
@@ -134,6 +161,8 @@ def evaluate_pred_dir(
     label_suffix: str,
     num_classes: int | None,
     allow_missing: bool,
+    *,
+    ignore_pred_ignore: bool = False,
 ) -> tuple[ConfusionMatrix, Pairs]:
     """Accumulate the confusion matrix of PNG predictions against PNG labels.
 
@@ -143,14 +172,16 @@ def evaluate_pred_dir(
         label_suffix: Suffix of the label stems.
         num_classes: ``C`` when known; else every id 0..254 is tracked (resize later).
         allow_missing: See :func:`pair_names`.
+        ignore_pred_ignore: Leave out pixels predicted as 255 instead of counting them as wrong
+            (see :class:`~blda_posthoc.core.evaluate.ConfusionMatrix`).
     """
     preds = drop_previews(find_files(pred_dir, (".png",)))
-    labels = find_files(labels_dir, (".png",), label_suffix)
-    if not labels:
-        raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
+    labels = find_labels(labels_dir, label_suffix, list(preds))
     where = f"{labels_dir}/{{name}}{label_suffix}.png"
     pairs = pair_names(list(preds), list(labels), allow_missing, where)
-    cm = ConfusionMatrix(num_classes if num_classes is not None else ALL_IDS)
+    cm = ConfusionMatrix(
+        num_classes if num_classes is not None else ALL_IDS, ignore_pred_ignore=ignore_pred_ignore
+    )
     for name in progress(pairs.names, len(pairs.names), "evaluate"):
         label = read_label(labels[name])
         pred = read_label(preds[name])
@@ -195,9 +226,7 @@ def store_labels(
     ``allow_missing``.
     """
     if labels_dir is not None:
-        files = find_files(labels_dir, (".png",), label_suffix)
-        if not files:
-            raise InputError(f"{labels_dir}: no label PNG (with suffix {label_suffix!r}) found")
+        files = find_labels(labels_dir, label_suffix, list(store.names))
         where = f"{labels_dir}/{{name}}{label_suffix}.png"
         return pair_names(store.names, list(files), allow_missing, where), files
     if not store.names:

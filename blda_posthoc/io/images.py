@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import os
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,59 @@ def find_files(root: Path, extensions: Iterable[str], suffix: str = "") -> dict[
                 raise InputError(f"{os.path.join(dirpath, filename)}: name {rel!r} is not unique")
             found[rel] = Path(dirpath) / filename
     return dict(sorted(found.items()))
+
+
+def suggest_suffix(missing_names: Sequence[str], available_stems: Iterable[str]) -> str | None:
+    """Guess the ``--label-suffix`` (or ``--image-suffix``) a user forgot.
+
+    A stem ``NAME + SUFFIX`` in the folder that extends a missing ``NAME`` votes for
+    ``SUFFIX``; the suffix with most votes wins (ties: the shorter, then alphabetical).
+
+    Args:
+        missing_names: Names that found no file (relative paths without extension).
+        available_stems: What the folder holds: relative paths without extension and without
+            any suffix stripped (``find_files(folder, exts)``).
+
+    Returns:
+        The suffix, or None when no stem extends a missing name.
+
+    Example:
+        >>> suggest_suffix(["a/x_000"], ["a/x_000_gtFine_labelTrainIds", "a/y_001_gtFine_color"])
+        '_gtFine_labelTrainIds'
+    """
+    stems = sorted(set(available_stems))
+    votes: Counter[str] = Counter()
+    for name in list(missing_names)[:1000]:  # enough to vote; bounded on huge folders
+        for stem in stems[bisect.bisect_left(stems, name) :]:
+            if not stem.startswith(name):
+                break
+            if len(stem) > len(name):
+                votes[stem[len(name) :]] += 1
+    if not votes:
+        return None
+    return min(votes, key=lambda suffix: (-votes[suffix], len(suffix), suffix))
+
+
+def suffix_hint(
+    missing_names: Sequence[str], available: dict[str, Path], option: str = "--label-suffix"
+) -> str:
+    """A hint to append to a "no label for ..." message, or ``""`` when none fits.
+
+    Args:
+        missing_names: Names without a file.
+        available: ``find_files(folder, exts)`` of the folder (no suffix stripped).
+        option: The option to suggest.
+
+    Returns:
+        E.g. `` — the folder holds 'x_gtFine_labelTrainIds.png': try --label-suffix
+        _gtFine_labelTrainIds``.
+    """
+    suffix = suggest_suffix(missing_names, available)
+    if suffix is None:
+        return ""
+    example = next((available[n + suffix] for n in missing_names if n + suffix in available), None)
+    holds = f" — the folder holds {example.name!r}" if example is not None else ""
+    return f"{holds}: try {option} {suffix}"
 
 
 def read_label(path: Path) -> np.ndarray:

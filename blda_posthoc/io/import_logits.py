@@ -9,7 +9,7 @@ import numpy as np
 
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.images import find_files, read_label, suffix_hint
 from blda_posthoc.io.store import StoreWriter
 
 Progress = Callable[[Iterable[str], int], Iterable[str]]
@@ -49,8 +49,9 @@ def import_npy_folder(
     if labels_dir is not None:
         missing = [n for n in arrays if n not in labels]
         if missing:
+            hint = suffix_hint(missing, find_files(labels_dir, (".png",)))
             raise InputError(
-                f"{labels_dir}: no label for {len(missing)} image(s), e.g. {missing[0]!r}"
+                f"{labels_dir}: no label for {len(missing)} image(s), e.g. {missing[0]!r}{hint}"
             )
     first = _load(arrays[next(iter(arrays))])
     names = class_names or default_names(first.shape[0])

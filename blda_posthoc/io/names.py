@@ -1,40 +1,143 @@
-"""Reading the ``--class-names`` option: a preset, a comma-separated list or a text file."""
+"""Reading the ``--class-names`` option: a preset, a comma-separated list, a text or JSON file."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from blda_posthoc.core.classes import PRESETS
 from blda_posthoc.io.errors import InputError
+
+MAX_CLASSES = 255
+"""Class ids are uint8 trainIds and 255 is ignore."""
+
+JSON_KEYS = ("classes", "class_names")
+"""Keys of a JSON object that hold the list of names (``{"classes": [...]}``, as many datasets
+ship; ``class_names`` as the stores and stats files write it)."""
+
+
+def describe_names(names: Sequence[str], limit: int = 6) -> str:
+    """A short human-readable form of parsed names for error messages.
+
+    Example:
+        >>> describe_names(["road", "sidewalk", "building"])
+        "3 names: 'road', 'sidewalk', 'building'"
+    """
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{len(names)} name{'s' if len(names) != 1 else ''}: {shown}{more}"
+
+
+def unnamed_classes_note(num_classes: int, path: Path | str) -> str:
+    """The note printed when a store's classes were named ``class_0 ...`` for lack of names."""
+    return (
+        f"note: no --class-names: the {num_classes} classes are named "
+        f"class_0..class_{num_classes - 1}; name them later with "
+        f"`blda info --rename-classes NAMES {path}` (NAMES as for --class-names)"
+    )
 
 
 def read_class_names(spec: str) -> list[str]:
     """Resolve a class-names spec.
 
     Args:
-        spec: A preset name (``cityscapes``), a path to a text file with one name per line, or a
-            comma-separated list.
+        spec: A preset name (``cityscapes``); a path to a JSON file holding a list of names or
+            an object ``{"classes": [...]}``; a path to a text file with one name per line
+            (blank lines skipped); or a comma-separated list.
 
     Returns:
         The class names, in channel order.
+
+    Raises:
+        InputError: the spec is none of these, or the names are empty, repeated or more than
+            255; the message shows what was parsed.
     """
     if spec.lower() in PRESETS:
         return list(PRESETS[spec.lower()])
     path = Path(spec)
-    if path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if _is_file(path):
+        names = _names_from_file(path)
         source = str(path)
     elif "," in spec:
         names = [part.strip() for part in spec.split(",")]
-        source = "--class-names"
+        source = f"--class-names {spec!r}"
+    elif path.suffix.lower() in (".json", ".txt") or "/" in spec:
+        raise InputError(f"{spec}: no such class-names file")
     else:
         raise InputError(
-            f"{spec}: not a preset ({', '.join(PRESETS)}), a file, or a comma-separated list"
+            f"--class-names {spec!r}: not a preset ({', '.join(PRESETS)}), a file, or a "
+            "comma-separated list"
         )
-    if not names or any(not n for n in names):
-        raise InputError(f"{source}: empty class name")
-    if len(set(names)) != len(names):
-        raise InputError(f"{source}: class names are not unique")
-    if len(names) > 255:
-        raise InputError(f"{source}: at most 255 classes fit in uint8 trainIds")
+    return check_class_names(names, source)
+
+
+def check_class_names(names: list[str], source: str) -> list[str]:
+    """Refuse empty, repeated or too many names; ``source`` names where they came from."""
+    if not names:
+        raise InputError(f"{source}: no class names found")
+    empty = [k for k, n in enumerate(names) if not n]
+    if empty:
+        raise InputError(
+            f"{source}: class {empty[0]} has an empty name (parsed {describe_names(names)})"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(
+            f"{source}: class names are not unique ({', '.join(map(repr, repeated))} repeated; "
+            f"parsed {describe_names(names)})"
+        )
+    if len(names) > MAX_CLASSES:
+        raise InputError(
+            f"{source}: at most {MAX_CLASSES} classes fit in uint8 trainIds "
+            f"(parsed {len(names)} names)"
+        )
     return names
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for strings no file can have (too long, NUL bytes)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _names_from_file(path: Path) -> list[str]:
+    """Names from a JSON file (by extension or by content) or a text file, one per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read class names ({exc})") from exc
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" or stripped.startswith(("[", "{")):
+        return _names_from_json(path, text)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _names_from_json(path: Path, text: str) -> list[str]:
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(data, dict):
+        key = next((k for k in JSON_KEYS if k in data), None)
+        if key is None:
+            raise InputError(
+                f"{path}: a JSON object needs a {JSON_KEYS[0]!r} list of names; found keys "
+                f"{sorted(data)[:8]}"
+            )
+        data = data[key]
+    if not isinstance(data, list):
+        raise InputError(
+            f'{path}: expected a JSON list of class names or {{"classes": [...]}}, got '
+            f"{type(data).__name__} {json.dumps(data)[:60]}"
+        )
+    bad = [item for item in data if not isinstance(item, str)]
+    if bad:
+        raise InputError(
+            f"{path}: class names must be strings; got {json.dumps(bad[0])[:40]} "
+            f"(parsed {len(data)} entries)"
+        )
+    return [item.strip() for item in data]

@@ -49,7 +49,6 @@ from blda_posthoc.core.relabel import (
     KeepThresholds,
     confidence_logodds,
     keep_thresholds,
-    mask_ignored,
     select,
     transitions,
 )
@@ -141,8 +140,9 @@ class Tally:
         if label is None:
             return
         for key, pred in (*baselines.items(), ("relabelled", after)):
-            matrix = self.quality.setdefault(key, ConfusionMatrix(c))
-            matrix.update(pred.long().cpu(), mask_ignored(label, pred).cpu())
+            # Scored over the pixels the set keeps, as evaluate --ignore-pred-ignore does.
+            matrix = self.quality.setdefault(key, ConfusionMatrix(c, ignore_pred_ignore=True))
+            matrix.update(pred.long().cpu(), label.cpu())
 
 
 def pseudo_label_files(pseudo_dir: Path, names: Sequence[str]) -> dict[str, Path]:

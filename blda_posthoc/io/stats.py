@@ -54,14 +54,17 @@ def write_stats(path: Path, stats: LogitStats, overwrite: bool = False) -> None:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["version"] = VERSION
-        f.attrs["created_by"] = f"blda-posthoc {__version__}"
-        _write_group(f, stats)
-        if stats.extras is not None:
-            _write_extras(f, stats.extras)
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["created_by"] = f"blda-posthoc {__version__}"
+            _write_group(f, stats)
+            if stats.extras is not None:
+                _write_extras(f, stats.extras)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
 
 
 COMPRESSED = {"compression": "gzip", "compression_opts": 4, "shuffle": True}

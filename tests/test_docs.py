@@ -1,0 +1,82 @@
+"""The user documentation is self-contained: links resolve, nothing points outside the clone,
+and the worked Bias example agrees with the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from blda_posthoc.cli import main
+from blda_posthoc.core.evaluate import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = heading.strip().lower().replace("`", "")
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {
+        slug(line.lstrip("#"))
+        for line in path.read_text().splitlines()
+        if line.startswith("#") and not line.startswith("#!")
+    }
+
+
+def test_the_docs_exist() -> None:
+    names = {p.name for p in DOCS}
+    assert {"method.md", "metrics.md", "formats.md"} <= names
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_resolve_inside_the_repository(doc: Path) -> None:
+    for target in LINK.findall(doc.read_text()):
+        assert not target.startswith(("http://", "https://", "/", "..")), f"{doc}: {target}"
+        file_part, _, anchor = target.partition("#")
+        linked = (doc.parent / file_part).resolve() if file_part else doc
+        assert linked.exists(), f"{doc.name}: {target} does not exist"
+        assert ROOT in linked.parents or linked == ROOT, f"{doc.name}: {target} leaves the repo"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{doc.name}: no heading for #{anchor} in {linked}"
+
+
+def test_nothing_user_facing_points_outside_the_repository() -> None:
+    files = DOCS + sorted((ROOT / "blda_posthoc").rglob("*.py"))
+    for path in files:
+        text = path.read_text()
+        for banned in ("METHOD.md", "shared notes", "../shared"):
+            assert banned not in text, f"{path.relative_to(ROOT)} mentions {banned!r}"
+
+
+def test_help_points_to_the_docs() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "docs/method.md" in result.stdout and "docs/metrics.md" in result.stdout
+
+
+def test_worked_bias_example_matches_the_code() -> None:
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    # road, pole, car; rows true, columns predicted (the table in metrics.md).
+    s = summarize(np.array([[960, 40, 0], [15, 5, 0], [0, 0, 200]]))
+    road, pole, car = 0, 1, 2
+    assert s["pred_true_ratio"][pole] == pytest.approx(2.25)
+    assert s["pred_true_ratio"][road] == pytest.approx(0.975)
+    assert f"{s['bias'][pole]:.1f}".replace("-", "−") + " pp" in text  # −23.7 pp
+    assert f"+{s['bias'][road]:.1f} pp" in text
+    assert s["bias"][car] == pytest.approx(0.0)
+    assert s["pred_true_ratio"][pole] > 1 and s["bias"][pole] < 0
+    summary_line = (
+        f"IoU: road {s['iou'][road]:.1f}, pole {s['iou'][pole]:.1f}, car {s['iou'][car]:.0f}; "
+        f"mIoU {s['miou']:.1f}, mAcc {s['macc']:.1f}, pixel accuracy {s['pixel_acc']:.1f}"
+    )
+    assert summary_line in text
