@@ -47,6 +47,8 @@ from blda_posthoc.io.report import (
 )
 
 TAU = 0.2
+COMPARE_TAUS = "0.2,0.5,1"
+"""Strengths the demo's compare run tries (the default grid has seven)."""
 """The paper's post-hoc tau, used unchanged for both settings (no demo-specific tuning)."""
 
 MODEL = "blda_posthoc.demo.net:build"
@@ -119,6 +121,8 @@ def demo_outputs(workdir: Path) -> list[Path]:
         "iou.png",
         "examples",
         "commands.log",
+        "compare.json",
+        "compare.png",
     ]
     names += [f"pred_{s.key}" for s in SETTINGS] + [f"eval_{s.key}.json" for s in SETTINGS]
     partial = [f"{n}.partial" for n in ("src.h5", "tgt.h5")]
@@ -231,7 +235,17 @@ def run_demo(
             device=True,
         )
     run("fit-stats", "src.h5", "--labels", "gt", "--out", "src_stats.h5", device=True)
-    run("fit-stats", "tgt.h5", "--labels", "pseudo", "--out", "tgt_stats.h5", device=True)
+    run(
+        "fit-stats",
+        "tgt.h5",
+        "--labels",
+        "pseudo",
+        "--calibration",
+        "src_stats.h5",
+        "--out",
+        "tgt_stats.h5",
+        device=True,
+    )
     run("diagnose", "tgt.h5", "--stats", "tgt_stats.h5", "--json", "diagnose.json", device=True)
     run("evaluate", "tgt.h5", "--json", "eval_plain.json", device=True)
     for s in SETTINGS:
@@ -259,6 +273,23 @@ def run_demo(
             "--json",
             f"eval_{s.key}.json",
         )
+    run(
+        "compare",
+        "tgt.h5",
+        "--stats",
+        "tgt_stats.h5",
+        "--anchors",
+        "src_stats.h5",
+        "--tau",
+        COMPARE_TAUS,
+        "--select-on",
+        str(max(1, count // 10)),
+        "--json",
+        "compare.json",
+        "--plot",
+        "compare.png",
+        device=True,
+    )
     summary = summarise(workdir)
     draw_examples(workdir, count)
     plot_iou_series(
@@ -295,7 +326,17 @@ def summarise(workdir: Path) -> dict[str, Any]:
         }
         for c in DEMO_CLASSES
     }
+    comparison = json.loads((workdir / "compare.json").read_text())
     return {
+        "compare": {
+            "selected": comparison["selected"],
+            "rows": [
+                {key: row[key] for key in ("method", "tau", "auto", "miou", "selection_miou")}
+                for row in comparison["rows"]
+            ],
+            "select": len(comparison["split"]["select"]),
+            "held_out": len(comparison["split"]["held_out"]),
+        },
         "per_class": per_class,
         "miou": {k: r["miou"] for k, r in reports.items()},
         "macc": {k: r["macc"] for k, r in reports.items()},
@@ -373,12 +414,44 @@ Examples (`examples/`): the target image, its ground truth, the plain argmax ove
 both settings' predictions, and change maps of the pixels each setting changed (green fixed,
 red broken, amber wrong before and after), with a colour legend.
 
+## Which correction to trust: `blda compare`
+
+Every method × strength on the labelled target images; the choice is made on
+{summary["compare"]["select"]} images drawn at random and every figure below comes from the other
+{summary["compare"]["held_out"]} (`compare.json`, `compare.png`).
+
+{format_compare(summary["compare"])}
+
+![compare](compare.png)
+
 | step | seconds |
 |---|---|
 {steps}
 
 Total: {summary["seconds"]:.1f} s. Every command is in `commands.log`.
 """
+
+
+def format_compare(compare: dict[str, Any], top: int = 8) -> str:
+    """The ``none`` row, the selected row and the best held-out rows as a Markdown table."""
+    rows = compare["rows"]
+    none = rows[0]["miou"]
+    selected = compare["selected"]
+    best = sorted(rows[1:], key=lambda r: -(r["miou"] or 0.0))[:top]
+    lines = ["| method | τ | held-out mIoU | Δ none | selection mIoU |", "|---|---|---|---|---|"]
+    for row in [rows[0], *best]:
+        mark = (row["method"], row["tau"], row["auto"]) == (
+            selected["method"],
+            selected["tau"],
+            selected["auto"],
+        )
+        tau = "-" if row["tau"] is None else f"{row['tau']:g}" + (" (auto)" if row["auto"] else "")
+        name = f"**{row['method']}** (selected)" if mark else row["method"]
+        lines.append(
+            f"| {name} | {tau} | {_fmt(row['miou'])} | {_delta(row['miou'], none)} | "
+            f"{_fmt(row['selection_miou'])} |"
+        )
+    return "\n".join(lines)
 
 
 def draw_examples(workdir: Path, count: int) -> None:
@@ -449,5 +522,13 @@ def accuracy(pred: np.ndarray, label: np.ndarray) -> str:
 def echo_summary(summary: dict[str, Any], workdir: Path) -> None:
     """Print the table and where everything is."""
     click.echo(format_table(summary))
-    click.echo(f"\nwork folder: {workdir} (report.md, iou.png, examples/, commands.log)")
+    chosen = summary["compare"]["selected"]
+    tau = "" if chosen["tau"] is None else f", τ {chosen['tau']:g}"
+    click.echo(
+        f"\nblda compare selected {chosen['method']}{tau} on "
+        f"{summary['compare']['select']} images: held-out mIoU {_fmt(chosen['miou'])} "
+        f"({_delta(chosen['miou'], summary['compare']['rows'][0]['miou'])} over the plain argmax "
+        f"on the other {summary['compare']['held_out']})"
+    )
+    click.echo(f"work folder: {workdir} (report.md, iou.png, compare.png, examples/, commands.log)")
     click.echo(f"demo finished in {summary['seconds']:.1f} s")

@@ -173,7 +173,7 @@ def load_correction(
             notes.append(f"--tau is ignored: {spec.method} has no strength")
         tau = 0.0
     elif spec.tau_auto:
-        choice = choose_tau(corrector, statistics)
+        choice = choose_tau(corrector, statistics, DEFAULT_TAUS[spec.method])
         tau = choice["tau"]
         details["tau_auto"] = choice
     else:
@@ -368,7 +368,7 @@ def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
     return Shift(torch.as_tensor(shift, dtype=torch.float32), pre), details
 
 
-def choose_tau(corrector: Corrector, statistics: Statistics) -> dict[str, Any]:
+def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) -> dict[str, Any]:
     """``--tau auto``: the strength chosen on the ``--stats`` pixel sample.
 
     The strength whose predicted class shares come closest to the EM estimate of the target
@@ -382,4 +382,4 @@ def choose_tau(corrector: Corrector, statistics: Statistics) -> dict[str, Any]:
             "anchors with blda fit-stats --labels gt)"
         )
     z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
-    return auto_tau(corrector, z, target, AUTO_GRID)
+    return auto_tau(corrector, z, target, fallback, AUTO_GRID)
