@@ -194,3 +194,47 @@ def test_spearman_matches_the_textbook_formula():
     )
     assert spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0])) is None
     assert spearman(np.ones(4), np.arange(4.0)) is None
+
+
+def test_estimated_verdict_needs_the_ratio_and_the_score_to_agree():
+    from blda_posthoc.core.diagnose import UNCERTAIN, estimate_verdict
+
+    assert estimate_verdict(2.0, 0.4) == "over-predicted"
+    assert estimate_verdict(0.3, -0.4) == "under-predicted"
+    assert estimate_verdict(1.0, 0.0) == "balanced"
+    assert estimate_verdict(2.0, -0.4) == UNCERTAIN  # they disagree
+    assert estimate_verdict(1.0, 0.4) == UNCERTAIN  # balanced by ratio, over by score
+    assert estimate_verdict(0.72, -0.4) == UNCERTAIN  # within 10 % of the 0.7 cut
+    assert estimate_verdict(1.35, 0.4) == UNCERTAIN  # within 10 % of the 1.3 cut
+    assert estimate_verdict(None, 0.4) == "over-predicted"  # no estimate: the score alone
+
+
+def test_anchors_give_estimated_ratios_and_label_free_verdicts(stores, tmp_path):
+    with LogitStore([stores["labelled"]]) as store:
+        write_stats(tmp_path / "src.h5", fit_store(store, FitOptions(labels="gt")))
+        write_stats(tmp_path / "tgt.h5", fit_store(store, FitOptions(labels="pseudo")))
+    report = diagnose_json(
+        tmp_path,
+        stores["labelled"],
+        "--stats",
+        tmp_path / "tgt.h5",
+        "--anchors",
+        tmp_path / "src.h5",
+    )
+    entries = report["per_class"].values()
+    assert all(e["decided_by"] == "labels" for e in entries if e["verdict"] != "unknown")
+    assert any(e["estimated_ratio"] is not None for e in entries)
+    for e in entries:
+        assert e["label_free_verdict"] in (
+            "over-predicted",
+            "under-predicted",
+            "balanced",
+            "uncertain",
+            "unknown",
+        )
+    code, _, err = run(stores["labelled"], "--anchors", tmp_path / "src.h5")
+    assert code == 2 and "--anchors needs --stats" in err
+    code, _, err = run(
+        stores["labelled"], "--stats", tmp_path / "tgt.h5", "--anchors", tmp_path / "tgt.h5"
+    )
+    assert code == 1 and err.startswith("error:") and "calibration" in err

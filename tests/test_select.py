@@ -9,12 +9,11 @@ import torch
 from blda_posthoc.core.methods import Shift
 from blda_posthoc.core.select import (
     AUTO_GRID,
-    UNRELIABLE_DISTANCE,
     auto_tau,
+    em_collapsed,
     pick_best,
     predicted_shares,
     split_names,
-    total_variation,
 )
 
 
@@ -36,7 +35,8 @@ def test_auto_tau_keeps_the_fallback_when_the_estimate_has_collapsed():
     corrector = Shift(torch.zeros(4))
     collapsed = np.array([1.0, 0.0, 0.0, 0.0])
     plain = predicted_shares(corrector, z, 0.0)
-    assert total_variation(plain, collapsed) > UNRELIABLE_DISTANCE
+    assert em_collapsed(plain, collapsed)
+    assert not em_collapsed(plain, plain) and not em_collapsed(plain, plain * 3 / plain.sum())
     choice = auto_tau(corrector, z, collapsed, fallback=0.2)
     assert not choice["trusted"] and choice["tau"] == 0.2 and "collapsed" in choice["criterion"]
 

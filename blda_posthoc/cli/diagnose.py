@@ -19,6 +19,7 @@ from blda_posthoc.cli.common import (
 from blda_posthoc.core.diagnose import diagnose
 from blda_posthoc.io.diagnose import (
     count_predictions,
+    estimated_priors,
     format_table,
     load_or_fit_stats,
     plot_scores,
@@ -37,6 +38,15 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     default=None,
     help="Stats file (default: fit pseudo-label statistics of STORES on the fly).",
 )
+@click.option(
+    "--anchors",
+    "anchors_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Source stats file fitted with --labels gt: its calibration and class priors give an "
+    "EM estimate of the target priors, and the label-free verdict follows the estimated "
+    "predicted/true ratio (needs --stats of version 2).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a score chart.")
 @device_option
@@ -45,6 +55,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 def command(
     stores: tuple[str, ...],
     stats_path: Path | None,
+    anchors_path: Path | None,
     json_path: Path | None,
     plot_path: Path | None,
     device: str,
@@ -52,7 +63,11 @@ def command(
 ) -> None:
     """Report per class whether the model over- or under-predicts it (Bias too with labels).
 
-    Example: blda diagnose tgt.h5 --json diagnose.json --plot diagnose.png
+    Without labels the verdict is an estimate: from the EM estimate of the class priors with
+    --anchors (better), else from the logit score; 'uncertain' where it cannot tell. See
+    docs/metrics.md.
+
+    Example: blda diagnose tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json d.json
     """
     for path in (json_path, plot_path):
         if path is not None:
@@ -66,7 +81,14 @@ def command(
             store, device=dev, progress=lambda it, n: progress(it, n, "diagnose")
         )
         num_images = len(store)
-    result = diagnose(stats, predicted, confusion)
+        priors = None
+        if anchors_path is not None:
+            if stats_path is None:
+                raise click.UsageError("--anchors needs --stats")
+            priors, why = estimated_priors(stats_path, anchors_path, store.class_names)
+            if why is not None:
+                warn(why)
+    result = diagnose(stats, predicted, confusion, target_priors=priors)
     click.echo(format_table(result))
     unknown = [d.name for d in result.classes if d.decided_by is None]
     if unknown:

@@ -246,7 +246,17 @@ def run_demo(
         "tgt_stats.h5",
         device=True,
     )
-    run("diagnose", "tgt.h5", "--stats", "tgt_stats.h5", "--json", "diagnose.json", device=True)
+    run(
+        "diagnose",
+        "tgt.h5",
+        "--stats",
+        "tgt_stats.h5",
+        "--anchors",
+        "src_stats.h5",
+        "--json",
+        "diagnose.json",
+        device=True,
+    )
     run("evaluate", "tgt.h5", "--json", "eval_plain.json", device=True)
     for s in SETTINGS:
         anchors = ["--anchors", s.anchors] if s.anchors else []

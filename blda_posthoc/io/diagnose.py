@@ -29,13 +29,17 @@ from blda_posthoc.core.diagnose import (
     OVER,
     OVER_RATIO,
     SCORE_THRESHOLD,
+    UNCERTAIN,
     UNDER,
     UNDER_RATIO,
+    UNKNOWN,
     Diagnosis,
 )
 from blda_posthoc.core.evaluate import ConfusionMatrix
 from blda_posthoc.core.fit import LogitStats
+from blda_posthoc.core.select import em_collapsed
 from blda_posthoc.io.console import info, progress
+from blda_posthoc.io.corrections import read_statistics, target_priors
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
@@ -106,7 +110,14 @@ def report_dict(
     for d in result.classes:
         entry = asdict(d)
         name = entry.pop("name")
-        for key in ("score", "pred_share", "positive_median", "bias", "pred_true_ratio"):
+        for key in (
+            "score",
+            "pred_share",
+            "positive_median",
+            "bias",
+            "pred_true_ratio",
+            "estimated_ratio",
+        ):
             entry[key] = round_or_none(entry[key], DECIMALS)
         per_class[name] = entry
     return {
@@ -135,35 +146,58 @@ def report_dict(
 def format_table(result: Diagnosis) -> str:
     """A fixed-width per-class table (and the rank correlation) for the terminal."""
     width = max(8, *(len(d.name) for d in result.classes))
-    head = f"{'class':<{width}}  {'share%':>7}  {'score':>6}  {'verdict':<15}  {'by':<10}"
+    estimated = any(d.estimated_ratio is not None for d in result.classes)
+    head = f"{'class':<{width}}  {'share%':>7}  {'score':>6}"
+    head += f"  {'est.ratio':>9}" if estimated else ""
+    head += f"  {'verdict':<15}  {'by':<10}"
     if result.has_labels:
-        head += f"  {'bias':>7}  {'ratio':>6}"
+        head += f"  {'bias':>7}  {'ratio':>6}  {'label-free':<15}"
     lines = [head, "-" * len(head)]
     for d in result.classes:
-        line = (
-            f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {fmt_or_dash(d.score, '+.3f'):>6}  "
-            f"{d.verdict:<15}  {d.decided_by or '-':<10}"
-        )
+        line = f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {fmt_or_dash(d.score, '+.3f'):>6}"
+        line += f"  {fmt_or_dash(d.estimated_ratio, '.2f'):>9}" if estimated else ""
+        line += f"  {d.verdict:<15}  {d.decided_by or '-':<10}"
         if result.has_labels:
             line += (
                 f"  {fmt_or_dash(d.bias, '+.2f'):>7}  {fmt_or_dash(d.pred_true_ratio, '.2f'):>6}"
+                f"  {d.label_free_verdict:<15}"
             )
         if d.never_predicted:
             line += "  (never predicted)"
-        lines.append(line)
+        lines.append(line.rstrip())
     lines.append("")
     lines.append(
         "score: Cliff's delta of the class's positive logits vs the class-balanced "
-        "positive anchor; "
-        f"|score| >= {SCORE_THRESHOLD} decides without labels"
+        "positive anchor (docs/metrics.md)"
     )
+    if estimated:
+        lines.append(
+            "est.ratio: predicted share / EM estimate of the class prior (source-calibrated); "
+            f"without labels a verdict needs it (< {UNDER_RATIO} under, > {OVER_RATIO} over) "
+            f"and the score (|score| >= {SCORE_THRESHOLD}) to agree, else 'uncertain'"
+        )
+    else:
+        lines.append(f"without labels |score| >= {SCORE_THRESHOLD} decides")
     if result.has_labels:
         lines.append(
             f"with labels the verdict follows pred/true ratio (< {UNDER_RATIO} under, "
             f"> {OVER_RATIO} over); Spearman(score, Bias) = "
             + fmt_or_dash(result.rank_correlation, ".3f")
+            + f"; label-free verdicts agree on {agreement(result)}"
         )
     return "\n".join(lines)
+
+
+def agreement(result: Diagnosis) -> str:
+    """How many label-free verdicts match the labelled ones (uncertain ones counted apart)."""
+    decided = [
+        d
+        for d in result.classes
+        if d.decided_by == "labels" and d.label_free_verdict not in (UNCERTAIN, UNKNOWN)
+    ]
+    same = sum(d.label_free_verdict == d.verdict for d in decided)
+    uncertain = sum(d.label_free_verdict == UNCERTAIN for d in result.classes)
+    return f"{same} of {len(decided)} classes ({uncertain} uncertain)"
 
 
 def plot_scores(path: Path, result: Diagnosis) -> None:
@@ -193,3 +227,35 @@ def plot_scores(path: Path, result: Diagnosis) -> None:
         + (f"; Spearman vs Bias {rho}" if result.has_labels else "")
     )
     save_figure(fig, path)
+
+
+def estimated_priors(
+    stats_path: Path, anchors_path: Path, class_names: list[str]
+) -> tuple[np.ndarray | None, str | None]:
+    """EM estimate of the class priors of the ``--stats`` data, or None with the reason.
+
+    Args:
+        stats_path: Stats file of the data (version 2: it holds a pixel sample).
+        anchors_path: Labelled stats file with a vector-scaling calibration and class priors.
+        class_names: The store's class names.
+
+    Returns:
+        ``(priors (C,), None)``, or ``(None, why)`` when EM has most likely collapsed.
+    """
+    statistics = read_statistics(stats_path, anchors_path, class_names)
+    extras = statistics.anchors.extras
+    if extras is None or "vector" not in extras.calibrations:
+        raise InputError(
+            f"{anchors_path}: holds no calibration (fit it with blda fit-stats --labels gt); "
+            "EM on uncalibrated probabilities is not trusted"
+        )
+    priors, _, _ = target_priors(statistics)
+    cond = statistics.cond.extras
+    assert cond is not None  # target_priors checked it
+    shares = cond.predicted / max(int(cond.predicted.sum()), 1)
+    if em_collapsed(shares, priors):
+        return None, (
+            "the EM estimate of the class priors has collapsed (a frequently predicted class "
+            "got a prior 20 times smaller); the label-free verdicts use the score alone"
+        )
+    return priors, None
