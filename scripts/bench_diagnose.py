@@ -22,8 +22,17 @@ from pathlib import Path
 def verdicts(case: Path, args: argparse.Namespace, with_anchors: bool) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "d.json"
-        command = [sys.executable, "-m", "blda_posthoc", "diagnose", str(case / args.store),
-                   "--stats", str(case / args.stats), "--json", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "blda_posthoc",
+            "diagnose",
+            str(case / args.store),
+            "--stats",
+            str(case / args.stats),
+            "--json",
+            str(out),
+        ]
         if with_anchors:
             command += ["--anchors", str(case / args.anchors)]
         subprocess.run(command, check=True, capture_output=True)
@@ -54,9 +63,9 @@ def main() -> None:
                 totals[with_anchors][k] += v
             row.append(f"{right}/{decided} right, {uncertain} uncertain")
         rows.append(row)
-    rows.append(["all"] + [
-        f"{t[0]}/{t[1]} right, {t[2]} uncertain" for t in (totals[False], totals[True])
-    ])
+    rows.append(
+        ["all"] + [f"{t[0]}/{t[1]} right, {t[2]} uncertain" for t in (totals[False], totals[True])]
+    )
     print("| case | score alone | score and EM ratio agree (--anchors) |")
     print("|---|---|---|")
     for row in rows:
