@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,32 +20,61 @@ from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.corrections import Correction, CorrectionSpec
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
+from blda_posthoc.io.outputs import abandoned, disk_error
 
 __all__ = ["info", "progress", "warn"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` on stderr and exit with status 1."""
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` on stderr and exit with status ``code`` (default 1)."""
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    if abandoned():  # a file whose write failed must not be closed: HDF5 may crash on it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _with_notes(message: str, exc: BaseException) -> str:
+    """The message plus what the stopped run keeps (notes attached on the way out)."""
+    notes = [n for n in getattr(exc, "__notes__", []) if n]
+    return "; ".join([message, *notes])
 
 
 def handle_errors(func: F) -> F:
-    """Turn :class:`InputError` (and unreadable files) into a one-line ``error:``, exit 1."""
+    """One rule for how a command ends when it does not succeed.
+
+    - :class:`InputError` (bad input or data): ``error: FILE: problem`` on one line, exit 1.
+    - A file that cannot be read or written: ``error: FILE: reason``, exit 1; a full disk
+      (or quota, or file size limit) reads ``error: FILE: disk full``.
+    - Ctrl-C: ``interrupted; what is kept; how to resume`` on one line, exit 130.
+
+    Outputs claimed by the command record what they keep as notes on the exception.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except InputError as exc:
-            fail(str(exc))
+            fail(_with_notes(str(exc), exc))
+        except KeyboardInterrupt as exc:
+            click.echo(_with_notes("interrupted", exc), err=True)
+            _exit(130)
         except OSError as exc:  # a file or folder that cannot be read or written
-            where = f"{exc.filename}: " if exc.filename else ""
-            fail(f"{where}{exc.strerror or exc}")
-        except KeyboardInterrupt:
-            fail("interrupted")
+            full = disk_error(exc, exc.filename or "")
+            if full is not None:
+                message = str(full) if exc.filename else str(full).lstrip(": ")
+            else:
+                where = f"{exc.filename}: " if exc.filename else ""
+                message = f"{where}{exc.strerror or exc}"
+            fail(_with_notes(message, exc))
 
     return wrapper  # type: ignore[return-value]
 
