@@ -435,11 +435,17 @@ def _forward(
     """Logits ``(n, C, h, w)`` of ``(n, H, W, 3)`` uint8 images; model failures become errors."""
     images = images.to(options.device, non_blocking=True)
     try:
-        return predict_logits(model, images, options.preprocess, options.precision)
-    except (RuntimeError, ValueError) as exc:
+        logits = predict_logits(model, images, options.preprocess, options.precision)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (try a smaller --batch-size)" if "out of memory" in text else ""
         raise InputError(f"{model_name}: failed on {first}: {text}{hint}") from exc
+    if logits.shape[0] != images.shape[0] or min(logits.shape) < 1:
+        raise InputError(
+            f"{model_name}: returned logits of shape {tuple(logits.shape)} for "
+            f"{images.shape[0]} image(s) ({first}); expected (N, C, h, w)"
+        )
+    return logits
 
 
 def _run(
