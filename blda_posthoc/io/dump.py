@@ -530,9 +530,10 @@ def value_ranges(
     beyond = (high > limit) | (low < -limit)
     if bool(beyond.any()):
         bad = names[int(beyond.nonzero()[0, 0])]
-        hint = "use --dtype float32" if storage == torch.float16 else "rescale them"
+        dtype = "float16" if storage == torch.float16 else "float32"
+        hint = "use --dtype float32" if dtype == "float16" else "rescale them"
         raise InputError(
-            f"{bad}: the model gives logits beyond ±{limit:g}, which a {storage} store cannot "
+            f"{bad}: the model gives logits beyond ±{limit:g}, which a {dtype} store cannot "
             f"hold; {hint}"
         )
     low, high = low.to(storage).float().cpu(), high.to(storage).float().cpu()

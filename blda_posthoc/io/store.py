@@ -556,8 +556,8 @@ class StoreWriter:
             elif kept:
                 kept_note(
                     exc,
-                    f"{kept} finished images are kept in {self.tmp}; rerun with --resume to "
-                    "continue",
+                    f"{kept} finished image{'s are' if kept != 1 else ' is'} kept in "
+                    f"{self.tmp}; rerun with --resume to continue",
                 )
 
 
