@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.corrections import Correction, CorrectionSpec
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
-from blda_posthoc.io.outputs import abandoned, disk_error
+from blda_posthoc.io.outputs import abandoned, check_not_input, disk_error
 
 __all__ = ["info", "progress", "warn"]
 
@@ -121,15 +122,41 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A ``click.FloatRange`` that also refuses NaN and infinities (which pass range checks)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Parse and range-check ``value``, then refuse non-finite numbers."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def overwrite_option(func: F) -> F:
     """``--overwrite``: replace existing outputs."""
     return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output file unless ``--overwrite``."""
+def check_output_file(
+    path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Refuse to replace an existing output file unless ``--overwrite``, or any input.
+
+    Args:
+        path: The output file.
+        overwrite: ``--overwrite`` was given.
+        inputs: The command's input files and folders (store arguments may be globs).
+    """
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
+    files: list[Path | None] = []
+    for item in inputs:
+        if isinstance(item, str):
+            files.extend(Path(p) for p in glob.glob(item) or [item])
+        else:
+            files.append(item)
+    check_not_input(path, files)
 
 
 def parse_tau(text: str | None, option: str = "--tau") -> tuple[float | None, bool]:
@@ -168,7 +195,7 @@ def statistics_options(func: F) -> F:
         ),
         click.option(
             "--clamp",
-            type=click.FloatRange(0.0, 0.5, max_open=True),
+            type=FiniteFloatRange(0.0, 0.5, max_open=True),
             default=DEFAULT_CLAMP,
             show_default=True,
             help="BLDA methods: CDF values are clamped to [r, 1 - r].",

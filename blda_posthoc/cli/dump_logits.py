@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import (
+    FiniteFloatRange,
     class_names_option,
     device_option,
     handle_errors,
@@ -162,7 +163,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 )
 @click.option(
     "--scale",
-    type=click.FloatRange(min=0, min_open=True, max=16),
+    type=FiniteFloatRange(min=0, min_open=True, max=16),
     default=None,
     help="Resize images by this factor (at most 16) before the model.",
 )

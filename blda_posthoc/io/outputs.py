@@ -120,6 +120,36 @@ def path_inside(root: Path, relative: str) -> Path:
     return target
 
 
+def paths_inside(root: Path, relatives: Iterable[str]) -> list[Path]:
+    """:func:`path_inside` for many names (sub-folders resolved once each).
+
+    Raises:
+        InputError: For the first unsafe or escaping name, or two equal names.
+    """
+    base = Path(root).resolve()
+    folders: dict[str, bool] = {}
+    seen: set[str] = set()
+    out = []
+    for relative in relatives:
+        check_name(relative, root)
+        if relative in seen:
+            raise InputError(f"{Path(root) / relative}: two outputs of this run have this name")
+        seen.add(relative)
+        target = base / relative
+        folder, _, _ = relative.rpartition("/")
+        if folder not in folders:
+            folders[folder] = target.parent.resolve().is_relative_to(base)
+        escapes = not folders[folder] or (
+            os.path.islink(target) and not target.resolve().is_relative_to(base)
+        )
+        if escapes:
+            raise InputError(
+                f"{target}: lies outside {root} through a symbolic link; refusing to write there"
+            )
+        out.append(target)
+    return out
+
+
 # ---------------------------------------------------------------- disk errors
 
 

@@ -687,6 +687,19 @@ def _group(parent: h5py.Group, key: str, path: Path) -> h5py.Group:
     return group
 
 
+def check_group(parent: h5py.Group, key: str, path: Path) -> h5py.Group:
+    """A group stored in this file (every part of ``key`` a hard link)."""
+    node = parent
+    for part in key.split("/"):
+        if part not in node:
+            raise InputError(f"{path}: {node.name.rstrip('/')}/{part}: missing")
+        _link_ok(node, part, path)
+        node = node[part]
+        if not isinstance(node, h5py.Group):
+            raise InputError(f"{path}: {node.name}: not a group")
+    return node
+
+
 def _image_group(images: h5py.Group, key: str, path: Path) -> h5py.Group | None:
     """An image's group when complete and well-formed, None when incomplete."""
     _link_ok(images, key, path)
@@ -711,6 +724,9 @@ def check_dataset(parent: h5py.Group, key: str, path: Path, where: str) -> h5py.
     Returns:
         The dataset.
     """
+    folder, _, key = key.rpartition("/")
+    if folder:
+        parent = check_group(parent, folder, path)
     if key not in parent:
         raise InputError(f"{path}: {where}: missing")
     _link_ok(parent, key, path)
@@ -842,8 +858,16 @@ class LogitStore:
 
     def logit_range(self) -> tuple[float, float]:
         """Smallest and largest logit over all images (from attributes; no data read)."""
-        ranges = [self._range(n) for n in self.names]
-        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+        ranges = self.logit_ranges()
+        return min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
+
+    def logit_ranges(self) -> dict[str, tuple[float, float]]:
+        """Each image's smallest and largest logit (from attributes; no data read)."""
+        return {name: self._range(name) for name in self.names}
+
+    def path_of(self, name: str) -> Path:
+        """The store file holding image ``name``."""
+        return self.paths[self._where[name][0]]
 
     def read(self, name: str, *, with_label: bool = True) -> Record:
         """Read one image's logits (as float32) and label, checking them."""
