@@ -22,9 +22,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.images import read_label, read_rgb
 from blda_posthoc.io.import_logits import _load as read_npy
+from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
 
 EXAMPLES = int(os.environ.get("BLDA_FUZZ_EXAMPLES", "60"))
@@ -184,6 +187,120 @@ def test_random_small_arrays_through_the_writer(array: np.ndarray, dtype: str) -
     with LogitStore([path]) as store:
         got = store.read("x").logits
     np.testing.assert_array_equal(got, array.astype(dtype).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------- stats
+
+
+def _valid_stats(estimator: str) -> bytes:
+    path = WORK / f"valid-{estimator}.h5"
+    with LogitStore([WORK / "valid.h5"]) as store:
+        stats = fit_store(
+            store, FitOptions(labels="gt", estimator=estimator, bins=64, sample_pixels=200)
+        )
+    write_stats(path, stats)
+    return path.read_bytes()
+
+
+VALID_STATS = {kind: _valid_stats(kind) for kind in ("hist", "gmm")}
+STATS_METHODS = ["blda", "calibrated-blda", "vector-scaling", "cbst", "em-prior"]
+
+
+def read_stats_fully(path: Path, method: str = "blda") -> None:
+    """Read a stats file and build a correction from it; only InputError may come out."""
+    try:
+        stats = read_stats(path)
+        load_correction(CorrectionSpec(method=method, stats=path), stats.class_names)
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_as_stats(data: bytes) -> None:
+    read_stats_fully(write_bytes("random-stats.h5", data))
+
+
+@FUZZ
+@given(st.sampled_from(sorted(VALID_STATS)), flips, st.sampled_from(STATS_METHODS))
+def test_flipped_bytes_in_stats(kind: str, changes: list[tuple[float, int]], method: str) -> None:
+    read_stats_fully(write_bytes("flipped-stats.h5", mutate(VALID_STATS[kind], changes)), method)
+
+
+STATS_ATTRS = ["format", "version", "class_names", "estimator", "grid_lo", "grid_hi",
+               "grid_bins", "settings", "lo", "hi", "bins"]  # fmt: skip
+STATS_DATA = ["cells/counts", "anchors/counts", "cells/gmm/weights", "cells/gmm/sigmas",
+              "predicted", "confidence/counts", "sample/logits", "sample/labels",
+              "calibration/vector/scale", "calibrated/cells/counts"]  # fmt: skip
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(VALID_STATS)),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["/", "/confidence/counts", "/calibrated"]),
+            st.sampled_from(STATS_ATTRS),
+            values,
+        ),
+        max_size=3,
+    ),
+    st.lists(st.tuples(st.sampled_from(STATS_DATA), datasets), max_size=2),
+    st.sampled_from(STATS_METHODS),
+)
+def test_edited_stats(
+    kind: str,
+    attr_edits: list[tuple[str, str, object]],
+    data_edits: list[tuple[str, object]],
+    method: str,
+) -> None:
+    path = write_bytes("edited-stats.h5", VALID_STATS[kind])
+    with h5py.File(path, "a") as f:
+        for obj, key, value in attr_edits:
+            if obj not in f:
+                continue
+            if value is None:
+                if key in f[obj].attrs:
+                    del f[obj].attrs[key]
+            else:
+                with contextlib.suppress(TypeError, ValueError):
+                    f[obj].attrs[key] = value
+        for key, value in data_edits:
+            if key in f:
+                del f[key]
+            if value is not None:
+                f[key] = value
+    read_stats_fully(path, method)
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(VALID_STATS)),
+    st.sampled_from(STATS_DATA),
+    st.sampled_from(STATS_METHODS),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["zeros", "huge", "large", "random"]),
+)
+def test_stats_with_valid_shapes_and_hostile_values(
+    kind: str, key: str, method: str, seed: int, fill: str
+) -> None:
+    path = write_bytes("values-stats.h5", VALID_STATS[kind])
+    with h5py.File(path, "a") as f:
+        if key not in f:
+            return
+        old = f[key][()]
+        rng = np.random.default_rng(seed)
+        if fill == "zeros":
+            new = np.zeros_like(old)
+        elif old.dtype.kind == "f":
+            scale = {"huge": 1e30, "large": 1e6}.get(fill, 10.0)
+            new = (rng.standard_normal(old.shape) * scale).astype(old.dtype)
+        else:
+            high = np.iinfo(old.dtype).max if fill == "huge" else min(1000, np.iinfo(old.dtype).max)
+            new = rng.integers(0, high, old.shape, dtype=old.dtype, endpoint=True)
+        del f[key]
+        f[key] = new
+    read_stats_fully(path, method)
 
 
 # ------------------------------------------------------------------------ images and arrays

@@ -758,3 +758,248 @@ def test_ctrl_c_exits_130_saying_what_is_kept_and_how_to_resume(tmp_path: Path) 
     assert f"finished images are kept in {out}.partial; rerun with --resume" in last
     resumed = run_sub(*args, "--resume")
     assert resumed.returncode == 0 and "already done" in resumed.stderr
+
+
+# ------------------------------------------------- correct, relabel, fit-stats and evaluate
+
+
+@pytest.fixture
+def corrected(tmp_path: Path, store: Path) -> dict[str, Path]:
+    """A store, its stats and a complete ``correct`` output folder (tau 0.5)."""
+    stats = tmp_path / "st.h5"
+    invoke("fit-stats", store, "--out", stats)
+    out = tmp_path / "pred"
+    invoke("correct", store, "--stats", stats, "--tau", "0.5", "--out-dir", out, "--color")
+    return {"store": store, "stats": stats, "out": out}
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+class FailAfter:
+    """Replaces a writer: the ``k + 1``-th call raises ``error`` (a crash half-way)."""
+
+    def __init__(self, real, k: int, error: BaseException) -> None:
+        self.real, self.k, self.error, self.calls = real, k, error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.k:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+def test_failed_correct_overwrite_keeps_the_old_folder_whole_then_resumes(
+    tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blda_posthoc.io import correct as correct_module
+
+    old = folder_bytes(corrected["out"])
+    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--color"]
+    args += ["--out-dir", corrected["out"], "--tau", "0.1"]
+    real = correct_module.write_label_map
+    monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 2, OSError(5, "EIO")))
+    _, err = invoke(*args, "--overwrite", exit_code=1)
+    line = one_line_error(err, "kept in", "pred.partial", "rerun with --resume")
+    assert "is untouched" in line
+    assert folder_bytes(corrected["out"]) == old  # old predictions and old correct.json
+    monkeypatch.setattr(correct_module, "write_label_map", real)
+    _, err = invoke(*args[:-1], "0.5", "--resume", exit_code=1)  # other settings than the run
+    one_line_error(err, "other settings (tau", "cannot resume")
+    _, err = invoke(*args, "--resume")
+    assert "kept 2 existing" in err
+    invoke(*args[:-2], "--out-dir", tmp_path / "fresh", "--tau", "0.1")
+    assert folder_bytes(corrected["out"]) == folder_bytes(tmp_path / "fresh")
+    assert not (tmp_path / "pred.partial").exists()
+
+
+def test_ctrl_c_in_correct_exits_130_and_resume_completes(
+    tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blda_posthoc.io import correct as correct_module
+
+    out = tmp_path / "ctrl"
+    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--tau", "0.5"]
+    args += ["--out-dir", out, "--color"]
+    real = correct_module.write_label_map
+    monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 3, KeyboardInterrupt()))
+    _, err = invoke(*args, exit_code=130)
+    assert err.strip().startswith("interrupted; the finished outputs are kept in")
+    assert "--resume" in err and not out.exists()
+    monkeypatch.setattr(correct_module, "write_label_map", real)
+    invoke(*args, "--resume")
+    assert folder_bytes(out) == folder_bytes(corrected["out"])
+
+
+def test_resume_cannot_be_led_outside_the_folder(
+    tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blda_posthoc.io import correct as correct_module
+
+    out = tmp_path / "esc"
+    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+    real = correct_module.write_label_map
+    monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 1, KeyboardInterrupt()))
+    invoke(*args, exit_code=130)
+    monkeypatch.setattr(correct_module, "write_label_map", real)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    partial = tmp_path / "esc.partial"
+    for sub in ("city_a", "city_b"):
+        if (partial / sub).exists():
+            for png in (partial / sub).iterdir():
+                png.unlink()
+            (partial / sub).rmdir()
+        (partial / sub).symlink_to(victim)
+    _, err = invoke(*args, "--resume", exit_code=1)
+    one_line_error(err, "outside", "symbolic link")
+    assert list(victim.iterdir()) == []
+
+
+def test_outputs_may_not_be_inputs(tmp_path: Path, corrected: dict[str, Path]) -> None:
+    store, stats = corrected["store"], corrected["stats"]
+    before = store.read_bytes()
+    cases = [
+        ["fit-stats", store, "--out", store, "--overwrite"],
+        ["fit-stats", store, "--out", stats, "--overwrite", "--calibration", stats],
+        ["correct", store, "--stats", stats, "--out-dir", tmp_path / "x", "--scores-out", store],
+        ["evaluate", store, "--json", store, "--overwrite"],
+        ["relabel", store, "--stats", stats, "--out-dir", tmp_path, "--overwrite"],
+        ["correct", store, "--stats", stats, "--out-dir", tmp_path, "--overwrite"],
+    ]
+    for args in cases:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code in (1, 2), (args, result.output)
+        assert "is also an input" in result.stderr or "Usage" in result.stderr, result.stderr
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    _, err = invoke(
+        "relabel",
+        store,
+        "--stats",
+        stats,
+        "--out-dir",
+        labels,
+        "--pseudo-dir",
+        labels,
+        exit_code=1,
+    )
+    one_line_error(err, "is also an input")
+    assert store.read_bytes() == before
+
+
+def test_a_second_fit_stats_on_the_same_output_stops(tmp_path: Path, store: Path) -> None:
+    out = tmp_path / "busy.h5"
+    code = "import sys,time; from blda_posthoc.io.outputs import Claim; c = Claim(sys.argv[1]);"
+    code += " print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], env=sub_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        _, err = invoke("fit-stats", store, "--out", out, exit_code=1)
+        one_line_error(err, f"{out}: another run is writing it")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("correct", ["--tau", "nan"]),
+        ("correct", ["--clamp", "nan"]),
+        ("relabel", ["--keep-portion", "nan"]),
+        ("relabel", ["--min-confidence", "nan"]),
+        ("relabel", ["--tau", "inf"]),
+    ],
+)
+def test_correction_options_must_be_finite(tmp_path: Path, command: str, option: list[str]) -> None:
+    out = tmp_path / "nan"
+    args = [command, tmp_path / "s.h5", "--stats", tmp_path / "st.h5", "--out-dir", out]
+    result = CliRunner().invoke(main, [str(a) for a in [*args, *option]])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert not out.exists() and not (tmp_path / "nan.partial").exists()
+
+
+def test_fit_stats_refuses_a_stretched_grid_and_unbounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "wide.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, ["a", "b", "c"], dtype="float32") as w:
+        for i in range(5):
+            w.write(f"img_{i}", rng.normal(0, 3, (3, 8, 8)).astype(np.float32))
+        w.write("zz_outlier", np.full((3, 8, 8), 1e5, np.float32))
+    _, err = invoke(
+        "fit-stats", path, "--out", tmp_path / "s.h5", "--labels", "pseudo", exit_code=1
+    )
+    one_line_error(err, str(path), "'zz_outlier'", "far outside")
+    many = tmp_path / "many.h5"
+    with StoreWriter(many, [f"c{i}" for i in range(255)]) as w:
+        w.write("x", rng.normal(0, 1, (255, 2, 2)).astype(np.float32))
+    args = ["--labels", "pseudo", "--bins", "65536"]
+    _, err = invoke("fit-stats", many, "--out", tmp_path / "m.h5", *args, exit_code=1)
+    one_line_error(err, "--bins 65536 with 255 classes", "GiB")
+
+
+@pytest.mark.parametrize("command", ["fit-stats", "correct"])
+def test_disk_full_in_fit_stats_and_correct_leaves_nothing_under_the_final_name(
+    tmp_path: Path, corrected: dict[str, Path], command: str
+) -> None:
+    if command == "fit-stats":
+        out = tmp_path / "full.h5"
+        args = ["fit-stats", corrected["store"], "--out", out]
+    else:
+        out = tmp_path / "full"
+        args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+    limited = run_sub(*args, limit=600)
+    assert limited.returncode == 1, limited.stderr
+    last_error(limited.stderr, "file too large")
+    assert not out.exists()
+
+
+def test_evaluate_names_the_label_file_or_store(tmp_path: Path, store: Path) -> None:
+    labels = tmp_path / "labels"
+    for name in ("city_a/img_000", "city_b/img_001", "city_a/img_002", "city_b/img_003"):
+        (labels / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((24, 32), 1, np.uint8)).save(labels / f"{name}.png")
+    for name in ("city_a/img_004", "city_b/img_005"):
+        Image.fromarray(np.full((24, 32), 9, np.uint8)).save(labels / f"{name}.png")
+    _, err = invoke("evaluate", store, "--labels", labels, exit_code=1)
+    one_line_error(err, str(labels / "city_a" / "img_004.png"))
+
+
+def make_big_store(root: Path, count: int) -> Path:
+    logits, labels = write_case(root / "case", num_images=count, num_classes=4, size=(24, 32))
+    out = root / "big.h5"
+    invoke("import-logits", logits, "--labels", labels, "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel"])
+def test_kill9_of_correct_and_relabel_then_resume_is_byte_identical(
+    tmp_path: Path, store: Path, command: str
+) -> None:
+    store_path = make_big_store(tmp_path, 120)
+    stats = tmp_path / "st.h5"
+    invoke("fit-stats", store, "--out", stats)  # a small store: fitting is not under test
+    args = [command, store_path, "--stats", stats, "--tau", "0.4", "--color"]
+    if command == "relabel":
+        args += ["--min-confidence", "0.6"]
+    out, ref = tmp_path / "k", tmp_path / "ref"
+    victim = subprocess.Popen(
+        blda_cmd(*args, "--out-dir", out), env=sub_env(), stderr=subprocess.DEVNULL
+    )
+    partial = tmp_path / "k.partial"
+    wait_for(lambda: partial.is_dir() and len(list(partial.rglob("*.png"))) >= 8)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    if out.exists():
+        pytest.fail("the run finished before it could be killed; make the case larger")
+    resumed = run_sub(*args, "--out-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    invoke(*args, "--out-dir", ref)
+    assert folder_bytes(out) == folder_bytes(ref)

@@ -113,6 +113,8 @@ MAX_CELL_VALUES = 1 << 28
 """Most ``C * C * B`` histogram counts a stats file may hold (2 GiB of int64)."""
 MAX_SAMPLE = 1 << 24
 """Most pixels in a stats file's pixel sample."""
+MAX_TOTAL_COUNT = 2.0**53
+"""Counts in one dataset must add up to at most this (no int64 overflow, exact in float64)."""
 
 
 def read_stats(path: Path) -> LogitStats:
@@ -197,8 +199,13 @@ def _array(
     data = dset[()]
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise _bad(path, f"{dset.name} holds NaN or infinite values")
-    if data.dtype.kind in "iu" and data.size and data.min() < 0:
-        raise _bad(path, f"{dset.name} holds negative counts")
+    if data.dtype.kind in "iu" and data.size:
+        if data.min() < 0:
+            raise _bad(path, f"{dset.name} holds negative counts")
+        if float(data.sum(dtype=np.float64)) > MAX_TOTAL_COUNT:
+            raise _bad(path, f"{dset.name} holds counts too large to add up")
+    if data.dtype.kind == "f" and data.size and float(np.abs(data).max()) > LOGIT_LIMIT:
+        raise _bad(path, f"{dset.name} holds values beyond ±{LOGIT_LIMIT:g}")
     return data
 
 
