@@ -373,10 +373,12 @@ def test_failed_overwrite_leaves_the_old_folder_untouched(tmp_path: Path) -> Non
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     with pytest.raises(InputError, match="other settings"):
         OutputFolder(out, command="t", settings={"v": 1}, resume=True)  # the partial is v2
+    (tmp_path / "pred.partial" / ".b.png.0123abcd.tmp").write_bytes(b"left by kill -9")
     with OutputFolder(out, command="t", settings={"v": 2}, resume=True) as folder:
         assert folder.exists("a.png") and not folder.exists("b.png")
         write_png(folder.file("b.png"), np.zeros((2, 2), np.uint8))
     assert read_label(out / "b.png").max() == 0 and not (tmp_path / "pred.partial").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".blda-run.json", "a.png", "b.png"]
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")

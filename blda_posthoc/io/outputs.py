@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -215,6 +216,22 @@ def _open_exclusive(path: Path) -> int:
 def temporary_name(path: Path) -> Path:
     """A fresh hidden name beside ``path`` for writing it: ``.NAME.<random>.tmp``."""
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+"""What :func:`temporary_name` makes (left behind only by a killed run)."""
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete the temporary files a killed run left anywhere under ``folder``; count them."""
+    removed = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            if TEMPORARY.match(filename):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, filename))
+                    removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -584,6 +601,7 @@ class OutputFolder:
                             f"{folder}: was written by {marker.get('command')}, not "
                             f"{self.command}; cannot resume"
                         )
+                    remove_temporaries(folder)
                     return folder
             return self._fresh()
         if not overwrite:
