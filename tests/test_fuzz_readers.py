@@ -27,6 +27,7 @@ from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.images import read_label, read_rgb
 from blda_posthoc.io.import_logits import _load as read_npy
+from blda_posthoc.io.info import describe_file
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
 
@@ -58,6 +59,8 @@ VALID_STORE = _valid_store()
 
 def read_store_fully(path: Path) -> None:
     """Everything a command reads from a store; only InputError may come out."""
+    with contextlib.suppress(InputError):
+        describe_file(path)
     try:
         with LogitStore([path]) as store:
             store.has_labels()
@@ -208,6 +211,8 @@ STATS_METHODS = ["blda", "calibrated-blda", "vector-scaling", "cbst", "em-prior"
 
 def read_stats_fully(path: Path, method: str = "blda") -> None:
     """Read a stats file and build a correction from it; only InputError may come out."""
+    with contextlib.suppress(InputError):
+        describe_file(path)
     try:
         stats = read_stats(path)
         load_correction(CorrectionSpec(method=method, stats=path), stats.class_names)
