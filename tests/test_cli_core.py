@@ -264,18 +264,22 @@ def test_correct_pipeline_writes_pngs_manifest_and_previews(tmp_path, stores):
         ),
         "already exists",
     )
-    assert (
-        "wrote 0 predictions"
-        in run(
+    first = [stores["tgt"], "--stats", tmp_path / "tgt_stats.h5", "--anchors"]
+    first += [tmp_path / "src_stats.h5", "--tau", "0.5", "--out-dir", out, "--color"]
+    assert "wrote 0 predictions" in run("correct", *first, "--resume").stderr
+    assert_error(  # --resume with other settings would mix two corrections in one folder
+        run(
             "correct",
-            stores["tgt"],
-            "--stats",
-            tmp_path / "src_stats.h5",
+            *first[:-3],
             "--out-dir",
             out,
             "--color",
             "--resume",
-        ).stderr
+            "--tau",
+            "0.3",
+            ok=False,
+        ),
+        "other settings",
     )
     run(
         "correct",

@@ -224,6 +224,7 @@ def test_factory_with_checkpoint(
             "float32",
             "--workers",
             "0",
+            *(["--trust-checkpoint"] if checkpoint_kind == "module" else []),
         ]
     )
     assert code == 0, err

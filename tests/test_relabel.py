@@ -311,7 +311,8 @@ def files_of(root: Path) -> dict[Path, bytes]:
 def test_relabelling_twice_gives_byte_identical_files(case, runs, tmp_path):
     relabel(case, tmp_path / "again", *KEEP_ARGS)
     first, second = files_of(runs["keep06"]), files_of(tmp_path / "again")
-    assert len(first) == 2 * 6 + 1 and Path("manifest.json") in first
+    assert len(first) == 2 * 6 + 2 and Path("manifest.json") in first
+    assert Path(".blda-run.json") in first  # the settings that --resume checks
     assert first == second
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,32 +21,61 @@ from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.corrections import Correction, CorrectionSpec
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
+from blda_posthoc.io.outputs import abandoned, check_not_input, disk_error
 
 __all__ = ["info", "progress", "warn"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` on stderr and exit with status 1."""
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` on stderr and exit with status ``code`` (default 1)."""
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    if abandoned():  # a file whose write failed must not be closed: HDF5 may crash on it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _with_notes(message: str, exc: BaseException) -> str:
+    """The message plus what the stopped run keeps (notes attached on the way out)."""
+    notes = [n for n in getattr(exc, "__notes__", []) if n]
+    return "; ".join([message, *notes])
 
 
 def handle_errors(func: F) -> F:
-    """Turn :class:`InputError` (and unreadable files) into a one-line ``error:``, exit 1."""
+    """One rule for how a command ends when it does not succeed.
+
+    - :class:`InputError` (bad input or data): ``error: FILE: problem`` on one line, exit 1.
+    - A file that cannot be read or written: ``error: FILE: reason``, exit 1; a full disk
+      (or quota, or file size limit) reads ``error: FILE: disk full``.
+    - Ctrl-C: ``interrupted; what is kept; how to resume`` on one line, exit 130.
+
+    Outputs claimed by the command record what they keep as notes on the exception.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except InputError as exc:
-            fail(str(exc))
+            fail(_with_notes(str(exc), exc))
+        except KeyboardInterrupt as exc:
+            click.echo(_with_notes("interrupted", exc), err=True)
+            _exit(130)
         except OSError as exc:  # a file or folder that cannot be read or written
-            where = f"{exc.filename}: " if exc.filename else ""
-            fail(f"{where}{exc.strerror or exc}")
-        except KeyboardInterrupt:
-            fail("interrupted")
+            full = disk_error(exc, exc.filename or "")
+            if full is not None:
+                message = str(full) if exc.filename else str(full).lstrip(": ")
+            else:
+                where = f"{exc.filename}: " if exc.filename else ""
+                message = f"{where}{exc.strerror or exc}"
+            fail(_with_notes(message, exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,15 +122,41 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A ``click.FloatRange`` that also refuses NaN and infinities (which pass range checks)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Parse and range-check ``value``, then refuse non-finite numbers."""
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def overwrite_option(func: F) -> F:
     """``--overwrite``: replace existing outputs."""
     return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output file unless ``--overwrite``."""
+def check_output_file(
+    path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Refuse to replace an existing output file unless ``--overwrite``, or any input.
+
+    Args:
+        path: The output file.
+        overwrite: ``--overwrite`` was given.
+        inputs: The command's input files and folders (store arguments may be globs).
+    """
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
+    files: list[Path | None] = []
+    for item in inputs:
+        if isinstance(item, str):
+            files.extend(Path(p) for p in glob.glob(item) or [item])
+        else:
+            files.append(item)
+    check_not_input(path, files)
 
 
 def parse_tau(text: str | None, option: str = "--tau") -> tuple[float | None, bool]:
@@ -138,7 +195,7 @@ def statistics_options(func: F) -> F:
         ),
         click.option(
             "--clamp",
-            type=click.FloatRange(0.0, 0.5, max_open=True),
+            type=FiniteFloatRange(0.0, 0.5, max_open=True),
             default=DEFAULT_CLAMP,
             show_default=True,
             help="BLDA methods: CDF values are clamped to [r, 1 - r].",

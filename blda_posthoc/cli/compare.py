@@ -129,7 +129,7 @@ def command(
     fraction = parse_select_on(select_on)
     for path in (json_path, plot_path):
         if path is not None:
-            check_output_file(path, overwrite)
+            check_output_file(path, overwrite, [*stores, stats, anchors])
     if plot_path is not None:
         require_matplotlib()
     wanted = check_methods([m.strip() for m in methods.split(",") if m.strip()])

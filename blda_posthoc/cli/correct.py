@@ -18,6 +18,7 @@ from blda_posthoc.cli.common import (
 )
 from blda_posthoc.io.correct import correct_store
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.outputs import OutputFolder, check_not_input
 from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -32,7 +33,11 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     help="Folder for NAME.png trainId predictions.",
 )
 @click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
-@click.option("--resume", is_flag=True, help="Skip images whose outputs already exist.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run with the same settings, keeping its finished images.",
+)
 @click.option(
     "--scores-out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -58,25 +63,43 @@ def command(
     """
     if correction is None:
         raise click.UsageError("give --stats (and --method), or --from-compare")
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
     if resume and scores_out is not None:
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
+        if scores_out is not None:
+            check_not_input(scores_out, store.paths, option="--scores-out")
+            if scores_out.resolve().is_relative_to(out_dir.resolve()):
+                raise click.UsageError("--scores-out must lie outside --out-dir")
         ready = load_correction(correction, store.class_names, dev)
         report_notes(ready)
-        summary = correct_store(
-            store,
-            ready,
+        settings = dict(ready.settings, stores=[str(p) for p in store.paths])
+        inputs = [*store.paths, correction.stats, correction.anchors]
+        with OutputFolder(
             out_dir,
-            color=color,
+            command="correct",
+            settings={**settings, "color": color, "class_names": store.class_names},
             overwrite=overwrite,
             resume=resume,
-            scores_out=scores_out,
-            device=dev,
-            progress=lambda it, n: progress(it, n, "correct"),
-        )
-        summary["settings"] = dict(ready.settings, stores=[str(p) for p in store.paths])
-        summary["class_names"] = store.class_names
-        summary.update({"format": "blda-correct", "version": 1})
-    write_json(out_dir / "correct.json", summary, sort_keys=True)
-    info(f"wrote {summary['images']} predictions to {out_dir}")
+            inputs=inputs,
+        ) as folder:
+            summary = correct_store(
+                store,
+                ready,
+                folder.root,
+                color=color,
+                resume=resume,
+                overwrite=overwrite,
+                scores_out=scores_out,
+                device=dev,
+                progress=lambda it, n: progress(it, n, "correct"),
+            )
+            written = summary.pop("written")
+            summary["settings"] = settings
+            summary["class_names"] = store.class_names
+            summary.update({"format": "blda-correct", "version": 1})
+            write_json(folder.root / "correct.json", summary, sort_keys=True)
+    kept = summary["images"] - written
+    info(f"wrote {written} predictions to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))

@@ -71,7 +71,7 @@ def command(
     """
     for path in (json_path, plot_path):
         if path is not None:
-            check_output_file(path, overwrite)
+            check_output_file(path, overwrite, [*stores, stats_path])
     if plot_path is not None:
         require_matplotlib()
     dev = resolve_device(device)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from blda_posthoc.cli.common import (
+    FiniteFloatRange,
     class_names_option,
     device_option,
     handle_errors,
@@ -26,13 +28,17 @@ from blda_posthoc.io.dump import (
     torchrun_shard,
 )
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.models import load_model
+from blda_posthoc.io.models import load_model, model_identity
+from blda_posthoc.io.store import MAX_SIDE
 
 
 class _Floats3(click.ParamType):
     """Three comma-separated numbers, e.g. ``123.675,116.28,103.53``."""
 
     name = "R,G,B"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
@@ -43,8 +49,10 @@ class _Floats3(click.ParamType):
             parts = [float(p) for p in str(value).split(",")]
         except ValueError:
             self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
-        if len(parts) != 3:
-            self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
+        if len(parts) != 3 or not all(math.isfinite(p) for p in parts):
+            self.fail(f"{value!r} is not three comma-separated finite numbers", param, ctx)
+        if self.positive and min(parts) <= 0:
+            self.fail(f"{value!r}: every value must be positive", param, ctx)
         return parts[0], parts[1], parts[2]
 
 
@@ -61,6 +69,8 @@ class _Size(click.ParamType):
         parts = str(value).lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
             self.fail(f"{value!r} is not HxW with positive integers (e.g. 512x1024)", param, ctx)
+        if max(int(parts[0]), int(parts[1])) > MAX_SIDE:
+            self.fail(f"{value!r}: sides of at most {MAX_SIDE} pixels", param, ctx)
         return int(parts[0]), int(parts[1])
 
 
@@ -98,7 +108,13 @@ def _fmt(values: tuple[float, ...]) -> str:
     "--checkpoint",
     type=click.Path(path_type=Path),
     default=None,
-    help="Weights for a factory model (state dict, {'state_dict': ...}, or a module).",
+    help="Weights for a factory model (a state dict, or {'state_dict': ...}).",
+)
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Allow loading a whole pickled module (torch.save(model)) from --model or "
+    "--checkpoint. Unpickling can run any code: use only for files you trust.",
 )
 @click.option(
     "--images",
@@ -140,16 +156,16 @@ def _fmt(values: tuple[float, ...]) -> str:
 )
 @click.option(
     "--std",
-    type=_Floats3(),
+    type=_Floats3(positive=True),
     default=_fmt(IMAGENET_STD),
     show_default=True,
     help="Channel standard deviations on the 0-255 scale.",
 )
 @click.option(
     "--scale",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True, max=16),
     default=None,
-    help="Resize images by this factor before the model.",
+    help="Resize images by this factor (at most 16) before the model.",
 )
 @click.option("--size", type=_Size(), default=None, help="Resize images to HxW before the model.")
 @click.option(
@@ -212,6 +228,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 def command(
     model_spec: str,
     checkpoint: Path | None,
+    trust_checkpoint: bool,
     images_dir: Path,
     out: Path,
     labels_dir: Path | None,
@@ -249,13 +266,20 @@ def command(
         raise click.UsageError("--stride needs --window")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
-    pre = Preprocess(mean, std, bgr, scale, size, window, stride, parse_logits_scale(logits_scale))
+    try:
+        pre = Preprocess(
+            mean, std, bgr, scale, size, window, stride, parse_logits_scale(logits_scale)
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     torch_device = torchrun_device(device, resolve_device(device))
     if precision == "fp16" and torch_device.type == "cpu":
         raise InputError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
     run_shard = _shard(shard)
     items = collect_items(images_dir, labels_dir, image_suffix, label_suffix)
-    loaded = load_model(model_spec, checkpoint, torch_device, warn=warn)
+    loaded = load_model(
+        model_spec, checkpoint, torch_device, warn=warn, trust_checkpoint=trust_checkpoint
+    )
     if not loaded.autocast and precision != "fp32":
         warn(f"{model_spec}: --precision {precision} applies to torch models only; ignored")
         precision = "fp32"
@@ -272,6 +296,7 @@ def command(
         resume=resume,
         overwrite=overwrite,
         shard=run_shard,
+        model_id=model_identity(model_spec, checkpoint),
     )
     result = dump_logits(
         loaded.forward, items, options, model_name=model_spec, progress=progress, log=info

@@ -181,7 +181,10 @@ def command(
     outputs = {"json": json_path, "markdown": markdown_path, "plot": plot_path}
     for path in outputs.values():
         if path is not None:
-            check_output_file(path, overwrite)
+            inputs = [*stores, pred_dir, labels_dir]
+            if correction is not None:
+                inputs += [correction.stats, correction.anchors]
+            check_output_file(path, overwrite, inputs)
     if plot_path is not None:
         require_matplotlib()
     if pred_dir is not None:

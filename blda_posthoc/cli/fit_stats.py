@@ -26,6 +26,7 @@ from blda_posthoc.io.fit_stats import (
     FitOptions,
     fit_store,
 )
+from blda_posthoc.io.outputs import Claim, check_not_input
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -114,32 +115,35 @@ def command(
     Example: blda fit-stats src.h5 --labels gt --out src_stats.h5
     """
     check_output_file(out, overwrite)
-    with LogitStore(expand_store_paths(stores)) as store:
-        if labels is None:
-            labels = "gt" if store.has_labels() else "pseudo"
-            info(f"labels: {labels} (pass --labels to choose)")
-        calibration = None
-        if calibration_path is not None:
-            calibration = read_calibration(calibration_path, store.class_names)
-        options = FitOptions(
-            labels=labels,
-            estimator=estimator,
-            components=components,
-            min_pixels=min_pixels,
-            bins=bins,
-            sample_pixels=sample_pixels,
-            seed=seed,
-            calibrate=calibrate,
-            calibration=calibration,
-            calibration_source=None if calibration_path is None else str(calibration_path),
-        )
-        stats = fit_store(
-            store,
-            options,
-            device=resolve_device(device),
-            progress=lambda it, n: progress(it, n, "fit-stats"),
-        )
-    write_stats(out, stats, overwrite=overwrite)
+    paths = expand_store_paths(stores)
+    check_not_input(out, [*paths, calibration_path], option="--out")
+    with Claim(out):  # a second run writing the same file stops at once
+        with LogitStore(paths) as store:
+            if labels is None:
+                labels = "gt" if store.has_labels() else "pseudo"
+                info(f"labels: {labels} (pass --labels to choose)")
+            calibration = None
+            if calibration_path is not None:
+                calibration = read_calibration(calibration_path, store.class_names)
+            options = FitOptions(
+                labels=labels,
+                estimator=estimator,
+                components=components,
+                min_pixels=min_pixels,
+                bins=bins,
+                sample_pixels=sample_pixels,
+                seed=seed,
+                calibrate=calibrate,
+                calibration=calibration,
+                calibration_source=None if calibration_path is None else str(calibration_path),
+            )
+            stats = fit_store(
+                store,
+                options,
+                device=resolve_device(device),
+                progress=lambda it, n: progress(it, n, "fit-stats"),
+            )
+        write_stats(out, stats, overwrite=overwrite)
     report_cells(stats)
     info(f"wrote {out} (fingerprint {stats.fingerprint})")
 

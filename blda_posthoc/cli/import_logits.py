@@ -39,6 +39,9 @@ from blda_posthoc.io.store import LogitStore
     show_default=True,
     help="Storage dtype of the logits.",
 )
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted import, keeping the images done."
+)
 @overwrite_option
 @handle_errors
 def command(
@@ -48,6 +51,7 @@ def command(
     label_suffix: str,
     class_names: str | None,
     dtype: str,
+    resume: bool,
     overwrite: bool,
 ) -> None:
     """Import NAME.npy logits of shape (C, h, w) found recursively under LOGITS_DIR.
@@ -56,6 +60,8 @@ def command(
 
     Example: blda import-logits target/logits --labels target/labels --out tgt.h5
     """
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
     count = import_npy_folder(
         logits_dir,
         out,
@@ -64,6 +70,7 @@ def command(
         class_names=parse_class_names(class_names),
         dtype=dtype,
         overwrite=overwrite,
+        resume=resume,
         progress=lambda it, n: progress(it, n, "import"),
     )
     info(f"wrote {out}: {count} images")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from blda_posthoc.cli.common import (
+    FiniteFloatRange,
     correction_options,
     device_option,
     handle_errors,
@@ -19,6 +20,7 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.outputs import OutputFolder
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -37,13 +39,13 @@ PORTION_TOLERANCE = 0.005
 )
 @click.option(
     "--min-confidence",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     default=None,
     help="Ignore pixels whose corrected confidence (softmax of the corrected scores) is below P.",
 )
 @click.option(
     "--keep-portion",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloatRange(0.0, 1.0),
     default=None,
     help="Class-balanced selection (CBST): per class keep the P most confident fraction of "
     "its pixels, ignore the rest. Two passes over the stores.",
@@ -55,7 +57,11 @@ PORTION_TOLERANCE = 0.005
     help="Folder of current NAME.png pseudo-labels; the manifest reports what changes.",
 )
 @click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
-@click.option("--resume", is_flag=True, help="Keep images whose outputs already exist.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run with the same settings, keeping its finished images.",
+)
 @device_option
 @overwrite_option
 @handle_errors
@@ -81,6 +87,8 @@ def command(
     """
     if correction is None:
         raise click.UsageError("give --stats (and --method), or --from-compare")
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         ready = load_correction(correction, store.class_names, dev)
@@ -94,16 +102,29 @@ def command(
             color,
             ready.method,
         )
-        manifest = relabel_store(
-            store,
-            ready,
+        with OutputFolder(
             out_dir,
-            settings,
+            command="relabel",
+            settings={
+                "settings": settings.as_dict(),
+                "statistics": ready.settings,
+                "stores": [str(p) for p in store.paths],
+                "class_names": store.class_names,
+            },
             overwrite=overwrite,
             resume=resume,
-            device=dev,
-            progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
-        )
+            inputs=[*store.paths, pseudo_dir, correction.stats, correction.anchors],
+        ) as folder:
+            manifest = relabel_store(
+                store,
+                ready,
+                folder.root,
+                settings,
+                overwrite=overwrite,
+                resume=resume,
+                device=dev,
+                progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
+            )
     report(manifest, out_dir)
 
 

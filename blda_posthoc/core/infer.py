@@ -12,6 +12,7 @@ the logits where windows overlap.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,12 +67,14 @@ class Preprocess:
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values each, got {self.mean} and {self.std}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError(f"mean and std must be finite, got {self.mean} and {self.std}")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.scale is not None and self.size is not None:
             raise ValueError("give either scale or size, not both")
-        if self.scale is not None and self.scale <= 0:
-            raise ValueError(f"scale must be positive, got {self.scale}")
+        if self.scale is not None and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be positive and finite, got {self.scale}")
         if self.logits_scale is not None and not 0 < self.logits_scale <= 1:
             raise ValueError(f"logits_scale must be in (0, 1], got {self.logits_scale}")
         for name in ("size", "window", "stride"):

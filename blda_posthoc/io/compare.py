@@ -34,7 +34,7 @@ from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_st
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store
+from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source
 from blda_posthoc.io.report import round_or_none
 from blda_posthoc.io.store import LogitStore
 
@@ -183,7 +183,7 @@ def compare_store(
         for row in rows:
             target = row.select if name in selection else row.held
             assert target is not None
-            add_pixels(target, row.predict(z, size), label, name)
+            add_pixels(target, row.predict(z, size), label, label_source(store, label_files, name))
     return split
 
 

@@ -15,7 +15,8 @@ from blda_posthoc.core.classes import colorize, palette_for
 from blda_posthoc.core.correct import correct_image
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.images import write_png
+from blda_posthoc.io.images import read_label, write_png
+from blda_posthoc.io.outputs import paths_inside
 from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
 
 COLOR_SUFFIX = "_color"
@@ -23,14 +24,16 @@ COLOR_SUFFIX = "_color"
 
 
 def output_paths(out_dir: Path, names: Iterable[str], color: bool) -> dict[str, list[Path]]:
-    """The files written per image: ``NAME.png`` and, with ``color``, ``NAME_color.png``."""
-    paths = {}
-    for name in names:
-        files = [out_dir / f"{name}.png"]
-        if color:
-            files.append(out_dir / f"{name}{COLOR_SUFFIX}.png")
-        paths[name] = files
-    return paths
+    """The files written per image: ``NAME.png`` and, with ``color``, ``NAME_color.png``.
+
+    Every path is checked to lie inside ``out_dir`` (see
+    :func:`blda_posthoc.io.outputs.paths_inside`), and no two images may write the same file.
+    """
+    names = list(names)
+    suffixes = [".png", f"{COLOR_SUFFIX}.png"] if color else [".png"]
+    files = paths_inside(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes])
+    step = len(suffixes)
+    return {name: files[i * step : (i + 1) * step] for i, name in enumerate(names)}
 
 
 def check_outputs(paths: dict[str, list[Path]], overwrite: bool, resume: bool) -> list[str]:
@@ -131,18 +134,20 @@ def correct_store(
     Args:
         store: The logits.
         correction: The correction.
-        out_dir: Output folder (names keep their sub-folders).
+        out_dir: Output folder (names keep their sub-folders); the command line passes the
+            unfinished folder of a :class:`blda_posthoc.io.outputs.OutputFolder`.
         color: Also write ``NAME_color.png`` palette previews.
-        overwrite: Replace existing PNGs.
-        resume: Skip images whose outputs exist.
+        overwrite: Replace existing PNGs (and ``scores_out``).
+        resume: Keep images whose outputs exist; they are read back for the counts.
         scores_out: Also write the corrected log-scores ``(C, H, W)`` as a logits store here
             (its argmax is the prediction, its softmax the renormalised probabilities).
         device: Where to compute.
         progress: Wraps the iteration over image names.
 
     Returns:
-        ``{"images": n_written, "skipped_existing": n, "pixels_before": [C], "pixels_after":
-        [C]}`` with per-class predicted pixel counts before and after the correction.
+        ``{"images": n, "written": n_now, "pixels_before": [C], "pixels_after": [C]}`` with
+        per-class predicted pixel counts over all ``n`` images (kept ones included) before
+        and after the correction; ``written`` counts the images computed by this call.
     """
     paths = output_paths(out_dir, store.names, color)
     todo = check_outputs(paths, overwrite, resume)
@@ -156,7 +161,13 @@ def correct_store(
             content = f"corrected log-scores (method={correction.method}, tau={correction.tau:g})"
             attrs: dict[str, str | int | float] = {"content": content}
             scores_store = stack.enter_context(
-                StoreWriter(scores_out, store.class_names, overwrite=overwrite, attrs=attrs)
+                StoreWriter(
+                    scores_out,
+                    store.class_names,
+                    overwrite=overwrite,
+                    attrs=attrs,
+                    settings=correction.settings,
+                )
             )
         images = corrected_images(store, todo, correction, device=device, progress=progress)
         for image in images:
@@ -166,9 +177,25 @@ def correct_store(
             write_label_map(paths[image.record.name], label_map, palette if color else None)
             if scores_store is not None:
                 scores_store.write(image.record.name, image.scores.cpu().numpy())
+    done = set(todo)
+    kept = [name for name in store.names if name not in done]
+    for record, z in store.iter_images(kept, device=device):
+        before += np.bincount(z.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
+        after += np.bincount(_kept_prediction(paths[record.name][0], record.size, c), minlength=c)
     return {
-        "images": len(todo),
-        "skipped_existing": len(store.names) - len(todo),
+        "images": len(store.names),
+        "written": len(todo),
         "pixels_before": before.tolist(),
         "pixels_after": after.tolist(),
     }
+
+
+def _kept_prediction(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A prediction kept from an interrupted run, read back and checked (flattened)."""
+    label = read_label(path)
+    if label.shape != tuple(size) or int(label.max(initial=0)) >= num_classes:
+        raise InputError(
+            f"{path}: not a prediction of this run (size {label.shape}, classes up to "
+            f"{int(label.max(initial=0))}); cannot resume (use --overwrite)"
+        )
+    return label.reshape(-1)

@@ -12,6 +12,7 @@ Sharding: with ``shard=(K, N)`` the images, sorted by name, at indices ``i`` wit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -30,7 +30,7 @@ from blda_posthoc.core.classes import default_names
 from blda_posthoc.core.infer import Model, Preprocess, predict_logits
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb, suffix_hint
-from blda_posthoc.io.store import StoreWriter, encode_logits, partial_path
+from blda_posthoc.io.store import LOGIT_LIMITS, StoreWriter, encode_logits, partial_path
 
 Log = Callable[[str], None]
 
@@ -64,6 +64,8 @@ class DumpOptions:
         queue_size: Images waiting for the writer thread at most; 0 writes in the calling
             thread instead (no overlap; for benchmarks).
         encoders: Threads compressing logits for the writer (0: half the CPU cores, 1 to 8).
+        model_id: What identifies the model (see :func:`blda_posthoc.io.models.model_identity`);
+            recorded with the other settings that ``resume`` requires to match.
     """
 
     out: Path
@@ -80,6 +82,7 @@ class DumpOptions:
     shard: tuple[int, int] | None = None
     queue_size: int = 4
     encoders: int = 0
+    model_id: str | None = None
 
 
 @dataclass
@@ -354,67 +357,50 @@ def dump_logits(
     attrs: dict[str, str | int | float] = {}
     if options.shard is not None and options.shard[1] > 1:
         attrs["shard"] = f"{options.shard[0]}/{options.shard[1]}"
-    _check_output(out, options, attrs)
+    _check_output(out, options)
     names = _class_names(model, todo[0], options, model_name, say)
-    store = StoreWriter(
+    with StoreWriter(
         out,
         names,
         dtype=options.dtype,
         overwrite=options.overwrite,
         resume=options.resume,
         attrs=attrs,
-    )
-    try:
+        settings=run_settings(options, labels=todo[0].label is not None),
+    ) as store:
         remaining = [item for item in todo if not store.has(item.name)]
         if len(remaining) < len(todo):
             say(f"resuming {out}: {len(todo) - len(remaining)} of {len(todo)} images already done")
         written = _run(model, remaining, store, names, options, model_name, progress)
-    except BaseException:
-        kept = _complete_count(store)
-        store.close(success=False)
-        if kept:
-            say(f"stopped; {kept} finished images are kept in {store.tmp} (rerun with --resume)")
-        else:
-            store.tmp.unlink(missing_ok=True)
-        raise
-    store.close(success=True)
     return DumpResult(out, names, written, len(todo) - len(remaining))
 
 
-def _complete_count(store: StoreWriter) -> int:
-    return sum(bool(group.attrs.get("complete", False)) for group in store.file["images"].values())
+def run_settings(options: DumpOptions, *, labels: bool) -> dict[str, Any]:
+    """What determines a dump's logits: ``--resume`` continues a store only when these match.
+
+    The model (``model_id``), preprocessing, autocast precision and whether labels are stored;
+    the storage dtype, shard and class names are checked from the store's own attributes.
+    """
+    return {
+        "model": options.model_id,
+        "preprocess": dataclasses.asdict(options.preprocess),
+        "precision": options.precision,
+        "labels": labels,
+    }
 
 
-def _check_output(out: Path, options: DumpOptions, attrs: Mapping[str, Any]) -> None:
-    """Refuse to replace outputs unasked, and to resume a store written differently."""
-    partial = partial_path(out)
-    if options.resume:
-        existing = partial if partial.exists() else out
-        if existing.exists():
-            _check_resumable(existing, options, attrs)
-        return
-    if options.overwrite:
+def _check_output(out: Path, options: DumpOptions) -> None:
+    """Refuse early (before the model runs) to replace outputs unasked."""
+    if options.resume or options.overwrite:
         return
     if out.exists():
         raise InputError(f"{out}: already exists (use --overwrite to replace it)")
+    partial = partial_path(out)
     if partial.exists():
         raise InputError(
             f"{partial}: an unfinished run is there (use --resume to continue it or "
             "--overwrite to start over)"
         )
-
-
-def _check_resumable(path: Path, options: DumpOptions, attrs: Mapping[str, Any]) -> None:
-    try:
-        with h5py.File(path, "r") as f:
-            stored_dtype = str(f.attrs.get("dtype", options.dtype))
-            stored_shard = f.attrs.get("shard")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot reopen to resume ({exc}); delete it") from exc
-    if stored_dtype != options.dtype:
-        raise InputError(f"{path}: stored as {stored_dtype}, not {options.dtype}; cannot resume")
-    if (None if stored_shard is None else str(stored_shard)) != attrs.get("shard"):
-        raise InputError(f"{path}: holds shard {stored_shard}, not this run's; cannot resume")
 
 
 def _class_names(
@@ -449,11 +435,17 @@ def _forward(
     """Logits ``(n, C, h, w)`` of ``(n, H, W, 3)`` uint8 images; model failures become errors."""
     images = images.to(options.device, non_blocking=True)
     try:
-        return predict_logits(model, images, options.preprocess, options.precision)
-    except (RuntimeError, ValueError) as exc:
+        logits = predict_logits(model, images, options.preprocess, options.precision)
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (try a smaller --batch-size)" if "out of memory" in text else ""
         raise InputError(f"{model_name}: failed on {first}: {text}{hint}") from exc
+    if logits.shape[0] != images.shape[0] or min(logits.shape) < 1:
+        raise InputError(
+            f"{model_name}: returned logits of shape {tuple(logits.shape)} for "
+            f"{images.shape[0]} image(s) ({first}); expected (N, C, h, w)"
+        )
+    return logits
 
 
 def _run(
@@ -534,9 +526,15 @@ def value_ranges(
         bad = names[int((~finite).nonzero()[0, 0])]
         raise InputError(f"{bad}: the model gives NaN or infinite logits")
     low, high = flat.amin(dim=1), flat.amax(dim=1)
-    limit = torch.finfo(storage).max
-    if bool((high > limit).any() or (low < -limit).any()):
-        bad = names[int(((high > limit) | (low < -limit)).nonzero()[0, 0])]
-        raise InputError(f"{bad}: logits exceed the {storage} range; use --dtype float32")
+    limit = LOGIT_LIMITS["float16" if storage == torch.float16 else "float32"]
+    beyond = (high > limit) | (low < -limit)
+    if bool(beyond.any()):
+        bad = names[int(beyond.nonzero()[0, 0])]
+        dtype = "float16" if storage == torch.float16 else "float32"
+        hint = "use --dtype float32" if dtype == "float16" else "rescale them"
+        raise InputError(
+            f"{bad}: the model gives logits beyond ±{limit:g}, which a {dtype} store cannot "
+            f"hold; {hint}"
+        )
     low, high = low.to(storage).float().cpu(), high.to(storage).float().cpu()
     return list(zip(low.tolist(), high.tolist(), strict=True))

@@ -239,6 +239,13 @@ def store_labels(
     return Pairs(list(store.names)), {}
 
 
+def label_source(store: LogitStore, label_files: dict[str, Path], name: str) -> str:
+    """Where image ``name``'s label comes from, for messages: its PNG, or the store."""
+    if name in label_files:
+        return str(label_files[name])
+    return f"{store.path_of(name)}: image {name!r}"
+
+
 def iterate_store(
     store: LogitStore, pairs: Pairs, label_files: dict[str, Path], device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -276,11 +283,12 @@ def evaluate_store(
     corrected = Pass(c) if correction is not None else None
     for name, z, label in iterate_store(store, pairs, label_files, device):
         size = (int(label.shape[0]), int(label.shape[1]))
+        source = label_source(store, label_files, name)
         pred, scores = correct_image(z, size, PLAIN)
-        plain.add(pred, scores, label, name)
+        plain.add(pred, scores, label, source)
         if correction is not None and corrected is not None:
             pred, scores = correct_image(z, size, correction.corrector, correction.tau)
-            corrected.add(pred, scores, label, name)
+            corrected.add(pred, scores, label, source)
     return plain.result(), corrected.result() if corrected is not None else None
 
 

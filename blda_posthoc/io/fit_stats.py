@@ -77,6 +77,48 @@ class FitOptions:
     calibration_source: str | None = None
 
 
+MAX_CELL_VALUES = 1 << 28
+"""Most ``C * C * bins`` histogram counts (2 GiB of int64), as stats readers accept."""
+MAX_SPREAD = 256
+"""The grid may span at most this many times a typical image's logit range (see below)."""
+
+
+def check_memory(num_classes: int, bins: int) -> None:
+    """Refuse ``--bins`` whose ``(C, C, bins)`` histograms would not fit the limit."""
+    values = num_classes * num_classes * bins
+    if values > MAX_CELL_VALUES:
+        raise InputError(
+            f"--bins {bins} with {num_classes} classes needs {values * 8 / 2**30:.1f} GiB of "
+            f"histograms (at most {MAX_CELL_VALUES * 8 / 2**30:.0f} GiB); use fewer --bins"
+        )
+
+
+def check_spread(store: LogitStore, bins: int) -> None:
+    """Refuse a store whose extreme logits would stretch the grid over everything else.
+
+    The grid covers the smallest to the largest logit of all images. When that is more than
+    :data:`MAX_SPREAD` times the logit range of a typical (median) image, a typical image falls
+    into a handful of bins and the fitted distributions mean nothing: the image with the most
+    extreme logits is named instead.
+    """
+    ranges = store.logit_ranges()
+    spans = np.array([high - low for low, high in ranges.values()])
+    typical = float(np.median(spans))
+    lo, hi = store.logit_range()
+    if typical <= 0 or hi - lo <= MAX_SPREAD * typical:
+        return
+    mids = np.array([(low + high) / 2 for low, high in ranges.values()])
+    center = float(np.median(mids))
+    name = max(ranges, key=lambda n: max(center - ranges[n][0], ranges[n][1] - center))
+    low, high = ranges[name]
+    raise InputError(
+        f"{store.path_of(name)}: image {name!r} has logits in [{low:.4g}, {high:.4g}], far "
+        f"outside a typical image's range ({typical:.4g} wide); over [{lo:.4g}, {hi:.4g}] the "
+        f"{bins} histogram bins would give a typical image about {bins * typical / (hi - lo):.1f}"
+        " bins. Remove or fix that image"
+    )
+
+
 def fit_store(
     store: LogitStore,
     options: FitOptions,
@@ -104,6 +146,8 @@ def fit_store(
         raise InputError(f"{store.paths[0]}: --labels gt needs label maps in every image")
     lo, hi = store.logit_range()
     c = store.num_classes
+    check_memory(c, options.bins)
+    check_spread(store, options.bins)
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     known, source = options.calibration, options.calibration_source
     if options.labels == "gt" and options.calibrate:

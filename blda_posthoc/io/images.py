@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import struct
+import warnings
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.outputs import atomic_file, check_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -45,6 +50,7 @@ def find_files(root: Path, extensions: Iterable[str], suffix: str = "") -> dict[
             if suffix:
                 stem = stem[: -len(suffix)]
             rel = os.path.relpath(os.path.join(dirpath, stem), root).replace(os.sep, "/")
+            check_name(rel, os.path.join(dirpath, filename))
             if rel in found:
                 raise InputError(f"{os.path.join(dirpath, filename)}: name {rel!r} is not unique")
             found[rel] = Path(dirpath) / filename
@@ -104,35 +110,77 @@ def suffix_hint(
     return f"{holds}: try {option} {suffix}"
 
 
-def read_label(path: Path) -> np.ndarray:
-    """Read a single-channel trainId PNG as a ``(H, W)`` uint8 array."""
+MAX_PIXELS = 1 << 28
+"""Largest image or label (pixels) read; larger files are refused before decoding."""
+
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+    MemoryError,
+    Image.DecompressionBombError,
+)
+"""What Pillow raises on damaged or hostile files (its decoders are not uniform)."""
+
+
+@contextlib.contextmanager
+def _open_image(path: Path, what: str) -> Iterator[Image.Image]:
+    """Open an image, refusing more than :data:`MAX_PIXELS` pixels before decoding."""
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise InputError(
-                    f"{path}: label must be a single-channel PNG of trainIds, got mode {img.mode}"
-                )
-            array = np.asarray(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS or min(width, height) < 1:
+                    raise InputError(
+                        f"{path}: {what} of {width}x{height} pixels is out of range "
+                        f"(1 to {MAX_PIXELS} pixels)"
+                    )
+                yield img
     except InputError:
         raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read label image ({exc})") from exc
-    if array.max(initial=0) > 255:
-        raise InputError(f"{path}: label values above 255")
+    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: cannot read {what} ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Read a single-channel trainId PNG as a ``(H, W)`` uint8 array."""
+    with _open_image(path, "label image") as img:
+        if img.mode not in ("L", "P", "I", "I;16"):
+            raise InputError(
+                f"{path}: label must be a single-channel PNG of trainIds, got mode {img.mode}"
+            )
+        array = np.asarray(img)
+    if array.ndim != 2:
+        raise InputError(f"{path}: label must be a (H, W) map, got shape {array.shape}")
+    if array.min(initial=0) < 0 or array.max(initial=0) > 255:
+        raise InputError(f"{path}: label values outside 0..255")
     return array.astype(np.uint8)
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` uint8 RGB."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc})") from exc
+    with _open_image(path, "image") as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
     """Write a ``(H, W)`` uint8 map (or ``(H, W, 3)`` RGB) as PNG, atomically.
+
+    The PNG goes to an exclusively created temporary file beside ``path`` (never through a
+    symbolic link) and is renamed to ``path`` when complete; a full disk is an error naming
+    ``path``, which is then left as it was.
 
     Args:
         path: Destination; parent folders are created.
@@ -140,12 +188,10 @@ def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) 
         palette: Optional ``(256, 3)`` palette to store an indexed (``P``) PNG; the pixel values
             stay the trainIds.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(np.ascontiguousarray(array))
     if palette is not None:
         img = img.convert("L") if img.mode != "L" else img
         img = img.copy()
         img.putpalette(palette.astype(np.uint8).flatten().tolist())
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        img.save(handle, format="PNG")

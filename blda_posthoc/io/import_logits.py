@@ -10,7 +10,13 @@ import numpy as np
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
-from blda_posthoc.io.store import StoreWriter
+from blda_posthoc.io.store import (
+    MAX_CLASSES,
+    MAX_SIDE,
+    MAX_VALUES,
+    StoreWriter,
+    check_logit_values,
+)
 
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 
@@ -24,6 +30,7 @@ def import_npy_folder(
     class_names: list[str] | None = None,
     dtype: str = "float16",
     overwrite: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> int:
     """Import every ``NAME.npy`` ``(C, h, w)`` under ``logits_dir`` into a store at ``out``.
@@ -36,11 +43,13 @@ def import_npy_folder(
         label_suffix: Ending of label stems to strip when matching names.
         class_names: One per channel; default ``class_0 ...``.
         dtype: Storage dtype.
-        overwrite: Replace an existing store.
+        overwrite: Replace an existing store (once the new one is complete).
+        resume: Continue an interrupted import (same folders and options), keeping the images
+            already stored.
         progress: Wraps the iteration over names (e.g. a progress bar).
 
     Returns:
-        The number of images written.
+        The number of images written now.
     """
     arrays = find_files(logits_dir, (".npy",))
     if not arrays:
@@ -59,10 +68,18 @@ def import_npy_folder(
         raise InputError(
             f"{arrays[next(iter(arrays))]}: {first.shape[0]} channels but {len(names)} class names"
         )
-    iterable: Iterable[str] = arrays
-    if progress is not None:
-        iterable = progress(arrays, len(arrays))
-    with StoreWriter(out, names, dtype=dtype, overwrite=overwrite) as writer:
+    settings = {
+        "logits_dir": str(Path(logits_dir).resolve()),
+        "labels_dir": None if labels_dir is None else str(Path(labels_dir).resolve()),
+        "label_suffix": label_suffix,
+    }
+    with StoreWriter(
+        out, names, dtype=dtype, overwrite=overwrite, resume=resume, settings=settings
+    ) as writer:
+        todo = [name for name in arrays if not writer.has(name)]
+        iterable: Iterable[str] = todo
+        if progress is not None:
+            iterable = progress(todo, len(todo))
         for name in iterable:
             logits = _load(arrays[name])
             if logits.shape[0] != len(names):
@@ -73,20 +90,40 @@ def import_npy_folder(
             if name in labels:
                 label = read_label(labels[name])
                 _check_label(labels[name], label, len(names))
-            writer.write(name, logits, label)
-    return len(arrays)
+            value_range = check_logit_values(logits, str(arrays[name]), dtype)
+            writer.write(name, logits, label, value_range=value_range)
+    return len(todo)
 
 
 def _load(path: Path) -> np.ndarray:
+    """Read one ``(C, h, w)`` float ``.npy``, checking its header before reading the data."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read .npy ({exc})") from exc
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files
+        raise InputError(f"{path}: cannot read .npy ({_first_line(exc)})") from exc
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{path}: not a .npy array (an .npz archive?)")
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
         raise InputError(
             f"{path}: expected float logits of shape (C, h, w), got {array.dtype} {array.shape}"
         )
-    return array
+    c, h, w = array.shape
+    if not (1 <= c <= MAX_CLASSES and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise InputError(
+            f"{path}: shape {array.shape} is out of range (1 to {MAX_CLASSES} classes, sides 1 "
+            f"to {MAX_SIDE})"
+        )
+    if c * h * w > MAX_VALUES:
+        raise InputError(f"{path}: {c * h * w} logits in one image; at most {MAX_VALUES}")
+    try:
+        return np.array(array)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read .npy ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_label(path: Path, label: np.ndarray, num_classes: int) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import h5py
 
 from blda_posthoc.core.fit import LogitStats
+from blda_posthoc.io import outputs
 from blda_posthoc.io import stats as stats_io
 from blda_posthoc.io import store as store_io
 from blda_posthoc.io.errors import InputError
@@ -55,10 +56,15 @@ def _open(path: Path, mode: str = "r") -> h5py.File:
         raise InputError(f"{path}: is a folder, not a logits store or stats file")
     try:
         f = h5py.File(path, mode)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - h5py raises several types for bad files
         raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    fmt = f.attrs.get("format")
-    if fmt not in KINDS:
+    try:
+        fmt = f.attrs.get("format")
+    except Exception as exc:  # noqa: BLE001
+        f.close()
+        raise InputError(f"{path}: damaged file ({exc})") from exc
+    fmt = fmt.decode(errors="replace") if isinstance(fmt, bytes) else fmt
+    if not isinstance(fmt, str) or fmt not in KINDS:
         f.close()
         raise InputError(
             f"{path}: not a logits store or stats file (format {fmt!r}, expected "
@@ -84,6 +90,15 @@ def describe_file(path: Path | str) -> dict[str, Any]:
         InputError: not a readable store or stats file, or an unsupported version.
     """
     path = Path(path)
+    try:
+        return _describe(path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
+        raise InputError(f"{path}: damaged file ({exc})") from exc
+
+
+def _describe(path: Path) -> dict[str, Any]:
     with _open(path) as f:
         fmt = _text(f.attrs["format"])
         head = {
@@ -100,19 +115,22 @@ def describe_file(path: Path | str) -> dict[str, Any]:
                     f"{path}: logits store version {head['version']} is not supported "
                     f"(need {store_io.VERSION})"
                 )
-            return {**head, **_describe_store(f)}
+            return {**head, **_describe_store(f, path)}
         stored_fingerprint = _text(f.attrs.get("fingerprint", "")) or None
     stats = stats_io.read_stats(path)  # checks the version and reads the histograms
     return {**head, **_describe_stats(stats, stored_fingerprint)}
 
 
-def _describe_store(f: h5py.File) -> dict[str, Any]:
+def _describe_store(f: h5py.File, path: Path) -> dict[str, Any]:
     names = json.loads(f.attrs["class_names"])
     complete = incomplete = labelled = 0
     image_sizes: Counter[str] = Counter()
     logit_sizes: Counter[str] = Counter()
     low, high = float("inf"), float("-inf")
-    for group in f["images"].values():
+    images = store_io.check_group(f, "images", path)
+    for key in images:
+        store_io.check_group(images, key, path)  # no links to other objects or files
+        group = images[key]
         a = group.attrs
         if not a.get("complete", False):
             incomplete += 1
@@ -120,7 +138,7 @@ def _describe_store(f: h5py.File) -> dict[str, Any]:
         complete += 1
         labelled += bool(a.get("has_label", False))
         image_sizes[f"{int(a['height'])}x{int(a['width'])}"] += 1
-        shape = group["logits"].shape
+        shape = store_io.check_dataset(group, "logits", path, f"images/{key}/logits").shape
         logit_sizes[f"{shape[1]}x{shape[2]}"] += 1
         low, high = min(low, float(a["logit_min"])), max(high, float(a["logit_max"]))
     return {
@@ -305,15 +323,18 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
         except OSError as exc:
             raise InputError(f"{path}: cannot rename its classes ({exc})") from exc
         return old
-    tmp = path.with_name(f".{path.name}.rename.tmp")
-    try:
-        shutil.copyfile(path, tmp)
-        shutil.copymode(path, tmp)
-        with h5py.File(tmp, "a") as f:
-            f.attrs["class_names"] = json.dumps(list(names))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot rename its classes ({exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    tmp = outputs.temporary_name(path)  # unguessable, created exclusively below
+    with outputs.Claim(path):  # no other blda run writes the store meanwhile
+        try:
+            with outputs.atomic_file(tmp) as handle, open(path, "rb") as source:
+                shutil.copyfileobj(source, handle)
+            shutil.copymode(path, tmp)
+            with h5py.File(tmp, "a") as f:
+                f.attrs["class_names"] = json.dumps(list(names))
+            os.replace(tmp, path)
+        except OSError as exc:
+            full = outputs.disk_error(exc, path)
+            raise full or InputError(f"{path}: cannot rename its classes ({exc})") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
     return old

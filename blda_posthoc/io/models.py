@@ -1,5 +1,11 @@
 """Loading a frozen segmenter: a TorchScript file, an ONNX file, or a factory plus checkpoint.
 
+Loading policy: TorchScript files (``torch.jit.load``), ONNX files and checkpoints that
+``torch.load(weights_only=True)`` accepts (state dicts: tensors in plain containers) load by
+default. A file that holds other pickled Python objects (a whole ``torch.save(model)``
+module) can run arbitrary code when unpickled, so it is refused unless the caller passes
+``trust_checkpoint=True`` (the ``--trust-checkpoint`` flag); there is no silent fallback.
+
 Every loader returns a :class:`LoadedModel` whose ``forward`` takes a ``(N, 3, h, w)`` float32
 tensor on the chosen device and returns what the model returns (a tensor, a list/tuple whose
 first element is the logits, or a dict with ``"out"``);
@@ -18,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from blda_posthoc.core.infer import Model
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.outputs import file_digest
 
 TORCHSCRIPT_EXTENSIONS = (".pt", ".pth", ".ts", ".jit")
 ONNX_EXTENSIONS = (".onnx",)
@@ -47,7 +55,12 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str, checkpoint: Path | None, device: torch.device, warn: Any = None
+    spec: str,
+    checkpoint: Path | None,
+    device: torch.device,
+    warn: Any = None,
+    *,
+    trust_checkpoint: bool = False,
 ) -> LoadedModel:
     """Load a model from a ``--model`` spec.
 
@@ -55,9 +68,12 @@ def load_model(
         spec: A TorchScript file (``.pt``, ``.pth``, ``.ts``, ``.jit``), an ONNX file
             (``.onnx``), or ``package.module:factory``.
         checkpoint: Weights for a factory model: a state dict, a dict holding one under
-            ``"state_dict"`` or ``"model"``, or a whole pickled module (used as is).
+            ``"state_dict"`` or ``"model"``, or (only with ``trust_checkpoint``) a whole
+            pickled module (used as is).
         device: Where the model runs.
         warn: Optional ``warn(message)`` for non-fatal notes.
+        trust_checkpoint: Allow unpickling whole Python objects (which can run code) from a
+            model file saved with ``torch.save(model)`` or such a checkpoint.
 
     Returns:
         The loaded model, in eval mode, on ``device``.
@@ -68,9 +84,9 @@ def load_model(
         return load_onnx(path, device, warn)
     if path.suffix.lower() in TORCHSCRIPT_EXTENSIONS or path.exists():
         _no_checkpoint(spec, checkpoint)
-        return load_torchscript(path, device)
+        return load_torchscript(path, device, trust=trust_checkpoint)
     if ":" in spec:
-        return load_factory(spec, checkpoint, device, warn)
+        return load_factory(spec, checkpoint, device, warn, trust=trust_checkpoint)
     raise InputError(
         f"{spec}: not a model file (.pt/.pth/.ts/.jit TorchScript, .onnx) "
         "nor a package.module:factory spec"
@@ -91,21 +107,27 @@ def _prepare(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def load_torchscript(path: Path, device: torch.device) -> LoadedModel:
-    """Load a TorchScript file (or, failing that, a whole module saved with ``torch.save``)."""
+def load_torchscript(path: Path, device: torch.device, *, trust: bool = False) -> LoadedModel:
+    """Load a TorchScript file (or, only with ``trust``, a whole module saved with ``torch.save``).
+
+    Args:
+        path: The model file.
+        device: Where the model runs.
+        trust: Allow unpickling a whole module, which can run code (``--trust-checkpoint``).
+    """
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated in torch, but users have it
             warnings.simplefilter("ignore", DeprecationWarning)
             module: nn.Module = torch.jit.load(str(path), map_location=device)
-    except RuntimeError as jit_error:
-        module = _load_pickled_module(path, jit_error)
+    except Exception as jit_error:  # noqa: BLE001 - torch raises several types for bad files
+        module = _load_pickled_module(path, jit_error, trust)
     return LoadedModel(str(path), "torchscript", _prepare(module, device))
 
 
-def _load_pickled_module(path: Path, jit_error: Exception) -> nn.Module:
-    obj = _torch_load(path)
+def _load_pickled_module(path: Path, jit_error: Exception, trust: bool) -> nn.Module:
+    obj = _torch_load(path, trust, what="not a TorchScript model and")
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, Mapping):
@@ -113,22 +135,56 @@ def _load_pickled_module(path: Path, jit_error: Exception) -> nn.Module:
             f"{path}: holds weights, not a model; use --model package.module:factory "
             f"--checkpoint {path}"
         )
-    first = str(jit_error).strip().splitlines()[0] if str(jit_error).strip() else "unknown"
-    raise InputError(f"{path}: not a TorchScript model ({first})")
+    raise InputError(f"{path}: not a TorchScript model ({_first_line(jit_error)})")
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` on CPU: weights only first, a full unpickle if that is refused."""
+TRUST_HINT = (
+    "pass --trust-checkpoint only if you trust this file, or save a state dict "
+    "(torch.save(model.state_dict(), ...)) and load it with --model package.module:factory "
+    "--checkpoint"
+)
+
+
+def _torch_load(path: Path, trust: bool, what: str = "") -> Any:
+    """``torch.load`` on CPU: weights only, or a full unpickle when ``trust`` is given.
+
+    Raises:
+        InputError: The file cannot be read, or it holds pickled Python objects (which can run
+            code when loaded) and ``trust`` is False.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except (OSError, RuntimeError, EOFError) as exc:
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            lead = f"{what} " if what else ""
+            raise InputError(
+                f"{path}: {lead}holds pickled Python objects, not just weights; unpickling them "
+                f"can run code, so it is refused: {TRUST_HINT}"
+            ) from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         raise InputError(f"{path}: cannot read checkpoint ({_first_line(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
         raise InputError(f"{path}: cannot read checkpoint ({_first_line(exc)})") from exc
+
+
+def model_identity(spec: str, checkpoint: Path | None) -> str:
+    """What identifies a model across runs (recorded for ``--resume``): file digests.
+
+    Args:
+        spec: The ``--model`` value.
+        checkpoint: The ``--checkpoint`` file, or None.
+
+    Returns:
+        ``sha256:<hex>`` of a model file; for a factory, the spec plus the checkpoint's digest.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return f"sha256:{file_digest(path)}"
+    if checkpoint is not None and checkpoint.is_file():
+        return f"{spec} checkpoint sha256:{file_digest(checkpoint)}"
+    return spec
 
 
 def _first_line(exc: BaseException) -> str:
@@ -137,13 +193,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_factory(
-    spec: str, checkpoint: Path | None, device: torch.device, warn: Any = None
+    spec: str,
+    checkpoint: Path | None,
+    device: torch.device,
+    warn: Any = None,
+    *,
+    trust: bool = False,
 ) -> LoadedModel:
     """Build a model with ``package.module:factory`` and load ``checkpoint`` into it.
 
-    The factory is called without arguments. If the checkpoint holds a whole pickled module,
-    that module is used as is and the factory is not called (its module is still imported so
-    that the pickle can find its classes).
+    The factory is called without arguments. If the checkpoint holds a whole pickled module
+    (accepted only with ``trust``), that module is used as is and the factory is not called
+    (its module is still imported so that the pickle can find its classes).
     """
     module_name, _, attr = spec.partition(":")
     factory = _import_factory(spec, module_name, attr)
@@ -151,7 +212,7 @@ def load_factory(
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise InputError(f"{checkpoint}: no such checkpoint file")
-        state = _torch_load(checkpoint)
+        state = _torch_load(checkpoint, trust)
         if isinstance(state, nn.Module):
             return LoadedModel(spec, "factory", _prepare(state, device))
     elif warn is not None:
@@ -262,4 +323,7 @@ class OnnxForward:
             raise InputError(
                 f"{self.path}: ONNX model failed on input {tuple(array.shape)} ({_first_line(exc)})"
             ) from exc
-        return [torch.from_numpy(out).to(self.device) for out in outputs]
+        try:
+            return [torch.from_numpy(np.asarray(out)).to(self.device) for out in outputs]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{self.path}: ONNX model returned no numeric arrays ({exc})") from exc

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.evaluate import Summary
+from blda_posthoc.io import outputs
 from blda_posthoc.io.errors import InputError
 
 DECIMALS = 4
@@ -128,11 +128,8 @@ def build_report(
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a text file atomically (exclusive temporary file, then rename)."""
+    outputs.write_text(path, text)
 
 
 def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
@@ -367,16 +364,19 @@ def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         metadata = {"Software": None} if path.suffix.lower() == ".png" else None
-        fig.savefig(tmp, metadata=metadata, bbox_inches="tight")
+        with outputs.atomic_file(path) as handle:
+            fig.savefig(
+                handle,
+                format=path.suffix[1:].lower() or None,
+                metadata=metadata,
+                bbox_inches="tight",
+            )
     except ValueError as exc:
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
 
 
 CHANGE_COLORS: dict[str, tuple[int, int, int]] = {
@@ -550,13 +550,18 @@ def plot_panels(
             borderpad=0.0,
         )
         y += lines * legend_line + gap
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         metadata = {"Software": None} if path.suffix.lower() == ".png" else None
-        fig.savefig(tmp, metadata=metadata, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+        with outputs.atomic_file(path) as handle:
+            fig.savefig(
+                handle,
+                format=path.suffix[1:].lower() or None,
+                metadata=metadata,
+                dpi=dpi,
+                bbox_inches="tight",
+                pad_inches=0.05,
+            )
     except ValueError as exc:
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
         plt.close(fig)
-    os.replace(tmp, path)

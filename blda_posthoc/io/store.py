@@ -3,7 +3,8 @@
 Layout::
 
     /                      attrs: format="blda-logits", version=1, class_names (JSON list),
-                                  num_classes, dtype, created_by, [shard "K/N"]
+                                  num_classes, dtype, created_by, [shard "K/N"],
+                                  [run_settings (JSON: what --resume checks)]
     /images/<quoted name>  group, attrs: name, height, width (original image size),
                                   logit_min, logit_max, has_label, complete
         logits             (C, h, w) float16|float32, chunked, gzip + shuffle
@@ -15,6 +16,12 @@ once its ``complete`` attribute is true; it is set after its data is written and
 A store being written lives at ``STORE.partial`` and is renamed to ``STORE`` when the writer
 closes without error, so a killed run leaves either the old file or a resumable partial one.
 Several stores (shards) read together through :class:`LogitStore` behave as one dataset.
+
+Limits that readers and writers enforce (a store breaking them is refused with an error naming
+it): image names follow :func:`blda_posthoc.io.outputs.check_name`; 1 to :data:`MAX_CLASSES`
+classes; logits finite and within :data:`LOGIT_LIMITS` of the storage dtype; image sides up to
+:data:`MAX_SIDE` and at most :data:`MAX_VALUES` logits per image at its full size; no links to
+other files, no external storage, no virtual datasets.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import glob
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import h5py
@@ -35,7 +43,17 @@ import torch
 
 from blda_posthoc import __version__
 from blda_posthoc.core.correct import resize_logits
+from blda_posthoc.io import outputs
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.outputs import (
+    Claim,
+    canonical,
+    check_name,
+    check_settings,
+    disk_error,
+    is_regular_file,
+    kept_note,
+)
 
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 """Wraps an iteration over image names: ``progress(names, count)``."""
@@ -43,6 +61,17 @@ Progress = Callable[[Iterable[str], int], Iterable[str]]
 FORMAT = "blda-logits"
 VERSION = 1
 DTYPES = ("float16", "float32")
+MAX_CLASSES = 255
+"""Class ids must fit in uint8 PNGs beside 255 = ignore."""
+LOGIT_LIMITS = {"float16": 65504.0, "float32": 1e9}
+"""Largest logit magnitude a store holds, per storage dtype (float16: its whole range)."""
+LOGIT_LIMIT = LOGIT_LIMITS["float32"]
+MAX_SIDE = 1 << 16
+"""Largest image height or width."""
+MAX_VALUES = 1 << 30
+"""Most logits of one image at its full size (``C * H * W``; 4 GiB as float32)."""
+RESERVE_MARGIN = 1 << 20
+"""Bytes reserved beyond an image's data for HDF5 metadata (see :meth:`StoreWriter.write`)."""
 
 
 @dataclass
@@ -71,6 +100,17 @@ def chunk_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return 1, min(shape[1], CHUNK_SIZE), min(shape[2], CHUNK_SIZE)
 
 
+def chunk_offsets(shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(c, y, x)`` offsets of every chunk of a ``(C, h, w)`` logits dataset, in write order."""
+    _, ch, cw = chunk_shape(shape)
+    return [
+        (c, y, x)
+        for c in range(shape[0])
+        for y in range(0, shape[1], ch)
+        for x in range(0, shape[2], cw)
+    ]
+
+
 def encode_logits(logits: np.ndarray, dtype: str) -> list[tuple[tuple[int, int, int], bytes]]:
     """Compress ``(C, h, w)`` logits chunk by chunk exactly as the store's filters do.
 
@@ -91,21 +131,19 @@ def encode_logits(logits: np.ndarray, dtype: str) -> list[tuple[tuple[int, int, 
     _, ch, cw = chunk_shape(data.shape)
     itemsize = data.dtype.itemsize
     encoded = []
-    for c in range(data.shape[0]):
-        for y in range(0, data.shape[1], ch):
-            for x in range(0, data.shape[2], cw):
-                part = data[c, y : y + ch, x : x + cw]
-                block = np.zeros((ch, cw), dtype=data.dtype)
-                block[: part.shape[0], : part.shape[1]] = part
-                shuffled = block.view(np.uint8).reshape(-1, itemsize).T.tobytes()
-                deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-                encoded.append(((c, y, x), deflate.compress(shuffled) + deflate.flush()))
+    for c, y, x in chunk_offsets(data.shape):
+        part = data[c, y : y + ch, x : x + cw]
+        block = np.zeros((ch, cw), dtype=data.dtype)
+        block[: part.shape[0], : part.shape[1]] = part
+        shuffled = block.view(np.uint8).reshape(-1, itemsize).T.tobytes()
+        deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+        encoded.append(((c, y, x), deflate.compress(shuffled) + deflate.flush()))
     return encoded
 
 
 def partial_path(path: Path) -> Path:
     """Where a store is written before it is complete."""
-    return path.with_name(path.name + ".partial")
+    return outputs.partial_path(path)
 
 
 def expand_store_paths(specs: Sequence[str | Path]) -> list[Path]:
@@ -129,16 +167,75 @@ def expand_store_paths(specs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
+def check_class_names(names: object, source: str | Path) -> list[str]:
+    """Class names as stores hold them: 1 to 255 unique, non-empty strings."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise InputError(f"{source}: class names must be a list of non-empty strings")
+    if not 1 <= len(names) <= MAX_CLASSES:
+        raise InputError(
+            f"{source}: {len(names)} classes; between 1 and {MAX_CLASSES} fit in uint8 trainIds "
+            "(255 = ignore)"
+        )
+    if len(set(names)) != len(names):
+        raise InputError(f"{source}: class names are not unique")
+    return names
+
+
+def check_logit_values(
+    logits: np.ndarray, where: str, dtype: str = "float32"
+) -> tuple[float, float]:
+    """``(min, max)`` of logits, checking they are finite and fit a store of ``dtype``.
+
+    Args:
+        logits: Logits of any shape and float dtype (before the storage cast: values beyond the
+            float16 range would become infinite in a float16 store).
+        where: What they are, for messages.
+        dtype: Storage dtype.
+
+    Returns:
+        ``(min, max)`` of the logits as ``dtype`` stores them.
+    """
+    if logits.size == 0:
+        raise InputError(f"{where}: no logits (shape {tuple(logits.shape)})")
+    low, high = float(np.min(logits)), float(np.max(logits))
+    if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN
+        raise InputError(f"{where}: logits contain NaN or infinite values")
+    peak = max(-low, high)
+    if dtype == "float16" and peak > LOGIT_LIMITS["float16"]:
+        raise InputError(
+            f"{where}: logits reach {peak:.4g}, beyond the float16 range (±65504) of the store; "
+            "use --dtype float32"
+        )
+    if peak > LOGIT_LIMIT:
+        raise InputError(
+            f"{where}: logits reach {peak:.4g}, beyond the ±{LOGIT_LIMIT:g} a store holds; "
+            "rescale them"
+        )
+    stored = np.array([low, high]).astype(dtype)
+    return float(stored[0]), float(stored[1])
+
+
 class StoreWriter:
     """Write a logits store image by image; use as a context manager.
+
+    The store's path is claimed first (``STORE.lock``: a second writer stops at once), and
+    the store is built at ``STORE.partial``, created exclusively, and renamed to ``STORE`` when
+    the writer closes without error. Before each image, the disk space it needs is reserved, so
+    a full disk ends in an error that leaves the images written so far resumable.
+
+    A resumed store is rewritten at close, in name order, exactly as one uninterrupted run
+    writes it; writers therefore write images in name order.
 
     Args:
         path: Final store path; data goes to ``path.partial`` until the writer closes.
         class_names: One name per logit channel.
         dtype: Storage dtype of the logits, ``float16`` or ``float32``.
-        overwrite: Replace an existing store at ``path``.
+        overwrite: Replace an existing store (only once the new one is complete).
         resume: Continue a partial (or complete) store, keeping its complete images.
         attrs: Extra root attributes (e.g. ``shard``).
+        settings: What determines the logits (model, preprocessing, sources); recorded, and
+            ``resume`` requires equal settings. None records none (and resumes only a store
+            that records none).
     """
 
     def __init__(
@@ -149,59 +246,142 @@ class StoreWriter:
         dtype: str = "float16",
         overwrite: bool = False,
         resume: bool = False,
-        attrs: dict[str, str | int | float] | None = None,
+        attrs: Mapping[str, str | int | float] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise InputError(f"{path}: storage dtype must be one of {DTYPES}, got {dtype!r}")
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        self.class_names = list(class_names)
+        self.class_names = check_class_names(list(class_names), self.path)
         self.dtype = dtype
+        self.attrs = dict(attrs or {})
+        self.settings = None if settings is None else canonical(settings)
+        self.resumed = False
+        self.changed = False
+        self.broken = False
+        self._name_bytes = 0
+        self.claim = Claim(self.path)
+        try:
+            self.file = self._open(overwrite, resume)
+        except BaseException:
+            self.claim.release()
+            raise
+
+    # -- opening
+
+    def _open(self, overwrite: bool, resume: bool) -> h5py.File:
         if self.path.exists() and not (overwrite or resume):
             raise InputError(f"{self.path}: already exists (use --overwrite to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        moved = resume and not self.tmp.exists() and self.path.exists()
+        if self.path.exists() and not is_regular_file(self.path):
+            raise InputError(f"{self.path}: is not a regular file; refusing to replace it")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.path.parent}: cannot create ({exc.strerror})") from exc
+        moved = resume and not os.path.lexists(self.tmp) and self.path.exists()
         if moved:
             os.replace(self.path, self.tmp)
-        if resume and self.tmp.exists():
+        if resume and os.path.lexists(self.tmp):
             try:
-                self.file = self._open_existing()
-            except InputError:
+                file = self._open_existing()
+            except BaseException:
                 if moved:  # leave a complete store complete when it cannot be resumed
                     os.replace(self.tmp, self.path)
                 raise
-        else:
-            self.file = h5py.File(self.tmp, "w", track_order=True)
-            self._init_root(attrs or {})
+            self.resumed = not moved
+            return file
+        if os.path.lexists(self.tmp):
+            if not (overwrite or resume):
+                raise InputError(
+                    f"{self.tmp}: an unfinished run is there (use --resume to continue it or "
+                    "--overwrite to start over)"
+                )
+            os.unlink(self.tmp)  # under our claim: nobody else is writing it
+        return self._create(self.tmp)
 
-    def _open_existing(self) -> h5py.File:
+    def _create(self, path: Path) -> h5py.File:
+        try:  # "x": O_EXCL, so neither an existing file nor a symbolic link is followed
+            file = h5py.File(path, "x", track_order=True, locking=False)
+        except (OSError, ValueError) as exc:
+            raise _store_error(exc, path, "cannot create") from exc
         try:
-            f = h5py.File(self.tmp, "a")
-        except OSError as exc:
-            raise InputError(f"{self.tmp}: cannot reopen to resume ({exc}); delete it") from exc
-        _check_root(self.tmp, f)
-        names = json.loads(f.attrs["class_names"])
-        if names != self.class_names:
-            f.close()
-            raise InputError(f"{self.tmp}: class names differ from this run's; cannot resume")
-        return f
-
-    def _init_root(self, attrs: dict[str, str | int | float]) -> None:
-        root = self.file.attrs
+            outputs.reserve(file.id.get_vfd_handle(), 0, RESERVE_MARGIN, path)
+        except InputError:
+            file.close()
+            path.unlink(missing_ok=True)
+            raise
+        root = file.attrs
         root["format"] = FORMAT
         root["version"] = VERSION
         root["class_names"] = json.dumps(self.class_names)
         root["num_classes"] = len(self.class_names)
         root["dtype"] = self.dtype
         root["created_by"] = f"blda-posthoc {__version__}"
-        for key, value in attrs.items():
+        for key, value in self.attrs.items():
             root[key] = value
-        self.file.require_group("images")
+        if self.settings is not None:
+            root["run_settings"] = json.dumps(self.settings, sort_keys=True)
+        file.require_group("images")
+        return file
+
+    def _open_existing(self) -> h5py.File:
+        if not is_regular_file(self.tmp):
+            raise InputError(f"{self.tmp}: is not a regular file; refusing to resume it")
+        try:
+            f = h5py.File(self.tmp, "a", locking=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{self.tmp}: damaged, cannot resume ({_first_line(exc)}); use --overwrite to "
+                "start again"
+            ) from exc
+        try:
+            meta = _check_root(self.tmp, f)
+            if meta.class_names != self.class_names:
+                raise InputError(f"{self.tmp}: class names differ from this run's; cannot resume")
+            if meta.dtype != self.dtype:
+                raise InputError(
+                    f"{self.tmp}: stored as {meta.dtype}, not {self.dtype}; cannot resume"
+                )
+            for key, value in self.attrs.items():
+                if _text(f.attrs.get(key)) != str(value):
+                    raise InputError(
+                        f"{self.tmp}: holds {key} {_text(f.attrs.get(key))}, not this run's "
+                        f"{value}; cannot resume"
+                    )
+            if self.settings is not None:
+                recorded = meta.run_settings
+                check_settings(self.tmp, recorded, self.settings)
+            self._drop_incomplete(f)
+        except InputError:
+            f.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
+            f.close()
+            raise InputError(
+                f"{self.tmp}: damaged, cannot resume ({_first_line(exc)}); use --overwrite to "
+                "start again"
+            ) from exc
+        return f
+
+    def _drop_incomplete(self, f: h5py.File) -> None:
+        images = _group(f, "images", self.tmp)
+        for key in list(images):
+            if _image_group(images, key, self.tmp) is None:
+                del images[key]
+                self.changed = True
+
+    # -- writing
 
     def has(self, name: str) -> bool:
         """Whether ``name`` is already stored completely (for resume)."""
         group = self.file["images"].get(quote(name, safe=""))
         return group is not None and bool(group.attrs.get("complete", False))
+
+    def complete_count(self) -> int:
+        """How many images are stored completely."""
+        images = self.file["images"]
+        return sum(bool(images[key].attrs.get("complete", False)) for key in images)
 
     def write(
         self,
@@ -215,67 +395,144 @@ class StoreWriter:
         """Store one image.
 
         Args:
-            name: Image name.
-            logits: ``(C, h, w)`` logits (any float dtype; stored as the store's dtype).
+            name: Image name (see :func:`blda_posthoc.io.outputs.check_name`).
+            logits: ``(C, h, w)`` logits (any float dtype; stored as the store's dtype, and
+                checked to be finite and within :data:`LOGIT_LIMIT` after that cast).
             label: ``(H, W)`` uint8 trainIds, or None.
             size: ``(H, W)`` original image size; default the label's size, else ``(h, w)``.
-            value_range: ``(min, max)`` of ``logits``, from a caller that has computed it and
-                checked that the logits are finite (saves two slow passes over float16 data).
+            value_range: ``(min, max)`` of ``logits`` as stored, from a caller that has computed
+                it and checked that the logits are finite (saves two slow passes).
             encoded: The logits' chunks as :func:`encode_logits` returns them (compressed
-                beforehand, e.g. in parallel threads); written as they are.
+                beforehand, e.g. in parallel threads); default: encoded here.
         """
-        if logits.ndim != 3 or logits.shape[0] != len(self.class_names):
+        check_name(name, self.path)
+        c = len(self.class_names)
+        if logits.ndim != 3 or logits.shape[0] != c or min(logits.shape) < 1:
             raise InputError(
-                f"{name}: expected logits of shape ({len(self.class_names)}, h, w), "
+                f"{name}: expected logits of shape ({c}, h, w) with h, w >= 1, "
                 f"got {tuple(logits.shape)}"
             )
         if value_range is None:
-            if not np.isfinite(logits).all():
-                raise InputError(f"{name}: logits contain NaN or infinite values")
-            value_range = (float(logits.min()), float(logits.max()))
-        if size is None:
-            shape = label.shape if label is not None else logits.shape[1:]
-            size = (int(shape[0]), int(shape[1]))
-        key = quote(name, safe="")
-        images = self.file["images"]
-        if key in images:
-            del images[key]
-        group = images.create_group(key)
-        filters = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
-        chunks = chunk_shape(logits.shape)
-        if encoded is None:
-            data = logits.astype(self.dtype, copy=False)
-            group.create_dataset("logits", data=data, chunks=chunks, **filters)
-        else:
-            dset = group.create_dataset(
-                "logits", shape=logits.shape, dtype=self.dtype, chunks=chunks, **filters
-            )
-            for offset, chunk in encoded:
-                dset.id.write_direct_chunk(offset, chunk)
+            value_range = check_logit_values(logits, name, self.dtype)
+        elif max(-value_range[0], value_range[1]) > LOGIT_LIMITS[self.dtype]:
+            raise InputError(f"{name}: logits exceed the {self.dtype} store's range")
         if label is not None:
             label = np.asarray(label)
-            if label.dtype != np.uint8 or label.ndim != 2:
+            if label.dtype != np.uint8 or label.ndim != 2 or min(label.shape) < 1:
                 raise InputError(
                     f"{name}: label must be a (H, W) uint8 map, got {label.dtype} {label.shape}"
                 )
-            group.create_dataset(
-                "label", data=label, chunks=True, compression="gzip", compression_opts=1
-            )
-        group.attrs["name"] = name
-        group.attrs["height"] = int(size[0])
-        group.attrs["width"] = int(size[1])
-        group.attrs["logit_min"] = float(value_range[0])
-        group.attrs["logit_max"] = float(value_range[1])
-        group.attrs["has_label"] = label is not None
-        self.file.flush()
-        group.attrs["complete"] = True
-        self.file.flush()
+        if size is None:
+            shape = label.shape if label is not None else logits.shape[1:]
+            size = (int(shape[0]), int(shape[1]))
+        _check_size(size, c, name)
+        if label is not None and tuple(label.shape) != tuple(size):
+            raise InputError(f"{name}: label is {label.shape}, the image {tuple(size)}")
+        if encoded is None:
+            encoded = encode_logits(logits, self.dtype)
+        if self.broken:
+            raise InputError(f"{self.tmp}: an earlier write failed; the store cannot continue")
+        self._put(self.tmp, name, tuple(logits.shape), encoded, label, size, value_range)
+        self.changed = True
+
+    def _put(
+        self,
+        path: Path,
+        name: str,
+        shape: tuple[int, ...],
+        encoded: Sequence[tuple[tuple[int, int, int], bytes]],
+        label: np.ndarray | None,
+        size: tuple[int, int],
+        value_range: tuple[float, float],
+    ) -> None:
+        """Reserve the disk space one image needs, then write its group."""
+        need = sum(len(chunk) for _, chunk in encoded) + RESERVE_MARGIN + 2 * self._name_bytes
+        need += label.nbytes if label is not None else 0
+        outputs.reserve(self.file.id.get_vfd_handle(), self.file.id.get_filesize(), need, path)
+        try:
+            _write_group(self.file, name, shape, self.dtype, encoded, label, size, value_range)
+        except Exception as exc:  # noqa: BLE001 - HDF5 failed half-way: never touch it again
+            self._abandon()
+            raise _store_error(exc, path, "cannot write") from exc
+        self._name_bytes += len(quote(name, safe="")) + 16
+
+    def _abandon(self) -> None:
+        """Keep a file whose write failed open and untouched until the process exits.
+
+        HDF5 (2.0) can crash the process when a file whose write failed is flushed or closed;
+        the command line ends such a process without closing it (see
+        :func:`blda_posthoc.io.outputs.abandoned`).
+        """
+        self.broken = True
+        outputs.abandon(self.file)
+
+    # -- closing
 
     def close(self, success: bool = True) -> None:
-        """Close the file; on success move it to its final name."""
-        self.file.close()
-        if success:
-            os.replace(self.tmp, self.path)
+        """Close the file; on success move it to its final name.
+
+        On failure the partial store is kept when it holds complete images (for ``--resume``)
+        and removed otherwise.
+        """
+        try:
+            if self.broken:
+                return
+            if success and self.resumed and self.changed:
+                self._rebuild()
+            if success:
+                self._close_file()
+                os.replace(self.tmp, self.path)
+                return
+            kept = self.complete_count()
+            self.file.close()
+            if not kept:
+                self.tmp.unlink(missing_ok=True)
+        finally:
+            self.claim.release()
+
+    def _close_file(self) -> None:
+        """Flush, drop reserved space beyond the data, close."""
+        try:
+            self.file.flush()
+            size = self.file.id.get_filesize()
+            os.ftruncate(self.file.id.get_vfd_handle(), size)
+            self.file.close()
+        except Exception as exc:  # noqa: BLE001
+            self._abandon()
+            raise _store_error(exc, self.tmp, "cannot finish") from exc
+
+    def _rebuild(self) -> None:
+        """Rewrite a resumed store in name order, as one uninterrupted run writes it."""
+        fresh_path = self.tmp.with_name(self.tmp.name + ".rewrite")
+        if os.path.lexists(fresh_path):
+            os.unlink(fresh_path)
+        old = self.file
+        images = old["images"]
+        keys = sorted(
+            (str(images[key].attrs["name"]), key)
+            for key in images
+            if images[key].attrs.get("complete", False)
+        )
+        self.file = self._create(fresh_path)
+        self._name_bytes = 0
+        try:
+            for name, key in keys:
+                group = images[key]
+                dset = group["logits"]
+                encoded = [(o, dset.id.read_direct_chunk(o)[1]) for o in chunk_offsets(dset.shape)]
+                label = group["label"][()] if "label" in group else None
+                attrs = group.attrs
+                size = (int(attrs["height"]), int(attrs["width"]))
+                value_range = (float(attrs["logit_min"]), float(attrs["logit_max"]))
+                self._put(fresh_path, name, tuple(dset.shape), encoded, label, size, value_range)
+        except BaseException:
+            if not self.broken:
+                self.file.close()
+            self.file = old
+            fresh_path.unlink(missing_ok=True)
+            raise
+        old.close()
+        os.replace(fresh_path, self.tmp)
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -286,24 +543,210 @@ class StoreWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        kept = 0
+        if exc is not None and not self.broken:
+            try:
+                kept = self.complete_count()
+            except Exception:  # noqa: BLE001 - describing the stop must not hide its cause
+                kept = 0
         self.close(success=exc_type is None)
+        if exc is not None:
+            if self.broken:
+                kept_note(exc, f"{self.tmp} may be damaged; --resume checks it")
+            elif kept:
+                kept_note(
+                    exc,
+                    f"{kept} finished image{'s are' if kept != 1 else ' is'} kept in "
+                    f"{self.tmp}; rerun with --resume to continue",
+                )
 
 
-def _check_root(path: Path, f: h5py.File) -> None:
-    fmt = f.attrs.get("format")
+def _write_group(
+    file: h5py.File,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    encoded: Sequence[tuple[tuple[int, int, int], bytes]],
+    label: np.ndarray | None,
+    size: tuple[int, int],
+    value_range: tuple[float, float],
+) -> None:
+    """Write one image's group: data, flush, then ``complete``, flush."""
+    key = quote(name, safe="")
+    images = file["images"]
+    if key in images:
+        del images[key]
+    group = images.create_group(key)
+    filters = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
+    dset = group.create_dataset(
+        "logits", shape=shape, dtype=dtype, chunks=chunk_shape(shape), **filters
+    )
+    for offset, chunk in encoded:
+        dset.id.write_direct_chunk(offset, chunk)
+    if label is not None:
+        group.create_dataset(
+            "label", data=label, chunks=True, compression="gzip", compression_opts=1
+        )
+    group.attrs["name"] = name
+    group.attrs["height"] = int(size[0])
+    group.attrs["width"] = int(size[1])
+    group.attrs["logit_min"] = float(value_range[0])
+    group.attrs["logit_max"] = float(value_range[1])
+    group.attrs["has_label"] = label is not None
+    file.flush()
+    group.attrs["complete"] = True
+    file.flush()
+
+
+def _store_error(exc: BaseException, path: Path, doing: str) -> InputError:
+    full = disk_error(exc, path)
+    if full is not None:
+        return full
+    return InputError(f"{path}: {doing} ({_first_line(exc)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text(value: object) -> str | None:
+    """An HDF5 string attribute as ``str`` (None when absent or not text)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _check_size(size: tuple[int, int], num_classes: int, where: str | Path) -> None:
+    h, w = size
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE) or num_classes * h * w > MAX_VALUES:
+        raise InputError(
+            f"{where}: image size {h}x{w} with {num_classes} classes is out of range (sides 1 to "
+            f"{MAX_SIDE}, at most {MAX_VALUES} logits per image)"
+        )
+
+
+@dataclass
+class _Root:
+    class_names: list[str]
+    dtype: str
+    run_settings: dict[str, Any] | None
+
+
+def _check_root(path: Path, f: h5py.File) -> _Root:
+    """Check a store's root attributes; return what they say."""
+    fmt = _text(f.attrs.get("format"))
     if fmt != FORMAT:
-        f.close()
         raise InputError(f"{path}: not a logits store (format {fmt!r}, expected {FORMAT!r})")
-    version = int(f.attrs.get("version", -1))
-    if version != VERSION:
-        f.close()
+    version = f.attrs.get("version")
+    if not isinstance(version, int | np.integer) or int(version) != VERSION:
         raise InputError(
             f"{path}: logits store version {version} is not supported (need {VERSION})"
         )
+    try:
+        names = json.loads(_text(f.attrs.get("class_names")) or "")
+    except ValueError as exc:
+        raise InputError(f"{path}: class names are not valid JSON") from exc
+    names = check_class_names(names, path)
+    dtype = _text(f.attrs.get("dtype"))
+    if dtype not in DTYPES:
+        raise InputError(f"{path}: storage dtype {dtype!r} is not one of {DTYPES}")
+    settings = None
+    if "run_settings" in f.attrs:
+        try:
+            settings = json.loads(_text(f.attrs.get("run_settings")) or "")
+        except ValueError:
+            settings = None
+        if not isinstance(settings, dict):
+            raise InputError(f"{path}: run settings are not a JSON object")
+    return _Root(names, dtype, settings)
+
+
+def _link_ok(parent: h5py.Group, key: str, path: Path) -> None:
+    """Refuse an entry that is a link (to another file or elsewhere in this one)."""
+    link = parent.get(key, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise InputError(
+            f"{path}: {parent.name.rstrip('/')}/{key} is a {type(link).__name__}; stores may not "
+            "link to other objects or files"
+        )
+
+
+def _group(parent: h5py.Group, key: str, path: Path) -> h5py.Group:
+    if key not in parent:
+        raise InputError(f"{path}: damaged logits store (no {key!r} group)")
+    _link_ok(parent, key, path)
+    group = parent[key]
+    if not isinstance(group, h5py.Group):
+        raise InputError(f"{path}: damaged logits store ({key!r} is not a group)")
+    return group
+
+
+def check_group(parent: h5py.Group, key: str, path: Path) -> h5py.Group:
+    """A group stored in this file (every part of ``key`` a hard link)."""
+    node = parent
+    for part in key.split("/"):
+        if part not in node:
+            raise InputError(f"{path}: {node.name.rstrip('/')}/{part}: missing")
+        _link_ok(node, part, path)
+        node = node[part]
+        if not isinstance(node, h5py.Group):
+            raise InputError(f"{path}: {node.name}: not a group")
+    return node
+
+
+def _image_group(images: h5py.Group, key: str, path: Path) -> h5py.Group | None:
+    """An image's group when complete and well-formed, None when incomplete."""
+    _link_ok(images, key, path)
+    group = images[key]
+    if not isinstance(group, h5py.Group):
+        raise InputError(f"{path}: damaged logits store (images/{key} is not a group)")
+    complete = group.attrs.get("complete", False)
+    if not isinstance(complete, bool | np.bool_):
+        raise InputError(f"{path}: damaged logits store (images/{key}: 'complete' is not a flag)")
+    return group if complete else None
+
+
+def check_dataset(parent: h5py.Group, key: str, path: Path, where: str) -> h5py.Dataset:
+    """A dataset stored inside this file: a hard link, no external storage, not virtual.
+
+    Args:
+        parent: The group holding it.
+        key: Its name.
+        path: The file, for messages.
+        where: What it is (e.g. ``image 'a/b' logits``), for messages.
+
+    Returns:
+        The dataset.
+    """
+    folder, _, key = key.rpartition("/")
+    if folder:
+        parent = check_group(parent, folder, path)
+    if key not in parent:
+        raise InputError(f"{path}: {where}: missing")
+    _link_ok(parent, key, path)
+    dset = parent[key]
+    if not isinstance(dset, h5py.Dataset):
+        raise InputError(f"{path}: {where}: not a dataset")
+    if dset.is_virtual or dset.external:
+        raise InputError(
+            f"{path}: {where}: uses {'virtual' if dset.is_virtual else 'external'} storage "
+            "(data outside this file), which stores may not"
+        )
+    return dset
 
 
 class LogitStore:
     """Read one or more logits stores as one dataset, in sorted name order.
+
+    Every value read is checked (names, sizes, class count, finite logits within the recorded
+    range, data inside the file); a damaged or hostile store ends in an :class:`InputError`
+    naming it.
 
     Args:
         paths: Store files (shards); they must share class names and hold distinct names.
@@ -316,38 +759,54 @@ class LogitStore:
         self._files: list[h5py.File] = []
         self._where: dict[str, tuple[int, str]] = {}
         self.class_names: list[str] = []
-        for index, path in enumerate(self.paths):
-            self._open_one(index, path)
+        try:
+            for index, path in enumerate(self.paths):
+                self._open_one(index, path)
+        except BaseException:
+            self.close()
+            raise
         self.names = sorted(self._where)
+        if not self.names:
+            raise InputError(f"{self.paths[0]}: the store holds no complete image")
 
     def _open_one(self, index: int, path: Path) -> None:
         if not path.exists():
             hint = (
-                " (an unfinished run left a .partial file: use --resume)"
+                " (an unfinished run left a .partial file: rerun the command that writes it "
+                "with --resume)"
                 if partial_path(path).exists()
                 else ""
             )
             raise InputError(f"{path}: no such logits store{hint}")
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a logits store")
         try:
             f = h5py.File(path, "r")
-        except OSError as exc:
-            raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
-        _check_root(path, f)
-        names = json.loads(f.attrs["class_names"])
-        if index == 0:
-            self.class_names = names
-        elif names != self.class_names:
-            f.close()
-            raise InputError(f"{path}: class names differ from {self.paths[0]}")
+        except Exception as exc:  # noqa: BLE001 - h5py raises several types for bad files
+            raise InputError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from exc
         self._files.append(f)
-        for key, group in f["images"].items():
-            if not group.attrs.get("complete", False):
-                continue
-            name = str(group.attrs["name"])
-            if name in self._where:
-                other = self.paths[self._where[name][0]]
-                raise InputError(f"{path}: image {name!r} is also in {other}")
-            self._where[name] = (index, key)
+        try:
+            names = _check_root(path, f).class_names
+            if index == 0:
+                self.class_names = names
+            elif names != self.class_names:
+                raise InputError(f"{path}: class names differ from {self.paths[0]}")
+            images = _group(f, "images", path)
+            for key in images:
+                group = _image_group(images, key, path)
+                if group is None:
+                    continue
+                name = check_name(_text(group.attrs.get("name")), path)
+                if quote(name, safe="") != key:
+                    raise InputError(f"{path}: images/{key} holds the name {name!r}")
+                if name in self._where:
+                    other = self.paths[self._where[name][0]]
+                    raise InputError(f"{path}: image {name!r} is also in {other}")
+                self._where[name] = (index, key)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
+            raise InputError(f"{path}: damaged logits store ({_first_line(exc)})") from exc
 
     @property
     def num_classes(self) -> int:
@@ -361,29 +820,102 @@ class LogitStore:
         index, key = self._where[name]
         return self._files[index]["images"][key]
 
+    def _attr(self, name: str, key: str, kind: type) -> Any:
+        """One attribute of an image, checked to be of ``kind`` (int, float or bool)."""
+        path = self.paths[self._where[name][0]]
+        try:
+            value = self._group(name).attrs[key]
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{path}: image {name!r}: no {key!r} attribute") from exc
+        ok = {
+            int: (int, np.integer),
+            float: (int, float, np.integer, np.floating),
+            bool: (bool, np.bool_),
+        }[kind]
+        if not isinstance(value, ok) or (kind is float and not np.isfinite(value)):
+            raise InputError(f"{path}: image {name!r}: attribute {key!r} is {value!r}")
+        return kind(value)
+
     def has_labels(self) -> bool:
         """Whether every image carries a label map."""
-        return all(bool(self._group(n).attrs["has_label"]) for n in self.names)
+        return all(self._attr(n, "has_label", bool) for n in self.names)
 
     def size(self, name: str) -> tuple[int, int]:
         """Original ``(H, W)`` of an image."""
-        attrs = self._group(name).attrs
-        return int(attrs["height"]), int(attrs["width"])
+        size = self._attr(name, "height", int), self._attr(name, "width", int)
+        _check_size(size, self.num_classes, f"{self.paths[self._where[name][0]]}: image {name!r}")
+        return size
+
+    def _range(self, name: str) -> tuple[float, float]:
+        low, high = self._attr(name, "logit_min", float), self._attr(name, "logit_max", float)
+        if low > high or max(-low, high) > LOGIT_LIMIT:
+            path = self.paths[self._where[name][0]]
+            raise InputError(
+                f"{path}: image {name!r}: recorded logit range [{low:g}, {high:g}] is out of "
+                f"range (±{LOGIT_LIMIT:g})"
+            )
+        return low, high
 
     def logit_range(self) -> tuple[float, float]:
         """Smallest and largest logit over all images (from attributes; no data read)."""
-        if not self.names:
-            raise InputError(f"{self.paths[0]}: the store holds no complete image")
-        lows = [float(self._group(n).attrs["logit_min"]) for n in self.names]
-        highs = [float(self._group(n).attrs["logit_max"]) for n in self.names]
-        return min(lows), max(highs)
+        ranges = self.logit_ranges()
+        return min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
+
+    def logit_ranges(self) -> dict[str, tuple[float, float]]:
+        """Each image's smallest and largest logit (from attributes; no data read)."""
+        return {name: self._range(name) for name in self.names}
+
+    def path_of(self, name: str) -> Path:
+        """The store file holding image ``name``."""
+        return self.paths[self._where[name][0]]
 
     def read(self, name: str, *, with_label: bool = True) -> Record:
-        """Read one image's logits (as float32) and label."""
+        """Read one image's logits (as float32) and label, checking them."""
+        path = self.paths[self._where[name][0]]
+        where = f"image {name!r}"
+        size = self.size(name)
+        low, high = self._range(name)
         group = self._group(name)
-        logits = group["logits"][()].astype(np.float32)
-        label = group["label"][()] if with_label and "label" in group else None
-        return Record(name, logits, label, self.size(name))
+        try:
+            dset = check_dataset(group, "logits", path, f"{where} logits")
+            shape = dset.shape
+            if (
+                dset.dtype not in (np.float16, np.float32)
+                or len(shape) != 3
+                or shape[0] != self.num_classes
+                or min(shape) < 1
+                or shape[1] > MAX_SIDE
+                or shape[2] > MAX_SIDE
+                or int(np.prod(shape)) > MAX_VALUES
+            ):
+                raise InputError(
+                    f"{path}: {where}: logits are {dset.dtype} {shape}, expected float16/32 "
+                    f"({self.num_classes}, h, w)"
+                )
+            logits = dset[()].astype(np.float32)
+            label = None
+            if with_label and "label" in group:
+                lset = check_dataset(group, "label", path, f"{where} label")
+                if lset.dtype != np.uint8 or lset.shape != size:
+                    raise InputError(
+                        f"{path}: {where}: label is {lset.dtype} {lset.shape}, expected uint8 "
+                        f"{size}"
+                    )
+                label = lset[()]
+            elif with_label and self._attr(name, "has_label", bool):
+                raise InputError(f"{path}: {where}: its label is missing")
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt chunks, bad filters, ...
+            raise InputError(f"{path}: {where}: cannot read ({_first_line(exc)})") from exc
+        got_low, got_high = check_logit_values(logits, f"{path}: {where}")
+        slack = 1e-3 * max(1.0, abs(low), abs(high))
+        if got_low < low - slack or got_high > high + slack:
+            raise InputError(
+                f"{path}: {where}: logits span [{got_low:g}, {got_high:g}], outside the recorded "
+                f"[{low:g}, {high:g}]"
+            )
+        return Record(name, logits, label, size)
 
     def __iter__(self) -> Iterator[Record]:
         for name in self.names:

@@ -1,0 +1,392 @@
+"""Fuzzing every reader: random bytes, mutated valid files, random small arrays.
+
+Each reader must either succeed or raise :class:`InputError` (a one-line ``error:``), never
+another exception, a crash or a hang. Examples are derandomised and bounded so that the whole
+module runs in CI in well under a minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.fit_stats import FitOptions, fit_store
+from blda_posthoc.io.images import read_label, read_rgb
+from blda_posthoc.io.import_logits import _load as read_npy
+from blda_posthoc.io.info import describe_file
+from blda_posthoc.io.stats import read_stats, write_stats
+from blda_posthoc.io.store import LogitStore, StoreWriter
+
+EXAMPLES = int(os.environ.get("BLDA_FUZZ_EXAMPLES", "60"))
+"""Examples per test; CI runs the fixed default, a deeper local run sets a larger number."""
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=timedelta(seconds=10),
+    derandomize=EXAMPLES <= 60,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+WORK = Path(tempfile.mkdtemp(prefix="blda-fuzz-"))
+
+
+def _valid_store() -> bytes:
+    path = WORK / "valid.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, ["road", "car", "sky"], dtype="float16") as writer:
+        for index in range(3):
+            logits = rng.normal(0, 3, (3, 6, 8)).astype(np.float32)
+            label = rng.integers(0, 3, (12, 16)).astype(np.uint8)
+            writer.write(f"city/img_{index}", logits, label)
+    return path.read_bytes()
+
+
+VALID_STORE = _valid_store()
+
+
+def read_store_fully(path: Path) -> None:
+    """Everything a command reads from a store; only InputError may come out."""
+    with contextlib.suppress(InputError):
+        describe_file(path)
+    try:
+        with LogitStore([path]) as store:
+            store.has_labels()
+            store.logit_range()
+            for name in store.names:
+                store.size(name)
+                record = store.read(name)
+                assert np.isfinite(record.logits).all()
+    except InputError:
+        pass
+
+
+def write_bytes(name: str, data: bytes) -> Path:
+    path = WORK / name
+    path.write_bytes(data)
+    return path
+
+
+flips = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=12
+)
+
+
+def mutate(data: bytes, changes: list[tuple[float, int]]) -> bytes:
+    raw = bytearray(data)
+    for where, value in changes:
+        raw[int(where * len(raw))] = value
+    return bytes(raw)
+
+
+# ------------------------------------------------------------------------------------ stores
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_as_a_store(data: bytes) -> None:
+    read_store_fully(write_bytes("random.h5", data))
+
+
+@FUZZ
+@given(flips)
+def test_flipped_bytes_in_a_store(changes: list[tuple[float, int]]) -> None:
+    read_store_fully(write_bytes("flipped.h5", mutate(VALID_STORE, changes)))
+
+
+@FUZZ
+@given(st.floats(0, 1, exclude_max=True))
+def test_truncated_store(fraction: float) -> None:
+    read_store_fully(write_bytes("cut.h5", VALID_STORE[: int(fraction * len(VALID_STORE))]))
+
+
+OBJECTS = ["/", "/images", "/images/city%2Fimg_0", "/images/city%2Fimg_1"]
+ATTRS = ["format", "version", "class_names", "dtype", "name", "height", "width", "logit_min",
+         "logit_max", "has_label", "complete"]  # fmt: skip
+values = st.one_of(
+    st.none(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.just('["a", "b"]'),
+    st.just("[" + ", ".join(f'"c{i}"' for i in range(300)) + "]"),
+    hnp.arrays(np.float64, st.integers(0, 3)),
+)
+datasets = st.one_of(
+    hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64, np.int32, np.uint8, np.bool_]),
+        hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
+    ),
+    st.none(),
+)
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(OBJECTS), st.sampled_from(ATTRS), values),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(
+        st.tuples(st.sampled_from(OBJECTS[2:]), st.sampled_from(["logits", "label"]), datasets),
+        max_size=2,
+    ),
+)
+def test_edited_store_metadata_and_datasets(
+    attr_edits: list[tuple[str, str, object]], data_edits: list[tuple[str, str, object]]
+) -> None:
+    path = write_bytes("edited.h5", VALID_STORE)
+    with h5py.File(path, "a") as f:
+        for obj, key, value in attr_edits:
+            if value is None:
+                if key in f[obj].attrs:
+                    del f[obj].attrs[key]
+            else:
+                with contextlib.suppress(TypeError, ValueError):  # values HDF5 cannot store
+                    f[obj].attrs[key] = value
+        for obj, key, value in data_edits:
+            if key in f[obj]:
+                del f[obj][key]
+            if value is not None:
+                f[obj][key] = value
+    read_store_fully(path)
+
+
+@FUZZ
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6),
+        elements=st.floats(width=16, allow_nan=True, allow_infinity=True)
+        | st.sampled_from([1e30, -1e30, 7e4, -7e4, 65504.0]),
+    ),
+    st.sampled_from(["float16", "float32"]),
+)
+def test_random_small_arrays_through_the_writer(array: np.ndarray, dtype: str) -> None:
+    path = WORK / f"arrays-{dtype}.h5"
+    for leftover in (path, Path(f"{path}.partial")):
+        leftover.unlink(missing_ok=True)
+    try:
+        with StoreWriter(path, ["a", "b"], dtype=dtype) as writer:
+            writer.write("x", array)
+    except InputError:
+        assert not path.exists()
+        return
+    with LogitStore([path]) as store:
+        got = store.read("x").logits
+    np.testing.assert_array_equal(got, array.astype(dtype).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------- stats
+
+
+def _valid_stats(estimator: str) -> bytes:
+    path = WORK / f"valid-{estimator}.h5"
+    with LogitStore([WORK / "valid.h5"]) as store:
+        stats = fit_store(
+            store, FitOptions(labels="gt", estimator=estimator, bins=64, sample_pixels=200)
+        )
+    write_stats(path, stats)
+    return path.read_bytes()
+
+
+VALID_STATS = {kind: _valid_stats(kind) for kind in ("hist", "gmm")}
+STATS_METHODS = ["blda", "calibrated-blda", "vector-scaling", "cbst", "em-prior"]
+
+
+def read_stats_fully(path: Path, method: str = "blda") -> None:
+    """Read a stats file and build a correction from it; only InputError may come out."""
+    with contextlib.suppress(InputError):
+        describe_file(path)
+    try:
+        stats = read_stats(path)
+        load_correction(CorrectionSpec(method=method, stats=path), stats.class_names)
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes_as_stats(data: bytes) -> None:
+    read_stats_fully(write_bytes("random-stats.h5", data))
+
+
+@FUZZ
+@given(st.sampled_from(sorted(VALID_STATS)), flips, st.sampled_from(STATS_METHODS))
+def test_flipped_bytes_in_stats(kind: str, changes: list[tuple[float, int]], method: str) -> None:
+    read_stats_fully(write_bytes("flipped-stats.h5", mutate(VALID_STATS[kind], changes)), method)
+
+
+STATS_ATTRS = ["format", "version", "class_names", "estimator", "grid_lo", "grid_hi",
+               "grid_bins", "settings", "lo", "hi", "bins"]  # fmt: skip
+STATS_DATA = ["cells/counts", "anchors/counts", "cells/gmm/weights", "cells/gmm/sigmas",
+              "predicted", "confidence/counts", "sample/logits", "sample/labels",
+              "calibration/vector/scale", "calibrated/cells/counts"]  # fmt: skip
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(VALID_STATS)),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["/", "/confidence/counts", "/calibrated"]),
+            st.sampled_from(STATS_ATTRS),
+            values,
+        ),
+        max_size=3,
+    ),
+    st.lists(st.tuples(st.sampled_from(STATS_DATA), datasets), max_size=2),
+    st.sampled_from(STATS_METHODS),
+)
+def test_edited_stats(
+    kind: str,
+    attr_edits: list[tuple[str, str, object]],
+    data_edits: list[tuple[str, object]],
+    method: str,
+) -> None:
+    path = write_bytes("edited-stats.h5", VALID_STATS[kind])
+    with h5py.File(path, "a") as f:
+        for obj, key, value in attr_edits:
+            if obj not in f:
+                continue
+            if value is None:
+                if key in f[obj].attrs:
+                    del f[obj].attrs[key]
+            else:
+                with contextlib.suppress(TypeError, ValueError):
+                    f[obj].attrs[key] = value
+        for key, value in data_edits:
+            if key in f:
+                del f[key]
+            if value is not None:
+                f[key] = value
+    read_stats_fully(path, method)
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(VALID_STATS)),
+    st.sampled_from(STATS_DATA),
+    st.sampled_from(STATS_METHODS),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["zeros", "huge", "large", "random"]),
+)
+def test_stats_with_valid_shapes_and_hostile_values(
+    kind: str, key: str, method: str, seed: int, fill: str
+) -> None:
+    path = write_bytes("values-stats.h5", VALID_STATS[kind])
+    with h5py.File(path, "a") as f:
+        if key not in f:
+            return
+        old = f[key][()]
+        rng = np.random.default_rng(seed)
+        if fill == "zeros":
+            new = np.zeros_like(old)
+        elif old.dtype.kind == "f":
+            scale = {"huge": 1e30, "large": 1e6}.get(fill, 10.0)
+            new = (rng.standard_normal(old.shape) * scale).astype(old.dtype)
+        else:
+            high = np.iinfo(old.dtype).max if fill == "huge" else min(1000, np.iinfo(old.dtype).max)
+            new = rng.integers(0, high, old.shape, dtype=old.dtype, endpoint=True)
+        del f[key]
+        f[key] = new
+    read_stats_fully(path, method)
+
+
+# ------------------------------------------------------------------------ images and arrays
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+VALID_PNGS = [
+    _png(np.random.default_rng(1).integers(0, 19, (20, 30)).astype(np.uint8)),
+    _png(np.random.default_rng(2).integers(0, 256, (20, 30, 3)).astype(np.uint8)),
+]
+
+
+def read_images(path: Path) -> None:
+    for reader in (read_label, read_rgb):
+        with contextlib.suppress(InputError):
+            reader(path)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_random_bytes_as_an_image(data: bytes) -> None:
+    read_images(write_bytes("random.png", b"\x89PNG\r\n\x1a\n" + data))
+    read_images(write_bytes("random2.png", data))
+
+
+@FUZZ
+@given(st.sampled_from(VALID_PNGS), flips, st.floats(0.05, 1))
+def test_mutated_images(png: bytes, changes: list[tuple[float, int]], keep: float) -> None:
+    read_images(write_bytes("mutated.png", mutate(png, changes)[: max(8, int(keep * len(png)))]))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+VALID_NPY = _npy(np.random.default_rng(3).normal(size=(3, 4, 5)).astype(np.float32))
+
+
+def read_array(path: Path) -> None:
+    with contextlib.suppress(InputError):
+        read_npy(path)
+
+
+@FUZZ
+@given(st.binary(max_size=1024))
+def test_random_bytes_as_npy(data: bytes) -> None:
+    read_array(write_bytes("random.npy", data))
+    read_array(write_bytes("random2.npy", b"\x93NUMPY\x01\x00" + data))
+
+
+@FUZZ
+@given(flips, st.floats(0.05, 1))
+def test_mutated_npy(changes: list[tuple[float, int]], keep: float) -> None:
+    header = VALID_NPY[:128]  # mutate the header, where the shape and dtype live
+    data = mutate(header, changes) + VALID_NPY[128:]
+    read_array(write_bytes("mutated.npy", data[: max(1, int(keep * len(data)))]))
+
+
+@FUZZ
+@given(
+    st.sampled_from(["<f4", ">f8", "<f2", "<i4", "|O", "<c8", "<U3"]),
+    st.text(alphabet="0123456789, ()-", max_size=24),
+    st.sampled_from(["False", "True", "1"]),
+)
+def test_hand_written_npy_headers(descr: str, shape: str, order: str) -> None:
+    header = f"{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}"
+    header = header.ljust(118) + "\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    read_array(write_bytes("header.npy", data + bytes(64)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup():
+    yield
+    import shutil
+
+    shutil.rmtree(WORK, ignore_errors=True)
