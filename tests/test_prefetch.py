@@ -60,3 +60,31 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     it.close()
     assert threading.active_count() == before
     assert len(produced) <= 3 + 1 + 2 + 1
+
+
+def test_store_loop_reads_ahead_and_gives_every_image_in_order(tmp_path):
+    import numpy as np
+
+    from blda_posthoc.io.store import LogitStore, StoreWriter
+
+    rng = np.random.default_rng(0)
+    names = [f"img_{i}" for i in range(5)]
+    with StoreWriter(tmp_path / "s.h5", ["a", "b", "c"]) as writer:
+        for name in names:
+            writer.write(name, rng.normal(size=(3, 4, 6)).astype(np.float32), size=(8, 12))
+    seen: list[str] = []
+
+    def progress(items, count):
+        assert count == len(names)
+        for item in items:
+            seen.append(item)
+            yield item
+
+    before = threading.active_count()
+    with LogitStore([tmp_path / "s.h5"]) as store:
+        got = [(r.name, z.shape) for r, z in store.iter_images(progress=progress)]
+        assert got == [(n, (3, 8, 12)) for n in names] and seen == names
+        loop = store.iter_images()
+        first, _ = next(loop)
+        loop.close()  # stopping early ends the reading thread
+        assert first.name == names[0] and threading.active_count() == before

@@ -28,6 +28,7 @@ from blda_posthoc.core.fit import (
     LogitStats,
     PixelSample,
     StatsExtras,
+    channel_argmax,
     make_stats,
 )
 from blda_posthoc.core.methods import Affine
@@ -211,7 +212,7 @@ def join_samples(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -
 
 def _labels(record: Any, z: torch.Tensor, labels: str, device: torch.device | str) -> torch.Tensor:
     if labels == "pseudo":
-        return z.argmax(0)
+        return channel_argmax(z)
     assert record.label is not None
     if record.label.shape != record.size:
         raise InputError(f"{record.name}: label size {record.label.shape} != {record.size}")
