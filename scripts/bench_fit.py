@@ -32,12 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# As the blda command line does before torch starts its OpenMP threads (see its README note).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from blda_posthoc.io.fit_stats import fit_store
-from blda_posthoc.io.store import LogitStore, StoreWriter
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from blda_posthoc.io.fit_stats import FitOptions, fit_store  # noqa: E402
+from blda_posthoc.io.store import LogitStore, StoreWriter  # noqa: E402
 
 READ_ONLY = """
 import sys, torch, h5py
@@ -96,6 +99,13 @@ def main() -> None:
     parser.add_argument("--size", default="256x512", help="image size HxW")
     parser.add_argument("--logits-scale", type=int, default=1, help="logits at 1/SCALE size")
     parser.add_argument("--labels", choices=("gt", "pseudo"), default="gt")
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with gt labels: also fit the calibrations and calibrated statistics (second "
+        "pass), as fit-stats does by default",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="write the store here and keep it")
     args = parser.parse_args()
@@ -110,15 +120,18 @@ def main() -> None:
             f"store: {args.images} images, {args.classes} classes, logits "
             f"{h // args.logits_scale}x{w // args.logits_scale} float16 for {h}x{w} images, "
             f"{mib:.0f} MiB; {values / 1e6:.1f} M logit values at image size; "
-            f"labels={args.labels}; torch threads {torch.get_num_threads()}, "
+            f"labels={args.labels}, calibrate={args.calibrate and args.labels == 'gt'}; "
+            f"torch threads {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
         )
 
+        options = FitOptions(labels=args.labels, calibrate=args.calibrate)
         in_process = []
         for _ in range(args.repeat):
             with LogitStore([store_path]) as store:
                 wall, cpu = time.perf_counter(), time.process_time()
-                stats = fit_store(store, labels=args.labels)
+                stats = fit_store(store, options)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             in_process.append((wall, cpu))
             assert stats.counts.sum() > 0
@@ -133,6 +146,8 @@ def main() -> None:
         out = Path(tmp) / "stats.h5"
         blda = [sys.executable, "-m", "blda_posthoc", "fit-stats", str(store_path)]
         fit_cmd = [*blda, "--labels", args.labels, "--out", str(out), "--overwrite"]
+        if not args.calibrate:
+            fit_cmd.append("--no-calibrate")
         read_cmd = [sys.executable, "-c", READ_ONLY, str(store_path)]
         fits, reads = [], []
         for _ in range(args.repeat):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
 from blda_posthoc import __version__
+
+# Before any command imports torch: OpenMP threads that spin while they wait for work make torch
+# several times slower when other processes keep the cores busy; sleeping costs little otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "dump-logits": "dump_logits",
