@@ -17,7 +17,13 @@ from blda_posthoc.cli.common import (
     resolve_device,
     warn,
 )
-from blda_posthoc.core.infer import IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, Preprocess
+from blda_posthoc.core.infer import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRECISIONS,
+    OutputKey,
+    Preprocess,
+)
 from blda_posthoc.io.dump import (
     DumpOptions,
     collect_items,
@@ -99,6 +105,14 @@ def _fmt(values: tuple[float, ...]) -> str:
     type=click.Path(path_type=Path),
     default=None,
     help="Weights for a factory model (state dict, {'state_dict': ...}, or a module).",
+)
+@click.option(
+    "--output-key",
+    default=None,
+    metavar="KEY",
+    help="Which model output holds the logits: a dict entry (Hugging Face 'logits'), an "
+    "attribute, an ONNX output name, or a tuple position (0, 1, ...). Default: the output "
+    "itself if it is a tensor, else 'out', then 'logits', then the first tensor.",
 )
 @click.option(
     "--images",
@@ -212,6 +226,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 def command(
     model_spec: str,
     checkpoint: Path | None,
+    output_key: str | None,
     images_dir: Path,
     out: Path,
     labels_dir: Path | None,
@@ -273,8 +288,9 @@ def command(
         overwrite=overwrite,
         shard=run_shard,
     )
+    forward = loaded.forward if output_key is None else OutputKey(loaded.forward, output_key)
     result = dump_logits(
-        loaded.forward, items, options, model_name=model_spec, progress=progress, log=info
+        forward, items, options, model_name=model_spec, progress=progress, log=info
     )
     info(
         f"wrote {result.path}: {result.written} images computed, {result.skipped} already done, "
