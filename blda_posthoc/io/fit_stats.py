@@ -273,7 +273,7 @@ class Pass:
         self.samples.append(sample_image(name, z, y, quota, self.options.seed))
         if self.calibration is not None and self.calibrated is not None:
             zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
-            self.calibrated.update(zc, y if self.options.labels == "gt" else zc.argmax(0))
+            self.calibrated.update(zc, y if self.options.labels == "gt" else channel_argmax(zc))
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""
