@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from blda_posthoc.core.correct import hist_cdf, hist_quantile, mixture_cdf
-from blda_posthoc.core.fit import Grid, LogitHistogram, fit_mixture, make_stats, pool_anchors
+from blda_posthoc.core.fit import (
+    Grid,
+    LogitHistogram,
+    channel_argmax,
+    fit_mixture,
+    make_stats,
+    pool_anchors,
+)
 
 C = 4
 
@@ -143,3 +150,89 @@ def test_fingerprint_changes_with_content():
     fa = make_stats(a, list("abcd")).fingerprint
     assert fa == make_stats(a, list("abcd")).fingerprint
     assert fa != make_stats(b, list("abcd")).fingerprint
+
+
+def previous_counts(
+    logits: torch.Tensor, labels: torch.Tensor, grid: Grid, num_classes: int, chunk: int
+) -> np.ndarray:
+    """The histogram update as first written: (N, C) rows, masked gather, one bincount per chunk."""
+    c = num_classes
+    if logits.dim() == 3:
+        logits = logits.reshape(c, -1).T
+    labels = labels.reshape(-1)
+    keep = (labels != 255) & (labels < c)
+    logits, labels = logits[keep], labels[keep].long()
+    offsets = torch.arange(c) * grid.bins
+    total = torch.zeros(c * c * grid.bins, dtype=torch.int64)
+    for start in range(0, labels.numel(), chunk):
+        z = logits[start : start + chunk].float()
+        y = labels[start : start + chunk]
+        bins = ((z - grid.lo) / grid.step).floor().clamp_(0, grid.bins - 1)
+        index = (y[:, None] * (c * grid.bins) + offsets[None, :]) + bins.long()
+        total += torch.bincount(index.reshape(-1), minlength=total.numel())
+    return total.reshape(c, c, grid.bins).numpy()
+
+
+def edge_heavy_logits(seed: int, grid: Grid, shape: tuple[int, ...]) -> torch.Tensor:
+    """Random logits, a third of them exactly on bin edges (top edge included) or outside."""
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(grid.lo - 2, grid.hi + 2, shape)
+    edges = np.concatenate([grid.edges, [grid.hi, grid.lo, grid.hi + 1e-3, grid.lo - 1e-3]])
+    pick = rng.random(shape)
+    z = np.where(pick < 0.25, rng.choice(edges, shape), z)
+    z = np.where(pick > 0.95, rng.choice([grid.hi, 1e6, -1e6, np.inf, -np.inf], shape), z)
+    return torch.from_numpy(z.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "grid", [Grid(-8.0, 10.0, 128), Grid(-3.3, 2.9, 37), Grid.covering(-11.2, 15.7, 4096)]
+)
+def test_binning_equals_previous_implementation_exactly(grid: Grid, dtype: torch.dtype):
+    c = 5
+    rng = np.random.default_rng(7)
+    z = edge_heavy_logits(11, grid, (c, 23, 31)).to(dtype)
+    y = torch.from_numpy(rng.integers(0, c + 3, (23, 31)))  # includes labels >= C
+    y[rng.random((23, 31)) < 0.1] = 255
+    expected = previous_counts(z, y, grid, c, chunk=1 << 20)
+    assert expected.sum() > 0
+    for chunk in (1, 7, 100, 23 * 31, 1 << 20):
+        image = LogitHistogram(c, grid, chunk_pixels=chunk)
+        image.update(z, y)
+        np.testing.assert_array_equal(image.counts(), expected)
+        rows = LogitHistogram(c, grid, chunk_pixels=chunk)
+        rows.update(z.reshape(c, -1).T, y.reshape(-1))
+        np.testing.assert_array_equal(rows.counts(), expected)
+        assert image.num_pixels == rows.num_pixels == int(((y != 255) & (y < c)).sum())
+
+
+def test_binning_counts_edges_and_outside_values_where_the_formula_puts_them():
+    grid = Grid(0.0, 4.0, 4)  # edges 0, 1, 2, 3, 4
+    z = torch.tensor([[-5.0, 0.0, 0.999, 1.0, 2.0, 3.5, 4.0, 9.0, float("inf"), -float("inf")]])
+    hist = LogitHistogram(1, grid, chunk_pixels=3)
+    hist.update(z.T, torch.zeros(z.shape[1], dtype=torch.long))
+    # bin 0: -5, 0, 0.999, -inf; bin 1: 1; bin 2: 2; bin 3: 3.5, 4 (top edge), 9, inf
+    np.testing.assert_array_equal(hist.counts()[0, 0], [4, 1, 1, 4])
+
+
+def test_binning_uint8_labels_with_many_classes():
+    c = 300  # labels as uint8 cannot name every class; 255 stays ignore
+    grid = Grid(-1.0, 1.0, 4)
+    z = torch.zeros(c, 3)
+    y = torch.tensor([0, 255, 254], dtype=torch.uint8)
+    hist = LogitHistogram(c, grid)
+    hist.update(z.T, y)
+    counts = hist.counts()
+    assert counts[0, :, 2].sum() == c and counts[254, :, 2].sum() == c and counts.sum() == 2 * c
+    assert hist.num_pixels == 2
+
+
+@pytest.mark.parametrize("shape", [(6, 17, 13), (3, 40), (19, 5, 4, 3)])
+def test_channel_argmax_equals_torch_argmax(shape: tuple[int, ...]):
+    rng = np.random.default_rng(5)
+    z = torch.from_numpy(rng.integers(-3, 4, shape).astype(np.float32))  # many ties
+    np.testing.assert_array_equal(channel_argmax(z).numpy(), z.argmax(0).numpy())
+    z[2].view(-1)[::7] = float("nan")
+    z[-1].view(-1)[::5] = float("inf")
+    np.testing.assert_array_equal(channel_argmax(z).numpy(), z.argmax(0).numpy())
+    assert channel_argmax(z.half()).dtype == torch.int64

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
 import pytest
 import torch
 from tiny_models import HalfRes, Pointwise, TinyNet
 
 from blda_posthoc.core.infer import (
+    OutputKey,
     Preprocess,
     autocast,
     forward_slide,
@@ -91,8 +95,9 @@ def test_select_output_kinds() -> None:
     assert select_output((t, 5)) is t
     assert select_output([t]) is t
     assert select_output({"out": t, "aux": 1}) is t
-    with pytest.raises(ValueError, match="'out'"):
-        select_output({"seg": t})
+    assert select_output({"aux": 1, "seg": t}) is t  # the first tensor
+    with pytest.raises(ValueError, match="'out' or 'logits'.*--output-key"):
+        select_output({"seg": [t]})
     with pytest.raises(ValueError, match="expected a tensor"):
         select_output("x")
     with pytest.raises(ValueError, match=r"\(N, C, h, w\)"):
@@ -165,3 +170,56 @@ def test_autocast_refuses_fp16_on_cpu_and_runs_bf16() -> None:
     assert half.dtype == torch.float32
     agree = (full.argmax(1) == half.argmax(1)).float().mean()
     assert agree > 0.95
+
+
+class FakeModelOutput(OrderedDict):
+    """Like a Hugging Face ``ModelOutput``: an ordered dict whose entries are also attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class Pair(NamedTuple):
+    aux: torch.Tensor
+    logits: torch.Tensor
+
+
+class WithLogits:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.hidden = [logits]
+
+
+def test_select_output_default_order() -> None:
+    t, u = torch.zeros(1, 2, 3, 3), torch.ones(1, 2, 3, 3)
+    assert select_output(FakeModelOutput(loss=u.sum(), logits=t)) is t
+    assert select_output({"logits": u, "out": t}) is t  # out first (torchvision), then logits
+    assert select_output(WithLogits(t)) is t
+    assert select_output(Pair(u, t)) is t  # a named field, not the first element
+    assert select_output((5, u, t)) is u  # the first tensor
+    assert select_output(((t, u), 1)) is t  # nested
+    with pytest.raises(ValueError, match="none is 'out' or 'logits' or a tensor"):
+        select_output({"pred": {"logits": t}, "aux": 1})
+    assert select_output({"pred": {"logits": t}, "aux": 1}, "pred") is t
+    with pytest.raises(ValueError, match="empty list"):
+        select_output(())
+
+
+def test_select_output_with_key() -> None:
+    t, u = torch.zeros(1, 2, 3, 3), torch.ones(1, 2, 3, 3)
+    assert select_output({"out": t, "aux": u}, "aux") is u
+    assert select_output({"out": t, "aux": u}, "1") is u  # position in the mapping
+    assert select_output((t, u), "1") is u and select_output((t, u), "-2") is t
+    assert select_output(WithLogits(t), "hidden") is t  # a list: searched again
+    assert select_output(FakeModelOutput(logits=t), "logits") is t
+    for bad, key in (({"out": t}, "seg"), ((t, u), "2"), ((t, u), "logits"), (t, "x")):
+        with pytest.raises(ValueError, match=f"--output-key {key}: not found"):
+            select_output(bad, key)
+    with pytest.raises(ValueError, match="expected a tensor"):
+        select_output({"n": 3}, "n")
+    model = OutputKey(lambda x: {"a": x[:, :1], "b": x}, "b")
+    x = torch.zeros(2, 3, 4, 5)
+    assert model(x) is x

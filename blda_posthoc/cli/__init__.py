@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import os
+from pathlib import Path
 
 import click
 
 from blda_posthoc import __version__
+
+# Before any command imports torch: OpenMP threads that spin while they wait for work make torch
+# several times slower when other processes keep the cores busy; sleeping costs little otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "dump-logits": "dump_logits",
@@ -26,8 +34,28 @@ class LazyGroup(click.Group):
     """A group that imports a command's module only when that command runs (fast start-up)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        """The commands whose modules exist, in pipeline order."""
-        return [name for name in COMMANDS if self._module(name) is not None]
+        """The commands whose modules exist, in pipeline order (found, not imported)."""
+        return [name for name in COMMANDS if _source(name) is not None]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands with their short help read from their source, importing none.
+
+        Importing every command to list them would import torch for ``blda --help``.
+        """
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            doc = _command_doc(name)
+            if doc is None:  # not a plain docstring: ask the command itself
+                command = self.get_command(ctx, name)
+                rows.append((name, command.get_short_help_str(limit) if command else ""))
+            else:
+                rows.append((name, click.Command(name, help=doc).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def _module(self, name: str) -> object | None:
         try:
@@ -43,6 +71,23 @@ class LazyGroup(click.Group):
             return None
         module = self._module(cmd_name)
         return getattr(module, "command", None)
+
+
+def _source(name: str) -> Path | None:
+    spec = importlib.util.find_spec(f"blda_posthoc.cli.{COMMANDS[name]}")
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _command_doc(name: str) -> str | None:
+    """The docstring of the module's ``command`` function, as click would show it, or None."""
+    path = _source(name)
+    if path is None or path.suffix != ".py":
+        return None
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "command":
+            doc = ast.get_docstring(node)
+            return doc.split("\f", 1)[0] if doc else None
+    return None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

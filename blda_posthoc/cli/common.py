@@ -98,13 +98,26 @@ def parse_class_names(spec: str | None) -> list[str] | None:
 
 
 def device_option(func: F) -> F:
-    """``--device auto|cpu|cuda[:k]``."""
+    """``--device auto|cpu|cuda[:k]`` and ``--threads N`` (applied while the options parse)."""
+    func = click.option(
+        "--threads",
+        type=click.IntRange(1),
+        default=None,
+        expose_value=False,
+        callback=_set_threads,
+        help="CPU threads torch computes with (default: the cores torch sees).",
+    )(func)
     return click.option(
         "--device",
         default="auto",
         show_default=True,
         help="auto (CUDA when present), cpu, or cuda[:k].",
     )(func)
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        torch.set_num_threads(value)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -19,7 +19,13 @@ from blda_posthoc.cli.common import (
     resolve_device,
     warn,
 )
-from blda_posthoc.core.infer import IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, Preprocess
+from blda_posthoc.core.infer import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRECISIONS,
+    OutputKey,
+    Preprocess,
+)
 from blda_posthoc.io.dump import (
     DumpOptions,
     collect_items,
@@ -115,6 +121,14 @@ def _fmt(values: tuple[float, ...]) -> str:
     is_flag=True,
     help="Allow loading a whole pickled module (torch.save(model)) from --model or "
     "--checkpoint. Unpickling can run any code: use only for files you trust.",
+)
+@click.option(
+    "--output-key",
+    default=None,
+    metavar="KEY",
+    help="Which model output holds the logits: a dict entry (Hugging Face 'logits'), an "
+    "attribute, an ONNX output name, or a tuple position (0, 1, ...). Default: the output "
+    "itself if it is a tensor, else 'out', then 'logits', then the first tensor.",
 )
 @click.option(
     "--images",
@@ -229,6 +243,7 @@ def command(
     model_spec: str,
     checkpoint: Path | None,
     trust_checkpoint: bool,
+    output_key: str | None,
     images_dir: Path,
     out: Path,
     labels_dir: Path | None,
@@ -298,8 +313,9 @@ def command(
         shard=run_shard,
         model_id=model_identity(model_spec, checkpoint),
     )
+    forward = loaded.forward if output_key is None else OutputKey(loaded.forward, output_key)
     result = dump_logits(
-        loaded.forward, items, options, model_name=model_spec, progress=progress, log=info
+        forward, items, options, model_name=model_spec, progress=progress, log=info
     )
     info(
         f"wrote {result.path}: {result.written} images computed, {result.skipped} already done, "

@@ -64,6 +64,10 @@ class Grid:
         return cls(lo, hi, bins)
 
 
+STEP_VALUES = 1 << 18
+"""Logits binned per step of :meth:`LogitHistogram.update` (its buffers stay in cache)."""
+
+
 class LogitHistogram:
     """Streaming histograms of the logit-collection matrix (update / merge / counts).
 
@@ -71,7 +75,9 @@ class LogitHistogram:
         num_classes: Number of classes ``C``.
         grid: The shared logit grid; logits outside it are counted in the edge bins.
         device: Where the counts accumulate.
-        chunk_pixels: Pixels binned per step (bounds memory; does not change the result).
+        chunk_pixels: Most pixels binned per step (steps are smaller still, about
+            :data:`STEP_VALUES` logits, so that they stay in the CPU cache); does not change
+            the result.
     """
 
     def __init__(
@@ -79,41 +85,73 @@ class LogitHistogram:
         num_classes: int,
         grid: Grid,
         device: torch.device | str = "cpu",
-        chunk_pixels: int = 1 << 20,
+        chunk_pixels: int = 1 << 18,
     ) -> None:
         self.num_classes = num_classes
         self.grid = grid
         self.device = torch.device(device)
-        self.chunk_pixels = chunk_pixels
+        self.chunk_pixels = max(1, int(chunk_pixels))
+        # [channel, label row, bin]; row C collects skipped pixels and is never reported.
         self._counts = torch.zeros(
-            num_classes * num_classes * grid.bins, dtype=torch.int64, device=self.device
+            num_classes * (num_classes + 1) * grid.bins, dtype=torch.int64, device=self.device
         )
         self.num_pixels = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add pixels.
 
+        A logit ``z`` (as float32) falls in bin ``floor((z - lo) / step)`` clamped to
+        ``0 .. B-1``. Each step bins a cache-sized block of pixels, all channel rows at once:
+        no ``(N, C)`` copy, no masked gather (skipped pixels are counted in a row that is
+        dropped), and the counts grow in place by one ``index_add_`` over a fused
+        ``(channel, label, bin)`` index.
+
         Args:
-            logits: ``(C, H, W)`` or ``(N, C)`` logits.
+            logits: ``(C, H, W)`` or ``(N, C)`` logits, any float dtype.
             labels: ``(H, W)`` or ``(N,)`` class per pixel; 255 and values ``>= C`` are skipped.
         """
-        c = self.num_classes
+        c, bins = self.num_classes, self.grid.bins
         if logits.dim() == 3:
-            logits = logits.reshape(c, -1).T
-        labels = labels.reshape(-1).to(self.device)
-        if logits.shape != (labels.numel(), c):
+            if logits.shape[0] != c:
+                raise ValueError(f"logits {tuple(logits.shape)} do not have {c} channels")
+            rows_view = logits.reshape(c, -1)  # (C, N)
+        elif logits.dim() == 2:
+            rows_view = logits.T  # (C, N), strided
+        else:
+            raise ValueError(f"logits must be (C, H, W) or (N, C), got {tuple(logits.shape)}")
+        labels = labels.reshape(-1).to(self.device).long()  # uint8 < C wraps C for C > 255
+        if rows_view.shape != (c, labels.numel()):
             raise ValueError(f"logits {tuple(logits.shape)} do not match labels {labels.numel()}")
-        logits = logits.to(self.device)
+        rows_view = rows_view.to(self.device)
         keep = (labels != IGNORE_INDEX) & (labels < c)
-        logits, labels = logits[keep], labels[keep].long()
-        offsets = torch.arange(c, device=self.device) * self.grid.bins
-        for start in range(0, labels.numel(), self.chunk_pixels):
-            z = logits[start : start + self.chunk_pixels].float()
-            y = labels[start : start + self.chunk_pixels]
-            bins = ((z - self.grid.lo) / self.grid.step).floor().clamp_(0, self.grid.bins - 1)
-            index = (y[:, None] * (c * self.grid.bins) + offsets[None, :]) + bins.long()
-            self._counts += torch.bincount(index.reshape(-1), minlength=self._counts.numel())
-        self.num_pixels += int(labels.numel())
+        index_dtype = torch.int32 if self._counts.numel() < 2**31 else torch.int64
+        # Per pixel: label row * B, skipped pixels in row C.
+        row_offset = torch.where(keep, labels, c).to(index_dtype).mul_(bins)
+        channel_offset = torch.arange(c, device=self.device, dtype=index_dtype)[:, None]
+        channel_offset *= (c + 1) * bins
+        n = labels.numel()
+        step = min(self.chunk_pixels, n, max(1, STEP_VALUES // c))
+        if step == 0:
+            return
+        zbuf = torch.empty(c * step, dtype=torch.float32, device=self.device)
+        ibuf = torch.empty(c * step, dtype=index_dtype, device=self.device)
+        ones = torch.ones(1, dtype=torch.int64, device=self.device).expand(c * step)
+        lo, width = self.grid.lo, self.grid.step
+        for start in range(0, n, step):
+            m = min(step, n - start)
+            z = zbuf[: c * m].view(c, m)
+            block = rows_view[:, start : start + m]
+            if block.dtype == torch.float32:
+                torch.sub(block, lo, out=z)
+            else:
+                z.copy_(block).sub_(lo)
+            z.div_(width).floor_().clamp_(0, bins - 1)
+            index = ibuf[: c * m].view(c, m)
+            index.copy_(z)
+            index += row_offset[None, start : start + m]
+            index += channel_offset
+            self._counts.index_add_(0, index.reshape(-1), ones[: c * m])
+        self.num_pixels += int(keep.sum())
 
     def merge(self, other: LogitHistogram) -> None:
         """Add another histogram's counts (same classes and grid)."""
@@ -125,7 +163,35 @@ class LogitHistogram:
     def counts(self) -> np.ndarray:
         """``(C, C, B)`` int64 counts, ``[label c, channel l, bin]``."""
         c = self.num_classes
-        return self._counts.reshape(c, c, self.grid.bins).cpu().numpy()
+        cells = self._counts.reshape(c, c + 1, self.grid.bins)[:, :c]  # [channel, label, bin]
+        return cells.transpose(0, 1).contiguous().cpu().numpy()
+
+
+def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(0)`` of ``(C, ...)`` logits, equal to it and faster on CPU.
+
+    A reduction over the leading, strided channel axis is slow on CPU; a running maximum over
+    the contiguous channel planes is several times faster. Ties go to the first channel and a NaN
+    counts as the largest value, as with :func:`torch.argmax`.
+
+    Args:
+        logits: ``(C, ...)`` logits.
+
+    Returns:
+        ``(...)`` int64 channel of the largest logit.
+    """
+    if logits.device.type != "cpu" or logits.dim() < 2 or logits.shape[0] < 2:
+        return logits.argmax(0)
+    best = logits[0].clone()
+    index = torch.zeros(best.shape, dtype=torch.int64)
+    larger = torch.empty(best.shape, dtype=torch.bool)
+    for channel in range(1, logits.shape[0]):
+        torch.gt(logits[channel], best, out=larger)
+        index.masked_fill_(larger, channel)
+        torch.maximum(best, logits[channel], out=best)
+    if bool(torch.isnan(best).any()):  # maximum propagates NaN; let argmax place it
+        return logits.argmax(0)
+    return index
 
 
 def pool_anchors(counts: np.ndarray) -> np.ndarray:

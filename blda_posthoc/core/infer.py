@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,29 +130,113 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def select_output(output: Any) -> torch.Tensor:
+OUTPUT_KEYS = ("out", "logits")
+"""Entries tried, in order, when a model returns a mapping or an object and no key is given:
+``out`` (torchvision) and ``logits`` (Hugging Face ``ModelOutput``)."""
+
+
+def select_output(output: Any, key: str | None = None) -> torch.Tensor:
     """Pick the logits from a model's output.
 
+    Without ``key``: a tensor is the logits; from a mapping (a dict, a Hugging Face
+    ``ModelOutput``) the entry ``out``, else ``logits``, else the first tensor value; from an
+    object with an ``out`` or ``logits`` attribute (e.g. a named tuple) that attribute; from a
+    list/tuple its first tensor. With ``key``: that entry of a mapping (a whole number also
+    picks the mapping's value at that position), that element of a list/tuple (a whole number)
+    or that attribute of an object. A picked value that is itself a container is searched again
+    without a key.
+
     Args:
-        output: A ``(N, C, h, w)`` tensor, a list/tuple whose first element is one, or a dict
-            with an ``"out"`` entry.
+        output: What the model returned.
+        key: The ``--output-key`` of ``dump-logits``, or None.
 
     Returns:
         The ``(N, C, h, w)`` logits tensor.
+
+    Raises:
+        ValueError: Nothing matches, or the match is not a 4-D tensor.
     """
-    if isinstance(output, dict):
-        if "out" not in output:
-            raise ValueError(f"model returned a dict without an 'out' entry (keys {list(output)})")
-        output = output["out"]
-    elif isinstance(output, list | tuple):
-        if not output:
-            raise ValueError("model returned an empty list")
-        output = output[0]
+    if key is not None:
+        output = _pick(output, key)
+    for _ in range(8):  # descend through nested containers
+        if isinstance(output, torch.Tensor):
+            break
+        output = _default_pick(output)
     if not isinstance(output, torch.Tensor):
         raise ValueError(f"model returned {type(output).__name__}, expected a tensor")
     if output.ndim != 4:
         raise ValueError(f"model output must be (N, C, h, w), got shape {tuple(output.shape)}")
     return output
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with entries {list(output)}"
+    if isinstance(output, list | tuple):
+        return f"a {type(output).__name__} of {len(output)}"
+    return f"a {type(output).__name__}"
+
+
+def _pick(output: Any, key: str) -> Any:
+    """The value of ``output`` named by ``key`` (see :func:`select_output`)."""
+    index = int(key) if key.lstrip("-").isdigit() else None
+    if isinstance(output, Mapping):
+        if key in output:
+            return output[key]
+        values = list(output.values())
+        if index is not None and -len(values) <= index < len(values):
+            return values[index]
+    elif isinstance(output, list | tuple) and index is not None:
+        if -len(output) <= index < len(output):
+            return output[index]
+    elif not isinstance(output, torch.Tensor) and hasattr(output, key):
+        return getattr(output, key)
+    raise ValueError(f"--output-key {key}: not found; the model returned {_describe(output)}")
+
+
+def _default_pick(output: Any) -> Any:
+    """One step of the default choice (see :func:`select_output`)."""
+    if isinstance(output, Mapping):
+        for key in OUTPUT_KEYS:
+            if key in output:
+                return output[key]
+        for value in output.values():
+            if isinstance(value, torch.Tensor):
+                return value
+        raise ValueError(
+            f"model returned {_describe(output)}: none is 'out' or 'logits' or a tensor "
+            "(choose one with --output-key)"
+        )
+    for key in OUTPUT_KEYS:
+        if not isinstance(output, str | bytes) and isinstance(
+            getattr(output, key, None), torch.Tensor
+        ):
+            return getattr(output, key)
+    if isinstance(output, list | tuple):
+        if not output:
+            raise ValueError("model returned an empty list")
+        for value in output:
+            if isinstance(value, torch.Tensor):
+                return value
+        return output[0]
+    raise ValueError(f"model returned {type(output).__name__}, expected a tensor")
+
+
+class OutputKey:
+    """A model whose output is reduced to its logits by ``--output-key``.
+
+    Args:
+        model: The segmenter.
+        key: See :func:`select_output`.
+    """
+
+    def __init__(self, model: Model, key: str) -> None:
+        self.model = model
+        self.key = key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the model and pick its logits."""
+        return select_output(self.model(x), self.key)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -28,6 +28,7 @@ from blda_posthoc.core.fit import (
     LogitStats,
     PixelSample,
     StatsExtras,
+    channel_argmax,
     make_stats,
 )
 from blda_posthoc.core.methods import Affine
@@ -255,7 +256,7 @@ def join_samples(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -
 
 def _labels(record: Any, z: torch.Tensor, labels: str, device: torch.device | str) -> torch.Tensor:
     if labels == "pseudo":
-        return z.argmax(0)
+        return channel_argmax(z)
     assert record.label is not None
     if record.label.shape != record.size:
         raise InputError(f"{record.name}: label size {record.label.shape} != {record.size}")
@@ -316,7 +317,7 @@ class Pass:
         self.samples.append(sample_image(name, z, y, quota, self.options.seed))
         if self.calibration is not None and self.calibrated is not None:
             zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
-            self.calibrated.update(zc, y if self.options.labels == "gt" else zc.argmax(0))
+            self.calibrated.update(zc, y if self.options.labels == "gt" else channel_argmax(zc))
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""

@@ -7,9 +7,9 @@ module) can run arbitrary code when unpickled, so it is refused unless the calle
 ``trust_checkpoint=True`` (the ``--trust-checkpoint`` flag); there is no silent fallback.
 
 Every loader returns a :class:`LoadedModel` whose ``forward`` takes a ``(N, 3, h, w)`` float32
-tensor on the chosen device and returns what the model returns (a tensor, a list/tuple whose
-first element is the logits, or a dict with ``"out"``);
-:func:`blda_posthoc.core.infer.select_output` picks the logits.
+tensor on the chosen device and returns what the model returns (a tensor, a list/tuple, a dict
+such as torchvision's ``{"out": ...}``, a Hugging Face ``ModelOutput`` with ``logits``; an ONNX
+model's outputs by name); :func:`blda_posthoc.core.infer.select_output` picks the logits.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def load_onnx(path: Path, device: torch.device, warn: Any = None) -> LoadedModel
 
 
 class OnnxForward:
-    """Call an onnxruntime session like a torch model (first input, all outputs as tensors).
+    """Call an onnxruntime session like a torch model (first input; outputs by name).
 
     Args:
         session: An ``onnxruntime.InferenceSession``.
@@ -313,9 +313,10 @@ class OnnxForward:
         first = session.get_inputs()[0]
         self.input_name = first.name
         self.half = first.type == "tensor(float16)"
+        self.output_names = [output.name for output in session.get_outputs()]
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run the session on ``(N, 3, h, w)`` input; return its outputs on the device."""
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the session on ``(N, 3, h, w)`` input; return its outputs on the device, by name."""
         array = x.detach().to("cpu", torch.float16 if self.half else torch.float32).numpy()
         try:
             outputs = self.session.run(None, {self.input_name: array})
@@ -324,6 +325,7 @@ class OnnxForward:
                 f"{self.path}: ONNX model failed on input {tuple(array.shape)} ({_first_line(exc)})"
             ) from exc
         try:
-            return [torch.from_numpy(np.asarray(out)).to(self.device) for out in outputs]
+            tensors = [torch.from_numpy(np.asarray(out)).to(self.device) for out in outputs]
         except (TypeError, ValueError) as exc:
             raise InputError(f"{self.path}: ONNX model returned no numeric arrays ({exc})") from exc
+        return dict(zip(self.output_names, tensors, strict=True))

@@ -54,6 +54,7 @@ from blda_posthoc.io.outputs import (
     is_regular_file,
     kept_note,
 )
+from blda_posthoc.io.prefetch import prefetch
 
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 """Wraps an iteration over image names: ``progress(names, count)``."""
@@ -942,10 +943,14 @@ class LogitStore:
         """
         todo = list(self.names if names is None else names)
         iterable: Iterable[str] = todo if progress is None else progress(todo, len(todo))
-        for name in iterable:
-            record = self.read(name, with_label=with_label)
-            z = torch.from_numpy(record.logits).to(device)
-            yield record, resize_logits(z, record.size)
+        # The next image is read (decompressed) in a thread while the caller works on this one.
+        records = prefetch((self.read(name, with_label=with_label) for name in todo), depth=1)
+        try:
+            for _, record in zip(iterable, records, strict=True):
+                z = torch.from_numpy(record.logits).to(device)
+                yield record, resize_logits(z, record.size)
+        finally:
+            records.close()
 
     def close(self) -> None:
         """Close every file."""

@@ -1,0 +1,74 @@
+"""Run an iterable ahead of its consumer in a background thread (reading overlapped with work)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Generator, Iterable
+from typing import TypeVar, cast
+
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
+    """Yield ``items`` in order while a thread produces up to ``depth`` of them ahead.
+
+    Meant for reading: HDF5 (h5py), zlib and numpy release the GIL while they decompress and
+    copy, so the next image is read while the caller computes on this one. An exception raised
+    while producing an item is raised here, at that item. Closing the returned generator early
+    (``break``, an exception in the caller) stops the thread after the item it is producing;
+    nothing else touches ``items`` afterwards.
+
+    Args:
+        items: Any iterable; it is iterated in the background thread only.
+        depth: Items produced ahead (memory: ``depth + 1`` items at most); ``0`` iterates
+            ``items`` in the calling thread with no thread at all.
+
+    Yields:
+        The items of ``items``, in order.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Raised(exc))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="blda-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield cast(T, item)
+    finally:
+        stop.set()
+        thread.join()
