@@ -1,0 +1,599 @@
+"""Synthetic UDA cases for benchmarking corrections: data, models, logits stores, statistics.
+
+A *case* is one frozen model on one synthetic source → target shift, prepared the way a user
+prepares a real one, with the real ``blda`` commands:
+
+* data (shared by all cases of one :class:`BenchData`): labelled source scenes, a larger set
+  of unlabelled target scenes (for target statistics and self-training), and a labelled target
+  validation set (for ``blda compare``), all from a data seed of their own;
+* a model: :class:`~blda_posthoc.demo.net.DemoSegNet` trained on the source scenes
+  (:class:`~blda_posthoc.demo.train.SourceTraining`: width, steps, seed), optionally then
+  self-trained on the unlabelled target scenes with pseudo-labels
+  (:class:`~blda_posthoc.demo.train.SelfTraining`), as DAFormer-style UDA models are;
+* ``blda dump-logits`` → ``src.h5``, ``tgt_train.h5``, ``tgt_val.h5``; ``blda fit-stats`` →
+  ``src_stats.h5`` (source ground truth) and ``tgt_stats.h5`` (target pseudo-labels; also of
+  the logits calibrated by ``src_stats.h5`` where ``fit-stats`` takes ``--calibration``);
+  ``blda evaluate`` → ``plain_val.json`` and ``plain_src.json`` (the plain argmax).
+
+Everything is cached under a work folder and rebuilt only when its settings change::
+
+    WORKDIR/data/<data key>/{source,target_val}/{images,labels}/, target_train/images/
+    WORKDIR/models/<model key>.pt         pickled networks (dump-logits takes them as they are)
+    WORKDIR/cases/<case name>/            stores, statistics, reports, case.json, commands.log
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.synthesize import DEFAULT_SIZE, DEMO_CLASSES, render_indexed
+from blda_posthoc.demo.data import scene_name
+from blda_posthoc.demo.net import DemoSegNet
+from blda_posthoc.demo.run import Runner
+from blda_posthoc.demo.train import SelfTraining, SourceTraining, self_train, train_source
+from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb, write_png
+from blda_posthoc.io.stats import VERSION as stats_version
+from blda_posthoc.io.store import VERSION as store_version
+
+Log = Callable[[str], None]
+"""Receives one progress line (e.g. ``print``)."""
+
+DATA_SEED = 2025
+"""Seed of the benchmark scenes: the demo's data use 0 and the shipped model's training 1000."""
+
+VAL_OFFSET = 1_000_000
+"""Validation scenes are target scenes ``VAL_OFFSET + i``: never among the training scenes."""
+
+MODEL_FACTORY = "blda_posthoc.demo.net:DemoSegNet"
+"""``dump-logits --model``; the checkpoint holds the whole network, so any width loads."""
+
+FORMAT_VERSION = 1
+"""Version of the cache layout; a change rebuilds every case."""
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """The scenes of a benchmark (shared by its cases).
+
+    Attributes:
+        seed: Data seed.
+        size: ``(H, W)`` of a scene.
+        source: Labelled source scenes (model training and source statistics).
+        target_train: Unlabelled target scenes (target statistics, self-training).
+        target_val: Labelled target scenes (``compare``).
+    """
+
+    seed: int = DATA_SEED
+    size: tuple[int, int] = DEFAULT_SIZE
+    source: int = 300
+    target_train: int = 300
+    target_val: int = 150
+
+    @property
+    def key(self) -> str:
+        """Folder name that identifies these scenes."""
+        h, w = self.size
+        return f"seed{self.seed}-{h}x{w}-s{self.source}-t{self.target_train}-v{self.target_val}"
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Folders of one :class:`BenchData` on disk."""
+
+    root: Path
+
+    @property
+    def source_images(self) -> Path:
+        """Labelled source scenes."""
+        return self.root / "source" / "images"
+
+    @property
+    def source_labels(self) -> Path:
+        """Their labels."""
+        return self.root / "source" / "labels"
+
+    @property
+    def target_train_images(self) -> Path:
+        """Unlabelled target scenes."""
+        return self.root / "target_train" / "images"
+
+    @property
+    def target_val_images(self) -> Path:
+        """Labelled target validation scenes."""
+        return self.root / "target_val" / "images"
+
+    @property
+    def target_val_labels(self) -> Path:
+        """Their labels."""
+        return self.root / "target_val" / "labels"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: a model trained on the source, optionally self-trained on the target.
+
+    Attributes:
+        name: Short name (a folder name, a table column).
+        source: Source-only training settings.
+        self_training: Self-training settings applied to the source model, or None.
+        note: One line for the report (what makes the case differ).
+    """
+
+    name: str
+    source: SourceTraining
+    self_training: SelfTraining | None = None
+    note: str = ""
+
+
+DEFAULT_CASES: tuple[Case, ...] = (
+    Case("w8-short", SourceTraining(width=8, iters=300, seed=11), note="narrow, short training"),
+    Case("w16", SourceTraining(width=16, iters=800, seed=12), note="the demo's width"),
+    Case("w24-long", SourceTraining(width=24, iters=1500, seed=13), note="wide, long training"),
+    Case(
+        "w16-selftrained",
+        SourceTraining(width=16, iters=800, seed=12),
+        SelfTraining(iters=800, seed=14, threshold=0.9, class_balanced=True),
+        note="w16 self-trained on target pseudo-labels (mean teacher, class-balanced)",
+    ),
+)
+"""The benchmark's cases: three source-only models that differ in width, steps and seed, and
+one self-trained on unlabelled target scenes."""
+
+
+@dataclass
+class CaseFiles:
+    """What :func:`build_case` leaves in a case folder (paths are absolute).
+
+    Attributes:
+        folder: The case folder.
+        model: The network file.
+        stores: ``{"src", "tgt_train", "tgt_val"}`` → logits store.
+        stats: ``{"src", "tgt"}`` → statistics file.
+        plain: ``{"val", "src"}`` → ``evaluate`` JSON of the plain argmax.
+        seconds: Seconds spent per step in this call (cached steps are absent).
+    """
+
+    folder: Path
+    model: Path
+    stores: dict[str, Path]
+    stats: dict[str, Path]
+    plain: dict[str, Path]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def plain_miou(self, which: str = "val") -> float:
+        """The mIoU (%) of the plain argmax on ``which`` (``val``: target validation, ``src``)."""
+        return float(json.loads(self.plain[which].read_text())["miou"])
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _scene_indices(data: BenchData) -> dict[str, tuple[str, range]]:
+    return {
+        "source": ("source", range(data.source)),
+        "target_train": ("target", range(data.target_train)),
+        "target_val": ("target", range(VAL_OFFSET, VAL_OFFSET + data.target_val)),
+    }
+
+
+def write_data(workdir: Path, data: BenchData, *, log: Log | None = None) -> DataPaths:
+    """Render the scenes of ``data`` under ``workdir/data/<key>`` unless already there.
+
+    Scenes are named ``scene_0000``... within each set; the unlabelled target set gets no
+    labels folder. A ``done.json`` written last marks a complete set.
+
+    Args:
+        workdir: Benchmark work folder.
+        data: What to render.
+        log: Receives one line per set rendered.
+
+    Returns:
+        The folders.
+    """
+    paths = DataPaths(workdir / "data" / data.key)
+    marker = paths.root / "done.json"
+    if marker.is_file():
+        return paths
+    for folder, (domain, indices) in _scene_indices(data).items():
+        start = time.perf_counter()
+        for local, index in enumerate(indices):
+            image, label = render_indexed(data.seed, domain, index, data.size)
+            write_png(paths.root / folder / "images" / f"{scene_name(local)}.png", image)
+            if folder != "target_train":
+                write_png(paths.root / folder / "labels" / f"{scene_name(local)}.png", label)
+        if log is not None:
+            log(f"rendered {len(indices)} {folder} scenes in {time.perf_counter() - start:.1f} s")
+    marker.write_text(json.dumps(asdict(data)) + "\n")
+    return paths
+
+
+def read_images(folder: Path) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 RGB of every image in ``folder``, in name order."""
+    return np.stack([read_rgb(p) for p in find_files(folder, IMAGE_EXTENSIONS).values()])
+
+
+def read_labels(folder: Path) -> np.ndarray:
+    """``(N, H, W)`` uint8 trainIds of every PNG in ``folder``, in name order."""
+    return np.stack([read_label(p) for p in find_files(folder, (".png",)).values()])
+
+
+def save_network(model: torch.nn.Module, path: Path, *, whole_module: bool = True) -> None:
+    """Save a network atomically: the whole pickled module, or only its state dict.
+
+    A whole module is what ``dump-logits --model blda_posthoc.demo.net:DemoSegNet
+    --checkpoint PATH`` uses as is (any width); a state dict is what ``net.build`` loads.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    model = model.eval()
+    if whole_module:
+        torch.save(model, tmp)
+    else:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
+def load_network(path: Path, *, width: int = 16) -> DemoSegNet:
+    """Load a network saved by :func:`save_network` (a state dict needs the right ``width``)."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, DemoSegNet):
+        return obj.eval()
+    if isinstance(obj, dict):
+        model = DemoSegNet(len(DEMO_CLASSES), width=width)
+        model.load_state_dict(obj)
+        return model.eval()
+    raise ValueError(f"{path}: neither a DemoSegNet nor a state dict ({type(obj).__name__})")
+
+
+def model_key(data: BenchData, source: SourceTraining, self_training: SelfTraining | None) -> str:
+    """File stem of a cached model: readable settings and a digest of everything."""
+    stem = f"w{source.width}-i{source.iters}-s{source.seed}"
+    if self_training is not None:
+        stem += f"-st{self_training.iters}-s{self_training.seed}"
+    tuned = None if self_training is None else asdict(self_training)
+    payload = [FORMAT_VERSION, asdict(data), asdict(source), tuned]
+    return f"{stem}-{_digest(payload)}"
+
+
+def build_model(
+    workdir: Path,
+    data: BenchData,
+    source: SourceTraining,
+    self_training: SelfTraining | None = None,
+    *,
+    log: Log | None = None,
+) -> Path:
+    """Train (or find in the cache) the network of a case.
+
+    The source model is trained on the labelled source scenes; a self-trained model starts
+    from the (cached) source model with the same settings and also sees the unlabelled target
+    scenes (never the target labels).
+
+    Args:
+        workdir: Benchmark work folder.
+        data: The scenes (rendered first when missing).
+        source: Source training settings.
+        self_training: Self-training settings, or None for the source-only model.
+        log: Receives progress lines.
+
+    Returns:
+        The saved network (a whole pickled module).
+    """
+    path = workdir / "models" / f"{model_key(data, source, self_training)}.pt"
+    if path.is_file():
+        return path
+    paths = write_data(workdir, data, log=log)
+    images, labels = read_images(paths.source_images), read_labels(paths.source_labels)
+    start = time.perf_counter()
+    if self_training is None:
+        model = train_source(images, labels, len(DEMO_CLASSES), source, log=log)
+    else:
+        parent = load_network(build_model(workdir, data, source, None, log=log))
+        target = read_images(paths.target_train_images)
+        model = self_train(parent, images, labels, target, self_training, log=log)
+    save_network(model, path)
+    if log is not None:
+        log(f"trained {path.name} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def command_has_option(command: str, option: str) -> bool:
+    """Whether ``blda COMMAND`` takes ``--OPTION`` (for steps that need newer commands)."""
+    from blda_posthoc.cli import main
+
+    cmd = main.commands.get(command)
+    return cmd is not None and any(option in p.opts for p in cmd.params)
+
+
+def _case_record(case: Case, data: BenchData, model: Path) -> dict[str, Any]:
+    return {
+        "version": FORMAT_VERSION,
+        "case": asdict(case),
+        "data": asdict(data),
+        "model": model.name,
+    }
+
+
+def build_case(
+    workdir: Path,
+    case: Case,
+    data: BenchData = BenchData(),
+    *,
+    device: str = "auto",
+    refit: bool = False,
+    log: Log | None = None,
+) -> CaseFiles:
+    """Prepare a case: data, model, logits stores, statistics and plain-argmax reports.
+
+    Every step is a real ``blda`` command (logged in the case's ``commands.log``) and is
+    skipped when an earlier call finished it with the same settings (``case.json`` records
+    the settings and the finished steps; other settings empty the case folder first).
+
+    Args:
+        workdir: Benchmark work folder.
+        case: The case.
+        data: The scenes.
+        device: ``--device`` for the commands.
+        refit: Fit the statistics and evaluate again even when done (the stores are kept).
+        log: Receives progress lines.
+
+    Returns:
+        The case's files and the seconds each step took in this call.
+    """
+    workdir = workdir.resolve()
+    paths = write_data(workdir, data, log=log)
+    model = build_model(workdir, data, case.source, case.self_training, log=log)
+    folder = workdir / "cases" / case.name
+    record = _case_record(case, data, model)
+    state_file = folder / "case.json"
+    done: list[str] = []
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if {k: v for k, v in state.items() if k != "done"} == json.loads(json.dumps(record)):
+            done = list(state["done"])
+        else:
+            if log is not None:
+                log(f"{case.name}: settings changed, rebuilding its stores")
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = Runner(folder, device)
+    names = ",".join(DEMO_CLASSES)
+    files = CaseFiles(
+        folder=folder,
+        model=model,
+        stores={k: folder / f"{k}.h5" for k in ("src", "tgt_train", "tgt_val")},
+        stats={"src": folder / "src_stats.h5", "tgt": folder / "tgt_stats.h5"},
+        plain={"val": folder / "plain_val.json", "src": folder / "plain_src.json"},
+    )
+    steps: list[tuple[str, list[str | Path]]] = []
+    for key, images, labels in (
+        ("src", paths.source_images, paths.source_labels),
+        ("tgt_train", paths.target_train_images, None),
+        ("tgt_val", paths.target_val_images, paths.target_val_labels),
+    ):
+        label_args: list[str | Path] = [] if labels is None else ["--labels", labels]
+        steps.append(
+            (
+                f"dump {key} (logits v{store_version})",
+                ["dump-logits", "--model", MODEL_FACTORY, "--checkpoint", model,
+                 "--images", images, *label_args, "--class-names", names,
+                 "--out", files.stores[key]],
+            )
+        )  # fmt: skip
+    steps.append(
+        (
+            f"stats src (stats v{stats_version})",
+            ["fit-stats", files.stores["src"], "--labels", "gt", "--out", files.stats["src"]],
+        )
+    )
+    calibrate: list[str | Path] = []
+    if command_has_option("fit-stats", "--calibration"):
+        calibrate = ["--calibration", files.stats["src"]]
+    steps.append(
+        (
+            f"stats tgt{' calibrated' if calibrate else ''} (stats v{stats_version})",
+            ["fit-stats", files.stores["tgt_train"], "--labels", "pseudo", *calibrate,
+             "--out", files.stats["tgt"]],
+        )
+    )  # fmt: skip
+    for key, store in (("val", files.stores["tgt_val"]), ("src", files.stores["src"])):
+        steps.append((f"plain {key}", ["evaluate", "--store", store, "--json", files.plain[key]]))
+    if refit:
+        done = [name for name in done if name.startswith("dump ")]
+    for name, args in steps:
+        if name in done:
+            continue
+        start = time.perf_counter()
+        run(*args, "--overwrite", device=True)
+        files.seconds[name] = time.perf_counter() - start
+        done.append(name)
+        state_file.write_text(json.dumps({**record, "done": done}, indent=1) + "\n")
+    return files
+
+
+def run_compare(
+    files: CaseFiles,
+    *,
+    select_on: str = "10",
+    seed: int = 0,
+    taus: str | None = None,
+    methods: str | None = None,
+    device: str = "auto",
+    plot: bool = False,
+) -> Path:
+    """Run ``blda compare`` on the case's target validation store (``compare.json``).
+
+    Target conditionals come from ``tgt_stats.h5`` (pseudo-labels), anchors, calibrations and
+    source priors from ``src_stats.h5``; the choice is made on ``select_on`` images and every
+    figure comes from the other validation images.
+
+    Args:
+        files: The case (see :func:`build_case`).
+        select_on: ``--select-on``: a count of images or a fraction.
+        seed: ``--seed`` of the selection draw.
+        taus: ``--tau`` grid (comma-separated), or None for the command's default.
+        methods: ``--methods``, or None for all.
+        device: ``--device``.
+        plot: Also write ``compare.png``.
+
+    Returns:
+        The JSON report.
+    """
+    out = files.folder / "compare.json"
+    args: list[str | Path] = [
+        "compare", files.stores["tgt_val"], "--stats", files.stats["tgt"],
+        "--anchors", files.stats["src"], "--select-on", select_on, "--seed", str(seed),
+        "--json", out, "--overwrite",
+    ]  # fmt: skip
+    if taus is not None:
+        args += ["--tau", taus]
+    if methods is not None:
+        args += ["--methods", methods]
+    if plot:
+        args += ["--plot", files.folder / "compare.png"]
+    Runner(files.folder, device)(*args, device=True)
+    return out
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, Any, bool]:
+    return row["method"], row["tau"], bool(row.get("auto", False))
+
+
+def summarise_compare(report: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's view of one ``compare`` report.
+
+    Args:
+        report: A ``blda-compare`` JSON report made with ``--select-on``.
+
+    Returns:
+        ``{"methods": {method: {"tau", "miou", "selection_miou"}}`` (per method, the strength
+        best on the selection images and its held-out mIoU), ``"auto": {method: {"tau",
+        "criterion", "miou"}}`` (what ``--tau auto`` chose and, when ``compare`` reports its
+        row, its held-out mIoU), ``"selected"`` (compare's choice), ``"best"`` (the row best on
+        the held-out images: what a perfect choice would give), ``"none"`` (the plain argmax
+        on the held-out images), ``"fixed"`` (held-out mIoU of every ``(method, tau)`` row).
+    """
+    rows = report["rows"]
+    plain = [r for r in rows if not r.get("auto", False)]
+
+    def selection_score(row: dict[str, Any]) -> float:
+        value = row.get("selection_miou")
+        return float(row["miou"] if value is None else value)
+
+    methods: dict[str, dict[str, Any]] = {}
+    for row in plain:
+        held = methods.get(row["method"])
+        if held is None or selection_score(row) > held["selection_miou"]:
+            methods[row["method"]] = {
+                "tau": row["tau"],
+                "miou": row["miou"],
+                "selection_miou": selection_score(row),
+            }
+    raw_auto = report.get("tau_auto") or {}
+    if "tau" in raw_auto:  # one choice, for the default method
+        raw_auto = {report["selected"].get("method", "blda"): raw_auto}
+    auto_rows = {r["method"]: r for r in rows if r.get("auto", False)}
+    auto = {
+        method: {
+            "tau": choice.get("tau"),
+            "criterion": choice.get("criterion"),
+            "miou": auto_rows[method]["miou"] if method in auto_rows else None,
+        }
+        for method, choice in raw_auto.items()
+    }
+    best = max(rows, key=lambda r: r["miou"])
+    none = next(r for r in rows if r["method"] == "none")
+    selected = report["selected"]
+    return {
+        "methods": methods,
+        "auto": auto,
+        "selected": {k: selected.get(k) for k in ("method", "tau", "miou")},
+        "best": {"method": best["method"], "tau": best["tau"], "miou": best["miou"]},
+        "none": none["miou"],
+        "fixed": [{"method": r["method"], "tau": r["tau"], "miou": r["miou"]} for r in plain],
+    }
+
+
+def _tau(value: Any) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _cell(miou: Any, tau: Any = None, method: str | None = None) -> str:
+    if miou is None:
+        return "-"
+    parts = [p for p in (method, None if tau is None else f"τ {_tau(tau)}") if p]
+    return f"{miou:.1f}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def bench_table(results: dict[str, dict[str, Any]]) -> str:
+    """Method × case Markdown table of held-out mIoU (%).
+
+    Args:
+        results: ``{case name: {"plain_val", "plain_src", "summary"}}`` where ``summary`` is
+            :func:`summarise_compare`'s output.
+
+    Returns:
+        The table: the plain argmax (source scenes, all validation scenes), each method at the
+        strength chosen on the selection images, each ``--tau auto`` choice, ``compare``'s
+        selection and the best row on the held-out images.
+    """
+    names = list(results)
+    rows: list[list[str]] = [["", *names]]
+    rows.append(["plain, source scenes", *(_cell(results[n]["plain_src"]) for n in names)])
+    rows.append(["plain, all target val", *(_cell(results[n]["plain_val"]) for n in names)])
+    methods: list[str] = []
+    for n in names:
+        methods += [m for m in results[n]["summary"]["methods"] if m not in methods]
+    for method in methods:
+        cells = []
+        for n in names:
+            entry = results[n]["summary"]["methods"].get(method)
+            cells.append("-" if entry is None else _cell(entry["miou"], entry["tau"]))
+        rows.append([method, *cells])
+    auto_methods: list[str] = []
+    for n in names:
+        auto_methods += [m for m in results[n]["summary"]["auto"] if m not in auto_methods]
+    for method in auto_methods:
+        cells = []
+        for n in names:
+            entry = results[n]["summary"]["auto"].get(method)
+            cells.append(
+                "-"
+                if entry is None
+                else _cell(entry["miou"], entry["tau"])
+                if entry["miou"] is not None
+                else f"τ {_tau(entry['tau'])}"
+            )
+        rows.append([f"{method}, τ auto", *cells])
+    for key, title in (("selected", "**selected by compare**"), ("best", "best row (oracle)")):
+        rows.append(
+            [
+                title,
+                *(
+                    _cell(
+                        results[n]["summary"][key]["miou"],
+                        results[n]["summary"][key]["tau"],
+                        results[n]["summary"][key]["method"],
+                    )
+                    for n in names
+                ),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines) + "\n"
