@@ -136,8 +136,12 @@ class Case:
 
 
 DEFAULT_CASES: tuple[Case, ...] = (
-    Case("w8-short", SourceTraining(width=8, iters=300, seed=11), note="narrow, short training"),
-    Case("w16", SourceTraining(width=16, iters=800, seed=12), note="the demo's width"),
+    Case("w8", SourceTraining(width=8, iters=600, seed=11), note="narrow"),
+    Case(
+        "w16",
+        SourceTraining(width=16, iters=800, seed=12),
+        note="the demo's width, longer training",
+    ),
     Case("w24-long", SourceTraining(width=24, iters=1500, seed=13), note="wide, long training"),
     Case(
         "w16-selftrained",
