@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -18,6 +19,7 @@ from blda_posthoc.demo.cases import (
     build_case,
     load_network,
     read_images,
+    run_compare,
     save_network,
     summarise_compare,
     write_data,
@@ -47,7 +49,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tiny_self_trained_case_builds_with_the_real_commands_and_is_cached(tmp_path: Path):
+def test_tiny_case_builds_with_the_real_commands_is_cached_and_compares(tmp_path: Path):
     case = Case("tiny", TINY_SOURCE, TINY_SELF)
     files = build_case(tmp_path, case, TINY_DATA, device="cpu")
     counts = {"src": 5, "tgt_train": 4, "tgt_val": 3}
@@ -61,6 +63,7 @@ def test_tiny_self_trained_case_builds_with_the_real_commands_and_is_cached(tmp_
     log = (files.folder / "commands.log").read_text()
     assert log.count("$ blda dump-logits") == 3 and log.count("$ blda fit-stats") == 2
     assert "--labels gt" in log and "--labels pseudo" in log
+    assert f"--calibration {files.stats['src']}" in log
     # Both the source model and the self-trained one are cached, and they differ.
     models = sorted((tmp_path / "models").glob("*.pt"))
     assert len(models) == 2 and files.model in models
@@ -71,34 +74,55 @@ def test_tiny_self_trained_case_builds_with_the_real_commands_and_is_cached(tmp_
     again = build_case(tmp_path, case, TINY_DATA, device="cpu")
     assert again.seconds == {}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    # Other settings: a new model and new stores in the same case folder.
+    # Another validation set: only its store and its evaluation are made again.
+    bigger = build_case(tmp_path, case, replace(TINY_DATA, target_val=4), device="cpu")
+    assert set(bigger.seconds) == {"dump tgt_val", "plain val"}
+    # Another model: every step again, in the same case folder.
     changed = build_case(tmp_path, Case("tiny", TINY_SOURCE), TINY_DATA, device="cpu")
     assert changed.model == source_model
     assert set(changed.seconds) == set(files.seconds)
     assert json.loads((files.folder / "case.json").read_text())["case"]["self_training"] is None
+    # compare on the case: held-out figures that the benchmark's table reads.
+    files = changed
+    methods = "none,blda,vector-scaling,logit-adjust"
+    path = run_compare(files, select_on="1", taus="0,0.5", methods=methods, device="cpu")
+    report = json.loads(path.read_text())
+    assert report["format"] == "blda-compare" and len(report["split"]["held_out"]) == 2
+    summary = summarise_compare(report)
+    assert set(summary["methods"]) == set(methods.split(","))
+    assert summary["none"] == next(r["miou"] for r in report["rows"] if r["method"] == "none")
+    assert summary["best"]["miou"] == max(r["miou"] for r in report["rows"])
+    assert summary["selected"]["miou"] <= summary["best"]["miou"]
+    assert "blda" in summary["auto"] and summary["auto"]["blda"]["criterion"]
+    table = bench_table({"tiny": {"plain_src": 1.0, "plain_val": 2.0, "summary": summary}})
+    assert "| vector-scaling" in table and "| blda, τ auto" in table
+    assert "$ blda compare" in (files.folder / "commands.log").read_text()
 
 
 def test_scenes_of_the_three_sets_are_distinct_and_only_the_unlabelled_set_lacks_labels(
     tmp_path: Path,
 ):
-    paths = write_data(tmp_path, TINY_DATA)
-    assert not paths.target_train_images.with_name("labels").exists()
-    assert len(list(paths.source_labels.glob("*.png"))) == 5
-    assert len(list(paths.target_val_labels.glob("*.png"))) == 3
-    train, val = read_images(paths.target_train_images), read_images(paths.target_val_images)
+    sets = write_data(tmp_path, TINY_DATA)
+    assert sets["target_train"].labels is None
+    assert not (sets["target_train"].root / "labels").exists()
+    for name, count in (("source", 5), ("target_val", 3)):
+        labels = sets[name].labels
+        assert labels is not None and len(list(labels.glob("*.png"))) == count
+    train = read_images(sets["target_train"].images)
+    val = read_images(sets["target_val"].images)
     assert not any(np.array_equal(a, b) for a in train for b in val)
-    source = read_images(paths.source_images)
-    assert source.shape == (5, 64, 128, 3)
-    # Rendering again over a finished set is skipped (the marker is written last).
-    marker = paths.root / "done.json"
-    stamp = marker.stat().st_mtime_ns
-    write_data(tmp_path, TINY_DATA)
-    assert marker.stat().st_mtime_ns == stamp
+    assert read_images(sets["source"].images).shape == (5, 64, 128, 3)
+    # Finished sets are kept; a larger validation set is rendered beside them, and its
+    # first scenes are the smaller set's.
+    stamps = {k: (v.root / "done.json").stat().st_mtime_ns for k, v in sets.items()}
+    more = write_data(tmp_path, replace(TINY_DATA, target_val=4))
+    assert {k: (sets[k].root / "done.json").stat().st_mtime_ns for k in sets} == stamps
+    assert more["source"] == sets["source"] and more["target_val"] != sets["target_val"]
+    assert np.array_equal(read_images(more["target_val"].images)[:3], val)
 
 
 def test_source_training_is_deterministic_and_depends_on_the_seed(tmp_path: Path):
-    paths = write_data(tmp_path, TINY_DATA)
-    images = read_images(paths.source_images)
+    images = read_images(write_data(tmp_path, TINY_DATA)["source"].images)
     labels = np.stack([np.zeros(images.shape[1:3], np.uint8) + i for i in range(len(images))])
     first = _weights(train_source(images, labels, 10, TINY_SOURCE))
     second = _weights(train_source(images, labels, 10, TINY_SOURCE))
@@ -149,8 +173,8 @@ def _report() -> dict:
         "version": 1,
         "rows": [
             row("none", None, 50.0, 52.0),
-            row("blda", 0.2, 53.0, 55.0),
             row("blda", 0.5, 58.0, 54.0),  # best held out, not best on the selection images
+            row("blda", 0.2, 53.0, 55.0),
             row("blda", 0.31, 55.5, 54.5, auto=True),
             row("vector-scaling", None, 57.0, 56.0),
         ],
@@ -184,6 +208,7 @@ def test_bench_table_has_a_column_per_case_and_a_row_per_method():
     assert lines[0].split("|")[2].strip() == "a" and lines[0].split("|")[3].strip() == "b"
     cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[2:]}
     assert cells["blda"] == "53.0 (τ 0.2)"
+    assert cells["blda, τ 0.2 fixed"] == "53.0"
     assert cells["vector-scaling"] == "57.0"
     assert cells["blda, τ auto"] == "55.5 (τ 0.31)"
     assert cells["**selected by compare**"] == "57.0 (vector-scaling)"

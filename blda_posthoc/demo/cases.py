@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -58,7 +57,7 @@ MODEL_FACTORY = "blda_posthoc.demo.net:DemoSegNet"
 """``dump-logits --model``; the checkpoint holds the whole network, so any width loads."""
 
 FORMAT_VERSION = 1
-"""Version of the cache layout; a change rebuilds every case."""
+"""Version of the cache layout; a change retrains every model."""
 
 
 @dataclass(frozen=True)
@@ -77,45 +76,35 @@ class BenchData:
     size: tuple[int, int] = DEFAULT_SIZE
     source: int = 300
     target_train: int = 300
-    target_val: int = 150
+    target_val: int = 100
 
     @property
     def key(self) -> str:
-        """Folder name that identifies these scenes."""
+        """Folder name of the scenes of this seed and size."""
         h, w = self.size
-        return f"seed{self.seed}-{h}x{w}-s{self.source}-t{self.target_train}-v{self.target_val}"
+        return f"seed{self.seed}-{h}x{w}"
+
+
+SETS = ("source", "target_train", "target_val")
+"""The three scene sets; only ``target_train`` is written without labels."""
 
 
 @dataclass(frozen=True)
-class DataPaths:
-    """Folders of one :class:`BenchData` on disk."""
+class SceneSet:
+    """One set of rendered scenes: ``images/`` and (except unlabelled ones) ``labels/``."""
 
     root: Path
+    labelled: bool
 
     @property
-    def source_images(self) -> Path:
-        """Labelled source scenes."""
-        return self.root / "source" / "images"
+    def images(self) -> Path:
+        """The images folder."""
+        return self.root / "images"
 
     @property
-    def source_labels(self) -> Path:
-        """Their labels."""
-        return self.root / "source" / "labels"
-
-    @property
-    def target_train_images(self) -> Path:
-        """Unlabelled target scenes."""
-        return self.root / "target_train" / "images"
-
-    @property
-    def target_val_images(self) -> Path:
-        """Labelled target validation scenes."""
-        return self.root / "target_val" / "images"
-
-    @property
-    def target_val_labels(self) -> Path:
-        """Their labels."""
-        return self.root / "target_val" / "labels"
+    def labels(self) -> Path | None:
+        """The labels folder, or None for an unlabelled set."""
+        return self.root / "labels" if self.labelled else None
 
 
 @dataclass(frozen=True)
@@ -142,7 +131,7 @@ DEFAULT_CASES: tuple[Case, ...] = (
         SourceTraining(width=16, iters=800, seed=12),
         note="the demo's width, longer training",
     ),
-    Case("w24-long", SourceTraining(width=24, iters=1500, seed=13), note="wide, long training"),
+    Case("w24-long", SourceTraining(width=24, iters=1000, seed=13), note="wide, long training"),
     Case(
         "w16-selftrained",
         SourceTraining(width=16, iters=800, seed=12),
@@ -184,19 +173,13 @@ def _digest(payload: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _scene_indices(data: BenchData) -> dict[str, tuple[str, range]]:
-    return {
-        "source": ("source", range(data.source)),
-        "target_train": ("target", range(data.target_train)),
-        "target_val": ("target", range(VAL_OFFSET, VAL_OFFSET + data.target_val)),
-    }
+def write_data(workdir: Path, data: BenchData, *, log: Log | None = None) -> dict[str, SceneSet]:
+    """Render the scene sets of ``data`` under ``workdir/data/<key>/<set>-<count>``.
 
-
-def write_data(workdir: Path, data: BenchData, *, log: Log | None = None) -> DataPaths:
-    """Render the scenes of ``data`` under ``workdir/data/<key>`` unless already there.
-
-    Scenes are named ``scene_0000``... within each set; the unlabelled target set gets no
-    labels folder. A ``done.json`` written last marks a complete set.
+    A set already there is kept (a ``done.json`` written last marks it complete), so sets of
+    other sizes are rendered on their own: a larger validation set does not touch the others.
+    Scenes are named ``scene_0000``... within each set; validation scenes are target scenes
+    ``VAL_OFFSET + i``, disjoint from the unlabelled ones.
 
     Args:
         workdir: Benchmark work folder.
@@ -204,23 +187,30 @@ def write_data(workdir: Path, data: BenchData, *, log: Log | None = None) -> Dat
         log: Receives one line per set rendered.
 
     Returns:
-        The folders.
+        ``{"source", "target_train", "target_val"}`` → the set's folders.
     """
-    paths = DataPaths(workdir / "data" / data.key)
-    marker = paths.root / "done.json"
-    if marker.is_file():
-        return paths
-    for folder, (domain, indices) in _scene_indices(data).items():
+    plan = {
+        "source": ("source", 0, data.source),
+        "target_train": ("target", 0, data.target_train),
+        "target_val": ("target", VAL_OFFSET, data.target_val),
+    }
+    sets: dict[str, SceneSet] = {}
+    for name, (domain, offset, count) in plan.items():
+        scenes = SceneSet(workdir / "data" / data.key / f"{name}-{count}", name != "target_train")
+        sets[name] = scenes
+        marker = scenes.root / "done.json"
+        if marker.is_file():
+            continue
         start = time.perf_counter()
-        for local, index in enumerate(indices):
-            image, label = render_indexed(data.seed, domain, index, data.size)
-            write_png(paths.root / folder / "images" / f"{scene_name(local)}.png", image)
-            if folder != "target_train":
-                write_png(paths.root / folder / "labels" / f"{scene_name(local)}.png", label)
+        for local in range(count):
+            image, label = render_indexed(data.seed, domain, offset + local, data.size)
+            write_png(scenes.images / f"{scene_name(local)}.png", image)
+            if scenes.labels is not None:
+                write_png(scenes.labels / f"{scene_name(local)}.png", label)
+        marker.write_text(json.dumps({"domain": domain, "offset": offset, "count": count}) + "\n")
         if log is not None:
-            log(f"rendered {len(indices)} {folder} scenes in {time.perf_counter() - start:.1f} s")
-    marker.write_text(json.dumps(asdict(data)) + "\n")
-    return paths
+            log(f"rendered {count} {name} scenes in {time.perf_counter() - start:.1f} s")
+    return sets
 
 
 def read_images(folder: Path) -> np.ndarray:
@@ -262,13 +252,15 @@ def load_network(path: Path, *, width: int = 16) -> DemoSegNet:
 
 
 def model_key(data: BenchData, source: SourceTraining, self_training: SelfTraining | None) -> str:
-    """File stem of a cached model: readable settings and a digest of everything."""
+    """File stem of a cached model: readable settings and a digest of what it was trained on."""
     stem = f"w{source.width}-i{source.iters}-s{source.seed}"
+    scenes = {"seed": data.seed, "size": list(data.size), "source": data.source}
+    tuned = None
     if self_training is not None:
         stem += f"-st{self_training.iters}-s{self_training.seed}"
-    tuned = None if self_training is None else asdict(self_training)
-    payload = [FORMAT_VERSION, asdict(data), asdict(source), tuned]
-    return f"{stem}-{_digest(payload)}"
+        scenes["target_train"] = data.target_train
+        tuned = asdict(self_training)
+    return f"{stem}-{_digest([FORMAT_VERSION, scenes, asdict(source), tuned])}"
 
 
 def build_model(
@@ -298,14 +290,16 @@ def build_model(
     path = workdir / "models" / f"{model_key(data, source, self_training)}.pt"
     if path.is_file():
         return path
-    paths = write_data(workdir, data, log=log)
-    images, labels = read_images(paths.source_images), read_labels(paths.source_labels)
+    sets = write_data(workdir, data, log=log)
+    labels_dir = sets["source"].labels
+    assert labels_dir is not None
+    images, labels = read_images(sets["source"].images), read_labels(labels_dir)
     start = time.perf_counter()
     if self_training is None:
         model = train_source(images, labels, len(DEMO_CLASSES), source, log=log)
     else:
         parent = load_network(build_model(workdir, data, source, None, log=log))
-        target = read_images(paths.target_train_images)
+        target = read_images(sets["target_train"].images)
         model = self_train(parent, images, labels, target, self_training, log=log)
     save_network(model, path)
     if log is not None:
@@ -315,19 +309,70 @@ def build_model(
 
 def command_has_option(command: str, option: str) -> bool:
     """Whether ``blda COMMAND`` takes ``--OPTION`` (for steps that need newer commands)."""
+    import click
+
     from blda_posthoc.cli import main
 
-    cmd = main.commands.get(command)
+    cmd = main.get_command(click.Context(main), command)
     return cmd is not None and any(option in p.opts for p in cmd.params)
 
 
-def _case_record(case: Case, data: BenchData, model: Path) -> dict[str, Any]:
-    return {
-        "version": FORMAT_VERSION,
-        "case": asdict(case),
-        "data": asdict(data),
-        "model": model.name,
-    }
+def case_steps(files: CaseFiles, sets: dict[str, SceneSet]) -> list[tuple[str, list[str | Path]]]:
+    """The ``blda`` command lines that build a case, in order, as ``(step name, args)``."""
+    names = ",".join(DEMO_CLASSES)
+    steps: list[tuple[str, list[str | Path]]] = []
+    for key, scenes in (
+        ("src", sets["source"]),
+        ("tgt_train", sets["target_train"]),
+        ("tgt_val", sets["target_val"]),
+    ):
+        labels: list[str | Path] = [] if scenes.labels is None else ["--labels", scenes.labels]
+        steps.append(
+            (
+                f"dump {key}",
+                ["dump-logits", "--model", MODEL_FACTORY, "--checkpoint", files.model,
+                 "--images", scenes.images, *labels, "--class-names", names,
+                 "--out", files.stores[key]],
+            )
+        )  # fmt: skip
+    steps.append(
+        (
+            "stats src",
+            ["fit-stats", files.stores["src"], "--labels", "gt", "--out", files.stats["src"]],
+        )
+    )
+    calibrate: list[str | Path] = []
+    if command_has_option("fit-stats", "--calibration"):
+        calibrate = ["--calibration", files.stats["src"]]
+    steps.append(
+        (
+            "stats tgt",
+            ["fit-stats", files.stores["tgt_train"], "--labels", "pseudo", *calibrate,
+             "--out", files.stats["tgt"]],
+        )
+    )  # fmt: skip
+    for key, store in (("val", files.stores["tgt_val"]), ("src", files.stores["src"])):
+        steps.append((f"plain {key}", ["evaluate", store, "--json", files.plain[key]]))
+    return steps
+
+
+def _step_ids(steps: list[tuple[str, list[str | Path]]], workdir: Path) -> list[str]:
+    """One id per step, so that a change reruns the step and every step that reads its output.
+
+    An id is the step's name and a digest of its arguments (the work folder replaced by a
+    placeholder), the ids of the steps whose outputs it reads, and the file format versions.
+    """
+    produced: dict[str, str] = {}
+    ids = []
+    for name, args in steps:
+        words = [str(a).replace(str(workdir), "WORKDIR") for a in args]
+        inputs = sorted(produced[w] for w in words if w in produced)
+        step_id = f"{name} {_digest([words, inputs, store_version, stats_version])}"
+        ids.append(step_id)
+        for flag in ("--out", "--json"):
+            if flag in words:
+                produced[words[words.index(flag) + 1]] = step_id
+    return ids
 
 
 def build_case(
@@ -342,8 +387,9 @@ def build_case(
     """Prepare a case: data, model, logits stores, statistics and plain-argmax reports.
 
     Every step is a real ``blda`` command (logged in the case's ``commands.log``) and is
-    skipped when an earlier call finished it with the same settings (``case.json`` records
-    the settings and the finished steps; other settings empty the case folder first).
+    skipped when an earlier call finished it with the same arguments, inputs and file format
+    versions (``case.json`` lists the finished steps), so that changing one setting reruns
+    only what depends on it.
 
     Args:
         workdir: Benchmark work folder.
@@ -357,73 +403,34 @@ def build_case(
         The case's files and the seconds each step took in this call.
     """
     workdir = workdir.resolve()
-    paths = write_data(workdir, data, log=log)
-    model = build_model(workdir, data, case.source, case.self_training, log=log)
+    sets = write_data(workdir, data, log=log)
     folder = workdir / "cases" / case.name
-    record = _case_record(case, data, model)
-    state_file = folder / "case.json"
-    done: list[str] = []
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if {k: v for k, v in state.items() if k != "done"} == json.loads(json.dumps(record)):
-            done = list(state["done"])
-        else:
-            if log is not None:
-                log(f"{case.name}: settings changed, rebuilding its stores")
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    run = Runner(folder, device)
-    names = ",".join(DEMO_CLASSES)
     files = CaseFiles(
         folder=folder,
-        model=model,
+        model=build_model(workdir, data, case.source, case.self_training, log=log),
         stores={k: folder / f"{k}.h5" for k in ("src", "tgt_train", "tgt_val")},
         stats={"src": folder / "src_stats.h5", "tgt": folder / "tgt_stats.h5"},
         plain={"val": folder / "plain_val.json", "src": folder / "plain_src.json"},
     )
-    steps: list[tuple[str, list[str | Path]]] = []
-    for key, images, labels in (
-        ("src", paths.source_images, paths.source_labels),
-        ("tgt_train", paths.target_train_images, None),
-        ("tgt_val", paths.target_val_images, paths.target_val_labels),
-    ):
-        label_args: list[str | Path] = [] if labels is None else ["--labels", labels]
-        steps.append(
-            (
-                f"dump {key} (logits v{store_version})",
-                ["dump-logits", "--model", MODEL_FACTORY, "--checkpoint", model,
-                 "--images", images, *label_args, "--class-names", names,
-                 "--out", files.stores[key]],
-            )
-        )  # fmt: skip
-    steps.append(
-        (
-            f"stats src (stats v{stats_version})",
-            ["fit-stats", files.stores["src"], "--labels", "gt", "--out", files.stats["src"]],
-        )
-    )
-    calibrate: list[str | Path] = []
-    if command_has_option("fit-stats", "--calibration"):
-        calibrate = ["--calibration", files.stats["src"]]
-    steps.append(
-        (
-            f"stats tgt{' calibrated' if calibrate else ''} (stats v{stats_version})",
-            ["fit-stats", files.stores["tgt_train"], "--labels", "pseudo", *calibrate,
-             "--out", files.stats["tgt"]],
-        )
-    )  # fmt: skip
-    for key, store in (("val", files.stores["tgt_val"]), ("src", files.stores["src"])):
-        steps.append((f"plain {key}", ["evaluate", "--store", store, "--json", files.plain[key]]))
+    state_file = folder / "case.json"
+    done: list[str] = []
+    if state_file.is_file():
+        done = list(json.loads(state_file.read_text()).get("done", []))
     if refit:
-        done = [name for name in done if name.startswith("dump ")]
-    for name, args in steps:
-        if name in done:
-            continue
-        start = time.perf_counter()
-        run(*args, "--overwrite", device=True)
-        files.seconds[name] = time.perf_counter() - start
-        done.append(name)
-        state_file.write_text(json.dumps({**record, "done": done}, indent=1) + "\n")
+        done = [step for step in done if step.startswith("dump ")]
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"case": asdict(case), "data": asdict(data), "model": files.model.name}
+    run = Runner(folder, device)
+    steps = case_steps(files, sets)
+    finished: list[str] = []
+    for (name, args), step_id in zip(steps, _step_ids(steps, workdir), strict=True):
+        if step_id not in done:
+            start = time.perf_counter()
+            run(*args, "--overwrite", device=True)
+            files.seconds[name] = time.perf_counter() - start
+        finished.append(step_id)
+        state = {**record, "done": finished + [d for d in done if d not in finished]}
+        state_file.write_text(json.dumps(state, indent=1) + "\n")
     return files
 
 
@@ -541,17 +548,20 @@ def _cell(miou: Any, tau: Any = None, method: str | None = None) -> str:
     return f"{miou:.1f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def bench_table(results: dict[str, dict[str, Any]]) -> str:
+def bench_table(
+    results: dict[str, dict[str, Any]], fixed: tuple[tuple[str, float], ...] = (("blda", 0.2),)
+) -> str:
     """Method × case Markdown table of held-out mIoU (%).
 
     Args:
         results: ``{case name: {"plain_val", "plain_src", "summary"}}`` where ``summary`` is
             :func:`summarise_compare`'s output.
+        fixed: ``(method, tau)`` rows shown at that strength too (the default τ).
 
     Returns:
         The table: the plain argmax (source scenes, all validation scenes), each method at the
-        strength chosen on the selection images, each ``--tau auto`` choice, ``compare``'s
-        selection and the best row on the held-out images.
+        strength chosen on the selection images, the ``fixed`` rows, each ``--tau auto``
+        choice, ``compare``'s selection and the best row on the held-out images.
     """
     names = list(results)
     rows: list[list[str]] = [["", *names]]
@@ -566,6 +576,16 @@ def bench_table(results: dict[str, dict[str, Any]]) -> str:
             entry = results[n]["summary"]["methods"].get(method)
             cells.append("-" if entry is None else _cell(entry["miou"], entry["tau"]))
         rows.append([method, *cells])
+    for method, tau in fixed:
+        cells = []
+        for n in names:
+            match = [
+                r["miou"]
+                for r in results[n]["summary"]["fixed"]
+                if r["method"] == method and r["tau"] is not None and abs(r["tau"] - tau) < 1e-9
+            ]
+            cells.append(_cell(match[0]) if match else "-")
+        rows.append([f"{method}, τ {tau:g} fixed", *cells])
     auto_methods: list[str] = []
     for n in names:
         auto_methods += [m for m in results[n]["summary"]["auto"] if m not in auto_methods]
