@@ -15,11 +15,14 @@ prepares a real one, with the real ``blda`` commands:
   the logits calibrated by ``src_stats.h5`` where ``fit-stats`` takes ``--calibration``);
   ``blda evaluate`` → ``plain_val.json`` and ``plain_src.json`` (the plain argmax).
 
-Everything is cached under a work folder and rebuilt only when its settings change::
+Everything is cached under a work folder; a change reruns only what depends on it::
 
-    WORKDIR/data/<data key>/{source,target_val}/{images,labels}/, target_train/images/
-    WORKDIR/models/<model key>.pt         pickled networks (dump-logits takes them as they are)
-    WORKDIR/cases/<case name>/            stores, statistics, reports, case.json, commands.log
+    WORKDIR/data/seed<S>-<H>x<W>/source-<N>/{images,labels}/      one folder per scene set
+                                target_train-<N>/images/          (unlabelled)
+                                target_val-<N>/{images,labels}/
+    WORKDIR/models/<settings>-<digest>.pt   pickled networks (dump-logits takes them as they are)
+    WORKDIR/cases/<name>/                   stores, statistics, reports, commands.log, and
+                                            case.json (the finished steps)
 """
 
 from __future__ import annotations
