@@ -188,8 +188,13 @@ def test_summary_picks_each_methods_strength_on_the_selection_images():
     assert summary["methods"]["blda"] == {"tau": 0.2, "miou": 53.0, "selection_miou": 55.0}
     assert summary["methods"]["none"]["miou"] == 50.0
     assert summary["auto"] == {"blda": {"tau": 0.31, "criterion": "entropy", "miou": 55.5}}
-    assert summary["best"] == {"method": "blda", "tau": 0.5, "miou": 58.0}
-    assert summary["selected"] == {"method": "vector-scaling", "tau": None, "miou": 57.0}
+    assert summary["best"] == {"method": "blda", "tau": 0.5, "auto": False, "miou": 58.0}
+    assert summary["selected"] == {
+        "method": "vector-scaling",
+        "tau": None,
+        "auto": False,
+        "miou": 57.0,
+    }
     # The single-choice form of tau_auto (no auto row) is read too.
     report = _report()
     report["rows"] = [r for r in report["rows"] if not r["auto"]]
@@ -214,3 +219,12 @@ def test_bench_table_has_a_column_per_case_and_a_row_per_method():
     assert cells["**selected by compare**"] == "57.0 (vector-scaling)"
     assert cells["best row (oracle)"] == "58.0 (blda, τ 0.5)"
     assert cells["plain, all target val"] == "51.0"
+
+
+def test_bench_table_marks_a_selected_tau_auto_row():
+    report = _report()
+    report["selected"] = {"method": "blda", "tau": 0.31, "auto": True, "miou": 55.5}
+    results = {"a": {"plain_src": 80.0, "plain_val": 51.0, "summary": summarise_compare(report)}}
+    lines = bench_table(results).splitlines()
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[2:]}
+    assert cells["**selected by compare**"] == "55.5 (blda, τ auto 0.31)"

@@ -533,8 +533,16 @@ def summarise_compare(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "methods": methods,
         "auto": auto,
-        "selected": {k: selected.get(k) for k in ("method", "tau", "miou")},
-        "best": {"method": best["method"], "tau": best["tau"], "miou": best["miou"]},
+        "selected": {
+            **{k: selected.get(k) for k in ("method", "tau", "miou")},
+            "auto": bool(selected.get("auto", False)),
+        },
+        "best": {
+            "method": best["method"],
+            "tau": best["tau"],
+            "auto": bool(best.get("auto", False)),
+            "miou": best["miou"],
+        },
         "none": none["miou"],
         "fixed": [{"method": r["method"], "tau": r["tau"], "miou": r["miou"]} for r in plain],
     }
@@ -544,10 +552,11 @@ def _tau(value: Any) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def _cell(miou: Any, tau: Any = None, method: str | None = None) -> str:
+def _cell(miou: Any, tau: Any = None, method: str | None = None, auto: bool = False) -> str:
     if miou is None:
         return "-"
-    parts = [p for p in (method, None if tau is None else f"τ {_tau(tau)}") if p]
+    strength = None if tau is None else f"τ {'auto ' if auto else ''}{_tau(tau)}"
+    parts = [p for p in (method, strength) if p]
     return f"{miou:.1f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -613,6 +622,7 @@ def bench_table(
                         results[n]["summary"][key]["miou"],
                         results[n]["summary"][key]["tau"],
                         results[n]["summary"][key]["method"],
+                        results[n]["summary"][key].get("auto", False),
                     )
                     for n in names
                 ),
