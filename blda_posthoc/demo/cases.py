@@ -333,7 +333,9 @@ def case_steps(files: CaseFiles, sets: dict[str, SceneSet]) -> list[tuple[str, l
         steps.append(
             (
                 f"dump {key}",
+                # Our own checkpoint, written by save_network above: a whole pickled module.
                 ["dump-logits", "--model", MODEL_FACTORY, "--checkpoint", files.model,
+                 "--trust-checkpoint",
                  "--images", scenes.images, *labels, "--class-names", names,
                  "--out", files.stores[key]],
             )
