@@ -88,6 +88,7 @@ class Statistics:
     anchors: LogitStats
     cond_path: Path
     anchors_path: Path
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def settings(self) -> dict[str, Any]:
         """Paths and fingerprints, for reports."""
@@ -323,11 +324,13 @@ def _cbst_shift(statistics: Statistics) -> torch.Tensor:
     lo, hi, bins = extras.confidence_grid
     thresholds = keep_thresholds(extras.confidence, LogOddsGrid(lo, hi, bins), CBST_PORTION)
     present = thresholds.pixels > 0
-    logodds = np.where(present, thresholds.logodds, np.nan)
-    # -log(sigmoid(l)) = softplus(-l); a class never predicted gets the largest boost.
-    shift = np.logaddexp(0.0, -logodds)
-    fill = np.nanmax(shift) if present.any() else 0.0
-    return torch.as_tensor(np.where(present, shift, fill), dtype=torch.float32)
+    # -log(sigmoid(l)) = softplus(-l); a threshold in the lowest bin reads as its lower edge.
+    logodds = np.maximum(thresholds.logodds[present], lo)
+    shift = np.zeros(len(present))
+    shift[present] = np.logaddexp(0.0, -logodds)
+    # A class never predicted gets the largest boost of the others.
+    shift[~present] = shift[present].max() if present.any() else 0.0
+    return torch.as_tensor(shift, dtype=torch.float32)
 
 
 def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
@@ -337,8 +340,16 @@ def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affin
     it has one (EM on raw, under-confident probabilities tends to collapse onto one class).
 
     Returns:
-        ``(target priors (C,), source priors (C,), calibration or None)``.
+        ``(target priors (C,), source priors (C,), calibration or None)``, computed once per
+        :class:`Statistics`.
     """
+    if "priors" not in statistics.cache:
+        statistics.cache["priors"] = _target_priors(statistics)
+    result: tuple[np.ndarray, np.ndarray, Affine | None] = statistics.cache["priors"]
+    return result
+
+
+def _target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
     extras = _extras(statistics.cond, statistics.cond_path, "em-prior")
     source = smooth_counts(statistics.anchors.label_pixels)
     pre = None
@@ -381,5 +392,13 @@ def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) ->
             f"{statistics.anchors_path}: --tau auto needs a source calibration (fit the "
             "anchors with blda fit-stats --labels gt)"
         )
-    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
-    return auto_tau(corrector, z, target, fallback, AUTO_GRID)
+    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
+    return auto_tau(corrector, z.float(), target, fallback, AUTO_GRID)
+
+
+AUTO_PIXELS = 50_000
+"""Pixels of the sample ``--tau auto`` corrects per candidate strength (an even subset)."""
+
+
+def _stride(count: int) -> int:
+    return max(1, -(-count // AUTO_PIXELS))
