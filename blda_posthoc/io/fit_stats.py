@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,15 +98,32 @@ def check_memory(num_classes: int, bins: int) -> None:
 def check_spread(store: LogitStore, bins: int) -> None:
     """Refuse a store whose extreme logits would stretch the grid over everything else.
 
+    See :func:`check_ranges`; the message names the image's file.
+    """
+    check_ranges(store.logit_ranges(), bins, lambda name: str(store.path_of(name)))
+
+
+def check_ranges(
+    ranges: dict[str, tuple[float, float]], bins: int, where: Callable[[str], str]
+) -> None:
+    """Refuse images whose extreme logits would stretch the grid over everything else.
+
     The grid covers the smallest to the largest logit of all images. When that is more than
     :data:`MAX_SPREAD` times the logit range of a typical (median) image, a typical image falls
     into a handful of bins and the fitted distributions mean nothing: the image with the most
     extreme logits is named instead.
+
+    Args:
+        ranges: ``(lowest, highest)`` logit of each image, by name.
+        bins: Histogram bins.
+        where: Where an image comes from, for the message.
     """
-    ranges = store.logit_ranges()
+    if not ranges:
+        return
     spans = np.array([high - low for low, high in ranges.values()])
     typical = float(np.median(spans))
-    lo, hi = store.logit_range()
+    lo = min(low for low, _ in ranges.values())
+    hi = max(high for _, high in ranges.values())
     if typical <= 0 or hi - lo <= MAX_SPREAD * typical:
         return
     mids = np.array([(low + high) / 2 for low, high in ranges.values()])
@@ -113,11 +131,18 @@ def check_spread(store: LogitStore, bins: int) -> None:
     name = max(ranges, key=lambda n: max(center - ranges[n][0], ranges[n][1] - center))
     low, high = ranges[name]
     raise InputError(
-        f"{store.path_of(name)}: image {name!r} has logits in [{low:.4g}, {high:.4g}], far "
+        f"{where(name)}: image {name!r} has logits in [{low:.4g}, {high:.4g}], far "
         f"outside a typical image's range ({typical:.4g} wide); over [{lo:.4g}, {hi:.4g}] the "
         f"{bins} histogram bins would give a typical image about {bins * typical / (hi - lo):.1f}"
         " bins. Remove or fix that image"
     )
+
+
+ImageSource = Callable[[Sequence[str] | None], Iterable[tuple[str, torch.Tensor, torch.Tensor]]]
+"""``images(names)`` yields ``(name, z, y)`` for the named images (None: all of them):
+``z`` the ``(C, H, W)`` float32 logits at the image's size and ``y`` the ``(H, W)`` int64
+labels (ground truth, or the argmax for pseudo-labels), on the fitting device. The order does
+not matter."""
 
 
 def fit_store(
@@ -146,30 +171,71 @@ def fit_store(
     if options.labels == "gt" and not store.has_labels():
         raise InputError(f"{store.paths[0]}: --labels gt needs label maps in every image")
     lo, hi = store.logit_range()
-    c = store.num_classes
-    check_memory(c, options.bins)
+    check_memory(store.num_classes, options.bins)
     check_spread(store, options.bins)
+    with_label = options.labels == "gt"
+
+    def images(names: Sequence[str] | None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        shown = progress if names is None else None
+        for record, z in store.iter_images(
+            names, device=device, with_label=with_label, progress=shown
+        ):
+            yield record.name, z, _labels(record, z, options.labels, device)
+
+    sources = [str(p) for p in store.paths]
+    return fit_images(
+        images, store.names, store.class_names, (lo, hi), options, device=device, sources=sources
+    )
+
+
+def fit_images(
+    images: ImageSource,
+    names: Sequence[str],
+    class_names: list[str],
+    logit_range: tuple[float, float],
+    options: FitOptions,
+    *,
+    device: torch.device | str = "cpu",
+    sources: list[str],
+) -> LogitStats:
+    """Fit statistics over images from any source (the body of :func:`fit_store`).
+
+    With ground-truth labels and ``options.calibrate`` the images of
+    :func:`calibration_sample` are read first, then every image once.
+
+    Args:
+        images: The images (see :data:`ImageSource`).
+        names: Every image's name (the calibration images and the sample quota depend on them).
+        class_names: The ``C`` class names.
+        logit_range: ``(lowest, highest)`` logit over all images (the histogram grid).
+        options: What to fit (``labels`` decides only what the settings record here).
+        device: Where to compute.
+        sources: Where the images come from (recorded in the settings).
+
+    Returns:
+        The fitted statistics, with their extras (version 2).
+    """
+    lo, hi = logit_range
+    c = len(class_names)
     calibrations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     known, source = options.calibration, options.calibration_source
     if options.labels == "gt" and options.calibrate:
-        labelled = calibration_sample(store, options, device)
+        labelled = calibration_sample(images, names, c, options.seed)
         calibrations = _fit_calibrations(labelled)
         if known is None and calibrations:
             known, source = calibrations[CALIBRATED_WITH], "self"
     grid = Grid.covering(lo, hi, options.bins)
     first = Pass(c, grid, device, options, _affine(known, device), (lo, hi))
-    quota = math.ceil(options.sample_pixels / max(len(store.names), 1))
-    for record, z in store.iter_images(
-        device=device, with_label=options.labels == "gt", progress=progress
-    ):
-        first.add(record.name, z, _labels(record, z, options.labels, device), quota)
+    quota = math.ceil(options.sample_pixels / max(len(names), 1))
+    for name, z, y in images(None):
+        first.add(name, z, y, quota)
     settings: dict[str, Any] = {
         "labels": options.labels,
         "min_pixels": options.min_pixels,
         "bins": options.bins,
-        "num_images": len(store.names),
+        "num_images": len(names),
         "num_pixels": first.histogram.num_pixels,
-        "sources": [str(p) for p in store.paths],
+        "sources": sources,
         "resolution": "image",
         "sample_pixels": options.sample_pixels,
         "seed": options.seed,
@@ -177,7 +243,7 @@ def fit_store(
     if calibrations:
         settings["calibration_pixels"] = int(labelled.labels.size)
     stats = make_stats(
-        first.histogram, store.class_names, options.estimator, options.components, settings
+        first.histogram, class_names, options.estimator, options.components, settings
     )
     calibrated = None
     if first.calibrated is not None and known is not None:
@@ -198,23 +264,21 @@ def fit_store(
 
 
 def calibration_sample(
-    store: LogitStore, options: FitOptions, device: torch.device | str
+    images: ImageSource, names: Sequence[str], num_classes: int, seed: int
 ) -> PixelSample:
     """Labelled pixels for the calibration fit, from at most :data:`CALIBRATION_IMAGES` images.
 
-    The images are spread evenly over the name-sorted store, so that the calibration is known
+    The images are spread evenly over the name-sorted images, so that the calibration is known
     before the main pass (which then histograms the calibrated logits too) at the cost of
-    reading a small part of a large store twice.
+    reading a small part of a large dataset twice. The sample is in name order whatever order
+    ``images`` yields them in.
     """
-    names = store.names
-    step = max(1, math.ceil(len(names) / CALIBRATION_IMAGES))
-    chosen = names[::step]
+    ordered = sorted(names)
+    step = max(1, math.ceil(len(ordered) / CALIBRATION_IMAGES))
+    chosen = ordered[::step]
     quota = math.ceil(CALIBRATION_PIXELS / max(len(chosen), 1))
-    parts = [
-        sample_image(record.name, z, _labels(record, z, "gt", device), quota, options.seed)
-        for record, z in store.iter_images(chosen, device=device, with_label=True)
-    ]
-    return join_samples(parts, store.num_classes)
+    parts = {name: sample_image(name, z, y, quota, seed) for name, z, y in images(chosen)}
+    return join_samples([parts[name] for name in sorted(parts)], num_classes)
 
 
 def sample_image(
@@ -298,7 +362,7 @@ class Pass:
         self.confidence = ConfidenceHistogram(
             num_classes, LogOddsGrid.for_classes(num_classes, CONFIDENCE_BINS), device
         )
-        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.calibration = calibration
         self.calibrated: LogitHistogram | None = None
         if calibration is not None:
@@ -314,14 +378,14 @@ class Pass:
         pred, logodds = confidence_logodds(z)
         self.predicted += torch.bincount(pred.reshape(-1), minlength=c)
         self.confidence.update(pred, logodds)
-        self.samples.append(sample_image(name, z, y, quota, self.options.seed))
+        self.samples[name] = sample_image(name, z, y, quota, self.options.seed)
         if self.calibration is not None and self.calibrated is not None:
             zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
             self.calibrated.update(zc, y if self.options.labels == "gt" else channel_argmax(zc))
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""
-        return join_samples(self.samples, self.num_classes)
+        return join_samples([self.samples[n] for n in sorted(self.samples)], self.num_classes)
 
 
 def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> tuple[float, float]:

@@ -1,0 +1,388 @@
+"""Python API: fit statistics, build a correction, apply it and evaluate, inside a program.
+
+The same functions the ``blda`` commands run, for training loops and notebooks: arrays and
+tensors in, statistics, predictions and metrics out, no files needed (:func:`read_stats` and
+:func:`write_stats` read and write the stats files the commands use).
+
+- :func:`fit_stats` is ``blda fit-stats`` over images held in memory or produced by a
+  callable; it reads them twice (the histogram grid spans all logits, so their range comes
+  first), or three times with ground-truth labels (calibration images first).
+- :func:`load` is what ``--method``, ``--stats``, ``--anchors``, ``--tau`` and ``--clamp`` set
+  up in ``blda correct`` and ``blda evaluate``.
+- :func:`correct` applies a correction to ``(C, H, W)`` or ``(B, C, H, W)`` logits on their own
+  device (CPU or GPU), image by image, as ``blda correct`` does.
+- :func:`evaluate` is the metric of ``blda evaluate`` (mIoU, mAcc, Bias, ...).
+
+Bad data raises :class:`InputError` with the message the command would print.
+
+Shape legend: ``B`` images in a batch, ``C`` classes, ``H, W`` image size.
+
+Example:
+    >>> import numpy as np
+    >>> from blda_posthoc import api
+    >>> rng = np.random.default_rng(0)
+    >>> def case(bias):
+    ...     labels = rng.integers(0, 3, size=(4, 16, 16))
+    ...     logits = rng.normal(size=(4, 3, 16, 16)) + 3 * np.eye(3)[labels].transpose(0, 3, 1, 2)
+    ...     logits += np.array(bias)[:, None, None]
+    ...     return logits.astype(np.float32), labels
+    >>> src_z, src_y = case([0.0, 0.0, 0.0])
+    >>> tgt_z, tgt_y = case([0.0, 0.0, 2.0])
+    >>> names = ["a", "b", "c", "d"]
+    >>> source = api.fit_stats(
+    ...     list(zip(names, src_z, src_y)), class_names=["x", "y", "z"], min_pixels=10
+    ... )
+    >>> target = api.fit_stats(
+    ...     [(n, z, None) for n, z in zip(names, tgt_z)], class_names=["x", "y", "z"],
+    ...     labels="pseudo", min_pixels=10,
+    ... )
+    >>> correction = api.load("blda", stats=target, anchors=source)
+    >>> pred, scores = api.correct(tgt_z, correction)
+    >>> pred.shape, scores.shape
+    (torch.Size([4, 16, 16]), torch.Size([4, 3, 16, 16]))
+    >>> before = api.evaluate(tgt_z.argmax(1), tgt_y, 3)["miou"]
+    >>> after = api.evaluate(pred, tgt_y, 3)["miou"]
+    >>> bool(after > before)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blda_posthoc.core.classes import IGNORE_INDEX
+from blda_posthoc.core.correct import DEFAULT_CLAMP, correct_image, resize_logits
+from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
+from blda_posthoc.core.fit import LogitStats, channel_argmax
+from blda_posthoc.io.corrections import Correction, CorrectionSpec, Statistics, load_correction
+from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.fit_stats import (
+    DEFAULT_BINS,
+    DEFAULT_SAMPLE_PIXELS,
+    LABEL_SOURCES,
+    FitOptions,
+    check_memory,
+    check_ranges,
+    fit_images,
+)
+from blda_posthoc.io.stats import read_stats, write_stats
+
+__all__ = [
+    "Correction",
+    "InputError",
+    "LogitStats",
+    "Summary",
+    "correct",
+    "evaluate",
+    "fit_stats",
+    "load",
+    "read_stats",
+    "write_stats",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+Image = tuple[str, ArrayLike, ArrayLike | None]
+"""``(name, logits (C, h, w), label (H, W) or None)``."""
+Images = Iterable[Image] | Callable[[], Iterable[Image]]
+
+SOURCE = "<memory>"
+"""What the statistics' settings record as their source, and messages name."""
+STATS_NAME = Path("<stats>")
+ANCHORS_NAME = Path("<anchors>")
+
+
+def fit_stats(
+    images: Images,
+    *,
+    class_names: Sequence[str],
+    labels: str = "gt",
+    estimator: str = "hist",
+    bins: int = DEFAULT_BINS,
+    min_pixels: int = 100,
+    calibrate: bool = True,
+    sample_pixels: int = DEFAULT_SAMPLE_PIXELS,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> LogitStats:
+    """Fit statistics over images, as ``blda fit-stats`` does over a store.
+
+    The images are read more than once (the histogram grid must cover every logit before the
+    first count, and with ``labels="gt"`` and ``calibrate`` the calibration images are read
+    first), so ``images`` must be re-iterable: a list, or a callable returning a fresh
+    iterable each time (e.g. a function that runs the model over a data loader). A one-shot
+    iterator (a generator) is refused. Only one image is on ``device`` at a time.
+
+    Args:
+        images: ``(name, logits, label)`` triples: a unique name, ``(C, h, w)`` logits (numpy
+            or torch, any device) and the ``(H, W)`` integer label map (255 = ignore) or None.
+            Logits smaller than their label are resized bilinearly to it, as the commands do.
+        class_names: The ``C`` class names.
+        labels: ``gt`` (the label maps; every image needs one) or ``pseudo`` (the argmax of
+            the logits; a label map then only sets the image's size).
+        estimator: ``hist`` or ``gmm``.
+        bins: Histogram bins over the logit range.
+        min_pixels: Cells with fewer pixels get no shift (recorded for :func:`load`).
+        calibrate: With ``gt``: fit the calibrations and the calibrated statistics.
+        sample_pixels: Size of the seeded pixel sample.
+        seed: Seed of the sample.
+        device: Where to compute.
+
+    Returns:
+        The statistics; the same counts as ``blda fit-stats`` over a store of the same images
+        (imported with ``--dtype float32``).
+
+    Raises:
+        TypeError: ``images`` is a one-shot iterator.
+        InputError: Bad images (shapes, names, labels, non-finite logits) or settings.
+    """
+    if labels not in LABEL_SOURCES:
+        raise InputError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
+    source = _reader(images)
+    names_ = list(class_names)
+    c = len(names_)
+    check_memory(c, bins)
+    options = FitOptions(
+        labels=labels,
+        estimator=estimator,
+        min_pixels=min_pixels,
+        bins=bins,
+        sample_pixels=sample_pixels,
+        seed=seed,
+        calibrate=calibrate,
+    )
+    ranges = _scan(source, c, labels == "gt")
+    check_ranges(ranges, bins, lambda _: SOURCE)
+    logit_range = (min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()))
+
+    def read(wanted: Sequence[str] | None) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        keep = None if wanted is None else set(wanted)
+        seen = set()
+        for name, z, y in _images(source, c):
+            if keep is not None and name not in keep:
+                continue
+            seen.add(name)
+            z = _tensor(z).to(device, torch.float32)
+            if y is not None:  # the label's size is the image's size
+                z = resize_logits(z, (int(y.shape[0]), int(y.shape[1])))
+            if labels == "gt":
+                assert y is not None
+                yield name, z, _tensor(y).to(device, torch.int64)
+            else:
+                yield name, z, channel_argmax(z)
+        if seen != (set(ranges) if keep is None else keep):
+            raise InputError(f"{SOURCE}: the images changed between passes over them")
+
+    return fit_images(
+        read, sorted(ranges), names_, logit_range, options, device=device, sources=[SOURCE]
+    )
+
+
+def _tensor(values: ArrayLike) -> torch.Tensor:
+    """``values`` as a tensor, sharing memory unless it is a read-only numpy array."""
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = np.array(values)
+    return torch.as_tensor(values)
+
+
+def _reader(images: Images) -> Callable[[], Iterable[Image]]:
+    """A callable giving a fresh pass over ``images`` each time."""
+    if callable(images):
+        return images
+    if iter(images) is images:
+        raise TypeError(
+            "images is a one-shot iterator; pass a list or a callable returning a fresh iterable"
+        )
+    return lambda: images
+
+
+def _images(source: Callable[[], Iterable[Image]], num_classes: int) -> Iterator[Image]:
+    """The triples of one pass, with their shapes checked."""
+    for item in source():
+        try:
+            name, z, y = item
+        except (TypeError, ValueError):
+            raise InputError(
+                f"{SOURCE}: each image must be a (name, logits, label) triple"
+            ) from None
+        if not isinstance(z, np.ndarray | torch.Tensor) or z.ndim != 3:
+            raise InputError(f"{SOURCE}: image {name!r}: logits must be a (C, H, W) array")
+        if z.shape[0] != num_classes:
+            raise InputError(
+                f"{SOURCE}: image {name!r}: logits have {z.shape[0]} channels, "
+                f"class_names {num_classes} names"
+            )
+        if y is not None and (not isinstance(y, np.ndarray | torch.Tensor) or y.ndim != 2):
+            raise InputError(f"{SOURCE}: image {name!r}: the label must be an (H, W) array")
+        yield str(name), z, y
+
+
+def _scan(
+    source: Callable[[], Iterable[Image]], num_classes: int, need_labels: bool
+) -> dict[str, tuple[float, float]]:
+    """First pass: each image's logit range, with the names and labels checked."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, z, y in _images(source, num_classes):
+        if name in ranges:
+            raise InputError(f"{SOURCE}: image name {name!r} occurs twice")
+        t = _tensor(z)
+        if t.numel() == 0:
+            raise InputError(f"{SOURCE}: image {name!r}: logits are empty")
+        low, high = float(t.min()), float(t.max())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise InputError(f"{SOURCE}: image {name!r}: logits hold NaN or infinite values")
+        ranges[name] = (low, high)
+        if not need_labels:
+            continue
+        if y is None:
+            raise InputError(f"{SOURCE}: labels='gt' needs a label map, image {name!r} has none")
+        label = _tensor(y)
+        if label.is_floating_point():
+            raise InputError(f"{SOURCE}: image {name!r}: the label must hold integer ids")
+        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+        if bool(bad.any()):
+            raise InputError(
+                f"{SOURCE}: image {name!r}: label value {int(label[bad][0])} is outside "
+                f"0..{num_classes - 1} and is not the ignore value {IGNORE_INDEX}"
+            )
+    if not ranges:
+        raise InputError(f"{SOURCE}: no images")
+    return ranges
+
+
+def load(
+    method: str,
+    *,
+    stats: LogitStats | None = None,
+    anchors: LogitStats | None = None,
+    tau: float | str | None = None,
+    clamp: float = DEFAULT_CLAMP,
+    min_pixels: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Correction:
+    """Build a correction, as ``blda correct --method METHOD --stats ... --anchors ...`` does.
+
+    Args:
+        method: A method of ``blda correct --method`` (``blda``, ``calibrated-blda``,
+            ``filled-blda``, ``temperature``, ``vector-scaling``, ``bias``, ``cbst``,
+            ``logit-adjust``, ``em-prior`` or ``none``).
+        stats: Statistics of the data being corrected (usually pseudo-labels); not needed for
+            ``none``.
+        anchors: Labelled statistics (usually source ground truth); default ``stats``.
+        tau: Strength: None (the method's default), a number ``>= 0`` or ``"auto"``.
+        clamp: CDF clamp of the alignment methods, in ``[0, 0.5)``.
+        min_pixels: Smallest usable cell; default the ``stats`` setting.
+        device: Where the correction starts (:func:`correct` moves it to the logits' device).
+
+    Returns:
+        The correction: ``method``, ``tau`` (the strength used), ``corrector``, ``settings``
+        and ``notes`` (what ``blda correct`` would print, e.g. cells without a shift).
+
+    Raises:
+        InputError: Unknown method, bad strength, or statistics that cannot give it.
+    """
+    auto = isinstance(tau, str) and tau.strip().lower() == "auto"
+    value: float | None = None
+    if tau is not None and not auto:
+        if isinstance(tau, str) or not math.isfinite(float(tau)) or float(tau) < 0:
+            raise InputError(f"tau must be 'auto' or a finite number >= 0, got {tau!r}")
+        value = float(tau)
+    spec = CorrectionSpec(method, value, auto, None, None, clamp, min_pixels)
+    if method == "none":
+        return load_correction(spec, [], device)
+    if stats is None:
+        raise InputError(f"method {method} needs stats")
+    if anchors is not None and anchors.class_names != stats.class_names:
+        raise InputError(
+            f"{ANCHORS_NAME}: class names {anchors.class_names} differ from the stats' "
+            f"{stats.class_names}"
+        )
+    statistics = Statistics(
+        stats,
+        stats if anchors is None else anchors,
+        STATS_NAME,
+        STATS_NAME if anchors is None else ANCHORS_NAME,
+    )
+    return load_correction(spec, stats.class_names, device, statistics)
+
+
+@torch.no_grad()
+def correct(
+    logits: ArrayLike, correction: Correction, *, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a correction to one image's or a batch's logits, on the logits' device.
+
+    Each image goes through :func:`blda_posthoc.core.correct.correct_image`, as in
+    ``blda correct``: a batch gives exactly the results of its images one by one. No gradient
+    is recorded. The correction's tensors move to the logits' device on first use and stay
+    there (``correction.corrector`` is replaced).
+
+    Args:
+        logits: ``(C, h, w)`` or ``(B, C, h, w)`` logits (numpy or torch, any float dtype).
+        correction: From :func:`load`.
+        size: Output ``(H, W)``; the logits are resized bilinearly to it first. Default the
+            logits' size.
+
+    Returns:
+        ``pred`` ``(H, W)`` or ``(B, H, W)`` int64 class ids and ``scores`` ``(C, H, W)`` or
+        ``(B, C, H, W)`` float32 log-scores (their softmax gives probabilities).
+
+    Raises:
+        InputError: The logits are not 3- or 4-dimensional.
+    """
+    z = torch.as_tensor(logits)
+    if z.ndim not in (3, 4):
+        raise InputError(f"logits must be (C, H, W) or (B, C, H, W), got {tuple(z.shape)}")
+    h, w = z.shape[-2:] if size is None else size
+    out = (int(h), int(w))
+    correction.corrector = correction.corrector.to(z.device)
+    batch = z if z.ndim == 4 else z[None]
+    results = [correct_image(image, out, correction.corrector, correction.tau) for image in batch]
+    pred = torch.stack([p for p, _ in results])
+    scores = torch.stack([s for _, s in results])
+    return (pred, scores) if z.ndim == 4 else (pred[0], scores[0])
+
+
+def evaluate(
+    preds: ArrayLike | Sequence[ArrayLike],
+    labels: ArrayLike | Sequence[ArrayLike],
+    num_classes: int,
+    *,
+    ignore_pred_ignore: bool = False,
+) -> Summary:
+    """Score predictions against labels, as ``blda evaluate`` does.
+
+    Args:
+        preds: Predicted class ids: one array or tensor of any shape (e.g. ``(H, W)`` or
+            ``(B, H, W)``), or a sequence of them (images of different sizes).
+        labels: True class ids, the same shapes (255 = ignore).
+        num_classes: ``C``.
+        ignore_pred_ignore: Skip pixels predicted as 255 instead of counting them wrong.
+
+    Returns:
+        The summary: ``miou``, ``macc``, ``pixel_acc``, ``iou_std`` and per-class ``iou``,
+        ``acc``, ``bias``, ``pred_true_ratio``, ... in percent, None where undefined (see
+        :class:`blda_posthoc.core.evaluate.Summary`).
+
+    Raises:
+        InputError: Shapes differ, or a label outside ``0 .. C-1`` is not 255.
+    """
+    pairs: Iterable[tuple[Any, Any]]
+    if isinstance(preds, np.ndarray | torch.Tensor):
+        pairs = [(preds, labels)]
+    else:
+        if isinstance(labels, np.ndarray | torch.Tensor) or len(preds) != len(labels):
+            raise InputError("preds and labels must be two arrays or two sequences of one length")
+        pairs = zip(preds, labels, strict=True)
+    cm = ConfusionMatrix(num_classes, ignore_pred_ignore=ignore_pred_ignore)
+    try:
+        for pred, label in pairs:
+            cm.update(pred, label)
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc)) from None
+    return summarize(cm.compute())

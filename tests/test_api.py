@@ -1,0 +1,242 @@
+"""The Python API (blda_posthoc.api) gives what the commands give on the same data."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import write_case
+from PIL import Image
+
+from blda_posthoc import api
+from blda_posthoc.cli import main
+from blda_posthoc.core.fit import LogitStats
+
+CLASSES = ["class_0", "class_1", "class_2", "class_3"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run(*args: object) -> None:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+
+
+def triples(logits_dir: Path, labels_dir: Path | None) -> list[tuple[str, np.ndarray, object]]:
+    """``(name, logits, label)`` of a case written by ``write_case``, in file order."""
+    out = []
+    for path in sorted(logits_dir.rglob("*.npy")):
+        name = path.relative_to(logits_dir).with_suffix("").as_posix()
+        label = None
+        if labels_dir is not None:
+            label = np.asarray(Image.open(labels_dir / f"{name}.png"))
+        out.append((name, np.load(path), label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Source and target cases, their float32 stores and the stats ``blda fit-stats`` fits.
+
+    The target's logits are stored at half resolution (the label size is the image size).
+    """
+    root = tmp_path_factory.mktemp("api")
+    src_logits, src_labels = write_case(root / "src", num_images=5, seed=1)
+    tgt_logits, tgt_labels = write_case(root / "tgt", num_images=5, seed=2, bias_scale=1.5)
+    for path in tgt_logits.rglob("*.npy"):
+        np.save(path, np.ascontiguousarray(np.load(path)[:, ::2, ::2]))
+    paths = {
+        "root": root,
+        "src_logits": src_logits,
+        "src_labels": src_labels,
+        "tgt_logits": tgt_logits,
+        "tgt_labels": tgt_labels,
+    }
+    for side in ("src", "tgt"):
+        store = root / f"{side}.h5"
+        run("import-logits", paths[f"{side}_logits"], "--labels", paths[f"{side}_labels"],
+            "--out", store, "--dtype", "float32")  # fmt: skip
+        paths[side] = store
+    run("fit-stats", paths["src"], "--labels", "gt", "--min-pixels", 10, "--out", root / "s.h5")
+    run("fit-stats", paths["tgt"], "--labels", "pseudo", "--min-pixels", 10, "--out", root / "t.h5")
+    paths["src_stats"], paths["tgt_stats"] = root / "s.h5", root / "t.h5"
+    return paths
+
+
+def assert_same_stats(got: LogitStats, want: LogitStats) -> None:
+    """Equal counts, extras and settings (but the sources) of two statistics."""
+    assert got.class_names == want.class_names
+    assert (got.grid.lo, got.grid.hi, got.grid.bins) == (want.grid.lo, want.grid.hi, want.grid.bins)
+    np.testing.assert_array_equal(got.counts, want.counts)
+    np.testing.assert_array_equal(got.anchor_counts, want.anchor_counts)
+    assert {k: v for k, v in got.settings.items() if k != "sources"} == {
+        k: v for k, v in want.settings.items() if k != "sources"
+    }
+    assert got.settings["sources"] == ["<memory>"]
+    assert got.extras is not None and want.extras is not None
+    np.testing.assert_array_equal(got.extras.predicted, want.extras.predicted)
+    np.testing.assert_array_equal(got.extras.confidence, want.extras.confidence)
+    np.testing.assert_array_equal(got.extras.sample.logits, want.extras.sample.logits)
+    np.testing.assert_array_equal(got.extras.sample.labels, want.extras.sample.labels)
+    assert got.extras.calibrations.keys() == want.extras.calibrations.keys()
+    for kind, (scale, bias) in want.extras.calibrations.items():
+        np.testing.assert_array_equal(got.extras.calibrations[kind][0], scale)
+        np.testing.assert_array_equal(got.extras.calibrations[kind][1], bias)
+    assert (got.extras.calibrated is None) == (want.extras.calibrated is None)
+    if want.extras.calibrated is not None:
+        assert got.extras.calibrated is not None
+        np.testing.assert_array_equal(got.extras.calibrated.counts, want.extras.calibrated.counts)
+
+
+def test_fit_stats_equals_the_command(case):
+    images = triples(case["src_logits"], case["src_labels"])
+    want = api.read_stats(case["src_stats"])
+    assert want.extras is not None and want.extras.calibrated is not None
+    got = api.fit_stats(images, class_names=CLASSES, min_pixels=10)
+    assert_same_stats(got, want)
+    # Order does not matter, and a callable (tensors) reads the same images again.
+    tensors = [(n, torch.tensor(z), torch.tensor(y)) for n, z, y in images[::-1]]
+    assert_same_stats(
+        api.fit_stats(lambda: iter(tensors), class_names=CLASSES, min_pixels=10), want
+    )
+
+
+def test_fit_stats_pseudo_resizes_like_the_command(case):
+    # Logits at half size, labels at full size: resized to the label, as the store does.
+    images = triples(case["tgt_logits"], case["tgt_labels"])
+    got = api.fit_stats(images, class_names=CLASSES, labels="pseudo", min_pixels=10)
+    assert_same_stats(got, api.read_stats(case["tgt_stats"]))
+    assert got.settings["num_pixels"] == 5 * 24 * 32
+
+
+def test_write_and_read_stats_round_trip(case, tmp_path):
+    stats = api.fit_stats(
+        triples(case["src_logits"], case["src_labels"]), class_names=CLASSES, min_pixels=10
+    )
+    api.write_stats(tmp_path / "s.h5", stats)
+    assert_same_stats(api.read_stats(tmp_path / "s.h5"), stats)
+    run("info", tmp_path / "s.h5")
+
+
+@pytest.mark.parametrize(
+    ("method", "tau"), [("blda", None), ("blda", "auto"), ("vector-scaling", None)]
+)
+def test_correct_equals_the_command_pngs(case, tmp_path, method, tau):
+    args = ["--tau", tau] if tau is not None else []
+    run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--method", method, *args, "--out-dir", tmp_path / "out")  # fmt: skip
+    correction = api.load(
+        method,
+        stats=api.read_stats(case["tgt_stats"]),
+        anchors=api.read_stats(case["src_stats"]),
+        tau=tau,
+    )
+    changed = 0
+    for name, z, label in triples(case["tgt_logits"], case["tgt_labels"]):
+        pred, scores = api.correct(z, correction, size=label.shape)
+        want = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        np.testing.assert_array_equal(pred.numpy(), want)
+        assert pred.dtype == torch.int64 and scores.shape == (4, *label.shape)
+        changed += int(
+            (pred.numpy() != api.correct(z, api.load("none"), size=label.shape)[0].numpy()).sum()
+        )
+    # The correction changes pixels (tau auto may choose 0: then none, as the command).
+    assert (changed > 0) == (correction.tau > 0 or method == "vector-scaling")
+
+
+def test_evaluate_equals_the_command(case, tmp_path):
+    out = tmp_path / "e.json"
+    run("evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--json", out)  # fmt: skip
+    report = json.loads(out.read_text())
+    correction = api.load(
+        "blda", stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
+    )
+    plain, corrected, labels = [], [], []
+    for _, z, label in triples(case["tgt_logits"], case["tgt_labels"]):
+        plain.append(api.correct(z, api.load("none"), size=label.shape)[0])
+        corrected.append(api.correct(z, correction, size=label.shape)[0])
+        labels.append(label)
+    before = api.evaluate(plain, labels, 4)
+    after = api.evaluate(corrected, labels, 4)
+    for got, want in ((before, report["before"]), (after, report["after"])):
+        for key in ("miou", "macc", "pixel_acc"):
+            assert got[key] == pytest.approx(want[key], abs=0.006)
+        assert [got["iou"][i] for i in range(4)] == pytest.approx(
+            [want["per_class"][c]["iou"] for c in CLASSES], abs=0.006
+        )
+    assert after["miou"] != before["miou"]
+    # One stacked array gives what the per-image list gives.
+    stacked = api.evaluate(torch.stack(corrected), np.stack(labels), 4)
+    assert stacked == after
+
+
+def test_batch_equals_single_images(case):
+    correction = api.load(
+        "blda", stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
+    )
+    z = torch.stack([torch.from_numpy(t[1]) for t in triples(case["tgt_logits"], None)])
+    z.requires_grad_(True)
+    pred, scores = api.correct(z, correction)
+    assert pred.shape == (5, 12, 16) and scores.shape == (5, 4, 12, 16)
+    assert pred.device == z.device and not scores.requires_grad
+    for i in range(5):
+        one_pred, one_scores = api.correct(z[i], correction)
+        assert torch.equal(one_pred, pred[i]) and torch.equal(one_scores, scores[i])
+    big, _ = api.correct(z.detach().numpy(), correction, size=(24, 32))
+    assert big.shape == (5, 24, 32)
+    assert torch.equal(scores.argmax(1), pred)
+
+
+def test_errors(case):
+    images = triples(case["src_logits"], case["src_labels"])
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        api.fit_stats(iter(images), class_names=CLASSES)
+    with pytest.raises(api.InputError, match="occurs twice"):
+        api.fit_stats(images + images[:1], class_names=CLASSES)
+    with pytest.raises(api.InputError, match="needs a label map"):
+        api.fit_stats([(n, z, None) for n, z, _ in images], class_names=CLASSES)
+    with pytest.raises(api.InputError, match="channels"):
+        api.fit_stats(images, class_names=CLASSES[:3])
+    bad = [(n, z, np.where(y == 1, 7, y)) for n, z, y in images]
+    with pytest.raises(api.InputError, match="label value 7"):
+        api.fit_stats(bad, class_names=CLASSES)
+    nan = [(n, np.where(z > 4, np.nan, z), y) for n, z, y in images]
+    with pytest.raises(api.InputError, match="NaN"):
+        api.fit_stats(nan, class_names=CLASSES)
+    stats = api.read_stats(case["tgt_stats"])
+    with pytest.raises(api.InputError, match="tau"):
+        api.load("blda", stats=stats, tau=-1.0)
+    with pytest.raises(api.InputError, match="needs stats"):
+        api.load("blda")
+    with pytest.raises(api.InputError, match="--method must be one of"):
+        api.load("magic", stats=stats)
+    # Pseudo-label statistics hold no calibration: the command's message, naming "<stats>".
+    with pytest.raises(api.InputError, match="<stats>: holds no vector calibration"):
+        api.load("vector-scaling", stats=stats)
+    with pytest.raises(api.InputError, match="shape"):
+        api.evaluate(np.zeros((2, 2), np.int64), np.zeros((2, 3), np.int64), 4)
+    with pytest.raises(api.InputError, match=r"\(C, H, W\)"):
+        api.correct(np.zeros((4, 5)), api.load("none"))
+
+
+def test_module_example_runs():
+    result = doctest.testmod(api, raise_on_error=False)
+    assert result.attempted > 5 and result.failed == 0
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it writes tgt_stats.h5
+    text = README.read_text()
+    section = text[text.index("## Python API") : text.index("## Commands")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    scope: dict[str, object] = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102
+    assert scope["after"]["miou"] > scope["before"]["miou"]  # type: ignore[index]
+    assert api.read_stats(tmp_path / "tgt_stats.h5").settings["labels"] == "pseudo"
