@@ -59,7 +59,7 @@ import torch
 from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.correct import DEFAULT_CLAMP, correct_image, resize_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
-from blda_posthoc.core.fit import LogitStats, channel_argmax
+from blda_posthoc.core.fit import ESTIMATORS, LogitStats, channel_argmax
 from blda_posthoc.io.corrections import Correction, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.fit_stats import (
@@ -121,15 +121,16 @@ def fit_stats(
     Args:
         images: ``(name, logits, label)`` triples: a unique name, ``(C, h, w)`` logits (numpy
             or torch, any device) and the ``(H, W)`` integer label map (255 = ignore) or None.
-            Logits smaller than their label are resized bilinearly to it, as the commands do.
+            Logits of another size than their label are resized bilinearly to the label's size,
+            as the commands do (the label's size is the image's size).
         class_names: The ``C`` class names.
         labels: ``gt`` (the label maps; every image needs one) or ``pseudo`` (the argmax of
             the logits; a label map then only sets the image's size).
         estimator: ``hist`` or ``gmm``.
-        bins: Histogram bins over the logit range.
-        min_pixels: Cells with fewer pixels get no shift (recorded for :func:`load`).
+        bins: Histogram bins over the logit range (16 to 65536).
+        min_pixels: Cells with fewer pixels get no shift (recorded for :func:`load`; >= 1).
         calibrate: With ``gt``: fit the calibrations and the calibrated statistics.
-        sample_pixels: Size of the seeded pixel sample.
+        sample_pixels: Size of the seeded pixel sample (at most 10 million).
         seed: Seed of the sample.
         device: Where to compute.
 
@@ -143,6 +144,12 @@ def fit_stats(
     """
     if labels not in LABEL_SOURCES:
         raise InputError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
+    if estimator not in ESTIMATORS:
+        raise InputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    # The ranges of the fit-stats options.
+    _check_range("bins", bins, 16, 1 << 16)
+    _check_range("min_pixels", min_pixels, 1, None)
+    _check_range("sample_pixels", sample_pixels, 0, 10_000_000)
     source = _reader(images)
     names_ = list(class_names)
     c = len(names_)
@@ -181,6 +188,12 @@ def fit_stats(
     return fit_images(
         read, sorted(ranges), names_, logit_range, options, device=device, sources=[SOURCE]
     )
+
+
+def _check_range(name: str, value: int, low: int, high: int | None) -> None:
+    if not low <= value <= (value if high is None else high):
+        bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise InputError(f"{name} must be {bound}, got {value}")
 
 
 def _tensor(values: ArrayLike) -> torch.Tensor:

@@ -201,6 +201,14 @@ def test_errors(case):
         api.fit_stats(images + images[:1], class_names=CLASSES)
     with pytest.raises(api.InputError, match="needs a label map"):
         api.fit_stats([(n, z, None) for n, z, _ in images], class_names=CLASSES)
+    for bad_option, match in (
+        ({"bins": 8}, r"bins must be in \[16, 65536\], got 8"),
+        ({"min_pixels": 0}, "min_pixels must be at least 1"),
+        ({"estimator": "kde"}, "estimator must be one of"),
+        ({"labels": "weak"}, "labels must be one of"),
+    ):
+        with pytest.raises(api.InputError, match=match):
+            api.fit_stats(images, class_names=CLASSES, **bad_option)  # type: ignore[arg-type]
     with pytest.raises(api.InputError, match="channels"):
         api.fit_stats(images, class_names=CLASSES[:3])
     bad = [(n, z, np.where(y == 1, 7, y)) for n, z, y in images]
