@@ -320,8 +320,9 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
             stats.extras.calibrated.class_names = list(names)
         try:
             stats_io.write_stats(path, stats, overwrite=True)
-        except OSError as exc:
-            raise InputError(f"{path}: cannot rename its classes ({exc})") from exc
+        except (OSError, InputError) as exc:
+            why = str(exc).removeprefix(f"{path}: ")
+            raise InputError(f"{path}: cannot rename its classes ({why})") from exc
         return old
     tmp = outputs.temporary_name(path)  # unguessable, created exclusively below
     with outputs.Claim(path):  # no other blda run writes the store meanwhile

@@ -153,7 +153,9 @@ def _torch_load(path: Path, trust: bool, what: str = "") -> Any:
             code when loaded) and ``trust`` is False.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust:
             lead = f"{what} " if what else ""
