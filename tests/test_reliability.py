@@ -83,6 +83,19 @@ def blda_cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "blda_posthoc", *(str(a) for a in args)]
 
 
+def slowed_cmd(module: str, function: str, *args: object, delay: float = 0.1) -> list[str]:
+    """``blda ARGS`` in which every call of ``module.function`` first sleeps ``delay`` seconds.
+
+    A victim to kill must still be running when the test kills it, even on a fast idle machine.
+    """
+    script = (
+        f"import sys, time, importlib; m = importlib.import_module({module!r}); "
+        f"f = m.{function}; m.{function} = lambda *a, **k: (time.sleep({delay}), f(*a, **k))[1]; "
+        "from blda_posthoc.cli import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", script, *(str(a) for a in args)]
+
+
 def file_size_limit(limit: int):
     """A ``preexec_fn`` that caps file sizes (a full disk for the child), SIGXFSZ ignored."""
 
@@ -721,9 +734,8 @@ def test_kill9_of_dump_logits_then_immediate_resume_is_byte_identical(tmp_path: 
 def test_kill9_of_import_logits_then_resume_is_byte_identical(tmp_path: Path) -> None:
     logits, _ = write_case(tmp_path / "big", num_images=60, num_classes=8, size=(96, 128))
     out, ref = tmp_path / "k.h5", tmp_path / "ref.h5"
-    victim = subprocess.Popen(
-        blda_cmd("import-logits", logits, "--out", out), env=sub_env(), stderr=subprocess.DEVNULL
-    )
+    command = slowed_cmd("numpy", "load", "import-logits", logits, "--out", out)
+    victim = subprocess.Popen(command, env=sub_env(), stderr=subprocess.DEVNULL)
     wait_for(lambda: os.path.exists(f"{out}.partial") and complete_count_safe(out) >= 3)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -993,7 +1005,9 @@ def test_kill9_of_correct_and_relabel_then_resume_is_byte_identical(
         args += ["--min-confidence", "0.6"]
     out, ref = tmp_path / "k", tmp_path / "ref"
     victim = subprocess.Popen(
-        blda_cmd(*args, "--out-dir", out), env=sub_env(), stderr=subprocess.DEVNULL
+        slowed_cmd("blda_posthoc.io.images", "write_png", *args, "--out-dir", out, delay=0.05),
+        env=sub_env(),
+        stderr=subprocess.DEVNULL,
     )
     partial = tmp_path / "k.partial"
     wait_for(lambda: partial.is_dir() and len(list(partial.rglob("*.png"))) >= 8)

@@ -10,6 +10,8 @@ from typing import TypeVar, cast
 T = TypeVar("T")
 
 _DONE = object()
+JOIN_SECONDS = 1.0
+"""How long closing the generator waits for the producer thread."""
 
 
 class _Raised:
@@ -23,8 +25,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     Meant for reading: HDF5 (h5py), zlib and numpy release the GIL while they decompress and
     copy, so the next image is read while the caller computes on this one. An exception raised
     while producing an item is raised here, at that item. Closing the returned generator early
-    (``break``, an exception in the caller) stops the thread after the item it is producing;
-    nothing else touches ``items`` afterwards.
+    (``break``, an exception in the caller) stops the thread after the item it is producing.
 
     Args:
         items: Any iterable; it is iterated in the background thread only.
@@ -71,4 +72,8 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
             yield cast(T, item)
     finally:
         stop.set()
-        thread.join()
+        # Bounded: this ``finally`` may run inside a garbage collection triggered while the
+        # calling thread holds a lock the producer waits for (h5py's global lock), and an
+        # unbounded join would then never return. The producer stops on its own after the item
+        # it is producing (``stop`` is set) and, being a daemon, never holds the process.
+        thread.join(timeout=JOIN_SECONDS)
