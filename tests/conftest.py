@@ -64,3 +64,48 @@ def write_case(
 def npy_case(tmp_path: Path) -> tuple[Path, Path]:
     """A 4-class case of 6 images, biased towards the last class."""
     return write_case(tmp_path / "case", bias_scale=1.0)
+
+
+def fitted_case(root: Path, *, tgt_images: int, dtype: str = "float16") -> dict[str, Path]:
+    """Source (unbiased, labelled) and target (biased) stores of 5 classes and their statistics.
+
+    ``src_stats`` is fitted with ground truth (so it holds calibrations), ``tgt_stats`` with
+    pseudo-labels and ``--calibration src_stats`` (so every method has what it needs).
+    """
+    from click.testing import CliRunner
+
+    from blda_posthoc.cli import main
+
+    def run(*args: object) -> None:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + str(result.exception)
+
+    src = write_case(root / "src", num_images=8, num_classes=5, seed=21, bias_scale=0.0)
+    tgt = write_case(root / "tgt", num_images=tgt_images, num_classes=5, seed=22, bias_scale=1.5)
+    paths = {k: root / f"{k}.h5" for k in ("src", "tgt", "src_stats", "tgt_stats")}
+    paths["labels"] = tgt[1]
+    run("import-logits", src[0], "--labels", src[1], "--out", paths["src"], "--dtype", dtype)
+    run("import-logits", tgt[0], "--labels", tgt[1], "--out", paths["tgt"], "--dtype", dtype)
+    run(
+        "fit-stats",
+        paths["src"],
+        "--labels",
+        "gt",
+        "--min-pixels",
+        "20",
+        "--out",
+        paths["src_stats"],
+    )
+    run(
+        "fit-stats",
+        paths["tgt"],
+        "--labels",
+        "pseudo",
+        "--min-pixels",
+        "20",
+        "--calibration",
+        paths["src_stats"],
+        "--out",
+        paths["tgt_stats"],
+    )
+    return paths

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_case
+from conftest import fitted_case
 
 from blda_posthoc.cli import main
 from blda_posthoc.io.store import LogitStore
@@ -30,36 +30,8 @@ def assert_error(result, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("compare")
-    src = write_case(root / "src", num_images=8, num_classes=5, seed=21, bias_scale=0.0)
-    tgt = write_case(root / "tgt", num_images=12, num_classes=5, seed=22, bias_scale=1.5)
-    paths = {k: root / f"{k}.h5" for k in ("src", "tgt", "src_stats", "tgt_stats")}
-    paths["labels"] = tgt[1]
-    run("import-logits", src[0], "--labels", src[1], "--out", paths["src"])
-    run("import-logits", tgt[0], "--labels", tgt[1], "--out", paths["tgt"])
-    run(
-        "fit-stats",
-        paths["src"],
-        "--labels",
-        "gt",
-        "--min-pixels",
-        "20",
-        "--out",
-        paths["src_stats"],
-    )
-    run(
-        "fit-stats",
-        paths["tgt"],
-        "--labels",
-        "pseudo",
-        "--min-pixels",
-        "20",
-        "--calibration",
-        paths["src_stats"],
-        "--out",
-        paths["tgt_stats"],
-    )
-    return paths
+    """Source and target stores with their statistics (see conftest.fitted_case)."""
+    return fitted_case(tmp_path_factory.mktemp("compare"), tgt_images=12, dtype="float16")
 
 
 def compare(case, out: Path, *extra) -> dict:

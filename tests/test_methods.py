@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_case
+from conftest import fitted_case
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.correct import build_maps, correct_image, corrected_log_scores
@@ -27,36 +27,8 @@ def run(*args, ok: bool = True):
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict[str, Path]:
-    """Source (unbiased, labelled) and target (biased) stores with their statistics."""
-    root = tmp_path_factory.mktemp("methods")
-    src = write_case(root / "src", num_images=8, num_classes=5, seed=11, bias_scale=0.0)
-    tgt = write_case(root / "tgt", num_images=8, num_classes=5, seed=12, bias_scale=1.5)
-    paths = {k: root / f"{k}.h5" for k in ("src", "tgt", "src_stats", "tgt_stats")}
-    run("import-logits", src[0], "--labels", src[1], "--out", paths["src"], "--dtype", "float32")
-    run("import-logits", tgt[0], "--labels", tgt[1], "--out", paths["tgt"], "--dtype", "float32")
-    run(
-        "fit-stats",
-        paths["src"],
-        "--labels",
-        "gt",
-        "--min-pixels",
-        "20",
-        "--out",
-        paths["src_stats"],
-    )
-    run(
-        "fit-stats",
-        paths["tgt"],
-        "--labels",
-        "pseudo",
-        "--min-pixels",
-        "20",
-        "--calibration",
-        paths["src_stats"],
-        "--out",
-        paths["tgt_stats"],
-    )
-    return paths
+    """Source and target stores with their statistics (see conftest.fitted_case)."""
+    return fitted_case(tmp_path_factory.mktemp("methods"), tgt_images=8, dtype="float32")
 
 
 def target_pixels(case) -> tuple[np.ndarray, np.ndarray]:

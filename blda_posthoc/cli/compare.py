@@ -25,6 +25,7 @@ from blda_posthoc.io.compare import (
     check_methods,
     compare_store,
     format_table,
+    make_split,
     parse_grid,
     plot_compare,
 )
@@ -139,14 +140,13 @@ def command(
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         statistics = read_statistics(stats, anchors, store.class_names)
+        pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
+        split = make_split(pairs.names, fraction, seed)
         rows, auto, skipped = build_rows(wanted, taus, spec, statistics, store.class_names, dev)
         for method, reason in skipped.items():
             warn(f"{method} left out: {reason}")
-        pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
         info(f"comparing {len(rows)} rows on {len(pairs.names)} images")
-        split = compare_store(
-            store, pairs, label_files, rows, select_on=fraction, seed=seed, device=dev
-        )
+        compare_store(store, pairs, label_files, rows, split=split, device=dev)
         settings = dict(statistics.settings())
         settings.update(
             methods=wanted,

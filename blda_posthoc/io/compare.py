@@ -148,10 +148,9 @@ def compare_store(
     label_files: dict[str, Path],
     rows: list[Row],
     *,
-    select_on: float | None = None,
-    seed: int = 0,
+    split: tuple[list[str], list[str]] | None = None,
     device: torch.device | str = "cpu",
-) -> tuple[list[str], list[str]] | None:
+) -> None:
     """Fill every row's confusion matrices in one pass over the labelled images.
 
     Args:
@@ -159,21 +158,10 @@ def compare_store(
         pairs: Images with labels (see :func:`blda_posthoc.io.evaluate.store_labels`).
         label_files: Label PNGs by name (empty: the store's own labels).
         rows: The rows (their matrices are reset here).
-        select_on: Images (count, or fraction) drawn for selection; None: no split.
-        seed: Seed of the draw.
+        split: ``(selection names, held-out names)`` from :func:`make_split`, or None.
         device: Where to compute.
-
-    Returns:
-        ``(selection names, held-out names)``, or None without a split.
     """
-    split = None
-    selection: set[str] = set()
-    if select_on is not None:
-        try:
-            split = split_names(pairs.names, select_on, seed)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        selection = set(split[0])
+    selection = set(split[0]) if split is not None else set()
     c = store.num_classes
     for row in rows:
         row.held = ConfusionMatrix(c)
@@ -184,7 +172,18 @@ def compare_store(
             target = row.select if name in selection else row.held
             assert target is not None
             add_pixels(target, row.predict(z, size), label, label_source(store, label_files, name))
-    return split
+
+
+def make_split(
+    names: list[str], select_on: float | None, seed: int
+) -> tuple[list[str], list[str]] | None:
+    """``(selection, held-out)`` names for ``--select-on`` (None: no split), checked up front."""
+    if select_on is None:
+        return None
+    try:
+        return split_names(names, select_on, seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
 
 
 def _summary(matrix: ConfusionMatrix | None) -> Summary | None:
