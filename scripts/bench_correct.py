@@ -4,7 +4,8 @@ All three run in one process on the same random 19-class logits, so the figures 
 measured side by side:
 
 * ``argmax``: resize + argmax (what a plain prediction costs);
-* ``blda tabulated``: :func:`blda_posthoc.core.correct.predict` (maps tabulated once, chunked);
+* ``blda tabulated``: :func:`blda_posthoc.core.correct.correct_image` (maps tabulated once,
+  chunked);
 * ``direct``: per pixel, every ``F_ij`` evaluated by interpolation on the histogram CDF and every
   anchor quantile by a sorted search, on ``(C, C, N)`` tensors (the straightforward way; the
   reference expands further to ``(B, C, C, K, H, W)`` for its mixtures).
@@ -21,8 +22,9 @@ import time
 import numpy as np
 import torch
 
-from blda_posthoc.core.correct import build_maps, hist_cdf, predict
+from blda_posthoc.core.correct import build_maps, correct_image, hist_cdf
 from blda_posthoc.core.fit import Grid, LogitHistogram, make_stats
+from blda_posthoc.core.methods import Aligned, Plain
 
 C = 19
 
@@ -100,11 +102,12 @@ def main() -> None:
     stats = make_stats(hist, [str(i) for i in range(C)], settings={"min_pixels": 100})
     t_build, maps = timed(lambda: build_maps(stats, stats), device)
     maps = maps.to(device)
+    aligned = Aligned(maps)
     gpu_images = [(z.to(device), y) for z, y in images]
-    predict(gpu_images[0][0], (h, w), maps, args.tau)  # warm-up (packs the shift table)
-    t_argmax, _ = timed(lambda: [predict(z, (h, w), None) for z, _ in gpu_images], device)
+    correct_image(gpu_images[0][0], (h, w), aligned, args.tau)  # warm-up (packs the shift table)
+    t_argmax, _ = timed(lambda: [correct_image(z, (h, w), Plain()) for z, _ in gpu_images], device)
     t_blda, preds = timed(
-        lambda: [predict(z, (h, w), maps, args.tau)[0] for z, _ in gpu_images], device
+        lambda: [correct_image(z, (h, w), aligned, args.tau)[0] for z, _ in gpu_images], device
     )
     n = args.direct_pixels
     side = int(np.sqrt(n))
