@@ -314,16 +314,19 @@ def plot_compare(path: Path, report: dict[str, Any]) -> None:
     rows = report["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     none = rows[0]["miou"]
-    for method in METHODS:
+    for k, method in enumerate(METHODS):
         mine = [r for r in rows if r["method"] == method and not r["auto"]]
         if not mine or method == "none":
             continue
+        colour = f"C{k % 10}"
         if mine[0]["tau"] is None:
-            left.axhline(mine[0]["miou"] or 0, linestyle="--", linewidth=1, label=method)
+            left.axhline(
+                mine[0]["miou"] or 0, color=colour, linestyle="--", linewidth=1, label=method
+            )
             continue
-        taus = ([0.0] if none is not None else []) + [r["tau"] for r in mine]
-        values = ([none] if none is not None else []) + [r["miou"] for r in mine]
-        left.plot(taus, values, marker="o", label=method)
+        # A method whose tau = 0 is the plain argmax has no tau = 0 row: the none line is it.
+        taus, values = [r["tau"] for r in mine], [r["miou"] for r in mine]
+        left.plot(taus, values, marker="o", color=colour, label=method)
     if none is not None:
         left.axhline(none, color="black", linewidth=1, label="none")
     left.set_xlabel("tau (strength)")
