@@ -16,6 +16,8 @@ echo "== tests (the GPU tests run when CUDA is present)"
 echo "== correct: CPU baseline, then CUDA"
 "$PY" scripts/bench_correct.py --images 3 --direct-pixels 16384 --device cpu
 "$PY" scripts/bench_correct.py --images 20 --direct-pixels 16384 --device cuda
+echo "== every compute command on CPU and CUDA, one table (and CUDA vs CPU predictions)"
+"$PY" scripts/bench_commands.py --images 8 --size 512x1024 --classes 19 --devices cpu,cuda
 echo "== dump-logits on CUDA, fp32 and fp16 autocast"
 "$PY" scripts/bench_dump.py --device cuda --images 100 --batch-size 4 --repeat 1
 "$PY" scripts/bench_dump.py --device cuda --images 100 --batch-size 4 --repeat 1 --precision fp16
