@@ -89,7 +89,7 @@ def fitted_case(root: Path, *, tgt_images: int, dtype: str = "float16") -> dict[
     run(
         "fit-stats",
         paths["src"],
-        "--labels",
+        "--label-source",
         "gt",
         "--min-pixels",
         "20",
@@ -99,7 +99,7 @@ def fitted_case(root: Path, *, tgt_images: int, dtype: str = "float16") -> dict[
     run(
         "fit-stats",
         paths["tgt"],
-        "--labels",
+        "--label-source",
         "pseudo",
         "--min-pixels",
         "20",

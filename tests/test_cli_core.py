@@ -401,7 +401,7 @@ def test_gt_labels_required_for_gt_mode(tmp_path, npy_case):
     run("import-logits", logits_dir, "--out", tmp_path / "u.h5")
     assert_error(
         run("fit-stats", tmp_path / "u.h5", "--labels", "gt", "--out", tmp_path / "s.h5", ok=False),
-        "--labels gt needs label maps",
+        "--label-source gt needs label maps",
     )
     result = run("fit-stats", tmp_path / "u.h5", "--out", tmp_path / "s.h5")
     assert "labels: pseudo" in result.stderr

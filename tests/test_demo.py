@@ -23,8 +23,8 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path):
     log = (workdir / "commands.log").read_text()
     for step in (
         "dump-logits",
-        "fit-stats src.h5 --labels gt",
-        "fit-stats tgt.h5 --labels pseudo",
+        "fit-stats src.h5 --label-source gt",
+        "fit-stats tgt.h5 --label-source pseudo",
         "diagnose",
         "correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5",
         "correct tgt.h5 --stats src_stats.h5",

@@ -80,6 +80,33 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: An output or input file: a folder is refused while the options parse.
+FILE = click.Path(path_type=Path, dir_okay=False)
+#: An input folder: a file is refused while the options parse.
+FOLDER = click.Path(path_type=Path, file_okay=False)
+
+
+def labels_dir_option(func: F) -> F:
+    """``--labels DIR``: a folder of trainId label PNGs (the command receives ``labels_dir``)."""
+    return click.option(
+        "--labels",
+        "labels_dir",
+        type=FOLDER,
+        default=None,
+        metavar="DIR",
+        help="Folder of NAME.png trainId labels (255 = ignore).",
+    )(func)
+
+
+def label_suffix_option(func: F) -> F:
+    """``--label-suffix``: the stem ending of label files (received as ``label_suffix``)."""
+    return click.option(
+        "--label-suffix",
+        default="",
+        help="Stem ending of the label files after NAME, e.g. _gtFine_labelTrainIds.",
+    )(func)
+
+
 def class_names_option(func: F) -> F:
     """``--class-names``: preset, comma-separated list, text file or JSON file."""
     return click.option(

@@ -11,6 +11,8 @@ from blda_posthoc.cli.common import (
     device_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     resolve_device,
     statistics_options,
@@ -67,13 +69,8 @@ def parse_select_on(text: str | None) -> float | None:
     show_default=True,
     help="Strengths tried for every method that has one (comma-separated).",
 )
-@click.option(
-    "--labels",
-    "labels_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder of NAME.png trainId labels [default: the store's labels].",
-)
-@click.option("--label-suffix", default="", help="Label stem suffix, e.g. _gtFine_labelTrainIds.")
+@labels_dir_option
+@label_suffix_option
 @click.option(
     "--select-on",
     default=None,

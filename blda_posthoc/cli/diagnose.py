@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import (
+    FILE,
     check_output_file,
     device_option,
     handle_errors,
@@ -34,7 +35,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 @click.option(
     "--stats",
     "stats_path",
-    type=click.Path(path_type=Path),
+    type=FILE,
     default=None,
     help="Stats file (default: fit pseudo-label statistics of STORES on the fly).",
 )
@@ -43,12 +44,12 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     "anchors_path",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Source stats file fitted with --labels gt: its calibration and class priors give an "
-    "EM estimate of the target priors, and the label-free verdict follows the estimated "
+    help="Source stats file fitted with --label-source gt: its calibration and class priors give "
+    "an EM estimate of the target priors, and the label-free verdict follows the estimated "
     "predicted/true ratio (needs --stats of version 2).",
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON report.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a score chart.")
+@click.option("--json", "json_path", type=FILE, help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=FILE, help="Write a score chart.")
 @device_option
 @overwrite_option
 @handle_errors

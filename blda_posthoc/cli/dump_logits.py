@@ -13,6 +13,8 @@ from blda_posthoc.cli.common import (
     device_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     parse_class_names,
     progress,
@@ -144,15 +146,9 @@ def _fmt(values: tuple[float, ...]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Logits store (.h5) to write; shards write OUT-K-of-N.h5.",
 )
-@click.option(
-    "--labels",
-    "labels_dir",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of trainId label PNGs stored alongside (same names).",
-)
+@labels_dir_option
 @click.option("--image-suffix", default="", help="Stem ending stripped from image names.")
-@click.option("--label-suffix", default="", help="Stem ending of label files.")
+@label_suffix_option
 @class_names_option
 @click.option(
     "--num-classes",

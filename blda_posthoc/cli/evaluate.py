@@ -9,12 +9,16 @@ import click
 import torch
 
 from blda_posthoc.cli.common import (
+    FILE,
+    FOLDER,
     check_output_file,
     class_names_option,
     correction_options,
     device_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     parse_class_names,
     report_notes,
@@ -121,17 +125,15 @@ def note_out_of_range(
         )
 
 
-PATH = click.Path(path_type=Path)
-IN_DIR = click.Path(path_type=Path, file_okay=False)
 IN_FILE = click.Path(path_type=Path, dir_okay=False)
 
 
 @click.command("evaluate")
 @click.argument("stores", nargs=-1)
 @click.option("--store", "store_options", multiple=True, hidden=True)
-@click.option("--pred-dir", type=IN_DIR, help="Folder of NAME.png trainId predictions.")
-@click.option("--labels", "labels_dir", type=IN_DIR, help="Folder of NAME.png trainId labels.")
-@click.option("--label-suffix", default="", help="Label stem suffix, e.g. _gtFine_labelTrainIds.")
+@click.option("--pred-dir", type=FOLDER, help="Folder of NAME.png trainId predictions.")
+@labels_dir_option
+@label_suffix_option
 @class_names_option
 @click.option("--num-classes", type=click.IntRange(1, 255), help="Class count (for --pred-dir).")
 @correction_options
@@ -144,9 +146,9 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
     help="With --pred-dir: leave out pixels predicted as 255 (ignore) instead of counting them "
     "as wrong, e.g. to score pseudo-labels as relabel's quality report does.",
 )
-@click.option("--json", "json_path", type=PATH, help="Write the report as JSON.")
-@click.option("--markdown", "markdown_path", type=PATH, help="Write the report as Markdown.")
-@click.option("--plot", "plot_path", type=PATH, help="Per-class IoU bar chart (needs matplotlib).")
+@click.option("--json", "json_path", type=FILE, help="Write the report as JSON.")
+@click.option("--markdown", "markdown_path", type=FILE, help="Write the report as Markdown.")
+@click.option("--plot", "plot_path", type=FILE, help="Per-class IoU bar chart (needs matplotlib).")
 @overwrite_option
 @device_option
 @handle_errors

@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from blda_posthoc.cli.common import (
+    FILE,
     check_output_file,
     device_option,
     handle_errors,
@@ -33,13 +34,21 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 @click.command("fit-stats")
 @click.argument("stores", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Stats file to write.")
+@click.option("--out", required=True, type=FILE, help="Stats file to write.")
 @click.option(
-    "--labels",
+    "--label-source",
+    "labels",
     type=click.Choice(LABEL_SOURCES),
     default=None,
     help="Cell labels: gt (the store's labels) or pseudo (argmax of the logits). "
     "Default: gt when every image has a label, else pseudo.",
+)
+@click.option(  # the old spelling, kept for one release; other commands' --labels is a folder
+    "--labels",
+    "labels_alias",
+    type=click.Choice(LABEL_SOURCES),
+    default=None,
+    hidden=True,
 )
 @click.option(
     "--estimator",
@@ -81,7 +90,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     "--calibrate/--no-calibrate",
     default=True,
     show_default=True,
-    help="With --labels gt: fit temperature, vector-scaling and bias calibrations and the "
+    help="With --label-source gt: fit temperature, vector-scaling and bias calibrations and the "
     "statistics of calibrated logits (a second pass).",
 )
 @click.option(
@@ -89,7 +98,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     "calibration_path",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="A stats file fitted with --labels gt (usually the source's): also fit statistics "
+    help="A stats file fitted with --label-source gt (usually the source's): also fit statistics "
     "of the logits calibrated with its vector scaling, for --method calibrated-blda.",
 )
 @device_option
@@ -99,6 +108,7 @@ def command(
     stores: tuple[str, ...],
     out: Path,
     labels: str | None,
+    labels_alias: str | None,
     estimator: str,
     components: int,
     min_pixels: int,
@@ -112,8 +122,12 @@ def command(
 ) -> None:
     """Fit per-class logit distributions from STORES (files or globs; shards are merged).
 
-    Example: blda fit-stats src.h5 --labels gt --out src_stats.h5
+    Example: blda fit-stats src.h5 --label-source gt --out src_stats.h5
     """
+    if labels_alias is not None:
+        if labels is not None and labels != labels_alias:
+            raise click.UsageError("--labels is the old spelling of --label-source; give one")
+        labels = labels_alias
     check_output_file(out, overwrite)
     paths = expand_store_paths(stores)
     check_not_input(out, [*paths, calibration_path], option="--out")
@@ -121,7 +135,7 @@ def command(
         with LogitStore(paths) as store:
             if labels is None:
                 labels = "gt" if store.has_labels() else "pseudo"
-                info(f"labels: {labels} (pass --labels to choose)")
+                info(f"labels: {labels} (pass --label-source to choose)")
             calibration = None
             if calibration_path is not None:
                 calibration = read_calibration(calibration_path, store.class_names)
@@ -154,7 +168,9 @@ def read_calibration(path: Path, class_names: list[str]) -> tuple[np.ndarray, np
     if stats.class_names != class_names:
         raise InputError(f"{path}: class names {stats.class_names} differ from the store's")
     if stats.extras is None or "vector" not in stats.extras.calibrations:
-        raise InputError(f"{path}: holds no vector-scaling calibration (fit it with --labels gt)")
+        raise InputError(
+            f"{path}: holds no vector-scaling calibration (fit it with --label-source gt)"
+        )
     return stats.extras.calibrations["vector"]
 
 

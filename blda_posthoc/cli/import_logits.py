@@ -7,9 +7,12 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import (
+    FILE,
     class_names_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     parse_class_names,
     progress,
@@ -21,16 +24,9 @@ from blda_posthoc.io.store import LogitStore
 
 @click.command("import-logits")
 @click.argument("logits_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Store to write.")
-@click.option(
-    "--labels",
-    "labels_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder of NAME.png trainId labels (255 = ignore).",
-)
-@click.option(
-    "--label-suffix", default="", help="Label stem ending to strip, e.g. _gtFine_labelTrainIds."
-)
+@click.option("--out", required=True, type=FILE, help="Store to write.")
+@labels_dir_option
+@label_suffix_option
 @class_names_option
 @click.option(
     "--dtype",

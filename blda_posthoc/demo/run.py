@@ -234,11 +234,11 @@ def run_demo(
             store,
             device=True,
         )
-    run("fit-stats", "src.h5", "--labels", "gt", "--out", "src_stats.h5", device=True)
+    run("fit-stats", "src.h5", "--label-source", "gt", "--out", "src_stats.h5", device=True)
     run(
         "fit-stats",
         "tgt.h5",
-        "--labels",
+        "--label-source",
         "pseudo",
         "--calibration",
         "src_stats.h5",

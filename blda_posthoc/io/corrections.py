@@ -236,7 +236,7 @@ def _calibration(statistics: Statistics, kind: str) -> tuple[torch.Tensor, torch
     if kind not in extras.calibrations:
         raise InputError(
             f"{statistics.anchors_path}: holds no {kind} calibration (it is fitted by "
-            "blda fit-stats --labels gt on labelled, usually source, logits)"
+            "blda fit-stats --label-source gt on labelled, usually source, logits)"
         )
     scale, bias = extras.calibrations[kind]
     return (
@@ -297,7 +297,7 @@ def _calibrated(stats: LogitStats, path: Path) -> LogitStats:
     extras = _extras(stats, path, "calibrated-blda")
     if extras.calibrated is None:
         raise InputError(
-            f"{path}: holds no statistics of calibrated logits (fit it with --labels gt, or "
+            f"{path}: holds no statistics of calibrated logits (fit it with --label-source gt, or "
             "with --calibration SOURCE_STATS)"
         )
     return extras.calibrated
@@ -374,7 +374,7 @@ def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
     if pre is None:
         details["notes"] = [
             f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
-            "which tends to collapse (fit the anchors with --labels gt)"
+            "which tends to collapse (fit the anchors with --label-source gt)"
         ]
     return Shift(torch.as_tensor(shift, dtype=torch.float32), pre), details
 
@@ -390,7 +390,7 @@ def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) ->
     if pre is None:
         raise InputError(
             f"{statistics.anchors_path}: --tau auto needs a source calibration (fit the "
-            "anchors with blda fit-stats --labels gt)"
+            "anchors with blda fit-stats --label-source gt)"
         )
     z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
     return auto_tau(corrector, z.float(), target, fallback, AUTO_GRID)

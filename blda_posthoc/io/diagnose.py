@@ -246,7 +246,7 @@ def estimated_priors(
     extras = statistics.anchors.extras
     if extras is None or "vector" not in extras.calibrations:
         raise InputError(
-            f"{anchors_path}: holds no calibration (fit it with blda fit-stats --labels gt); "
+            f"{anchors_path}: holds no calibration (fit it with blda fit-stats --label-source gt); "
             "EM on uncalibrated probabilities is not trusted"
         )
     priors, _, _ = target_priors(statistics)

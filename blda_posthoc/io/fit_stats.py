@@ -169,7 +169,7 @@ def fit_store(
     if options.labels not in LABEL_SOURCES:
         raise InputError(f"--labels must be one of {LABEL_SOURCES}, got {options.labels!r}")
     if options.labels == "gt" and not store.has_labels():
-        raise InputError(f"{store.paths[0]}: --labels gt needs label maps in every image")
+        raise InputError(f"{store.paths[0]}: --label-source gt needs label maps in every image")
     lo, hi = store.logit_range()
     check_memory(store.num_classes, options.bins)
     check_spread(store, options.bins)
