@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import numpy as np
 import torch
 
 from blda_posthoc.core.correct import DEFAULT_CLAMP
@@ -358,6 +359,32 @@ def read_compare_selection(path: Path) -> dict[str, Any]:
         "stats": settings.get("stats"),
         "anchors": settings.get("anchors"),
     }
+
+
+def report_changes(
+    flow: Any, labels: list[str], total: int, against: str = "plain argmax", top: int = 3
+) -> None:
+    """Say on stderr how many pixels changed class and the largest class-to-class flows.
+
+    Args:
+        flow: ``(K, K)`` pixel counts from ``labels[a]`` to ``labels[b]`` (diagonal ignored).
+        labels: The K class names (and ``ignore`` where the flows include it).
+        total: Pixels in all, for the fraction.
+        against: What the labels changed from.
+        top: How many flows to name.
+    """
+    counts = np.asarray(flow, dtype=np.int64)
+    counts = counts - np.diag(np.diag(counts))
+    changed = int(counts.sum())
+    share = 100.0 * changed / max(total, 1)
+    line = f"{changed} of {total} pixels ({share:.2f}%) changed class vs {against}"
+    order = np.argsort(-counts, axis=None, kind="stable")[:top]  # ties: first pair first
+    flows = [
+        f"{labels[a]}->{labels[b]} {int(counts[a, b])}"
+        for a, b in (np.unravel_index(i, counts.shape) for i in order)
+        if counts[a, b] > 0
+    ]
+    info(line + ("; largest: " + ", ".join(flows) if flows else ""))
 
 
 def report_notes(correction: Correction) -> None:

@@ -13,6 +13,7 @@ from blda_posthoc.cli.common import (
     info,
     overwrite_option,
     progress,
+    report_changes,
     report_notes,
     resolve_device,
 )
@@ -103,3 +104,4 @@ def command(
             write_json(folder.root / "correct.json", summary, sort_keys=True)
     kept = summary["images"] - written
     info(f"wrote {written} predictions to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))
+    report_changes(summary["flow"], store.class_names, sum(summary["pixels_after"]))

@@ -15,6 +15,7 @@ from blda_posthoc.cli.common import (
     info,
     overwrite_option,
     progress,
+    report_changes,
     report_notes,
     resolve_device,
     warn,
@@ -135,11 +136,12 @@ def report(manifest: dict[str, Any], out_dir: Path) -> None:
     info(
         f"wrote {written} pseudo-labels"
         + (f" (kept {kept} existing)" if kept else "")
-        + f"; ignore fraction {manifest['ignore_fraction']:.4f}; "
-        f"changed vs argmax {manifest['changes']['argmax']['changed_fraction']:.4f}"
+        + f"; ignore fraction {manifest['ignore_fraction']:.4f}"
     )
+    labels, total = manifest["flow_labels"], manifest["num_pixels"]
+    report_changes(manifest["changes"]["argmax"]["flow"], labels, total)
     if "pseudo_dir" in manifest["changes"]:
-        info(f"changed vs --pseudo-dir {manifest['changes']['pseudo_dir']['changed_fraction']:.4f}")
+        report_changes(manifest["changes"]["pseudo_dir"]["flow"], labels, total, "--pseudo-dir")
     portion = manifest["settings"]["keep_portion"]
     if portion is not None:
         for name, entry in manifest["thresholds"].items():

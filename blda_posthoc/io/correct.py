@@ -145,16 +145,17 @@ def correct_store(
         progress: Wraps the iteration over image names.
 
     Returns:
-        ``{"images": n, "written": n_now, "pixels_before": [C], "pixels_after": [C]}`` with
-        per-class predicted pixel counts over all ``n`` images (kept ones included) before
-        and after the correction; ``written`` counts the images computed by this call.
+        ``{"images": n, "written": n_now, "pixels_before": [C], "pixels_after": [C],
+        "changed_pixels": n, "flow": [[C] * C]}`` with per-class predicted pixel counts over
+        all ``n`` images (kept ones included) before and after the correction, and
+        ``flow[a][b]`` the pixels that went from class ``a`` (plain argmax) to ``b`` (zero
+        diagonal); ``written`` counts the images computed by this call.
     """
     paths = output_paths(out_dir, store.names, color)
     todo = check_outputs(paths, overwrite, resume)
     palette = palette_for(store.class_names)
     c = store.num_classes
-    before = np.zeros(c, dtype=np.int64)
-    after = np.zeros(c, dtype=np.int64)
+    flow = np.zeros(c * c, dtype=np.int64)  # (before, after) pairs, flattened
     with contextlib.ExitStack() as stack:
         scores_store = None
         if scores_out is not None:
@@ -171,23 +172,32 @@ def correct_store(
             )
         images = corrected_images(store, todo, correction, device=device, progress=progress)
         for image in images:
-            before += np.bincount(image.logits.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
             label_map = image.pred.cpu().numpy().astype(np.uint8)
-            after += np.bincount(label_map.reshape(-1), minlength=c)
+            flow += _pairs(image.logits.argmax(0).cpu().numpy(), label_map, c)
             write_label_map(paths[image.record.name], label_map, palette if color else None)
             if scores_store is not None:
                 scores_store.write(image.record.name, image.scores.cpu().numpy())
     done = set(todo)
     kept = [name for name in store.names if name not in done]
     for record, z in store.iter_images(kept, device=device):
-        before += np.bincount(z.argmax(0).reshape(-1).cpu().numpy(), minlength=c)
-        after += np.bincount(_kept_prediction(paths[record.name][0], record.size, c), minlength=c)
+        kept_map = _kept_prediction(paths[record.name][0], record.size, c)
+        flow += _pairs(z.argmax(0).cpu().numpy(), kept_map, c)
+    square = flow.reshape(c, c)
+    changed = square - np.diag(np.diag(square))
     return {
         "images": len(store.names),
         "written": len(todo),
-        "pixels_before": before.tolist(),
-        "pixels_after": after.tolist(),
+        "pixels_before": square.sum(1).tolist(),
+        "pixels_after": square.sum(0).tolist(),
+        "changed_pixels": int(changed.sum()),
+        "flow": changed.tolist(),
     }
+
+
+def _pairs(before: np.ndarray, after: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C * C,)`` counts of the (before, after) class pairs of two equal-shape label maps."""
+    pairs = before.reshape(-1).astype(np.int64) * num_classes + after.reshape(-1)
+    return np.bincount(pairs, minlength=num_classes * num_classes)
 
 
 def _kept_prediction(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:

@@ -1,0 +1,95 @@
+"""What correct and relabel say they changed; scores stores; device errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import fitted_case
+from PIL import Image
+
+from blda_posthoc.cli import main
+
+CHANGED = re.compile(
+    r"(\d+) of (\d+) pixels \(([\d.]+)%\) changed class vs (.+?)(?:; largest: (.*))?$", re.M
+)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return fitted_case(tmp_path_factory.mktemp("changes"), tgt_images=3)
+
+
+def run(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _maps(folder: Path) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(folder)): np.asarray(Image.open(p))
+        for p in sorted(folder.rglob("*.png"))
+        if not p.stem.endswith("_color")
+    }
+
+
+def _correct(case, out: Path, tau: str, *extra: object):
+    result = run(
+        "correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--tau", tau, "--out-dir", out, *extra,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_correct_prints_the_changed_pixels_and_largest_flows(case, tmp_path):
+    _correct(case, tmp_path / "plain", "0")
+    result = _correct(case, tmp_path / "fixed", "0.5")
+    plain, fixed = _maps(tmp_path / "plain"), _maps(tmp_path / "fixed")
+    assert plain.keys() == fixed.keys() and len(plain) == 3
+    flow = np.zeros((5, 5), dtype=np.int64)  # reference: count the two folders' pixels
+    for name, before in plain.items():
+        np.add.at(flow, (before.reshape(-1), fixed[name].reshape(-1)), 1)
+    np.fill_diagonal(flow, 0)
+    total = sum(m.size for m in plain.values())
+    assert flow.sum() > 0  # the case is biased: the correction changes something
+    found = CHANGED.search(result.stderr)
+    assert found, result.stderr
+    assert int(found[1]) == flow.sum() and int(found[2]) == total
+    assert found[4] == "plain argmax"
+    names = json.loads((tmp_path / "fixed" / "correct.json").read_text())["class_names"]
+    a, b = np.unravel_index(np.argmax(flow), flow.shape)
+    first = found[5].split(", ")[0]
+    assert first == f"{names[a]}->{names[b]} {flow[a, b]}"
+    report = json.loads((tmp_path / "fixed" / "correct.json").read_text())
+    assert report["flow"] == flow.tolist() and report["changed_pixels"] == flow.sum()
+    assert np.array_equal(np.array(report["pixels_after"]) - report["pixels_before"],
+                          flow.sum(0) - flow.sum(1))  # fmt: skip
+
+
+def test_correct_at_tau_zero_says_nothing_changed(case, tmp_path):
+    result = _correct(case, tmp_path / "plain", "0")
+    found = CHANGED.search(result.stderr)
+    assert found and found[1] == "0" and found[5] is None
+
+
+def test_relabel_prints_the_changed_pixels_and_largest_flows(case, tmp_path):
+    out = tmp_path / "pseudo"
+    result = run(
+        "relabel", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--tau", "0.5", "--min-confidence", "0.5", "--out-dir", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    flow = np.array(manifest["changes"]["argmax"]["flow"])
+    found = CHANGED.search(result.stderr)
+    assert found, result.stderr
+    assert int(found[1]) == flow.sum() == manifest["changes"]["argmax"]["changed_pixels"]
+    assert int(found[2]) == manifest["num_pixels"]
+    labels = manifest["flow_labels"]
+    a, b = np.unravel_index(np.argmax(flow), flow.shape)
+    assert found[5].split(", ")[0] == f"{labels[a]}->{labels[b]} {flow[a, b]}"
+    assert "changed vs argmax" not in result.stderr  # the old fraction-only line is gone
