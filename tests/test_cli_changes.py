@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,58 @@ def test_relabel_prints_the_changed_pixels_and_largest_flows(case, tmp_path):
     a, b = np.unravel_index(np.argmax(flow), flow.shape)
     assert found[5].split(", ")[0] == f"{labels[a]}->{labels[b]} {flow[a, b]}"
     assert "changed vs argmax" not in result.stderr  # the old fraction-only line is gone
+
+
+def _confusion(pairs: list[tuple[np.ndarray, np.ndarray]], c: int) -> np.ndarray:
+    """Reference: rows true, columns predicted, ignore (255) left out."""
+    m = np.zeros((c, c), dtype=np.int64)
+    for pred, label in pairs:
+        valid = label != 255
+        np.add.at(m, (label[valid].astype(np.int64), pred[valid].astype(np.int64)), 1)
+    return m
+
+
+def test_evaluate_json_holds_the_confusion_matrix_and_plots_it(case, tmp_path):
+    _correct(case, tmp_path / "plain", "0")
+    _correct(case, tmp_path / "fixed", "0.5")
+    labels = _maps(case["labels"])
+    plain, fixed = _maps(tmp_path / "plain"), _maps(tmp_path / "fixed")
+    report_path, picture = tmp_path / "e.json", tmp_path / "cm.png"
+    result = run(
+        "evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--tau", "0.5", "--json", report_path, "--confusion-plot", picture,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    for key, preds in (("before", plain), ("after", fixed)):
+        expected = _confusion([(preds[n], labels[n]) for n in labels], 5)
+        assert report[key]["confusion"] == expected.tolist(), key
+        per_class = list(report[key]["per_class"].values())
+        assert expected.sum(1).tolist() == [e["labelled_pixels"] for e in per_class]
+        assert expected.sum(0).tolist() == [e["predicted_pixels"] for e in per_class]
+    assert f"wrote {picture}" in result.stderr
+    image = Image.open(picture)
+    assert image.format == "PNG" and image.size[0] > image.size[1]  # before and after
+
+
+def test_evaluate_pred_dir_confusion_and_its_plot_error_without_matplotlib(
+    case, tmp_path, monkeypatch
+):
+    _correct(case, tmp_path / "fixed", "0.5")
+    labels, fixed = _maps(case["labels"]), _maps(tmp_path / "fixed")
+    out = tmp_path / "e.json"
+    result = run(
+        "evaluate", "--pred-dir", tmp_path / "fixed", "--labels", case["labels"],
+        "--num-classes", "5", "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = _confusion([(fixed[n], labels[n]) for n in labels], 5)
+    assert json.loads(out.read_text())["confusion"] == expected.tolist()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = run(
+        "evaluate", "--pred-dir", tmp_path / "fixed", "--labels", case["labels"],
+        "--confusion-plot", tmp_path / "cm.png",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: --confusion-plot needs matplotlib")
+    assert not (tmp_path / "cm.png").exists()

@@ -41,6 +41,7 @@ from blda_posthoc.io.report import (
     build_report,
     format_markdown,
     format_table,
+    plot_confusion,
     plot_iou,
     require_matplotlib,
     write_json,
@@ -105,6 +106,9 @@ def write_outputs(
     if paths["plot"] is not None:
         plot_iou(paths["plot"], class_names, before, after)
         info(f"wrote {paths['plot']}")
+    if paths["confusion"] is not None:
+        plot_confusion(paths["confusion"], class_names, before, after)
+        info(f"wrote {paths['confusion']}")
 
 
 def note_out_of_range(
@@ -149,6 +153,12 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
 @click.option("--json", "json_path", type=FILE, help="Write the report as JSON.")
 @click.option("--markdown", "markdown_path", type=FILE, help="Write the report as Markdown.")
 @click.option("--plot", "plot_path", type=FILE, help="Per-class IoU bar chart (needs matplotlib).")
+@click.option(
+    "--confusion-plot",
+    "confusion_path",
+    type=FILE,
+    help="Row-normalised confusion matrix (before and after with a correction; needs matplotlib).",
+)
 @overwrite_option
 @device_option
 @handle_errors
@@ -166,6 +176,7 @@ def command(
     json_path: Path | None,
     markdown_path: Path | None,
     plot_path: Path | None,
+    confusion_path: Path | None,
     overwrite: bool,
     device: str,
 ) -> None:
@@ -180,15 +191,20 @@ def command(
     """
     stores = stores + store_options  # --store: the spelling before 0.2, kept for one release
     check_usage(pred_dir, stores, labels_dir, correction, num_classes, ignore_pred_ignore)
-    outputs = {"json": json_path, "markdown": markdown_path, "plot": plot_path}
+    outputs = {
+        "json": json_path,
+        "markdown": markdown_path,
+        "plot": plot_path,
+        "confusion": confusion_path,
+    }
     for path in outputs.values():
         if path is not None:
             inputs = [*stores, pred_dir, labels_dir]
             if correction is not None:
                 inputs += [correction.stats, correction.anchors]
             check_output_file(path, overwrite, inputs)
-    if plot_path is not None:
-        require_matplotlib()
+    if plot_path is not None or confusion_path is not None:
+        require_matplotlib("--plot" if plot_path is not None else "--confusion-plot")
     if pred_dir is not None:
         assert labels_dir is not None
         run_pred_dir(
@@ -239,7 +255,8 @@ def run_pred_dir(
     class_names = resolve_classes(names, num_classes, None if known else cm)
     if cm.num_classes != len(class_names):
         cm = cm.resized(len(class_names))
-    result = Result(summarize(cm.compute()))
+    confusion = cm.compute()
+    result = Result(summarize(confusion), confusion=confusion)
     note_out_of_range([result], len(class_names), pred_dir=True)
     if cm.ignored_pred_pixels:
         info(

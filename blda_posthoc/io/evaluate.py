@@ -213,7 +213,8 @@ class Pass:
 
     def result(self) -> Result:
         """Metrics so far."""
-        return Result(summarize(self.cm.compute()), self.ece.compute())
+        confusion = self.cm.compute()
+        return Result(summarize(confusion), self.ece.compute(), confusion)
 
 
 def store_labels(

@@ -5,13 +5,16 @@ JSON report (``evaluate --json``), percentages in percent, undefined values ``nu
     {"format": "blda-evaluate", "version": 1,
      "miou": 68.3, "macc": 75.1, "pixel_acc": 94.2, "iou_std": 14.8, "ece": 3.1,
      "num_pixels": 123456, "out_of_range_pixels": 0,
+     "confusion": [[1000, 3, ...], ...],
      "per_class": {"road": {"iou": 97.1, "acc": 98.4, "bias": 1.2, "pred_true_ratio": 1.02,
                             "labelled_pixels": 1000, "predicted_pixels": 1020}, ...},
      "num_images": 500, "settings": {...}}
 
 With a before/after run the metrics nest under ``"before"`` and ``"after"`` (same keys as
 above, without ``num_images`` and ``settings``), beside ``"delta"`` (after minus before of the
-mean metrics), ``"num_images"`` and ``"settings"``.
+mean metrics), ``"num_images"`` and ``"settings"``. ``confusion[t][p]`` counts the labelled
+pixels of class ``t`` predicted as ``p`` (rows true, columns predicted, in ``per_class`` order;
+predictions outside the classes only in ``out_of_range_pixels``).
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ class Result:
     Attributes:
         summary: Confusion-matrix metrics (:func:`blda_posthoc.core.evaluate.summarize`).
         ece: Expected calibration error in percent, or None when there were no probabilities.
+        confusion: ``(C, C)`` or ``(C, C + 1)`` counts the summary was computed from (rows
+            true, columns predicted), or None.
     """
 
     summary: Summary
     ece: float | None = None
+    confusion: np.ndarray | None = None
 
 
 def round_or_none(value: float | None, decimals: int = DECIMALS) -> float | None:
@@ -79,6 +85,9 @@ def metrics_dict(class_names: Sequence[str], result: Result) -> dict[str, Any]:
         }
         for k, name in enumerate(class_names)
     }
+    confusion = None
+    if result.confusion is not None:
+        confusion = np.asarray(result.confusion)[:, : s["num_classes"]].tolist()
     return {
         "miou": round_or_none(s["miou"]),
         "macc": round_or_none(s["macc"]),
@@ -87,6 +96,7 @@ def metrics_dict(class_names: Sequence[str], result: Result) -> dict[str, Any]:
         "ece": round_or_none(result.ece),
         "num_pixels": s["num_pixels"],
         "out_of_range_pixels": s["out_of_range_pixels"],
+        **({"confusion": confusion} if confusion is not None else {}),
         "per_class": per_class,
     }
 
@@ -293,13 +303,13 @@ def format_markdown(
 # ---------------------------------------------------------------- plot
 
 
-def require_matplotlib() -> None:
+def require_matplotlib(option: str = "--plot") -> None:
     """Fail with a clear message when the optional ``plot`` extra is not installed."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise InputError(
-            "--plot needs matplotlib, which is not installed "
+            f"{option} needs matplotlib, which is not installed "
             "(install the plot extra: pip install 'blda-posthoc[plot]')"
         ) from exc
 
@@ -318,6 +328,48 @@ def plot_iou(
         class_names,
         [(label, r.summary["iou"], r.summary["miou"]) for label, r in results],
     )
+
+
+def plot_confusion(
+    path: Path, class_names: Sequence[str], before: Result, after: Result | None = None
+) -> None:
+    """Write the row-normalised confusion matrix (beside the corrected one with ``after``).
+
+    Each row (a true class) is divided by its labelled pixels, so a cell is the share of that
+    class predicted as the column's class; rows of unlabelled classes stay empty.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [("before" if after else "", before)] + ([("after", after)] if after else [])
+    c = len(class_names)
+    side = max(4.0, 0.45 * c + 2.0)
+    fig, axes = plt.subplots(1, len(results), figsize=(side * len(results), side), squeeze=False)
+    image: Any = None
+    for ax, (label, result) in zip(axes[0], results, strict=True):
+        if result.confusion is None:
+            raise ValueError("the result holds no confusion matrix")
+        counts = np.asarray(result.confusion, dtype=np.float64)
+        rows = counts.sum(1, keepdims=True)  # every labelled pixel, out-of-range ones included
+        share = np.divide(counts[:, :c], rows, out=np.full((c, c), np.nan), where=rows > 0)
+        image = ax.imshow(share, vmin=0.0, vmax=1.0, cmap="Blues")
+        ax.set_xticks(range(c), class_names, rotation=90, fontsize="small")
+        ax.set_yticks(range(c), class_names, fontsize="small")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        title = "confusion, rows normalised"
+        ax.set_title(f"{title} ({label})" if label else title)
+        if c <= 20:
+            for t in range(c):
+                for p in range(c):
+                    if np.isfinite(share[t, p]) and share[t, p] >= 0.005:
+                        color = "white" if share[t, p] > 0.6 else "black"
+                        text = f"{share[t, p]:.2f}"
+                        ax.text(p, t, text, ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=axes[0][-1], fraction=0.046, pad=0.04, label="share of the true class")
+    save_figure(fig, path)
 
 
 def plot_iou_series(
