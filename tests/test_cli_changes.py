@@ -14,6 +14,7 @@ from conftest import fitted_case
 from PIL import Image
 
 from blda_posthoc.cli import main
+from blda_posthoc.io.store import LogitStore, StoreWriter
 
 CHANGED = re.compile(
     r"(\d+) of (\d+) pixels \(([\d.]+)%\) changed class vs (.+?)(?:; largest: (.*))?$", re.M
@@ -149,3 +150,46 @@ def test_evaluate_pred_dir_confusion_and_its_plot_error_without_matplotlib(
     assert result.exit_code == 1
     assert result.stderr.startswith("error: --confusion-plot needs matplotlib")
     assert not (tmp_path / "cm.png").exists()
+
+
+def test_scores_store_keeps_the_labels_and_evaluates_like_the_correction(case, tmp_path):
+    scores = tmp_path / "scores.h5"
+    _correct(case, tmp_path / "fixed", "0.5", "--scores-out", scores)
+    with LogitStore([case["tgt"]]) as source, LogitStore([scores]) as kept:
+        assert kept.names == source.names
+        for name in source.names:
+            label, copy = source.read(name).label, kept.read(name).label
+            assert label is not None and copy is not None and np.array_equal(label, copy)
+    out = tmp_path / "e.json"
+    result = run("evaluate", scores, "--json", out)
+    assert result.exit_code == 0, result.output
+    labels, fixed = _maps(case["labels"]), _maps(tmp_path / "fixed")
+    expected = _confusion([(fixed[n], labels[n]) for n in labels], 5)
+    got = np.array(json.loads(out.read_text())["confusion"])
+    assert np.abs(got - expected).sum() <= 0.001 * expected.sum()  # float16 scores: rare ties
+
+
+def _store_with_names(path: Path, names: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, ["a", "b", "c"]) as writer:
+        for name in names:
+            writer.write(name, rng.normal(size=(3, 4, 5)).astype(np.float32))
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel"])
+def test_name_and_name_color_with_color_are_refused_up_front(tmp_path, command):
+    store = tmp_path / "s.h5"
+    _store_with_names(store, ["x", "x_color", "y"])
+    stats = tmp_path / "stats.h5"
+    fitted = run("fit-stats", store, "--out", stats, "--min-pixels", "1")
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "out"
+    result = run(command, store, "--stats", stats, "--out-dir", out, "--color")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {store}: ")
+    assert "'x' and 'x_color'" in result.stderr and "--color" in result.stderr
+    assert not out.exists()
+    # Without --color the two names do not collide.
+    result = run(command, store, "--stats", stats, "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "x.png").is_file() and (out / "x_color.png").is_file()

@@ -17,7 +17,7 @@ from blda_posthoc.cli.common import (
     report_notes,
     resolve_device,
 )
-from blda_posthoc.io.correct import correct_store
+from blda_posthoc.io.correct import check_color_names, correct_store
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.outputs import OutputFolder, check_not_input
 from blda_posthoc.io.report import write_json
@@ -42,7 +42,8 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 @click.option(
     "--scores-out",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Also store the corrected log-scores (C, H, W) as a logits store (float16).",
+    help="Also store the corrected log-scores (C, H, W) as a logits store (float16), with "
+    "the input's labels ('blda evaluate' reads it).",
 )
 @device_option
 @overwrite_option
@@ -70,6 +71,8 @@ def command(
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
+        if color:
+            check_color_names(store.names, store.paths[0])
         if scores_out is not None:
             check_not_input(scores_out, store.paths, option="--scores-out")
             if scores_out.resolve().is_relative_to(out_dir.resolve()):

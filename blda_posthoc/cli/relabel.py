@@ -20,6 +20,7 @@ from blda_posthoc.cli.common import (
     resolve_device,
     warn,
 )
+from blda_posthoc.io.correct import check_color_names
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.outputs import OutputFolder
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
@@ -92,6 +93,8 @@ def command(
         raise click.UsageError("give --resume or --overwrite, not both")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
+        if color:
+            check_color_names(store.names, store.paths[0])
         ready = load_correction(correction, store.class_names, dev)
         report_notes(ready)
         settings = RelabelSettings(

@@ -23,6 +23,29 @@ COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
 
 
+def check_color_names(names: Iterable[str], where: Path | str) -> None:
+    """Refuse images ``NAME`` and ``NAME_color`` together when previews are written.
+
+    With ``--color`` both would write ``NAME_color.png`` (the preview of one, the prediction
+    of the other).
+
+    Args:
+        names: The image names.
+        where: The store (or folder) the names come from, for the message.
+
+    Raises:
+        InputError: Naming the first such pair.
+    """
+    names = set(names)
+    for name in sorted(names):
+        if f"{name}{COLOR_SUFFIX}" in names:
+            raise InputError(
+                f"{where}: images '{name}' and '{name}{COLOR_SUFFIX}' both need "
+                f"{name}{COLOR_SUFFIX}.png with --color (the preview of one, the prediction of "
+                "the other); leave out --color"
+            )
+
+
 def output_paths(out_dir: Path, names: Iterable[str], color: bool) -> dict[str, list[Path]]:
     """The files written per image: ``NAME.png`` and, with ``color``, ``NAME_color.png``.
 
@@ -30,6 +53,8 @@ def output_paths(out_dir: Path, names: Iterable[str], color: bool) -> dict[str, 
     :func:`blda_posthoc.io.outputs.paths_inside`), and no two images may write the same file.
     """
     names = list(names)
+    if color:
+        check_color_names(names, out_dir)
     suffixes = [".png", f"{COLOR_SUFFIX}.png"] if color else [".png"]
     files = paths_inside(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes])
     step = len(suffixes)
@@ -140,7 +165,8 @@ def correct_store(
         overwrite: Replace existing PNGs (and ``scores_out``).
         resume: Keep images whose outputs exist; they are read back for the counts.
         scores_out: Also write the corrected log-scores ``(C, H, W)`` as a logits store here
-            (its argmax is the prediction, its softmax the renormalised probabilities).
+            (its argmax is the prediction, its softmax the renormalised probabilities), with
+            the input's label maps, so that it can be evaluated like the input.
         device: Where to compute.
         progress: Wraps the iteration over image names.
 
@@ -170,13 +196,18 @@ def correct_store(
                     settings=correction.settings,
                 )
             )
-        images = corrected_images(store, todo, correction, device=device, progress=progress)
+        with_label = scores_store is not None
+        images = corrected_images(
+            store, todo, correction, with_label=with_label, device=device, progress=progress
+        )
         for image in images:
             label_map = image.pred.cpu().numpy().astype(np.uint8)
             flow += _pairs(image.logits.argmax(0).cpu().numpy(), label_map, c)
             write_label_map(paths[image.record.name], label_map, palette if color else None)
             if scores_store is not None:
-                scores_store.write(image.record.name, image.scores.cpu().numpy())
+                record = image.record
+                scores = image.scores.cpu().numpy()
+                scores_store.write(record.name, scores, label=record.label, size=record.size)
     done = set(todo)
     kept = [name for name in store.names if name not in done]
     for record, z in store.iter_images(kept, device=device):
