@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import Pointwise, TinyNet
+from tiny_models import Pointwise, TinyNet, save_scripted
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.infer import Preprocess, normalize, select_output
@@ -57,7 +57,7 @@ def images_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def script_model(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.pt"
-    torch.jit.script(TinyNet(4).eval()).save(str(path))
+    save_scripted(TinyNet(4).eval(), path)
     return path
 
 
@@ -708,8 +708,7 @@ def test_native_resolution_store_corrects_like_full_resolution(tmp_path: Path) -
             images / f"im{i}.png"
         )
     torch.manual_seed(0)
-    model = torch.jit.script(HalfRes(3).eval())
-    model.save(str(tmp_path / "half.pt"))
+    save_scripted(HalfRes(3).eval(), tmp_path / "half.pt")
     runner = CliRunner()
     common = [
         "dump-logits",

@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from conftest import write_case
 from PIL import Image
-from tiny_models import TinyNet
+from tiny_models import TinyNet, save_scripted
 
 from blda_posthoc.cli import main
 from blda_posthoc.io import outputs
@@ -409,7 +409,7 @@ def test_dump_resume_refuses_another_model_or_preprocessing(tmp_path: Path) -> N
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(tmp_path / f"m{seed}.pt")
-        torch.jit.script(TinyNet(4).eval()).save(str(models[-1]))
+        save_scripted(TinyNet(4).eval(), models[-1])
     out = tmp_path / "d.h5"
     base = ["dump-logits", "--images", images, "--out", out, "--workers", "0", "--num-classes", "4"]
     invoke(*base, "--model", models[0])
@@ -454,7 +454,7 @@ def test_dump_refuses_model_logits_beyond_float16(tmp_path: Path) -> None:
     with torch.no_grad():
         big.conv2.weight.mul_(1e6)
     model = tmp_path / "big.pt"
-    torch.jit.script(big).save(str(model))
+    save_scripted(big, model)
     args = ["dump-logits", "--model", model, "--images", images, "--workers", "0"]
     args += ["--num-classes", "4"]
     _, err = invoke(*args, "--out", tmp_path / "a.h5", exit_code=1)
@@ -486,7 +486,7 @@ def test_reader_refuses_non_finite_or_misrecorded_logits(store: Path) -> None:
 def test_dump_options_must_be_finite(tmp_path: Path, option: list[str]) -> None:
     images = write_images(tmp_path / "images", 1)
     model = tmp_path / "m.pt"
-    torch.jit.script(TinyNet(4).eval()).save(str(model))
+    save_scripted(TinyNet(4).eval(), model)
     out = tmp_path / "x.h5"
     result = CliRunner().invoke(
         main,

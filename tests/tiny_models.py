@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def save_scripted(model: nn.Module, path: Path) -> Path:
+    """Save ``model`` as a TorchScript file, as users export theirs for ``--model``.
+
+    Reading TorchScript files is what the tests exercise, so torch's deprecation warning about
+    writing them (``torch.jit.trace`` warns alike) is silenced here, and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
+        torch.jit.script(model).save(str(path))
+    return path
 
 
 class TinyNet(nn.Module):
