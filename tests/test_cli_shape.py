@@ -7,10 +7,13 @@ from collections import defaultdict
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import fitted_case
 
 from blda_posthoc.cli import COMMANDS, main
+from blda_posthoc.cli.common import resolve_device
+from blda_posthoc.io.errors import InputError
 
 # Commands that read logit stores take them as the positional STORES.
 READS_STORES = {"fit-stats", "diagnose", "correct", "relabel", "evaluate", "compare"}
@@ -145,3 +148,40 @@ def test_fit_stats_label_source_and_its_hidden_old_spelling(case, tmp_path):
     assert both.exit_code == 2
     assert "--labels is the old spelling of --label-source" in both.output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("spec", ["gpu", "mps", "cuda:x", "cuda:-1", "cpu:0", "CUDA", ""])
+def test_an_unknown_device_is_one_line_naming_only_the_devices_we_run_on(spec):
+    runner = CliRunner()
+    commands = [name for name, _ in _options()["--device"]]
+    assert len(commands) >= 8
+    for name in commands:
+        result = runner.invoke(main, [name, "x.h5", "--device", spec])
+        assert result.exit_code == 2, (name, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert errors == [
+            f"Error: Invalid value for '--device': {spec!r} is not a device: use auto, cpu, "
+            "cuda or cuda:K (K = 0, 1, ...)"
+        ], (name, result.output)
+        assert "xla" not in result.output and "Traceback" not in result.output
+
+
+def test_resolve_device_refuses_the_same_spellings_and_missing_cuda():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match=r"'gpu' is not a device: use auto, cpu, cuda or cuda:K"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available on this machine"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(InputError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_cuda_without_cuda_is_a_one_line_error(case, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(
+        main, ["fit-stats", str(case["src"]), "--device", "cuda", "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 1
+    assert result.stderr == "error: --device cuda: CUDA is not available on this machine\n"

@@ -139,8 +139,26 @@ def device_option(func: F) -> F:
         "--device",
         default="auto",
         show_default=True,
+        callback=_check_device,
         help="auto (CUDA when present), cpu, or cuda[:k].",
     )(func)
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:K (K = 0, 1, ...)"
+
+
+def _device_spelling_ok(spec: str) -> bool:
+    kind, colon, index = spec.partition(":")
+    if not colon:
+        return spec in ("auto", "cpu", "cuda")
+    return kind == "cuda" and index.isdigit() and index.isascii()
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a ``--device`` other than the ones this tool runs on while the options parse."""
+    if not _device_spelling_ok(value):
+        raise click.BadParameter(f"{value!r} is not a device: use {DEVICE_CHOICES}", ctx, param)
+    return value
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
@@ -152,14 +170,16 @@ def resolve_device(spec: str) -> torch.device:
     """Turn a ``--device`` value into a torch device, checking CUDA is really there."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise InputError(f"--device: {spec!r} is not a device ({exc})") from exc
+    if not _device_spelling_ok(spec):
+        raise InputError(f"--device: {spec!r} is not a device: use {DEVICE_CHOICES}")
+    device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {spec}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {spec}: only cpu and cuda are supported")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InputError(
+            f"--device {spec}: this machine has {count} CUDA device(s), 0..{count - 1}"
+        )
     return device
 
 

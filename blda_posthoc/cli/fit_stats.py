@@ -129,6 +129,7 @@ def command(
             raise click.UsageError("--labels is the old spelling of --label-source; give one")
         labels = labels_alias
     check_output_file(out, overwrite)
+    dev = resolve_device(device)  # before any work: a bad --device is the first thing said
     paths = expand_store_paths(stores)
     check_not_input(out, [*paths, calibration_path], option="--out")
     with Claim(out):  # a second run writing the same file stops at once
@@ -154,7 +155,7 @@ def command(
             stats = fit_store(
                 store,
                 options,
-                device=resolve_device(device),
+                device=dev,
                 progress=lambda it, n: progress(it, n, "fit-stats"),
             )
         write_stats(out, stats, overwrite=overwrite)
