@@ -72,7 +72,7 @@ def main() -> None:
                 "fit-stats --labels gt": (
                     "fit-stats",
                     store,
-                    "--labels",
+                    "--label-source",
                     "gt",
                     "--out",
                     out / "src.h5",
@@ -80,7 +80,7 @@ def main() -> None:
                 "fit-stats --labels pseudo": (
                     "fit-stats",
                     store,
-                    "--labels",
+                    "--label-source",
                     "pseudo",
                     "--calibration",
                     out / "src.h5",

@@ -343,7 +343,7 @@ def case_steps(files: CaseFiles, sets: dict[str, SceneSet]) -> list[tuple[str, l
     steps.append(
         (
             "stats src",
-            ["fit-stats", files.stores["src"], "--labels", "gt", "--out", files.stats["src"]],
+            ["fit-stats", files.stores["src"], "--label-source", "gt", "--out", files.stats["src"]],
         )
     )
     calibrate: list[str | Path] = []
@@ -352,7 +352,7 @@ def case_steps(files: CaseFiles, sets: dict[str, SceneSet]) -> list[tuple[str, l
     steps.append(
         (
             "stats tgt",
-            ["fit-stats", files.stores["tgt_train"], "--labels", "pseudo", *calibrate,
+            ["fit-stats", files.stores["tgt_train"], "--label-source", "pseudo", *calibrate,
              "--out", files.stats["tgt"]],
         )
     )  # fmt: skip
