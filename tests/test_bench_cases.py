@@ -62,7 +62,7 @@ def test_tiny_case_builds_with_the_real_commands_is_cached_and_compares(tmp_path
     assert 0.0 <= files.plain_miou("val") <= 100.0 and 0.0 <= files.plain_miou("src") <= 100.0
     log = (files.folder / "commands.log").read_text()
     assert log.count("$ blda dump-logits") == 3 and log.count("$ blda fit-stats") == 2
-    assert "--label-source gt" in log and "--labels pseudo" in log
+    assert "--label-source gt" in log and "--label-source pseudo" in log
     assert f"--calibration {files.stats['src']}" in log
     # Both the source model and the self-trained one are cached, and they differ.
     models = sorted((tmp_path / "models").glob("*.pt"))
