@@ -20,6 +20,7 @@ from blda_posthoc.core.correct import DEFAULT_CLAMP
 from blda_posthoc.core.methods import METHODS, has_strength
 from blda_posthoc.io.console import info, progress, warn
 from blda_posthoc.io.corrections import Correction, CorrectionSpec
+from blda_posthoc.io.dump import torchrun_shard
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
 from blda_posthoc.io.outputs import abandoned, check_not_input, disk_error
@@ -197,6 +198,45 @@ class FiniteFloatRange(click.FloatRange):
 def overwrite_option(func: F) -> F:
     """``--overwrite``: replace existing outputs."""
     return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)
+
+
+class ShardType(click.ParamType):
+    """``K/N`` with ``1 <= K <= N``."""
+
+    name = "K/N"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            self.fail(f"{value!r} is not K/N (e.g. 1/4)", param, ctx)
+        k, n = int(parts[0]), int(parts[1])
+        if not 1 <= k <= n:
+            self.fail(f"{value!r}: need 1 <= K <= N", param, ctx)
+        return k, n
+
+
+def shard_option(func: F) -> F:
+    """``--shard K/N``: process shard K of N (see :func:`resolve_shard`)."""
+    return click.option(
+        "--shard",
+        type=ShardType(),
+        default=None,
+        help="Process shard K of N (1-based): the name-sorted images K, K+N, K+2N, ...; "
+        "default from torchrun's RANK/WORLD_SIZE.",
+    )(func)
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--shard``, else the shard from torchrun's environment; None for a single process."""
+    from_env = torchrun_shard()
+    if shard is not None and from_env is not None and shard != from_env:
+        warn(f"--shard {shard[0]}/{shard[1]} overrides torchrun's {from_env[0]}/{from_env[1]}")
+    chosen = shard if shard is not None else from_env
+    return None if chosen is None or chosen[1] == 1 else chosen
 
 
 def check_output_file(

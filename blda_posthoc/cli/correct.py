@@ -16,10 +16,12 @@ from blda_posthoc.cli.common import (
     report_changes,
     report_notes,
     resolve_device,
+    resolve_shard,
+    shard_option,
 )
 from blda_posthoc.io.correct import check_color_names, correct_store
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.outputs import OutputFolder, check_not_input
+from blda_posthoc.io.outputs import check_not_input, output_folder, shard_suffix
 from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -45,6 +47,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     help="Also store the corrected log-scores (C, H, W) as a logits store (float16), with "
     "the input's labels ('blda evaluate' reads it).",
 )
+@shard_option
 @device_option
 @overwrite_option
 @handle_errors
@@ -55,10 +58,14 @@ def command(
     color: bool,
     resume: bool,
     scores_out: Path | None,
+    shard: tuple[int, int] | None,
     device: str,
     overwrite: bool,
 ) -> None:
     """Correct the logits of STORES and write trainId PNGs at each image's size.
+
+    With --shard K/N (or under torchrun) each shard corrects its share of the name-sorted
+    images into the same OUT_DIR and writes OUT_DIR/correct-K-of-N.json.
 
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
@@ -69,10 +76,14 @@ def command(
         raise click.UsageError("give --resume or --overwrite, not both")
     if resume and scores_out is not None:
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
+    run_shard = resolve_shard(shard)
+    if run_shard is not None and scores_out is not None:
+        raise click.UsageError("--scores-out writes one store: it does not go with --shard")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         if color:
             check_color_names(store.names, store.paths[0])
+        store.select_shard(run_shard)
         if scores_out is not None:
             check_not_input(scores_out, store.paths, option="--scores-out")
             if scores_out.resolve().is_relative_to(out_dir.resolve()):
@@ -81,8 +92,9 @@ def command(
         report_notes(ready)
         settings = dict(ready.settings, stores=[str(p) for p in store.paths])
         inputs = [*store.paths, correction.stats, correction.anchors]
-        with OutputFolder(
+        with output_folder(
             out_dir,
+            run_shard,
             command="correct",
             settings={**settings, "color": color, "class_names": store.class_names},
             overwrite=overwrite,
@@ -104,7 +116,11 @@ def command(
             summary["settings"] = settings
             summary["class_names"] = store.class_names
             summary.update({"format": "blda-correct", "version": 1})
-            write_json(folder.root / "correct.json", summary, sort_keys=True)
+            manifest = "correct.json"
+            if run_shard is not None:
+                manifest = f"correct{shard_suffix(run_shard)}.json"
+                summary["shard"] = list(run_shard)
+            write_json(folder.root / manifest, summary, sort_keys=True)
     kept = summary["images"] - written
     info(f"wrote {written} predictions to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))
     report_changes(summary["flow"], store.class_names, sum(summary["pixels_after"]))

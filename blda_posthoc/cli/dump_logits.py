@@ -9,6 +9,7 @@ import click
 
 from blda_posthoc.cli.common import (
     FiniteFloatRange,
+    ShardType,
     class_names_option,
     device_option,
     handle_errors,
@@ -19,6 +20,7 @@ from blda_posthoc.cli.common import (
     parse_class_names,
     progress,
     resolve_device,
+    resolve_shard,
     warn,
 )
 from blda_posthoc.core.infer import (
@@ -33,7 +35,6 @@ from blda_posthoc.io.dump import (
     collect_items,
     dump_logits,
     torchrun_device,
-    torchrun_shard,
 )
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.models import load_model, model_identity
@@ -80,25 +81,6 @@ class _Size(click.ParamType):
         if max(int(parts[0]), int(parts[1])) > MAX_SIDE:
             self.fail(f"{value!r}: sides of at most {MAX_SIDE} pixels", param, ctx)
         return int(parts[0]), int(parts[1])
-
-
-class _Shard(click.ParamType):
-    """``K/N`` with ``1 <= K <= N``."""
-
-    name = "K/N"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, int]:
-        if isinstance(value, tuple):
-            return value
-        parts = str(value).split("/")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            self.fail(f"{value!r} is not K/N (e.g. 1/4)", param, ctx)
-        k, n = int(parts[0]), int(parts[1])
-        if not 1 <= k <= n:
-            self.fail(f"{value!r}: need 1 <= K <= N", param, ctx)
-        return k, n
 
 
 def _fmt(values: tuple[float, ...]) -> str:
@@ -228,7 +210,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 )
 @click.option(
     "--shard",
-    type=_Shard(),
+    type=ShardType(),
     default=None,
     help="Process shard K of N (1-based); default from torchrun's RANK/WORLD_SIZE.",
 )
@@ -286,7 +268,7 @@ def command(
     torch_device = torchrun_device(device, resolve_device(device))
     if precision == "fp16" and torch_device.type == "cpu":
         raise InputError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
-    run_shard = _shard(shard)
+    run_shard = resolve_shard(shard)
     items = collect_items(images_dir, labels_dir, image_suffix, label_suffix)
     loaded = load_model(
         model_spec, checkpoint, torch_device, warn=warn, trust_checkpoint=trust_checkpoint
@@ -317,14 +299,6 @@ def command(
         f"wrote {result.path}: {result.written} images computed, {result.skipped} already done, "
         f"{len(result.class_names)} classes on {torch_device}"
     )
-
-
-def _shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
-    """``--shard``, else the shard from torchrun's environment."""
-    from_env = torchrun_shard()
-    if shard is not None and from_env is not None and shard != from_env:
-        warn(f"--shard {shard[0]}/{shard[1]} overrides torchrun's {from_env[0]}/{from_env[1]}")
-    return shard if shard is not None else from_env
 
 
 def parse_logits_scale(value: str) -> float | None:

@@ -18,11 +18,13 @@ from blda_posthoc.cli.common import (
     report_changes,
     report_notes,
     resolve_device,
+    resolve_shard,
+    shard_option,
     warn,
 )
 from blda_posthoc.io.correct import check_color_names
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.outputs import OutputFolder
+from blda_posthoc.io.outputs import output_folder, shard_suffix
 from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -64,6 +66,7 @@ PORTION_TOLERANCE = 0.005
     is_flag=True,
     help="Continue an interrupted run with the same settings, keeping its finished images.",
 )
+@shard_option
 @device_option
 @overwrite_option
 @handle_errors
@@ -76,13 +79,15 @@ def command(
     pseudo_dir: Path | None,
     color: bool,
     resume: bool,
+    shard: tuple[int, int] | None,
     device: str,
     overwrite: bool,
 ) -> None:
     """Relabel STORES into a pseudo-label set for the next self-training round.
 
     Writes OUT_DIR/NAME.png trainIds at each image's size (255 = ignore) and
-    OUT_DIR/manifest.json; never modifies its inputs.
+    OUT_DIR/manifest.json; never modifies its inputs. With --shard K/N each shard writes
+    its images into the same OUT_DIR and its own OUT_DIR/manifest-K-of-N.json.
 
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
@@ -91,10 +96,17 @@ def command(
         raise click.UsageError("give --stats (and --method), or --from-compare")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
+    run_shard = resolve_shard(shard)
+    if run_shard is not None and keep_portion is not None:
+        raise click.UsageError(
+            "--keep-portion needs thresholds over all images: it does not go with --shard "
+            "(or torchrun); use --min-confidence, or relabel in one process"
+        )
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         if color:
             check_color_names(store.names, store.paths[0])
+        store.select_shard(run_shard)
         ready = load_correction(correction, store.class_names, dev)
         report_notes(ready)
         settings = RelabelSettings(
@@ -106,8 +118,9 @@ def command(
             color,
             ready.method,
         )
-        with OutputFolder(
+        with output_folder(
             out_dir,
+            run_shard,
             command="relabel",
             settings={
                 "settings": settings.as_dict(),
@@ -119,6 +132,9 @@ def command(
             resume=resume,
             inputs=[*store.paths, pseudo_dir, correction.stats, correction.anchors],
         ) as folder:
+            manifest_name = MANIFEST
+            if run_shard is not None:
+                manifest_name = f"manifest{shard_suffix(run_shard)}.json"
             manifest = relabel_store(
                 store,
                 ready,
@@ -128,11 +144,12 @@ def command(
                 resume=resume,
                 device=dev,
                 progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
+                manifest_name=manifest_name,
             )
-    report(manifest, out_dir)
+    report(manifest, out_dir / manifest_name)
 
 
-def report(manifest: dict[str, Any], out_dir: Path) -> None:
+def report(manifest: dict[str, Any], manifest_path: Path) -> None:
     """Summarise a relabelling run on stderr."""
     written = manifest["images_written"]
     kept = manifest["num_images"] - written
@@ -158,7 +175,7 @@ def report(manifest: dict[str, Any], out_dir: Path) -> None:
                 f"labels: {key:<10} mIoU {_pct(q['miou'])}, pixel acc {_pct(q['pixel_acc'])} "
                 f"over non-ignored pixels (coverage {q['coverage']:.4f})"
             )
-    info(f"manifest: {out_dir / MANIFEST}")
+    info(f"manifest: {manifest_path}")
 
 
 def _pct(value: float | None) -> str:

@@ -15,6 +15,8 @@ Every command that writes goes through this module:
 - :class:`OutputFolder`: a folder output built at ``OUT.partial`` and swapped in whole when
   complete (``--overwrite`` never leaves old and new outputs mixed); it records its settings in
   ``.blda-run.json`` and ``--resume`` continues it only when they match (:func:`check_settings`).
+- :class:`ShardFolder`: the one folder that the N shards of a run (``--shard K/N``) write
+  into side by side, each with its own claim and run record ``.blda-run-K-of-N.json``.
 - :func:`check_not_input`: an output may not be, contain or lie inside an input.
 - :func:`kept_note`: what an interrupted or failed run keeps and how to resume, attached to the
   exception so that the command line prints it (Ctrl-C exits with status 130).
@@ -724,6 +726,186 @@ class OutputFolder:
         if exc is not None:
             kept_note(exc, self.note())
         self.close(success=exc is None)
+
+
+SHARD_MARKER = re.compile(r"^\.blda-run-(\d+)-of-(\d+)\.json$")
+"""The run record of one shard in a shared output folder: ``.blda-run-K-of-N.json``."""
+
+
+def shard_suffix(shard: tuple[int, int]) -> str:
+    """``-K-of-N``, the suffix of a shard's own files (manifest, run record, lock)."""
+    return f"-{shard[0]}-of-{shard[1]}"
+
+
+class ShardFolder:
+    """The output folder shared by the N shards of one run, written by shard ``(K, N)``.
+
+    Every shard writes its own images straight into ``OUT`` (the shards' image names are
+    disjoint; each PNG is written atomically), so that the N shards together leave one folder
+    of outputs, as one process would. There is no ``OUT.partial`` swap: a shard is finished
+    when its record ``OUT/.blda-run-K-of-N.json`` says ``"complete": true``.
+
+    Safety, per shard: a claim on ``OUT/.shard-K-of-N`` (two runs of the same shard stop at
+    once, different shards run side by side); the run record holds the settings, and
+    ``--resume`` continues a shard only when they match; every shard already recorded in the
+    folder must have the same command, settings and N (a folder never mixes two runs); a
+    folder holding an unsharded run's output (``.blda-run.json``, or ``OUT.partial``) is
+    refused. Without ``overwrite``/``resume`` a shard that already ran is refused.
+
+    Args:
+        path: The output folder.
+        shard: ``(K, N)``, 1-based, with ``N > 1``.
+        command: The command writing it (recorded).
+        settings: What determines the content (the same for every shard).
+        overwrite: Redo this shard, replacing its files.
+        resume: Continue this shard, keeping its finished images.
+        inputs: Input files and folders, which the output may not overlap.
+        option: The option naming the folder, for messages.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shard: tuple[int, int],
+        *,
+        command: str,
+        settings: Mapping[str, Any],
+        overwrite: bool = False,
+        resume: bool = False,
+        inputs: Iterable[Path | None] = (),
+        option: str = "--out-dir",
+    ) -> None:
+        if overwrite and resume:
+            raise InputError(f"{path}: give --overwrite or --resume, not both")
+        self.path = Path(path)
+        self.shard = shard
+        self.final = self.path.resolve()
+        if self.final == self.final.parent:
+            raise InputError(f"{path}: cannot write into the file-system root")
+        self.command = command
+        self.settings = canonical(settings)
+        check_not_input(self.path, inputs, folder=True, option=option)
+        if self.final.exists() and not self.final.is_dir():
+            raise InputError(f"{path}: exists and is not a folder")
+        if partial_path(self.final).exists() or (self.final / MARKER).exists():
+            raise InputError(
+                f"{path}: holds the output of an unsharded run; write the shards to another folder"
+            )
+        try:
+            self.final.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(exc, self.final) from exc
+        self.root = self.final
+        self.record = self.final / f".blda-run{shard_suffix(shard)}.json"
+        self.claim = Claim(self.final / f".shard{shard_suffix(shard)}")
+        try:
+            self._prepare(overwrite, resume)
+        except BaseException:
+            self.claim.release()
+            raise
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
+
+    def _prepare(self, overwrite: bool, resume: bool) -> None:
+        k, n = self.shard
+        for entry in sorted(self.final.iterdir()):
+            match = SHARD_MARKER.match(entry.name)
+            if match is None or entry == self.record:
+                continue
+            other = self._read(entry)
+            j, m = int(match.group(1)), int(match.group(2))
+            same = (
+                other is not None
+                and m == n
+                and other.get("command") == self.command
+                and canonical(other.get("settings") or {}) == self.settings
+            )
+            if not same:
+                raise InputError(
+                    f"{self.path}: shard {j}/{m} of another run (other command, settings or "
+                    f"shard count) wrote here ({entry.name}); use another folder"
+                )
+        if self.record.exists():
+            marker = self._read(self.record)
+            if resume:
+                check_settings(
+                    self.record, None if marker is None else marker.get("settings"), self.settings
+                )
+                if marker is not None and marker.get("command") != self.command:
+                    raise InputError(
+                        f"{self.record}: was written by {marker.get('command')}, not "
+                        f"{self.command}; cannot resume"
+                    )
+            elif not overwrite:
+                raise InputError(
+                    f"{self.path}: shard {k}/{n} ran here already (use --resume to complete it "
+                    "or --overwrite to redo it)"
+                )
+        # No sweep of temporary files here: they may belong to the other shards, running now.
+        self._write_record(complete=False)
+
+    def _write_record(self, complete: bool) -> None:
+        marker = {
+            "format": MARKER_FORMAT,
+            "version": 1,
+            "command": self.command,
+            "settings": self.settings,
+            "shard": list(self.shard),
+            "complete": complete,
+        }
+        write_text(self.record, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+    def file_name(self, name: str) -> str:
+        """A per-shard file name: ``manifest.json`` gives ``manifest-K-of-N.json``."""
+        stem, dot, ext = name.rpartition(".")
+        return (
+            f"{stem}{shard_suffix(self.shard)}{dot}{ext}"
+            if dot
+            else name + shard_suffix(self.shard)
+        )
+
+    def note(self) -> str:
+        """What an interrupted shard keeps, for the message."""
+        k, n = self.shard
+        return (
+            f"{self.path} keeps shard {k}/{n}'s finished outputs; rerun it with --resume to "
+            "complete it"
+        )
+
+    def close(self, success: bool) -> None:
+        """Record the shard as complete on success and release the claim."""
+        try:
+            if success:
+                self._write_record(complete=True)
+        finally:
+            self.claim.release()
+
+    def __enter__(self) -> ShardFolder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            kept_note(exc, self.note())
+        self.close(success=exc is None)
+
+
+def output_folder(
+    path: Path, shard: tuple[int, int] | None, **kwargs: Any
+) -> OutputFolder | ShardFolder:
+    """A :class:`ShardFolder` for shard ``(K, N)`` with ``N > 1``, else an :class:`OutputFolder`."""
+    if shard is None or shard[1] == 1:
+        return OutputFolder(path, **kwargs)
+    return ShardFolder(path, shard, **kwargs)
 
 
 def is_regular_file(path: Path) -> bool:

@@ -223,6 +223,7 @@ def relabel_store(
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: Callable[[str], Progress | None] | None = None,
+    manifest_name: str = MANIFEST,
 ) -> dict[str, Any]:
     """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
 
@@ -235,6 +236,7 @@ def relabel_store(
         resume: Keep images whose outputs exist (they are read back for the manifest).
         device: Where to compute.
         progress: Given a pass name, wraps the iteration over image names.
+        manifest_name: File name of the manifest (a shard writes ``manifest-K-of-N.json``).
 
     Returns:
         The manifest, with ``"images_written"`` added (not stored in the file).
@@ -249,7 +251,7 @@ def relabel_store(
         "settings": settings.as_dict(),
         "statistics": correction.settings,
     }
-    manifest_path = out_dir / MANIFEST
+    manifest_path = out_dir / manifest_name
     _check_manifest(manifest_path, head, overwrite, resume)
     paths = output_paths(out_dir, store.names, settings.color)
     todo = set(check_outputs(paths, overwrite, resume))

@@ -809,6 +809,27 @@ class LogitStore:
         except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
             raise InputError(f"{path}: damaged logits store ({_first_line(exc)})") from exc
 
+    def select_shard(self, shard: tuple[int, int] | None) -> None:
+        """Keep only the images of shard ``(K, N)`` (1-based) in :attr:`names`.
+
+        The one rule of every ``--shard K/N``: the name-sorted images at indices ``i`` with
+        ``i % N == K - 1`` (as ``dump-logits`` splits its inputs). None keeps every image.
+
+        Raises:
+            InputError: When the shard holds no image (more shards than images).
+        """
+        if shard is None:
+            return
+        k, n = shard
+        if n < 1 or not 1 <= k <= n:
+            raise InputError(f"--shard {k}/{n}: need 1 <= K <= N")
+        names = sorted(self.names)[k - 1 :: n]
+        if not names:
+            raise InputError(
+                f"{self.paths[0]}: shard {k}/{n} holds no image ({len(self.names)} images)"
+            )
+        self.names = names
+
     @property
     def num_classes(self) -> int:
         """Number of classes ``C``."""

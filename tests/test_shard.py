@@ -1,0 +1,177 @@
+"""``--shard K/N`` on the commands that read stores: one folder, the same bytes as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import fitted_case
+
+from blda_posthoc.cli import main
+from blda_posthoc.io.store import LogitStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Source and target stores (7 target images: shards of unequal size) with statistics."""
+    return fitted_case(tmp_path_factory.mktemp("shard"), tgt_images=7)
+
+
+def sub_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_all(commands: list[list[str]], envs: list[dict[str, str]] | None = None) -> None:
+    """Start every command at once (the shards run side by side) and wait for all."""
+    envs = envs or [sub_env() for _ in commands]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "blda_posthoc", *cmd],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd, env in zip(commands, envs, strict=True)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")}
+
+
+def correct_args(case: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "correct",
+        str(case["tgt"]),
+        "--stats",
+        str(case["tgt_stats"]),
+        "--anchors",
+        str(case["src_stats"]),
+        "--tau",
+        "0.5",
+        "--color",
+        "--out-dir",
+        str(out),
+    ]
+
+
+def relabel_args(case: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "relabel",
+        str(case["tgt"]),
+        "--stats",
+        str(case["tgt_stats"]),
+        "--anchors",
+        str(case["src_stats"]),
+        "--tau",
+        "0.5",
+        "--min-confidence",
+        "0.6",
+        "--out-dir",
+        str(out),
+    ]
+
+
+def test_shard_rule_is_every_nth_sorted_name(case: dict[str, Path]) -> None:
+    with LogitStore([case["tgt"]]) as store:
+        names = sorted(store.names)
+    parts = []
+    for k in (1, 2, 3):
+        with LogitStore([case["tgt"]]) as store:
+            store.select_shard((k, 3))
+            assert store.names == names[k - 1 :: 3]
+            parts.append(store.names)
+    assert sorted(n for part in parts for n in part) == names  # a partition
+    with LogitStore([case["tgt"]]) as store:
+        store.select_shard((1, 1))
+        assert store.names == names
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel"])
+def test_shards_write_the_same_pngs_as_one_process(
+    case: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    build = correct_args if command == "correct" else relabel_args
+    run_all([build(case, tmp_path / "one")])
+    expected = pngs(tmp_path / "one")
+    assert len(expected) == (14 if command == "correct" else 7)
+    for n in (1, 2, 3):
+        out = tmp_path / f"n{n}"
+        run_all([[*build(case, out), "--shard", f"{k}/{n}"] for k in range(1, n + 1)])
+        assert pngs(out) == expected, n
+        manifest = "correct" if command == "correct" else "manifest"
+        if n == 1:
+            assert (out / f"{manifest}.json").is_file()
+            continue
+        images = 0
+        for k in range(1, n + 1):
+            part = json.loads((out / f"{manifest}-{k}-of-{n}.json").read_text())
+            images += part["images"] if command == "correct" else part["num_images"]
+            record = json.loads((out / f".blda-run-{k}-of-{n}.json").read_text())
+            assert record["complete"] is True and record["shard"] == [k, n]
+        assert images == 7
+        assert not list(out.glob("*.lock")) and not (out.parent / f"{out.name}.partial").exists()
+
+
+def test_torchrun_environment_picks_the_shard(case: dict[str, Path], tmp_path: Path) -> None:
+    run_all([correct_args(case, tmp_path / "one")])
+    out = tmp_path / "torchrun"
+    envs = [sub_env(RANK=str(r), WORLD_SIZE="2") for r in (0, 1)]
+    run_all([correct_args(case, out), correct_args(case, out)], envs)
+    assert pngs(out) == pngs(tmp_path / "one")
+    assert (out / "correct-1-of-2.json").is_file() and (out / "correct-2-of-2.json").is_file()
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_shard_folder_safety(case: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    first = invoke(*correct_args(case, out), "--shard", "1/2")
+    assert first.exit_code == 0, first.output
+    # The same shard again: refused without --resume/--overwrite; both work.
+    again = invoke(*correct_args(case, out), "--shard", "1/2")
+    assert again.exit_code == 1 and "shard 1/2 ran here already" in again.output
+    assert invoke(*correct_args(case, out), "--shard", "1/2", "--resume").exit_code == 0
+    assert invoke(*correct_args(case, out), "--shard", "1/2", "--overwrite").exit_code == 0
+    # Another shard count, or other settings, may not join the folder.
+    other_n = invoke(*correct_args(case, out), "--shard", "2/3")
+    assert other_n.exit_code == 1 and "shard 1/2 of another run" in other_n.output
+    args = correct_args(case, out)
+    args[args.index("0.5")] = "0.7"
+    other_tau = invoke(*args, "--shard", "2/2")
+    assert other_tau.exit_code == 1 and "shard 1/2 of another run" in other_tau.output
+    # An unsharded run does not write into the shards' folder, nor shards into its folder.
+    whole = invoke(*correct_args(case, out))
+    assert whole.exit_code == 1 and "already exists" in whole.output
+    single = tmp_path / "single"
+    assert invoke(*correct_args(case, single)).exit_code == 0
+    into = invoke(*correct_args(case, single), "--shard", "1/2")
+    assert into.exit_code == 1 and "unsharded run" in into.output
+
+
+def test_shard_usage_errors(case: dict[str, Path], tmp_path: Path) -> None:
+    bad = invoke(*correct_args(case, tmp_path / "a"), "--shard", "3/2")
+    assert bad.exit_code == 2 and "need 1 <= K <= N" in bad.output
+    portion = invoke(*relabel_args(case, tmp_path / "b"), "--keep-portion", "0.5", "--shard", "1/2")
+    assert portion.exit_code == 2 and "--keep-portion" in portion.output
+    assert "does not go with --shard" in portion.output
+    empty = invoke(*correct_args(case, tmp_path / "c"), "--shard", "8/8")
+    assert empty.exit_code == 1 and "shard 8/8 holds no image" in empty.output
+    assert not (tmp_path / "b").exists()
