@@ -175,3 +175,70 @@ def test_shard_usage_errors(case: dict[str, Path], tmp_path: Path) -> None:
     empty = invoke(*correct_args(case, tmp_path / "c"), "--shard", "8/8")
     assert empty.exit_code == 1 and "shard 8/8 holds no image" in empty.output
     assert not (tmp_path / "b").exists()
+
+
+def evaluate_args(case: dict[str, Path], json_path: Path) -> list[object]:
+    return [
+        "evaluate",
+        case["tgt"],
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--tau",
+        "0.5",
+        "--json",
+        json_path,
+    ]
+
+
+@pytest.mark.parametrize("labels", ["store", "dir"])
+def test_evaluate_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path, labels) -> None:
+    extra: list[object] = [] if labels == "store" else ["--labels", case["labels"]]
+    one = invoke(*evaluate_args(case, tmp_path / "one.json"), *extra)
+    assert one.exit_code == 0, one.output
+    expected = json.loads((tmp_path / "one.json").read_text())
+    assert "partial" not in expected
+    for n in (1, 2, 3):
+        for k in range(1, n + 1):
+            part = invoke(
+                *evaluate_args(case, tmp_path / f"e{n}.json"), *extra, "--shard", f"{k}/{n}"
+            )
+            assert part.exit_code == 0, part.output
+        if n == 1:  # one shard is the whole run
+            assert json.loads((tmp_path / "e1.json").read_text()) == expected
+            continue
+        parts = sorted(tmp_path.glob(f"e{n}-*-of-{n}.json"))
+        assert len(parts) == n
+        first = json.loads(parts[0].read_text())
+        assert first["partial"]["shard"] == [1, n]
+        assert first["num_images"] < expected["num_images"]
+        merged = invoke("evaluate", "--merge", *parts, "--json", tmp_path / f"all{n}.json")
+        assert merged.exit_code == 0, merged.output
+        assert json.loads((tmp_path / f"all{n}.json").read_text()) == expected
+        # A missing or repeated part is refused.
+        short = invoke("evaluate", "--merge", *parts[1:], "--json", tmp_path / "x.json")
+        assert short.exit_code == 1 and f"shard 1/{n} is missing" in short.output
+
+
+def test_evaluate_merge_refuses_mixed_runs(case: dict[str, Path], tmp_path: Path) -> None:
+    for k in (1, 2):
+        assert invoke(*evaluate_args(case, tmp_path / "a.json"), "--shard", f"{k}/2").exit_code == 0
+    args = evaluate_args(case, tmp_path / "b.json")
+    args[args.index("0.5")] = "0.7"
+    assert invoke(*args, "--shard", "2/2").exit_code == 0
+    mixed = invoke(
+        "evaluate",
+        "--merge",
+        tmp_path / "a-1-of-2.json",
+        tmp_path / "b-2-of-2.json",
+        "--json",
+        tmp_path / "m.json",
+    )
+    assert mixed.exit_code == 1 and "not of the same run" in mixed.output
+    plain = invoke(*evaluate_args(case, tmp_path / "plain.json"))
+    assert plain.exit_code == 0
+    notpart = invoke("evaluate", "--merge", tmp_path / "plain.json", "--json", tmp_path / "n.json")
+    assert notpart.exit_code == 1 and "no partial block" in notpart.output
+    nojson = invoke(*evaluate_args(case, tmp_path / "c.json")[:-2], "--shard", "1/2")
+    assert nojson.exit_code == 2 and "give --json" in nojson.output

@@ -23,17 +23,23 @@ from blda_posthoc.cli.common import (
     parse_class_names,
     report_notes,
     resolve_device,
+    resolve_shard,
+    shard_option,
     warn,
 )
 from blda_posthoc.core.evaluate import (
     summarize,
 )
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.dump import shard_path
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.evaluate import (
     evaluate_pred_dir,
     evaluate_store,
+    merge_partials,
+    partial_block,
     resolve_classes,
+    shard_pairs,
     store_labels,
 )
 from blda_posthoc.io.report import (
@@ -92,11 +98,17 @@ def write_outputs(
     after: Result | None,
     counts: dict[str, int],
     settings: dict[str, Any],
+    partial: dict[str, Any] | None = None,
 ) -> None:
-    """Print the table and write the requested JSON, Markdown and plot files."""
+    """Print the table and write the requested JSON, Markdown and plot files.
+
+    A shard's JSON report also holds ``partial``: its raw accumulators, for ``--merge``.
+    """
     click.echo(format_table(class_names, before, after))
     if paths["json"] is not None:
         report = build_report(class_names, before, after, counts=counts, settings=settings)
+        if partial is not None:
+            report["partial"] = partial
         write_json(paths["json"], report)
         info(f"wrote {paths['json']}")
     if paths["markdown"] is not None:
@@ -159,6 +171,13 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
     type=FILE,
     help="Row-normalised confusion matrix (before and after with a correction; needs matplotlib).",
 )
+@shard_option
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="STORES are instead the --json reports of shards 1..N (--shard K/N): add them up and "
+    "report all images, as one run would.",
+)
 @overwrite_option
 @device_option
 @handle_errors
@@ -177,6 +196,8 @@ def command(
     markdown_path: Path | None,
     plot_path: Path | None,
     confusion_path: Path | None,
+    shard: tuple[int, int] | None,
+    merge: bool,
     overwrite: bool,
     device: str,
 ) -> None:
@@ -187,16 +208,45 @@ def command(
     stores are evaluated before and after the correction in one run. The table goes to stdout.
     Metrics are defined in docs/metrics.md.
 
+    With --shard K/N (or under torchrun) only shard K's share of the name-sorted images is
+    evaluated and --json is written to JSON-K-of-N.json with the raw counts; then
+    `blda evaluate --merge eval-*-of-N.json --json eval.json` reports all images.
+
     Example: blda evaluate tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json eval.json
     """
     stores = stores + store_options  # --store: the spelling before 0.2, kept for one release
-    check_usage(pred_dir, stores, labels_dir, correction, num_classes, ignore_pred_ignore)
     outputs = {
         "json": json_path,
         "markdown": markdown_path,
         "plot": plot_path,
         "confusion": confusion_path,
     }
+    if merge:
+        if not stores or pred_dir is not None or correction is not None or shard is not None:
+            raise click.UsageError(
+                "--merge takes the shards' JSON reports as arguments, without --pred-dir, "
+                "a correction or --shard"
+            )
+        for path in outputs.values():
+            if path is not None:
+                check_output_file(path, overwrite, stores)
+        if plot_path is not None or confusion_path is not None:
+            require_matplotlib("--plot" if plot_path is not None else "--confusion-plot")
+        run_merge(stores, outputs)
+        return
+    run_shard = resolve_shard(shard) if pred_dir is None else None
+    if shard is not None and pred_dir is not None:
+        raise click.UsageError("--shard is for STORES (--pred-dir reads PNGs)")
+    if run_shard is not None:
+        if json_path is None:
+            raise click.UsageError("--shard writes a partial report to merge: give --json")
+        if markdown_path is not None or plot_path is not None or confusion_path is not None:
+            raise click.UsageError(
+                "--markdown and the plots describe all images: write them with --merge"
+            )
+        json_path = shard_path(json_path, run_shard)
+    check_usage(pred_dir, stores, labels_dir, correction, num_classes, ignore_pred_ignore)
+    outputs["json"] = json_path  # a shard's own file
     for path in outputs.values():
         if path is not None:
             inputs = [*stores, pred_dir, labels_dir]
@@ -227,6 +277,7 @@ def command(
             allow_missing,
             outputs,
             resolve_device(device),
+            run_shard,
         )
 
 
@@ -285,8 +336,9 @@ def run_store(
     allow_missing: bool,
     outputs: dict[str, Path | None],
     device: torch.device,
+    shard: tuple[int, int] | None = None,
 ) -> None:
-    """``evaluate STORES``, optionally before and after a correction."""
+    """``evaluate STORES``, optionally before and after a correction (of one shard's images)."""
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         class_names = store_class_names(store, class_spec)
@@ -295,11 +347,14 @@ def run_store(
             correction = load_correction(spec, list(store.class_names), device)
             report_notes(correction)
         pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing)
-        before, after = evaluate_store(store, pairs, label_files, correction, device)
+        pairs = shard_pairs(pairs, store.names, shard)
+        plain, corrected = evaluate_store(store, pairs, label_files, correction, device)
+    before, after = plain.result(), corrected.result() if corrected is not None else None
     if pairs.unlabelled and not label_files:
         warn(f"{len(pairs.unlabelled)} images in the store have no label and are left out")
     if not pairs.names:
-        raise InputError(f"{paths[0]}: no image has a label")
+        where = f" in shard {shard[0]}/{shard[1]}" if shard is not None else ""
+        raise InputError(f"{paths[0]}: no image{where} has a label")
     note_out_of_range([before, after], len(class_names))
     settings: dict[str, Any] = {
         "source": "store",
@@ -310,4 +365,18 @@ def run_store(
     }
     if correction is not None:
         settings.update(correction.settings)
-    write_outputs(outputs, class_names, before, after, pairs.counts(), settings)
+    partial = None
+    if shard is not None:
+        partial = partial_block(shard, class_names, plain, corrected, pairs.counts())
+        info(f"shard {shard[0]}/{shard[1]}: these figures cover its {len(pairs.names)} images")
+    write_outputs(outputs, class_names, before, after, pairs.counts(), settings, partial)
+
+
+def run_merge(parts: tuple[str, ...], outputs: dict[str, Path | None]) -> None:
+    """``evaluate --merge PARTS``: the shards' partial reports added up."""
+    paths = expand_store_paths(parts)
+    merged = merge_partials(paths)
+    before = merged.before.result()
+    after = merged.after.result() if merged.after is not None else None
+    note_out_of_range([before, after], len(merged.class_names))
+    write_outputs(outputs, merged.class_names, before, after, merged.counts, merged.settings)

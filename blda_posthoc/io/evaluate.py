@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
@@ -24,7 +26,7 @@ from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
 from blda_posthoc.io.report import Result
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import LogitStore, shard_names
 
 PLAIN = Plain()
 ALL_IDS = IGNORE_INDEX
@@ -277,8 +279,12 @@ def evaluate_store(
     label_files: dict[str, Path],
     correction: Correction | None,
     device: torch.device,
-) -> tuple[Result, Result | None]:
-    """Evaluate the plain argmax of the logits and, with ``correction``, the corrected one."""
+) -> tuple[Pass, Pass | None]:
+    """Evaluate the plain argmax of the logits and, with ``correction``, the corrected one.
+
+    Returns:
+        The accumulators (``.result()`` gives the metrics) of the plain and corrected passes.
+    """
     c = store.num_classes
     plain = Pass(c)
     corrected = Pass(c) if correction is not None else None
@@ -290,7 +296,154 @@ def evaluate_store(
         if correction is not None and corrected is not None:
             pred, scores = correct_image(z, size, correction.corrector, correction.tau)
             corrected.add(pred, scores, label, source)
-    return plain.result(), corrected.result() if corrected is not None else None
+    return plain, corrected
+
+
+# ---------------------------------------------------------------- shards
+
+
+def shard_pairs(pairs: Pairs, names: list[str], shard: tuple[int, int] | None) -> Pairs:
+    """The pairs of shard ``(K, N)`` of a store whose images are ``names``.
+
+    The pairing is made over every image first (so every shard reports the same missing
+    labels, counted once, by shard 1); the shard keeps its share (see
+    :func:`blda_posthoc.io.store.shard_names`) of the evaluated and unlabelled names.
+    """
+    if shard is None:
+        return pairs
+    mine = set(shard_names(names, shard))
+    return Pairs(
+        names=[n for n in pairs.names if n in mine],
+        missing=list(pairs.missing) if shard[0] == 1 else [],
+        unlabelled=[n for n in pairs.unlabelled if n in mine],
+    )
+
+
+def pass_state(p: Pass) -> dict[str, Any]:
+    """The raw accumulators of a pass, JSON-ready (floats round-trip exactly)."""
+    return {
+        "confusion": p.cm.matrix.tolist(),
+        "ece_bins": {
+            "count": p.ece.count.tolist(),
+            "confidence_sum": p.ece.confidence_sum.tolist(),
+            "correct_sum": p.ece.correct_sum.tolist(),
+        },
+    }
+
+
+def pass_from_state(state: Any, num_classes: int, source: Path) -> Pass:
+    """A :class:`Pass` from :func:`pass_state` output, checked."""
+    p = Pass(num_classes)
+    try:
+        matrix = np.asarray(state["confusion"], dtype=np.int64)
+        bins = state["ece_bins"]
+        count = np.asarray(bins["count"], dtype=np.int64)
+        confidence = np.asarray(bins["confidence_sum"], dtype=np.float64)
+        correct = np.asarray(bins["correct_sum"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{source}: damaged partial block ({exc})") from exc
+    nb = p.ece.num_bins
+    if (
+        matrix.shape != p.cm.matrix.shape
+        or (matrix < 0).any()
+        or not count.shape == confidence.shape == correct.shape == (nb,)
+    ):
+        raise InputError(f"{source}: damaged partial block (shapes do not fit the classes)")
+    p.cm.matrix = matrix
+    p.ece.count, p.ece.confidence_sum, p.ece.correct_sum = count, confidence, correct
+    return p
+
+
+def partial_block(
+    shard: tuple[int, int],
+    class_names: list[str],
+    before: Pass,
+    after: Pass | None,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """The ``"partial"`` block of a shard's JSON report: what ``--merge`` adds up."""
+    return {
+        "shard": list(shard),
+        "class_names": class_names,
+        "counts": counts,
+        "before": pass_state(before),
+        "after": pass_state(after) if after is not None else None,
+    }
+
+
+@dataclass
+class Merged:
+    """Shards' partial results added up (see :func:`merge_partials`)."""
+
+    class_names: list[str]
+    before: Pass
+    after: Pass | None
+    counts: dict[str, int]
+    settings: dict[str, Any]
+
+
+def merge_partials(paths: list[Path], kind: str = "blda-evaluate") -> Merged:
+    """Add up the ``"partial"`` blocks of the JSON reports of shards 1..N of one run.
+
+    Every shard must be there exactly once, with the same N, classes and settings.
+
+    Args:
+        paths: The shards' ``--json`` reports.
+        kind: The report ``format`` expected.
+    """
+    if not paths:
+        raise InputError("--merge: no part file given")
+    merged: Merged | None = None
+    seen: dict[int, Path] = {}
+    total = 0
+    for path in sorted(paths):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+        except ValueError as exc:
+            raise InputError(f"{path}: not JSON ({exc})") from exc
+        part = data.get("partial") if isinstance(data, dict) else None
+        if not isinstance(part, dict) or data.get("format") != kind:
+            raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
+        try:
+            (k, n), names = part["shard"], list(part["class_names"])
+            counts = {str(key): int(v) for key, v in part["counts"].items()}
+            settings = dict(data["settings"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+        if k in seen:
+            raise InputError(f"{path}: shard {k}/{n} given twice (also {seen[k]})")
+        seen[k] = path
+        before = pass_from_state(part["before"], len(names), path)
+        after = (
+            None if part.get("after") is None else pass_from_state(part["after"], len(names), path)
+        )
+        if merged is None:
+            total = n
+            merged = Merged(names, before, after, counts, settings)
+            continue
+        if n != total or names != merged.class_names or settings != merged.settings:
+            raise InputError(
+                f"{path}: shard {k}/{n} is not of the same run as {paths[0]} (other shard "
+                "count, classes or settings)"
+            )
+        if (after is None) != (merged.after is None):
+            raise InputError(f"{path}: one part has a correction, another has none")
+        merged.before.cm.merge(before.cm)
+        merged.before.ece.merge(before.ece)
+        if merged.after is not None and after is not None:
+            merged.after.cm.merge(after.cm)
+            merged.after.ece.merge(after.ece)
+        for key, value in counts.items():
+            merged.counts[key] = merged.counts.get(key, 0) + value
+    assert merged is not None
+    absent = sorted(set(range(1, total + 1)) - set(seen))
+    if absent:
+        raise InputError(
+            f"--merge: shard {absent[0]}/{total} is missing ({len(seen)} of {total} parts given)"
+        )
+    return merged
 
 
 # ---------------------------------------------------------------- command

@@ -742,6 +742,17 @@ def check_dataset(parent: h5py.Group, key: str, path: Path, where: str) -> h5py.
     return dset
 
 
+def shard_names(names: Iterable[str], shard: tuple[int, int]) -> list[str]:
+    """Shard ``(K, N)`` (1-based) of ``names``: sorted, the indices ``i`` with ``i % N == K - 1``.
+
+    The one rule of every ``--shard K/N`` (``dump-logits`` splits its inputs the same way).
+    """
+    k, n = shard
+    if n < 1 or not 1 <= k <= n:
+        raise InputError(f"--shard {k}/{n}: need 1 <= K <= N")
+    return sorted(names)[k - 1 :: n]
+
+
 class LogitStore:
     """Read one or more logits stores as one dataset, in sorted name order.
 
@@ -821,9 +832,7 @@ class LogitStore:
         if shard is None:
             return
         k, n = shard
-        if n < 1 or not 1 <= k <= n:
-            raise InputError(f"--shard {k}/{n}: need 1 <= K <= N")
-        names = sorted(self.names)[k - 1 :: n]
+        names = shard_names(self.names, shard)
         if not names:
             raise InputError(
                 f"{self.paths[0]}: shard {k}/{n} holds no image ({len(self.names)} images)"
