@@ -235,10 +235,55 @@ def test_evaluate_merge_refuses_mixed_runs(case: dict[str, Path], tmp_path: Path
         "--json",
         tmp_path / "m.json",
     )
-    assert mixed.exit_code == 1 and "not of the same run" in mixed.output
+    assert mixed.exit_code == 1 and "not of the same run" in mixed.output, mixed.output
     plain = invoke(*evaluate_args(case, tmp_path / "plain.json"))
     assert plain.exit_code == 0
     notpart = invoke("evaluate", "--merge", tmp_path / "plain.json", "--json", tmp_path / "n.json")
     assert notpart.exit_code == 1 and "no partial block" in notpart.output
     nojson = invoke(*evaluate_args(case, tmp_path / "c.json")[:-2], "--shard", "1/2")
     assert nojson.exit_code == 2 and "give --json" in nojson.output
+
+
+def compare_args(case: dict[str, Path], json_path: Path, *extra: object) -> list[object]:
+    return [
+        "compare",
+        case["tgt"],
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--tau",
+        "0.2,0.5,1",
+        "--json",
+        json_path,
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("select", [[], ["--select-on", "3"]])
+def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path, select) -> None:
+    one = invoke(*compare_args(case, tmp_path / "one.json", *select))
+    assert one.exit_code == 0, one.output
+    expected = json.loads((tmp_path / "one.json").read_text())
+    for n in (2, 3):
+        for k in range(1, n + 1):
+            part = invoke(
+                *compare_args(case, tmp_path / f"c{n}.json", *select, "--shard", f"{k}/{n}")
+            )
+            assert part.exit_code == 0, part.output
+        parts = sorted(tmp_path.glob(f"c{n}-*-of-{n}.json"))
+        assert len(parts) == n
+        splits = {json.dumps(json.loads(p.read_text())["split"]) for p in parts}
+        assert splits == {json.dumps(expected["split"])}  # every shard drew the same split
+        merged = invoke("compare", "--merge", *parts, "--json", tmp_path / f"all{n}.json")
+        assert merged.exit_code == 0, merged.output
+        assert json.loads((tmp_path / f"all{n}.json").read_text()) == expected
+        assert "selected: --method" in merged.output
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(parts[0].read_bytes())
+    dup = invoke("compare", "--merge", *parts, copy, "--json", tmp_path / "d.json")
+    assert dup.exit_code == 1 and "given twice" in dup.output
+    bad = invoke(
+        "compare", "--merge", *parts, "--stats", case["tgt_stats"], "--json", tmp_path / "x.json"
+    )
+    assert bad.exit_code == 2 and "--merge" in bad.output

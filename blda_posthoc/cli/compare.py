@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,6 +16,8 @@ from blda_posthoc.cli.common import (
     labels_dir_option,
     overwrite_option,
     resolve_device,
+    resolve_shard,
+    shard_option,
     statistics_options,
     warn,
 )
@@ -28,11 +31,14 @@ from blda_posthoc.io.compare import (
     compare_store,
     format_table,
     make_split,
+    merge_reports,
     parse_grid,
+    partial_block,
     plot_compare,
 )
 from blda_posthoc.io.corrections import CorrectionSpec, read_statistics
-from blda_posthoc.io.evaluate import store_labels
+from blda_posthoc.io.dump import shard_path
+from blda_posthoc.io.evaluate import shard_pairs, store_labels
 from blda_posthoc.io.report import require_matplotlib, write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
@@ -94,6 +100,13 @@ def parse_select_on(text: str | None) -> float | None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="mIoU against tau per method and the selected row's per-class gain.",
 )
+@shard_option
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="STORES are instead the --json reports of shards 1..N (--shard K/N): add them up and "
+    "report all images, as one run would.",
+)
 @device_option
 @overwrite_option
 @handle_errors
@@ -111,6 +124,8 @@ def command(
     seed: int,
     json_path: Path,
     plot_path: Path | None,
+    shard: tuple[int, int] | None,
+    merge: bool,
     device: str,
     overwrite: bool,
 ) -> None:
@@ -119,9 +134,30 @@ def command(
     Prints a table (the selected row marked *), writes the JSON and optionally a plot. With
     --select-on N the choice is made on N images and every figure comes from the others.
 
+    With --shard K/N (or under torchrun) shard K evaluates its share of the name-sorted images
+    (the --select-on split is drawn over all images first) and writes JSON-K-of-N.json; then
+    `blda compare --merge compare-*-of-N.json --json compare.json` reports all images.
+
     Example: blda compare tgt_val.h5 --stats tgt_stats.h5 --anchors src_stats.h5
     --select-on 10 --json compare.json --plot compare.png
     """
+    if merge:
+        if shard is not None or stats is not None:
+            raise click.UsageError(
+                "--merge takes the shards' JSON reports as arguments, without --stats or --shard"
+            )
+        for path in (json_path, plot_path):
+            if path is not None:
+                check_output_file(path, overwrite, stores)
+        if plot_path is not None:
+            require_matplotlib()
+        finish(merge_reports(expand_store_paths(stores)), json_path, plot_path)
+        return
+    run_shard = resolve_shard(shard)
+    if run_shard is not None:
+        if plot_path is not None:
+            raise click.UsageError("--plot describes all images: draw it with --merge")
+        json_path = shard_path(json_path, run_shard)
     if stats is None:
         raise click.UsageError("--stats is required")
     fraction = parse_select_on(select_on)
@@ -138,7 +174,8 @@ def command(
     with LogitStore(paths) as store:
         statistics = read_statistics(stats, anchors, store.class_names)
         pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
-        split = make_split(pairs.names, fraction, seed)
+        split = make_split(pairs.names, fraction, seed)  # over all images: shards agree
+        pairs = shard_pairs(pairs, store.names, run_shard)
         rows, auto, skipped = build_rows(wanted, taus, spec, statistics, store.class_names, dev)
         for method, reason in skipped.items():
             warn(f"{method} left out: {reason}")
@@ -156,6 +193,14 @@ def command(
         )
         comparison = Comparison(rows, split, auto, skipped, pairs)
         report = build_report(comparison, store.class_names, settings, paths)
+        if run_shard is not None:
+            report["partial"] = partial_block(comparison, run_shard)
+            info(f"shard {run_shard[0]}/{run_shard[1]}: these figures cover its images only")
+    finish(report, json_path, plot_path)
+
+
+def finish(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> None:
+    """Print the table, write the JSON (and plot) and say how to apply the selection."""
     click.echo(format_table(report), nl=False)
     write_json(json_path, report)
     info(f"wrote {json_path}")

@@ -34,12 +34,14 @@ from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_st
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source
+from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source, read_parts
 from blda_posthoc.io.report import round_or_none
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-compare"
 VERSION = 1
+PLAIN = Plain()
+"""Stands in for the corrector of merged rows (a report needs none)."""
 DEFAULT_TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
@@ -252,6 +254,104 @@ def build_report(
         "tau_auto": comparison.tau_auto,
         "skipped_methods": comparison.skipped,
     }
+
+
+def partial_block(comparison: Comparison, shard: tuple[int, int]) -> dict[str, Any]:
+    """The ``"partial"`` block of a shard's report: its images and raw confusion matrices."""
+    assert comparison.pairs is not None
+
+    def raw(matrix: ConfusionMatrix | None) -> list[list[int]] | None:
+        return None if matrix is None else matrix.matrix.tolist()
+
+    return {
+        "shard": list(shard),
+        "names": list(comparison.pairs.names),
+        "rows": [
+            {
+                "method": r.method,
+                "tau": r.tau,
+                "auto": r.auto,
+                "held": raw(r.held),
+                "select": raw(r.select),
+            }
+            for r in comparison.rows
+        ],
+    }
+
+
+MERGE_SAME = ("class_names", "stores", "settings", "split", "tau_auto", "skipped_methods")
+"""What every shard of one compare run reports alike."""
+
+
+def merge_reports(paths: list[Path]) -> dict[str, Any]:
+    """The report of all images from the ``compare --json`` reports of shards 1..N.
+
+    The shards' raw confusion matrices are added up and the report is built as one pass
+    builds it (same selection, same figures).
+    """
+    parts = read_parts(paths, FORMAT)
+    first_path, first = parts[0]
+    c = len(first.get("class_names") or [])
+    rows: list[Row] = []
+    names: list[str] = []
+    for path, data in parts:
+        if any(data.get(key) != first.get(key) for key in MERGE_SAME):
+            raise InputError(
+                f"{path}: not of the same run as {first_path} (other classes, stores, "
+                "settings or selection split)"
+            )
+        try:
+            part_rows = data["partial"]["rows"]
+            names.extend(str(n) for n in data["partial"]["names"])
+            if len(part_rows) != len(rows or part_rows):
+                raise ValueError("another row count")
+            for i, entry in enumerate(part_rows):
+                held = _matrix(entry["held"], c)
+                select = None if entry["select"] is None else _matrix(entry["select"], c)
+                if len(rows) <= i:
+                    # The corrector is not needed to report: Plain stands in for it.
+                    rows.append(Row(entry["method"], entry["tau"], PLAIN, entry["auto"]))
+                    rows[i].held, rows[i].select = held, select
+                    continue
+                row = rows[i]
+                if (row.method, row.tau, row.auto) != (
+                    entry["method"],
+                    entry["tau"],
+                    entry["auto"],
+                ):
+                    raise ValueError(f"row {i} is {entry['method']} here, {row.method} there")
+                if (select is None) != (row.select is None):
+                    raise ValueError("the selection split differs")
+                assert row.held is not None
+                row.held.merge(held)
+                if row.select is not None and select is not None:
+                    row.select.merge(select)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+    split = first["split"]
+    comparison = Comparison(
+        rows,
+        None if split is None else (list(split["select"]), list(split["held_out"])),
+        dict(first["tau_auto"]),
+        dict(first["skipped_methods"]),
+        Pairs(sorted(names)),
+    )
+    return build_report(
+        comparison,
+        list(first["class_names"]),
+        dict(first["settings"]),
+        [Path(p) for p in first["stores"]],
+    )
+
+
+def _matrix(values: Any, num_classes: int) -> ConfusionMatrix:
+    """A confusion matrix from its raw ``(C, C + 1)`` counts, checked."""
+    matrix = np.asarray(values, dtype=np.int64)
+    if matrix.shape != (num_classes, num_classes + 1) or (matrix < 0).any():
+        raise ValueError(f"a confusion matrix of shape {matrix.shape} for {num_classes} classes")
+    cm = ConfusionMatrix(num_classes)
+    cm.matrix = matrix
+    return cm
 
 
 def format_table(report: dict[str, Any]) -> str:

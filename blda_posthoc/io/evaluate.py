@@ -382,21 +382,22 @@ class Merged:
     settings: dict[str, Any]
 
 
-def merge_partials(paths: list[Path], kind: str = "blda-evaluate") -> Merged:
-    """Add up the ``"partial"`` blocks of the JSON reports of shards 1..N of one run.
-
-    Every shard must be there exactly once, with the same N, classes and settings.
+def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Read the JSON reports of shards 1..N of one run: each exactly once, the same N.
 
     Args:
         paths: The shards' ``--json`` reports.
-        kind: The report ``format`` expected.
+        kind: The report ``format`` expected (``blda-evaluate``, ``blda-compare``).
+
+    Returns:
+        ``(path, report)`` in shard order; every report has a ``"partial"`` dict whose
+        ``"shard"`` is ``[K, N]``.
     """
     if not paths:
         raise InputError("--merge: no part file given")
-    merged: Merged | None = None
-    seen: dict[int, Path] = {}
-    total = 0
-    for path in sorted(paths):
+    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    total = None
+    for path in paths:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
@@ -406,27 +407,53 @@ def merge_partials(paths: list[Path], kind: str = "blda-evaluate") -> Merged:
         part = data.get("partial") if isinstance(data, dict) else None
         if not isinstance(part, dict) or data.get("format") != kind:
             raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
+        shard = part.get("shard")
+        if not (
+            isinstance(shard, list)
+            and len(shard) == 2
+            and all(isinstance(v, int) for v in shard)
+            and 1 <= shard[0] <= shard[1]
+        ):
+            raise InputError(f"{path}: damaged partial block (shard {shard!r})")
+        k, n = shard
+        if total is not None and n != total:
+            raise InputError(f"{path}: shard {k}/{n} is not of the same run as {paths[0]}")
+        total = n
+        if k in found:
+            raise InputError(f"{path}: shard {k}/{n} given twice (also {found[k][0]})")
+        found[k] = (Path(path), data)
+    assert total is not None
+    absent = sorted(set(range(1, total + 1)) - set(found))
+    if absent:
+        raise InputError(
+            f"--merge: shard {absent[0]}/{total} is missing ({len(found)} of {total} parts given)"
+        )
+    return [found[k] for k in sorted(found)]
+
+
+def merge_partials(paths: list[Path]) -> Merged:
+    """Add up the ``"partial"`` blocks of the ``evaluate --json`` reports of shards 1..N.
+
+    Every shard must be there exactly once, with the same N, classes and settings.
+    """
+    merged: Merged | None = None
+    for path, data in read_parts(paths, "blda-evaluate"):
+        part = data["partial"]
         try:
-            (k, n), names = part["shard"], list(part["class_names"])
+            names = list(part["class_names"])
             counts = {str(key): int(v) for key, v in part["counts"].items()}
             settings = dict(data["settings"])
-        except (KeyError, TypeError, ValueError) as exc:
+            before = pass_from_state(part["before"], len(names), path)
+            after_state = part["after"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: damaged partial block ({exc})") from exc
-        if k in seen:
-            raise InputError(f"{path}: shard {k}/{n} given twice (also {seen[k]})")
-        seen[k] = path
-        before = pass_from_state(part["before"], len(names), path)
-        after = (
-            None if part.get("after") is None else pass_from_state(part["after"], len(names), path)
-        )
+        after = None if after_state is None else pass_from_state(after_state, len(names), path)
         if merged is None:
-            total = n
             merged = Merged(names, before, after, counts, settings)
             continue
-        if n != total or names != merged.class_names or settings != merged.settings:
+        if names != merged.class_names or settings != merged.settings:
             raise InputError(
-                f"{path}: shard {k}/{n} is not of the same run as {paths[0]} (other shard "
-                "count, classes or settings)"
+                f"{path}: not of the same run as the other parts (other classes or settings)"
             )
         if (after is None) != (merged.after is None):
             raise InputError(f"{path}: one part has a correction, another has none")
@@ -438,11 +465,6 @@ def merge_partials(paths: list[Path], kind: str = "blda-evaluate") -> Merged:
         for key, value in counts.items():
             merged.counts[key] = merged.counts.get(key, 0) + value
     assert merged is not None
-    absent = sorted(set(range(1, total + 1)) - set(seen))
-    if absent:
-        raise InputError(
-            f"--merge: shard {absent[0]}/{total} is missing ({len(seen)} of {total} parts given)"
-        )
     return merged
 
 
