@@ -288,3 +288,27 @@ def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path,
         "compare", "--merge", *parts, "--stats", case["tgt_stats"], "--json", tmp_path / "x.json"
     )
     assert bad.exit_code == 2 and "--merge" in bad.output
+
+
+@pytest.mark.parametrize("anchors", [False, True])
+def test_diagnose_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path, anchors) -> None:
+    extra: list[object] = ["--stats", case["tgt_stats"]]
+    if anchors:
+        extra += ["--anchors", case["src_stats"]]
+    one = invoke("diagnose", case["tgt"], *extra, "--json", tmp_path / "one.json")
+    assert one.exit_code == 0, one.output
+    expected = json.loads((tmp_path / "one.json").read_text())
+    for k in (1, 2, 3):
+        part = invoke(
+            "diagnose", case["tgt"], *extra, "--json", tmp_path / "d.json", "--shard", f"{k}/3"
+        )
+        assert part.exit_code == 0, part.output
+    first = json.loads((tmp_path / "d-1-of-3.json").read_text())
+    assert first["num_images"] == 3 and first["partial"]["shard"] == [1, 3]
+    merged = invoke(
+        "diagnose", "--merge", str(tmp_path / "d-*-of-3.json"), "--json", tmp_path / "all.json"
+    )
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "all.json").read_text()) == expected
+    nostats = invoke("diagnose", case["tgt"], "--json", tmp_path / "x.json", "--shard", "1/3")
+    assert nostats.exit_code == 2 and "--shard needs --stats" in nostats.output

@@ -15,6 +15,8 @@ from blda_posthoc.cli.common import (
     overwrite_option,
     progress,
     resolve_device,
+    resolve_shard,
+    shard_option,
     warn,
 )
 from blda_posthoc.core.diagnose import diagnose
@@ -23,10 +25,15 @@ from blda_posthoc.io.diagnose import (
     estimated_priors,
     format_table,
     load_or_fit_stats,
+    merge_counts,
+    partial_block,
     plot_scores,
     report_dict,
 )
+from blda_posthoc.io.dump import shard_path
+from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.report import require_matplotlib, write_json
+from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 
@@ -50,6 +57,13 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 )
 @click.option("--json", "json_path", type=FILE, help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=FILE, help="Write a score chart.")
+@shard_option
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="STORES are instead the --json reports of shards 1..N (--shard K/N): add them up and "
+    "diagnose all images, as one run would (with the statistics the shards used).",
+)
 @device_option
 @overwrite_option
 @handle_errors
@@ -59,6 +73,8 @@ def command(
     anchors_path: Path | None,
     json_path: Path | None,
     plot_path: Path | None,
+    shard: tuple[int, int] | None,
+    merge: bool,
     device: str,
     overwrite: bool,
 ) -> None:
@@ -68,34 +84,72 @@ def command(
     --anchors (better), else from the logit score; 'uncertain' where it cannot tell. See
     docs/metrics.md.
 
+    With --shard K/N (and --stats) shard K counts its share of the name-sorted images into
+    JSON-K-of-N.json; `blda diagnose --merge d-*-of-N.json --json d.json` diagnoses all.
+
     Example: blda diagnose tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json d.json
     """
+    if merge and (shard is not None or stats_path is not None or anchors_path is not None):
+        raise click.UsageError(
+            "--merge takes the shards' JSON reports as arguments (their --stats and --anchors "
+            "are reused), without --stats, --anchors or --shard"
+        )
+    run_shard = None if merge else resolve_shard(shard)
+    if run_shard is not None:
+        if stats_path is None:
+            raise click.UsageError(
+                "--shard needs --stats (fit them first with fit-stats, which merges shards)"
+            )
+        if json_path is None:
+            raise click.UsageError("--shard writes a partial report to merge: give --json")
+        if plot_path is not None:
+            raise click.UsageError("--plot describes all images: draw it with --merge")
+        json_path = shard_path(json_path, run_shard)
     for path in (json_path, plot_path):
         if path is not None:
             check_output_file(path, overwrite, [*stores, stats_path])
     if plot_path is not None:
         require_matplotlib()
-    dev = resolve_device(device)
-    with LogitStore(expand_store_paths(stores)) as store:
-        stats = load_or_fit_stats(store, stats_path, dev)
-        predicted, confusion = count_predictions(
-            store, device=dev, progress=lambda it, n: progress(it, n, "diagnose")
-        )
-        num_images = len(store)
-        priors = None
-        if anchors_path is not None:
-            if stats_path is None:
+    partial = None
+    if merge:
+        counts = merge_counts(expand_store_paths(stores))
+        stats_path, anchors_path = counts.stats_path, counts.anchors_path
+        stats = read_stats(stats_path)
+        if stats.fingerprint != counts.fingerprint:
+            raise InputError(f"{stats_path}: not the statistics the shards used (fingerprint)")
+        predicted, confusion, num_images = counts.predicted, counts.confusion, counts.num_images
+        class_names = stats.class_names
+    else:
+        dev = resolve_device(device)
+        with LogitStore(expand_store_paths(stores)) as store:
+            if anchors_path is not None and stats_path is None:
                 raise click.UsageError("--anchors needs --stats")
-            priors, why = estimated_priors(stats_path, anchors_path, store.class_names)
-            if why is not None:
-                warn(why)
+            stats = load_or_fit_stats(store, stats_path, dev)
+            store.select_shard(run_shard)
+            predicted, confusion = count_predictions(
+                store, device=dev, progress=lambda it, n: progress(it, n, "diagnose")
+            )
+            num_images = len(store)
+            class_names = store.class_names
+        if run_shard is not None:
+            partial = partial_block(run_shard, num_images, predicted, confusion, anchors_path)
+            info(f"shard {run_shard[0]}/{run_shard[1]}: these figures cover its images only")
+    priors = None
+    if anchors_path is not None:
+        assert stats_path is not None
+        priors, why = estimated_priors(stats_path, anchors_path, class_names)
+        if why is not None:
+            warn(why)
     result = diagnose(stats, predicted, confusion, target_priors=priors)
     click.echo(format_table(result))
     unknown = [d.name for d in result.classes if d.decided_by is None]
     if unknown:
         warn(f"no verdict (too few positive pixels, no labels) for: {', '.join(unknown)}")
     if json_path is not None:
-        write_json(json_path, report_dict(result, stats, stats_path, num_images), sort_keys=True)
+        report = report_dict(result, stats, stats_path, num_images)
+        if partial is not None:
+            report["partial"] = partial
+        write_json(json_path, report, sort_keys=True)
         info(f"wrote {json_path}")
     if plot_path is not None:
         plot_scores(plot_path, result)

@@ -17,7 +17,7 @@ JSON report (``--json``, format ``blda-diagnose`` version 1; keys sorted, undefi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from blda_posthoc.core.select import em_collapsed
 from blda_posthoc.io.console import info, progress
 from blda_posthoc.io.corrections import read_statistics, target_priors
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
 from blda_posthoc.io.stats import read_stats
@@ -100,6 +101,80 @@ def load_or_fit_stats(
             f"{store.class_names}"
         )
     return stats
+
+
+def partial_block(
+    shard: tuple[int, int],
+    num_images: int,
+    predicted: np.ndarray,
+    confusion: np.ndarray | None,
+    anchors_path: Path | None,
+) -> dict[str, Any]:
+    """The ``"partial"`` block of a shard's report: its raw counts, for ``--merge``."""
+    return {
+        "shard": list(shard),
+        "num_images": num_images,
+        "predicted": predicted.tolist(),
+        "confusion": None if confusion is None else confusion.tolist(),
+        "anchors": None if anchors_path is None else str(anchors_path),
+    }
+
+
+@dataclass
+class MergedCounts:
+    """Shards' counts added up (see :func:`merge_counts`)."""
+
+    stats_path: Path
+    fingerprint: str
+    anchors_path: Path | None
+    num_images: int
+    predicted: np.ndarray
+    confusion: np.ndarray | None
+
+
+def merge_counts(paths: list[Path]) -> MergedCounts:
+    """Add up the ``"partial"`` blocks of the ``diagnose --json`` reports of shards 1..N.
+
+    The statistics (and anchors) the shards used are recorded; every shard must name the same.
+    The confusion matrix is kept only when every shard had labels for all its images.
+    """
+    merged: MergedCounts | None = None
+    for path, data in read_parts(paths, FORMAT):
+        part = data["partial"]
+        try:
+            c = len(data["class_names"])
+            stats = data["statistics"]
+            predicted = np.asarray(part["predicted"], dtype=np.int64)
+            confusion = (
+                None if part["confusion"] is None else np.asarray(part["confusion"], dtype=np.int64)
+            )
+            anchors = None if part["anchors"] is None else Path(part["anchors"])
+            count = int(part["num_images"])
+            stats_path = Path(stats["path"])
+            fingerprint = str(stats["fingerprint"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+        if predicted.shape != (c,) or (confusion is not None and confusion.shape != (c, c + 1)):
+            raise InputError(f"{path}: damaged partial block (shapes do not fit the classes)")
+        if merged is None:
+            merged = MergedCounts(stats_path, fingerprint, anchors, count, predicted, confusion)
+            continue
+        if (stats_path, fingerprint, anchors) != (
+            merged.stats_path,
+            merged.fingerprint,
+            merged.anchors_path,
+        ) or c != len(merged.predicted):
+            raise InputError(
+                f"{path}: not of the same run as the other parts (other statistics or anchors)"
+            )
+        merged.num_images += count
+        merged.predicted = merged.predicted + predicted
+        if merged.confusion is None or confusion is None:
+            merged.confusion = None
+        else:
+            merged.confusion = merged.confusion + confusion
+    assert merged is not None
+    return merged
 
 
 def report_dict(
