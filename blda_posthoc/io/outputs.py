@@ -811,8 +811,9 @@ class ShardFolder:
             return None
         return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
 
-    def _prepare(self, overwrite: bool, resume: bool) -> None:
-        k, n = self.shard
+    def _check_others(self) -> None:
+        """Refuse when another shard's record in the folder is of another run."""
+        n = self.shard[1]
         for entry in sorted(self.final.iterdir()):
             match = SHARD_MARKER.match(entry.name)
             if match is None or entry == self.record:
@@ -830,6 +831,10 @@ class ShardFolder:
                     f"{self.path}: shard {j}/{m} of another run (other command, settings or "
                     f"shard count) wrote here ({entry.name}); use another folder"
                 )
+
+    def _prepare(self, overwrite: bool, resume: bool) -> None:
+        k, n = self.shard
+        self._check_others()
         if self.record.exists():
             marker = self._read(self.record)
             if resume:
@@ -848,6 +853,7 @@ class ShardFolder:
                 )
         # No sweep of temporary files here: they may belong to the other shards, running now.
         self._write_record(complete=False)
+        self._check_others()  # a shard of another run that started at the same moment
 
     def _write_record(self, complete: bool) -> None:
         marker = {
