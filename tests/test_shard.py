@@ -197,6 +197,10 @@ def test_evaluate_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     extra: list[object] = [] if labels == "store" else ["--labels", case["labels"]]
     one = invoke(*evaluate_args(case, tmp_path / "one.json"), *extra)
     assert one.exit_code == 0, one.output
+    md = invoke(
+        *evaluate_args(case, tmp_path / "one-md.json"), *extra, "--markdown", tmp_path / "one.md"
+    )
+    assert md.exit_code == 0, md.output
     expected = json.loads((tmp_path / "one.json").read_text())
     assert "partial" not in expected
     for n in (1, 2, 3):
@@ -217,6 +221,9 @@ def test_evaluate_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
         merged = invoke("evaluate", "--merge", *given, "--json", tmp_path / f"all{n}.json")
         assert merged.exit_code == 0, merged.output
         assert json.loads((tmp_path / f"all{n}.json").read_text()) == expected
+        md = invoke("evaluate", "--merge", *parts, "--markdown", tmp_path / f"all{n}.md")
+        assert md.exit_code == 0, md.output
+        assert (tmp_path / f"all{n}.md").read_text() == (tmp_path / "one.md").read_text()
         # A missing or repeated part is refused.
         short = invoke("evaluate", "--merge", *parts[1:], "--json", tmp_path / "x.json")
         assert short.exit_code == 1 and f"shard 1/{n} is missing" in short.output
