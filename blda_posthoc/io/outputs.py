@@ -37,7 +37,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from blda_posthoc.io.errors import InputError
 
@@ -513,7 +513,47 @@ def partial_path(path: Path) -> Path:
 # ---------------------------------------------------------------- output folders
 
 
-class OutputFolder:
+class ClaimedOutput:
+    """What every claimed output folder does on leaving its ``with`` block.
+
+    On success :meth:`finish` (what finishing means is the subclass's), then the claim is
+    released; on an exception the claim is released and the exception carries :meth:`note`
+    (what was kept and how to resume).
+    """
+
+    claim: Claim
+
+    def note(self) -> str:
+        """What an interrupted or failed run kept, and how to continue."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Make the finished outputs final."""
+        raise NotImplementedError
+
+    def close(self, success: bool) -> None:
+        """Finish on success and release the claim."""
+        try:
+            if success:
+                self.finish()
+        finally:
+            self.claim.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            kept_note(exc, self.note())
+        self.close(success=exc is None)
+
+
+class OutputFolder(ClaimedOutput):
     """A folder of outputs built at ``OUT.partial`` and moved to ``OUT`` when complete.
 
     Use as a context manager: write every file through :meth:`file` (a path inside
@@ -706,26 +746,9 @@ class OutputFolder:
             "with --resume to continue"
         )
 
-    def close(self, success: bool) -> None:
-        """Commit on success and release the claim."""
-        try:
-            if success:
-                self.commit()
-        finally:
-            self.claim.release()
-
-    def __enter__(self) -> OutputFolder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            kept_note(exc, self.note())
-        self.close(success=exc is None)
+    def finish(self) -> None:
+        """Swap the finished folder in (see :meth:`commit`)."""
+        self.commit()
 
 
 SHARD_MARKER = re.compile(r"^\.blda-run-(\d+)-of-(\d+)\.json$")
@@ -737,7 +760,7 @@ def shard_suffix(shard: tuple[int, int]) -> str:
     return f"-{shard[0]}-of-{shard[1]}"
 
 
-class ShardFolder:
+class ShardFolder(ClaimedOutput):
     """The output folder shared by the N shards of one run, written by shard ``(K, N)``.
 
     Every shard writes its own images straight into ``OUT`` (the shards' image names are
@@ -883,26 +906,9 @@ class ShardFolder:
             "complete it"
         )
 
-    def close(self, success: bool) -> None:
-        """Record the shard as complete on success and release the claim."""
-        try:
-            if success:
-                self._write_record(complete=True)
-        finally:
-            self.claim.release()
-
-    def __enter__(self) -> ShardFolder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            kept_note(exc, self.note())
-        self.close(success=exc is None)
+    def finish(self) -> None:
+        """Record the shard as complete."""
+        self._write_record(complete=True)
 
 
 def output_folder(
