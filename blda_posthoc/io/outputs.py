@@ -513,6 +513,15 @@ def partial_path(path: Path) -> Path:
 # ---------------------------------------------------------------- output folders
 
 
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A run record (``.blda-run*.json``), or None when it is missing or not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
+
+
 class ClaimedOutput:
     """What every claimed output folder does on leaving its ``with`` block.
 
@@ -522,6 +531,32 @@ class ClaimedOutput:
     """
 
     claim: Claim
+
+    def _check_target(
+        self,
+        path: Path,
+        command: str,
+        settings: Mapping[str, Any],
+        overwrite: bool,
+        resume: bool,
+        inputs: Iterable[Path | None],
+        option: str,
+    ) -> None:
+        """Check the output folder before anything is claimed.
+
+        Sets ``path``, ``final`` (resolved), ``command`` and ``settings`` (canonical).
+        """
+        if overwrite and resume:
+            raise InputError(f"{path}: give --overwrite or --resume, not both")
+        self.path = Path(path)
+        self.final = self.path.resolve()
+        if self.final == self.final.parent:
+            raise InputError(f"{path}: cannot write into the file-system root")
+        self.command = command
+        self.settings = canonical(settings)
+        check_not_input(self.path, inputs, folder=True, option=option)
+        if self.final.exists() and not self.final.is_dir():
+            raise InputError(f"{path}: exists and is not a folder")
 
     def note(self) -> str:
         """What an interrupted or failed run kept, and how to continue."""
@@ -588,19 +623,9 @@ class OutputFolder(ClaimedOutput):
         inputs: Iterable[Path | None] = (),
         option: str = "--out-dir",
     ) -> None:
-        if overwrite and resume:
-            raise InputError(f"{path}: give --overwrite or --resume, not both")
-        self.path = Path(path)
-        self.final = self.path.resolve()
-        if self.final == self.final.parent:
-            raise InputError(f"{path}: cannot write into the file-system root")
+        self._check_target(path, command, settings, overwrite, resume, inputs, option)
         self.partial = partial_path(self.final)
-        self.command = command
-        self.settings = canonical(settings)
         self.written: set[str] = set()
-        check_not_input(self.path, inputs, folder=True, option=option)
-        if self.final.exists() and not self.final.is_dir():
-            raise InputError(f"{path}: exists and is not a folder")
         self.claim = Claim(self.final)
         try:
             self.root = self._prepare(overwrite, resume)
@@ -612,11 +637,7 @@ class OutputFolder(ClaimedOutput):
     # -- set-up
 
     def _marker(self, folder: Path) -> dict[str, Any] | None:
-        try:
-            data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
+        return read_record(folder / MARKER)
 
     def _write_marker(self, folder: Path, complete: bool) -> None:
         marker = {
@@ -798,18 +819,8 @@ class ShardFolder(ClaimedOutput):
         inputs: Iterable[Path | None] = (),
         option: str = "--out-dir",
     ) -> None:
-        if overwrite and resume:
-            raise InputError(f"{path}: give --overwrite or --resume, not both")
-        self.path = Path(path)
+        self._check_target(path, command, settings, overwrite, resume, inputs, option)
         self.shard = shard
-        self.final = self.path.resolve()
-        if self.final == self.final.parent:
-            raise InputError(f"{path}: cannot write into the file-system root")
-        self.command = command
-        self.settings = canonical(settings)
-        check_not_input(self.path, inputs, folder=True, option=option)
-        if self.final.exists() and not self.final.is_dir():
-            raise InputError(f"{path}: exists and is not a folder")
         if partial_path(self.final).exists() or (self.final / MARKER).exists():
             raise InputError(
                 f"{path}: holds the output of an unsharded run; write the shards to another folder"
@@ -827,13 +838,6 @@ class ShardFolder(ClaimedOutput):
             self.claim.release()
             raise
 
-    def _read(self, path: Path) -> dict[str, Any] | None:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) and data.get("format") == MARKER_FORMAT else None
-
     def _check_others(self) -> None:
         """Refuse when another shard's record in the folder is of another run."""
         n = self.shard[1]
@@ -841,7 +845,7 @@ class ShardFolder(ClaimedOutput):
             match = SHARD_MARKER.match(entry.name)
             if match is None or entry == self.record:
                 continue
-            other = self._read(entry)
+            other = read_record(entry)
             j, m = int(match.group(1)), int(match.group(2))
             same = (
                 other is not None
@@ -859,7 +863,7 @@ class ShardFolder(ClaimedOutput):
         k, n = self.shard
         self._check_others()
         if self.record.exists():
-            marker = self._read(self.record)
+            marker = read_record(self.record)
             if resume:
                 check_settings(
                     self.record, None if marker is None else marker.get("settings"), self.settings
