@@ -236,3 +236,21 @@ def test_channel_argmax_equals_torch_argmax(shape: tuple[int, ...]):
     z[-1].view(-1)[::5] = float("inf")
     np.testing.assert_array_equal(channel_argmax(z).numpy(), z.argmax(0).numpy())
     assert channel_argmax(z.half()).dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_binning_an_affine_map_equals_binning_the_mapped_logits(dtype: torch.dtype):
+    c, grid = 5, Grid(-9.0, 11.0, 64)
+    rng = np.random.default_rng(3)
+    z = edge_heavy_logits(5, Grid(-6.0, 6.0, 64), (c, 19, 23)).to(dtype)
+    y = torch.from_numpy(rng.integers(0, c + 2, (19, 23)))
+    scale = torch.tensor([0.5, 1.0, 1.7, 0.9, 1.3])
+    bias = torch.tensor([0.25, -1.5, 0.0, 3.0, -0.1])
+    mapped = z.float() * scale[:, None, None] + bias[:, None, None]
+    expected = LogitHistogram(c, grid)
+    expected.update(mapped, y)
+    assert expected.counts().sum() > 0
+    for chunk in (7, 1 << 20):
+        folded = LogitHistogram(c, grid, chunk_pixels=chunk)
+        folded.update(z, y, (scale, bias))
+        np.testing.assert_array_equal(folded.counts(), expected.counts())

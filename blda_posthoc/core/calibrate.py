@@ -2,8 +2,9 @@
 
 Each calibration is an affine map along the class axis, ``z' = scale * z + bias``, fitted on
 labelled logits (a seeded pixel sample of the source set is enough) by minimising the mean
-cross-entropy of ``softmax(z')`` with L-BFGS. The objective is convex in ``(scale, bias)``, so the
-fit from the identity start is unique up to a common shift of the biases, which softmax ignores;
+cross-entropy of ``softmax(z')`` by Newton's method (exact Hessians: a few steps on ``2C``
+parameters at most). The objective is convex in ``(scale, bias)``, so the fit from the identity
+start is unique up to a common shift of the biases, which softmax ignores;
 the returned biases are centred (mean 0 over the classes present in the sample).
 
 - ``temperature``: one shared scale ``1 / T`` for every class, no bias.
@@ -127,42 +128,81 @@ def _labelled_sample(logits: ArrayLike, labels: ArrayLike) -> tuple[torch.Tensor
 def _minimise(
     z: torch.Tensor,
     y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
+    kind: str,
     *,
     max_iter: int,
     weight_decay: float,
-) -> None:
-    """Fit ``scale`` and ``bias`` (those that require grad) in place by L-BFGS.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit the parameters of ``kind`` by damped Newton steps with exact Hessians.
+
+    The objective is the mean cross-entropy of ``softmax(z * scale + bias)`` plus the optional
+    pull ``weight_decay / 2 * (|scale - 1|^2 + |bias|^2)`` over the fitted parameters. It is
+    convex, so Newton's method from the identity converges in a few steps; directions the
+    objective ignores (a common shift of the biases) get no step.
 
     Args:
         z: ``(N, K)`` float64 logits.
         y: ``(N,)`` int64 labels in ``0 .. K-1``.
-        scale: ``(1,)`` or ``(K,)`` float64.
-        bias: ``(K,)`` float64.
-        max_iter: L-BFGS iterations at most.
-        weight_decay: Weight of the pull ``weight_decay / 2 * (|scale - 1|^2 + |bias|^2)``.
+        kind: One of :data:`CALIBRATIONS`.
+        max_iter: Newton steps at most.
+        weight_decay: Weight of the pull towards the identity.
+
+    Returns:
+        ``scale`` (``(1,)`` for ``temperature``, else ``(K,)``) and ``bias`` ``(K,)``, float64.
     """
-    params = [p for p in (scale, bias) if p.requires_grad]
-    opt = torch.optim.LBFGS(
-        params,
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
+    n, k = z.shape
+    # theta -> (scale, bias): scale = 1 + S @ theta, bias = B @ theta.
+    eye, none = torch.eye(k, dtype=z.dtype), torch.zeros(k, k, dtype=z.dtype)
+    if kind == "temperature":
+        S, B = torch.ones(k, 1, dtype=z.dtype), torch.zeros(k, 1, dtype=z.dtype)
+    elif kind == "vector":
+        S, B = torch.cat([eye, none], 1), torch.cat([none, eye], 1)
+    else:
+        S, B = none, eye
+    J = torch.cat([S, B], 0)  # (2K, P): d(scale, bias) / d theta
+    theta = torch.zeros(J.shape[1], dtype=z.dtype)
+    ones = torch.ones(n, dtype=z.dtype)
+    labelled = z.gather(1, y[:, None]).squeeze(1)
+    # Per class: the labels' count and the sum of their own logits (the one-hot side of the
+    # gradient), so that each step needs column sums of p and p * z only.
+    counts = torch.bincount(y, minlength=k).to(z.dtype)
+    own = torch.zeros(k, dtype=z.dtype).index_add_(0, y, labelled)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z * scale + bias, y)
-        if weight_decay > 0:
-            penalty = ((scale - 1) ** 2).sum() + (bias**2).sum()
-            loss = loss + 0.5 * weight_decay * penalty
-        loss.backward()
-        return loss
+    def objective(t: torch.Tensor) -> tuple[float, torch.Tensor]:
+        logp = torch.log_softmax(torch.addcmul(B @ t, z, 1 + S @ t), dim=1)
+        loss = -float(logp.gather(1, y[:, None]).sum()) / n + 0.5 * weight_decay * float(t @ t)
+        return loss, logp
 
-    opt.step(closure)
+    loss, logp = objective(theta)
+    for _ in range(max_iter):
+        p = logp.exp_()
+        pz = p * z
+        sum_p, sum_pz, sum_pzz = ones @ p, ones @ pz, ones @ (pz * z)
+        grad = J.T @ torch.cat([sum_pz - own, sum_p - counts]) / n + weight_decay * theta
+        hess_ss = torch.diag(sum_pzz) - pz.T @ pz
+        hess_sb = torch.diag(sum_pz) - pz.T @ p
+        hess_bb = torch.diag(sum_p) - p.T @ p
+        hess = torch.cat([torch.cat([hess_ss, hess_sb], 1), torch.cat([hess_sb.T, hess_bb], 1)])
+        hess = J.T @ hess @ J / n + weight_decay * torch.eye(J.shape[1], dtype=z.dtype)
+        values, vectors = torch.linalg.eigh(hess)
+        usable = values > values.max().clamp(min=0) * 1e-12
+        step = -vectors[:, usable] @ ((vectors[:, usable].T @ grad) / values[usable])
+        slope = float(grad @ step)
+        if not slope < 0:
+            break
+        length = 1.0
+        trial_loss, trial_logp = objective(theta + step)
+        while trial_loss > loss + 1e-4 * length * slope and length > 1e-10:
+            length *= 0.5
+            trial_loss, trial_logp = objective(theta + length * step)
+        if trial_loss > loss:
+            break
+        theta = theta + length * step
+        improved = loss - trial_loss
+        loss, logp = trial_loss, trial_logp
+        if improved <= 1e-15 * max(1.0, abs(loss)):
+            break
+    return 1 + (S @ theta)[: 1 if kind == "temperature" else k], B @ theta
 
 
 def fit_calibration(
@@ -175,15 +215,15 @@ def fit_calibration(
 ) -> Calibration:
     """Fit a calibration of ``kind`` by minimising mean cross-entropy on labelled logits.
 
-    The fit runs on the CPU in float64 with L-BFGS (strong-Wolfe line search) from the identity
-    (scale 1, bias 0) and is deterministic. See the module docstring for classes absent from
-    the sample.
+    The fit runs on the CPU in float64 by damped Newton steps (exact Hessian, backtracking line
+    search) from the identity (scale 1, bias 0) and is deterministic. See the module docstring
+    for classes absent from the sample.
 
     Args:
         logits: ``(N, C)`` float logits (numpy or torch, any device).
         labels: ``(N,)`` int labels; pixels labelled ``255`` or outside ``0 .. C-1`` are dropped.
         kind: One of :data:`CALIBRATIONS`.
-        max_iter: L-BFGS iterations at most.
+        max_iter: Newton steps at most.
         weight_decay: Optional L2 pull of the fitted parameters towards the identity,
             ``weight_decay / 2 * (sum (scale - 1)^2 + sum bias^2)`` over the fitted parameters
             (the shared temperature scale counts once), added to the objective.
@@ -217,14 +257,12 @@ def fit_calibration(
     remap = torch.full((c,), -1, dtype=torch.int64)
     remap[cols] = torch.arange(cols.numel())
     k = cols.numel()
-    scale = torch.ones(1 if kind == "temperature" else k, dtype=torch.float64)
-    bias = torch.zeros(k, dtype=torch.float64)
-    scale.requires_grad_(kind != "bias")
-    bias.requires_grad_(kind != "temperature")
-    _minimise(z[:, cols], remap[y], scale, bias, max_iter=max_iter, weight_decay=weight_decay)
+    scale, bias = _minimise(
+        z[:, cols], remap[y], kind, max_iter=max_iter, weight_decay=weight_decay
+    )
 
-    fitted_scale = scale.detach().expand(k).numpy()
-    fitted_bias = bias.detach().numpy()
+    fitted_scale = scale.expand(k).numpy()
+    fitted_bias = bias.numpy()
     fitted_bias = fitted_bias - fitted_bias.mean()
     full_scale = np.ones(c) if kind != "temperature" else np.full(c, fitted_scale[0])
     full_bias = np.full(c, fitted_bias.min())

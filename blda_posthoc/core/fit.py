@@ -97,7 +97,12 @@ class LogitHistogram:
         )
         self.num_pixels = 0
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Add pixels.
 
         A logit ``z`` (as float32) falls in bin ``floor((z - lo) / step)`` clamped to
@@ -109,6 +114,9 @@ class LogitHistogram:
         Args:
             logits: ``(C, H, W)`` or ``(N, C)`` logits, any float dtype.
             labels: ``(H, W)`` or ``(N,)`` class per pixel; 255 and values ``>= C`` are skipped.
+            affine: ``(scale, bias)``, each ``(C,)`` float32: bin ``scale * z + bias`` per
+                channel instead of ``z``, computed block by block in float32 exactly as
+                ``logits.float() * scale + bias`` would be (no calibrated copy of the image).
         """
         c, bins = self.num_classes, self.grid.bins
         if logits.dim() == 3:
@@ -137,11 +145,15 @@ class LogitHistogram:
         ibuf = torch.empty(c * step, dtype=index_dtype, device=self.device)
         ones = torch.ones(1, dtype=torch.int64, device=self.device).expand(c * step)
         lo, width = self.grid.lo, self.grid.step
+        if affine is not None:
+            scale, bias = (v.to(self.device, torch.float32).reshape(c, 1) for v in affine)
         for start in range(0, n, step):
             m = min(step, n - start)
             z = zbuf[: c * m].view(c, m)
             block = rows_view[:, start : start + m]
-            if block.dtype == torch.float32:
+            if affine is not None:
+                z.copy_(block).mul_(scale).add_(bias).sub_(lo)
+            elif block.dtype == torch.float32:
                 torch.sub(block, lo, out=z)
             else:
                 z.copy_(block).sub_(lo)

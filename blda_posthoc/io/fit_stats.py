@@ -380,8 +380,12 @@ class Pass:
         self.confidence.update(pred, logodds)
         self.samples[name] = sample_image(name, z, y, quota, self.options.seed)
         if self.calibration is not None and self.calibrated is not None:
-            zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
-            self.calibrated.update(zc, y if self.options.labels == "gt" else channel_argmax(zc))
+            affine = (self.calibration.scale, self.calibration.bias)
+            if self.options.labels == "gt":
+                self.calibrated.update(z, y, affine)
+            else:
+                zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
+                self.calibrated.update(zc, channel_argmax(zc))
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""
