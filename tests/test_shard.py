@@ -141,6 +141,15 @@ def invoke(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def assert_error(result, *fragments: str) -> None:
+    """Exit status 1 with one line ``error: ...`` holding every fragment."""
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def test_shard_folder_safety(case: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "pred"
     first = invoke(*correct_args(case, out), "--shard", "1/2")
@@ -169,9 +178,8 @@ def test_shard_folder_safety(case: dict[str, Path], tmp_path: Path) -> None:
 def test_shard_usage_errors(case: dict[str, Path], tmp_path: Path) -> None:
     bad = invoke(*correct_args(case, tmp_path / "a"), "--shard", "3/2")
     assert bad.exit_code == 2 and "need 1 <= K <= N" in bad.output
-    portion = invoke(*relabel_args(case, tmp_path / "b"), "--keep-portion", "0.5", "--shard", "1/2")
-    assert portion.exit_code == 2 and "--keep-portion" in portion.output
-    assert "does not go with --shard" in portion.output
+    portion = invoke(*relabel_args(case, tmp_path / "b"), "--count-only", "--shard", "1/2")
+    assert portion.exit_code == 2 and "give --keep-portion" in portion.output
     empty = invoke(*correct_args(case, tmp_path / "c"), "--shard", "8/8")
     assert empty.exit_code == 1 and "shard 8/8 holds no image" in empty.output
     assert not (tmp_path / "b").exists()
@@ -319,3 +327,99 @@ def test_diagnose_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     assert json.loads((tmp_path / "all.json").read_text()) == expected
     nostats = invoke("diagnose", case["tgt"], "--json", tmp_path / "x.json", "--shard", "1/3")
     assert nostats.exit_code == 2 and "--shard needs --stats" in nostats.output
+
+
+def portion_args(case: dict[str, Path], out: Path, tau: str = "0.5") -> list[str]:
+    args = relabel_args(case, out)
+    args[args.index("0.5")] = tau
+    return [*args, "--keep-portion", "0.5"]
+
+
+def test_keep_portion_shards_equal_one_process(case: dict[str, Path], tmp_path: Path) -> None:
+    one = invoke(*portion_args(case, tmp_path / "one"))
+    assert one.exit_code == 0, one.output
+    expected = pngs(tmp_path / "one")
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert all(t["portion_logodds"] is not None for t in manifest["thresholds"].values())
+    shards = [(k, n) for n in (2, 3) for k in range(1, n + 1)]
+    # Step 1: every shard counts (side by side, no barrier); step 2: every shard relabels.
+    run_all(
+        [
+            [*portion_args(case, tmp_path / f"n{n}"), "--count-only", "--shard", f"{k}/{n}"]
+            for k, n in shards
+        ]
+    )
+    assert not (tmp_path / "n2" / "manifest-1-of-2.json").exists()
+    run_all([[*portion_args(case, tmp_path / f"n{n}"), "--shard", f"{k}/{n}"] for k, n in shards])
+    for n in (2, 3):
+        out = tmp_path / f"n{n}"
+        assert pngs(out) == expected, n
+        for k in range(1, n + 1):
+            part = json.loads((out / f"manifest-{k}-of-{n}.json").read_text())
+            assert part["thresholds"] == manifest["thresholds"]
+        merged = invoke("relabel", "--merge", out / f"manifest-*-of-{n}.json")
+        assert merged.exit_code == 0, merged.output
+        assert json.loads((out / "manifest.json").read_text()) == manifest
+    # One shard: nothing to count first; the relabel step counts itself.
+    single = [*portion_args(case, tmp_path / "n1"), "--shard", "1/1"]
+    counted = invoke(*single, "--count-only")
+    assert counted.exit_code == 0 and "nothing to count first" in counted.output
+    assert not (tmp_path / "n1").exists()
+    assert invoke(*single).exit_code == 0
+    assert pngs(tmp_path / "n1") == expected
+    assert json.loads((tmp_path / "n1" / "manifest.json").read_text()) == manifest
+
+
+def test_keep_portion_shards_refuse_missing_or_foreign_counts(
+    case: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "pseudo"
+    missing = invoke(*portion_args(case, out), "--shard", "2/2")
+    assert_error(missing, "relabel-counts-1-of-2.h5: missing", "--count-only --shard 1/2")
+    first = invoke(*portion_args(case, out), "--count-only", "--shard", "1/2")
+    assert first.exit_code == 0, first.output
+    assert (out / "relabel-counts-1-of-2.h5").is_file()
+    again = invoke(*portion_args(case, out), "--count-only", "--shard", "1/2")
+    assert_error(again, "relabel-counts-1-of-2.h5: already exists", "--resume")
+    kept = invoke(*portion_args(case, out), "--count-only", "--shard", "1/2", "--resume")
+    assert kept.exit_code == 0 and "kept the counts of shard 1/2" in kept.output
+    # Shard 2 counted with another tau: not the same run.
+    other = invoke(*portion_args(case, out, tau="0.7"), "--count-only", "--shard", "2/2")
+    assert other.exit_code == 0, other.output
+    foreign = invoke(*portion_args(case, out), "--shard", "1/2")
+    assert_error(foreign, "relabel-counts-2-of-2.h5: counts of another run (other settings)")
+    assert not list(out.glob("*.png"))
+    recount = invoke(*portion_args(case, out), "--count-only", "--shard", "2/2", "--overwrite")
+    assert recount.exit_code == 0, recount.output
+    for k in (1, 2):
+        done = invoke(*portion_args(case, out), "--shard", f"{k}/2")
+        assert done.exit_code == 0, done.output
+    resumed = invoke(*portion_args(case, out), "--shard", "1/2", "--resume")
+    assert resumed.exit_code == 0 and "kept 4 existing" in resumed.output
+    # A merge needs every shard's manifest once.
+    short = invoke("relabel", "--merge", out / "manifest-2-of-2.json")
+    assert_error(short, "shard 1/2 is missing")
+    # --count-only needs a shard (and --keep-portion).
+    alone = invoke(*portion_args(case, tmp_path / "x"), "--count-only")
+    assert alone.exit_code == 2 and "give --shard K/N" in alone.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_sharded_scores_stores_evaluate_as_one(case: dict[str, Path], tmp_path: Path) -> None:
+    scores = tmp_path / "scores.h5"
+    one = invoke(*correct_args(case, tmp_path / "one"), "--scores-out", scores)
+    assert one.exit_code == 0, one.output
+    for k in (1, 2, 3):
+        part = invoke(
+            *correct_args(case, tmp_path / "three"), "--scores-out", scores, "--shard", f"{k}/3"
+        )
+        assert part.exit_code == 0, part.output
+    with LogitStore([tmp_path / "scores-2-of-3.h5"]) as store:
+        assert len(store.names) == 2 and store.has_labels()
+    figures = []
+    for given in (scores, tmp_path / "scores-*-of-3.h5"):
+        done = invoke("evaluate", given, "--json", tmp_path / "e.json", "--overwrite")
+        assert done.exit_code == 0, done.output
+        report = json.loads((tmp_path / "e.json").read_text())
+        figures.append({key: report[key] for key in ("miou", "macc", "per_class", "num_images")})
+    assert figures[0] == figures[1] and figures[0]["num_images"] == 7

@@ -21,6 +21,7 @@ from blda_posthoc.cli.common import (
 )
 from blda_posthoc.io.correct import check_color_names, correct_store
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.dump import shard_path
 from blda_posthoc.io.outputs import check_not_input, output_folder, shard_suffix
 from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
@@ -45,7 +46,7 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     "--scores-out",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also store the corrected log-scores (C, H, W) as a logits store (float16), with "
-    "the input's labels ('blda evaluate' reads it).",
+    "the input's labels ('blda evaluate' reads it); shards write SCORES-K-of-N.h5.",
 )
 @shard_option
 @device_option
@@ -65,7 +66,8 @@ def command(
     """Correct the logits of STORES and write trainId PNGs at each image's size.
 
     With --shard K/N (or under torchrun) each shard corrects its share of the name-sorted
-    images into the same OUT_DIR and writes OUT_DIR/correct-K-of-N.json.
+    images into the same OUT_DIR and writes OUT_DIR/correct-K-of-N.json (and --scores-out
+    SCORES-K-of-N.h5, which later commands read together: 'SCORES-*-of-N.h5').
 
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
@@ -77,8 +79,8 @@ def command(
     if resume and scores_out is not None:
         raise click.UsageError("--scores-out writes every image: it does not go with --resume")
     run_shard = resolve_shard(shard)
-    if run_shard is not None and scores_out is not None:
-        raise click.UsageError("--scores-out writes one store: it does not go with --shard")
+    if scores_out is not None:
+        scores_out = shard_path(scores_out, run_shard)
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         if color:
@@ -109,6 +111,7 @@ def command(
                 resume=resume,
                 overwrite=overwrite,
                 scores_out=scores_out,
+                shard=run_shard,
                 device=dev,
                 progress=lambda it, n: progress(it, n, "correct"),
             )

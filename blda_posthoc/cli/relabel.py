@@ -9,6 +9,7 @@ import click
 
 from blda_posthoc.cli.common import (
     FiniteFloatRange,
+    check_output_file,
     correction_options,
     device_option,
     handle_errors,
@@ -20,12 +21,22 @@ from blda_posthoc.cli.common import (
     resolve_device,
     resolve_shard,
     shard_option,
+    torchrun_shard,
     warn,
 )
 from blda_posthoc.io.correct import check_color_names
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.outputs import output_folder, shard_suffix
-from blda_posthoc.io.relabel import MANIFEST, RelabelSettings, relabel_store
+from blda_posthoc.io.outputs import output_folder
+from blda_posthoc.io.relabel import (
+    MANIFEST,
+    RelabelSettings,
+    count_shard,
+    manifest_name,
+    merge_manifests,
+    read_counts,
+    relabel_store,
+)
+from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 PORTION_TOLERANCE = 0.005
@@ -37,9 +48,8 @@ PORTION_TOLERANCE = 0.005
 @correction_options
 @click.option(
     "--out-dir",
-    required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for NAME.png pseudo-labels (255 = ignore) and manifest.json.",
+    help="Folder for NAME.png pseudo-labels (255 = ignore) and manifest.json (required).",
 )
 @click.option(
     "--min-confidence",
@@ -52,7 +62,14 @@ PORTION_TOLERANCE = 0.005
     type=FiniteFloatRange(0.0, 1.0),
     default=None,
     help="Class-balanced selection (CBST): per class keep the P most confident fraction of "
-    "its pixels, ignore the rest. Two passes over the stores.",
+    "its pixels, ignore the rest. Two passes over the stores (with --shard: --count-only first).",
+)
+@click.option(
+    "--count-only",
+    is_flag=True,
+    help="With --keep-portion and --shard K/N: only count shard K's confidences into "
+    "OUT_DIR/relabel-counts-K-of-N.h5. Once every shard has counted, the same command without "
+    "--count-only writes the labels with the thresholds of all images.",
 )
 @click.option(
     "--pseudo-dir",
@@ -66,6 +83,12 @@ PORTION_TOLERANCE = 0.005
     is_flag=True,
     help="Continue an interrupted run with the same settings, keeping its finished images.",
 )
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="STORES are the shards' manifest-K-of-N.json: write the manifest of all images "
+    "(manifest.json) beside them.",
+)
 @shard_option
 @device_option
 @overwrite_option
@@ -73,12 +96,14 @@ PORTION_TOLERANCE = 0.005
 def command(
     stores: tuple[str, ...],
     correction: CorrectionSpec | None,
-    out_dir: Path,
+    out_dir: Path | None,
     min_confidence: float | None,
     keep_portion: float | None,
+    count_only: bool,
     pseudo_dir: Path | None,
     color: bool,
     resume: bool,
+    merge: bool,
     shard: tuple[int, int] | None,
     device: str,
     overwrite: bool,
@@ -87,25 +112,44 @@ def command(
 
     Writes OUT_DIR/NAME.png trainIds at each image's size (255 = ignore) and
     OUT_DIR/manifest.json; never modifies its inputs. With --shard K/N each shard writes
-    its images into the same OUT_DIR and its own OUT_DIR/manifest-K-of-N.json.
+    its images into the same OUT_DIR and its own OUT_DIR/manifest-K-of-N.json; then
+    `blda relabel --merge 'OUT_DIR/manifest-*-of-N.json'` writes OUT_DIR/manifest.json. With
+    --keep-portion, every shard first counts (--count-only), then relabels.
 
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
     """
+    if merge:
+        if correction is not None or shard is not None or out_dir is not None or count_only:
+            raise click.UsageError(
+                "--merge takes the shards' manifests as arguments, without --stats, --out-dir "
+                "or --shard"
+            )
+        run_merge(stores, overwrite)
+        return
+    if out_dir is None:
+        raise click.UsageError("Missing option '--out-dir'.")
     if correction is None:
         raise click.UsageError("give --stats (and --method), or --from-compare")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
     run_shard = resolve_shard(shard)
-    if run_shard is not None and keep_portion is not None:
-        raise click.UsageError(
-            "--keep-portion needs thresholds over all images: it does not go with --shard "
-            "(or torchrun); use --min-confidence, or relabel in one process"
-        )
+    if count_only:
+        if keep_portion is None:
+            raise click.UsageError("--count-only counts for --keep-portion: give --keep-portion")
+        if shard is None and torchrun_shard() is None:
+            raise click.UsageError(
+                "--count-only counts one shard of a sharded run: give --shard K/N (or run "
+                "under torchrun)"
+            )
+        if run_shard is None:
+            info("one shard: the relabel step counts its images itself; nothing to count first")
+            return
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         if color:
             check_color_names(store.names, store.paths[0])
+        every_name = list(store.names)
         store.select_shard(run_shard)
         ready = load_correction(correction, store.class_names, dev)
         report_notes(ready)
@@ -118,23 +162,45 @@ def command(
             color,
             ready.method,
         )
+        run = {
+            "settings": settings.as_dict(),
+            "statistics": ready.settings,
+            "stores": [str(p) for p in store.paths],
+            "class_names": store.class_names,
+        }
+        inputs = [*store.paths, pseudo_dir, correction.stats, correction.anchors]
+        if count_only:
+            assert run_shard is not None
+            path, written = count_shard(
+                store,
+                ready,
+                out_dir,
+                run_shard,
+                run,
+                overwrite=overwrite,
+                resume=resume,
+                inputs=inputs,
+                device=dev,
+                progress=lambda it, n: progress(it, n, "relabel count"),
+            )
+            k, n = run_shard
+            info(
+                f"{'counted' if written else 'kept the counts of'} shard {k}/{n} "
+                f"({len(store.names)} images) in {path}; relabel once all {n} shards have counted"
+            )
+            return
+        counts = None
+        if keep_portion is not None and run_shard is not None:
+            counts = read_counts(out_dir, run_shard[1], run, every_name, store.num_classes)
         with output_folder(
             out_dir,
             run_shard,
             command="relabel",
-            settings={
-                "settings": settings.as_dict(),
-                "statistics": ready.settings,
-                "stores": [str(p) for p in store.paths],
-                "class_names": store.class_names,
-            },
+            settings=run,
             overwrite=overwrite,
             resume=resume,
-            inputs=[*store.paths, pseudo_dir, correction.stats, correction.anchors],
+            inputs=inputs,
         ) as folder:
-            manifest_name = MANIFEST
-            if run_shard is not None:
-                manifest_name = f"manifest{shard_suffix(run_shard)}.json"
             manifest = relabel_store(
                 store,
                 ready,
@@ -144,9 +210,24 @@ def command(
                 resume=resume,
                 device=dev,
                 progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
-                manifest_name=manifest_name,
+                shard=run_shard,
+                counts=counts,
             )
-    report(manifest, out_dir / manifest_name)
+    report(manifest, out_dir / manifest_name(run_shard))
+
+
+def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
+    """``relabel --merge PARTS``: the shards' manifests added up into ``manifest.json``."""
+    paths = expand_store_paths(parts)
+    folders = {p.resolve().parent for p in paths}
+    if len(folders) > 1:
+        raise click.UsageError("--merge: give the manifests of one folder")
+    out = paths[0].parent / MANIFEST
+    check_output_file(out, overwrite)
+    manifest = merge_manifests(paths)
+    write_json(out, manifest, sort_keys=True)
+    info(f"merged {len(paths)} shard manifests")
+    report({**manifest, "images_written": manifest["num_images"]}, out)
 
 
 def report(manifest: dict[str, Any], manifest_path: Path) -> None:

@@ -151,6 +151,7 @@ def correct_store(
     overwrite: bool = False,
     resume: bool = False,
     scores_out: Path | None = None,
+    shard: tuple[int, int] | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -167,6 +168,8 @@ def correct_store(
         scores_out: Also write the corrected log-scores ``(C, H, W)`` as a logits store here
             (its argmax is the prediction, its softmax the renormalised probabilities), with
             the input's label maps, so that it can be evaluated like the input.
+        shard: ``(K, N)`` when ``store`` holds shard K's images (recorded in ``scores_out``'s
+            root attribute ``shard``, as ``dump-logits`` does).
         device: Where to compute.
         progress: Wraps the iteration over image names.
 
@@ -187,6 +190,8 @@ def correct_store(
         if scores_out is not None:
             content = f"corrected log-scores (method={correction.method}, tau={correction.tau:g})"
             attrs: dict[str, str | int | float] = {"content": content}
+            if shard is not None and shard[1] > 1:
+                attrs["shard"] = f"{shard[0]}/{shard[1]}"
             scores_store = stack.enter_context(
                 StoreWriter(
                     scores_out,

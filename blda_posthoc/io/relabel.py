@@ -4,6 +4,17 @@ Two streaming passes when ``keep_portion`` is set (pass 1: per-class confidence 
 the whole store, giving the class thresholds; pass 2: write), one pass otherwise. Memory is one
 image plus ``(C, 65536)`` histogram counts.
 
+Shards (``--shard K/N``) split pass 1 into its own step with no barrier between processes: shard
+K counts its images into ``OUT/relabel-counts-K-of-N.h5`` (:func:`count_shard`); then every shard
+reads all N count files (:func:`read_counts`), adds them up (integers, so exactly the one-process
+histograms) and writes its labels with the one-process thresholds. A count file (format
+``blda-relabel-counts``, version 1) holds root attributes ``format``, ``version``, ``shard``
+(``"K/N"``), ``digest`` (of the run's settings), ``grid_lo``/``grid_hi``/``grid_bins``, and
+datasets ``run`` (the run's settings as JSON), ``names`` (the images counted) and ``counts``
+(``(C, B)`` int64). A shard's manifest ``manifest-K-of-N.json`` also holds ``partial`` (its raw
+counts: ``shard``, ``num_images``, ``after``, ``flows``, ``quality``), which
+:func:`merge_manifests` adds up into the manifest of one process.
+
 Manifest (format ``blda-relabel``, version 1), keys sorted, floats rounded to 6 decimals,
 undefined values ``null``::
 
@@ -32,12 +43,14 @@ mIoU and pixel accuracy in percent, coverage = kept share of the labelled pixels
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
@@ -47,6 +60,7 @@ from blda_posthoc.core.evaluate import ConfusionMatrix, summarize
 from blda_posthoc.core.relabel import (
     ConfidenceHistogram,
     KeepThresholds,
+    LogOddsGrid,
     confidence_logodds,
     keep_thresholds,
     select,
@@ -60,13 +74,23 @@ from blda_posthoc.io.correct import (
 )
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.outputs import (
+    canonical,
+    check_not_input,
+    settings_digest,
+    shard_suffix,
+    write_bytes,
+)
 from blda_posthoc.io.report import round_or_none, write_json
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-relabel"
 VERSION = 1
 MANIFEST = "manifest.json"
+COUNTS_FORMAT = "blda-relabel-counts"
+COUNTS_VERSION = 1
 DECIMALS = 6
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 
@@ -187,6 +211,153 @@ def confidence_histogram(
     return hist
 
 
+def counts_path(out_dir: Path, shard: tuple[int, int]) -> Path:
+    """Where shard ``(K, N)`` keeps its pass-1 counts: ``OUT/relabel-counts-K-of-N.h5``."""
+    return Path(out_dir) / f"relabel-counts{shard_suffix(shard)}.h5"
+
+
+def count_shard(
+    store: LogitStore,
+    correction: Correction,
+    out_dir: Path,
+    shard: tuple[int, int],
+    run: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    inputs: Iterable[Path | None] = (),
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[Path, bool]:
+    """Pass 1 of shard ``(K, N)`` on its own: count its images into ``out_dir``.
+
+    Args:
+        store: The logits, holding shard K's images.
+        correction: The correction.
+        out_dir: The shards' output folder.
+        shard: ``(K, N)``.
+        run: The run's settings (recorded; the relabel step checks them).
+        overwrite: Count again over an existing count file.
+        resume: Keep an existing count file of this run.
+        inputs: Input files and folders, which ``out_dir`` may not overlap.
+        device: Where to compute.
+        progress: Wraps the iteration over image names.
+
+    Returns:
+        The count file and whether it was written now (False: kept on ``resume``).
+    """
+    path = counts_path(out_dir, shard)
+    if path.exists() and not overwrite:
+        if not resume:
+            raise InputError(
+                f"{path}: already exists (use --overwrite to count again, or --resume to keep it)"
+            )
+        _read_count_file(path, shard, run, LogOddsGrid.for_classes(store.num_classes))
+        return path, False
+    check_not_input(out_dir, inputs, folder=True, option="--out-dir")
+    hist = confidence_histogram(store, correction, device=device, progress=progress)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.attrs["format"] = COUNTS_FORMAT
+        f.attrs["version"] = COUNTS_VERSION
+        f.attrs["shard"] = f"{shard[0]}/{shard[1]}"
+        f.attrs["digest"] = settings_digest(run)
+        grid = hist.grid
+        f.attrs["grid_lo"], f.attrs["grid_hi"], f.attrs["grid_bins"] = grid.lo, grid.hi, grid.bins
+        f.create_dataset("run", data=json.dumps(dict(run), sort_keys=True))
+        f.create_dataset("names", data=list(store.names), dtype=h5py.string_dtype())
+        f.create_dataset(
+            "counts", data=hist.counts(), compression="gzip", compression_opts=4, shuffle=True
+        )
+    write_bytes(path, buffer.getvalue())
+    return path, True
+
+
+def read_counts(
+    out_dir: Path, num_shards: int, run: Mapping[str, Any], names: Sequence[str], num_classes: int
+) -> np.ndarray:
+    """The pass-1 histograms of all images: the N shards' count files added up.
+
+    Args:
+        out_dir: The shards' output folder.
+        num_shards: ``N``.
+        run: This run's settings; every count file must record the same.
+        names: Every image of the run (before the shard is selected).
+        num_classes: ``C``.
+
+    Returns:
+        ``(C, B)`` int64 counts, equal to one process's pass 1.
+
+    Raises:
+        InputError: Naming the first count file that is missing, damaged, of another run, or
+            that counts an image twice or one outside the stores, or an image no shard counted.
+    """
+    grid = LogOddsGrid.for_classes(num_classes)
+    total: np.ndarray | None = None
+    counted: dict[str, Path] = {}
+    for k in range(1, num_shards + 1):
+        path = counts_path(out_dir, (k, num_shards))
+        if not path.is_file():
+            raise InputError(
+                f"{path}: missing; count shard {k}/{num_shards} first (this command with "
+                f"--count-only --shard {k}/{num_shards})"
+            )
+        part_names, counts = _read_count_file(path, (k, num_shards), run, grid)
+        for name in part_names:
+            if name in counted:
+                raise InputError(f"{path}: image {name!r} counted twice (also in {counted[name]})")
+            counted[name] = path
+        total = counts if total is None else total + counts
+    assert total is not None
+    known = set(names)
+    unknown = [n for n in counted if n not in known]
+    if unknown:
+        raise InputError(f"{counted[unknown[0]]}: counts image {unknown[0]!r}, not in the stores")
+    if len(counted) != len(names):
+        missing = next(n for n in names if n not in counted)
+        raise InputError(f"{out_dir}: no count file covers image {missing!r}; recount the shards")
+    return total
+
+
+def _read_count_file(
+    path: Path, shard: tuple[int, int], run: Mapping[str, Any], grid: LogOddsGrid
+) -> tuple[list[str], np.ndarray]:
+    """The names and ``(C, B)`` counts of shard ``(K, N)``'s count file, checked against ``run``."""
+    k, n = shard
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != COUNTS_FORMAT:
+                raise InputError(f"{path}: not a {COUNTS_FORMAT} file")
+            if int(f.attrs["version"]) != COUNTS_VERSION:
+                raise InputError(f"{path}: {COUNTS_FORMAT} version {f.attrs['version']}")
+            recorded = str(f.attrs["shard"])
+            digest = str(f.attrs["digest"])
+            theirs = json.loads(f["run"][()])
+            grid_of = (float(f.attrs["grid_lo"]), float(f.attrs["grid_hi"]))
+            bins = int(f.attrs["grid_bins"])
+            names = [str(name) for name in f["names"].asstr()[()]]
+            counts = np.asarray(f["counts"][()], dtype=np.int64)
+    except InputError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: damaged count file ({exc})") from exc
+    if recorded != f"{k}/{n}":
+        raise InputError(f"{path}: holds the counts of shard {recorded}, not {k}/{n}")
+    if digest != settings_digest(run):
+        mine = canonical(run)
+        differ = sorted(key for key in mine if theirs.get(key) != mine[key]) or ["settings"]
+        raise InputError(
+            f"{path}: counts of another run (other {differ[0]}); count again with this "
+            f"command and --count-only --shard {k}/{n} --overwrite"
+        )
+    if (grid_of, bins) != ((grid.lo, grid.hi), grid.bins) or counts.shape != (
+        len(run["class_names"]),
+        bins,
+    ):
+        raise InputError(f"{path}: damaged count file (another log-odds grid)")
+    return names, counts
+
+
 def _check_not_inputs(out_dir: Path, settings: RelabelSettings, store: LogitStore) -> None:
     inputs = [p.resolve() for p in store.paths]
     if settings.pseudo_dir is not None:
@@ -223,7 +394,8 @@ def relabel_store(
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: Callable[[str], Progress | None] | None = None,
-    manifest_name: str = MANIFEST,
+    shard: tuple[int, int] | None = None,
+    counts: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
 
@@ -236,7 +408,10 @@ def relabel_store(
         resume: Keep images whose outputs exist (they are read back for the manifest).
         device: Where to compute.
         progress: Given a pass name, wraps the iteration over image names.
-        manifest_name: File name of the manifest (a shard writes ``manifest-K-of-N.json``).
+        shard: ``(K, N)`` when ``store`` holds shard K's images: the manifest is
+            ``manifest-K-of-N.json`` with a ``partial`` block for :func:`merge_manifests`.
+        counts: With ``keep_portion``, the histograms of all images (:func:`read_counts`);
+            None counts them here (pass 1).
 
     Returns:
         The manifest, with ``"images_written"`` added (not stored in the file).
@@ -251,7 +426,7 @@ def relabel_store(
         "settings": settings.as_dict(),
         "statistics": correction.settings,
     }
-    manifest_path = out_dir / manifest_name
+    manifest_path = out_dir / manifest_name(shard)
     _check_manifest(manifest_path, head, overwrite, resume)
     paths = output_paths(out_dir, store.names, settings.color)
     todo = set(check_outputs(paths, overwrite, resume))
@@ -260,9 +435,11 @@ def relabel_store(
     wrap = progress or _no_progress
     thresholds, grid = None, None
     if settings.keep_portion is not None:
-        hist = confidence_histogram(store, correction, device=device, progress=wrap("pass 1/2"))
-        grid = hist.grid
-        thresholds = keep_thresholds(hist.counts(), grid, settings.keep_portion)
+        grid = LogOddsGrid.for_classes(c)
+        if counts is None:
+            hist = confidence_histogram(store, correction, device=device, progress=wrap("pass 1/2"))
+            counts = hist.counts()
+        thresholds = keep_thresholds(counts, grid, settings.keep_portion)
     write_json(manifest_path, {**head, "complete": False}, sort_keys=True)
     tally = Tally(c)
     palette = palette_for(store.class_names) if settings.color else None
@@ -294,11 +471,89 @@ def relabel_store(
     manifest = {
         **head,
         "complete": True,
-        **_summary(tally, store.class_names, settings, thresholds),
+        **_summary(tally, store.class_names),
+        "thresholds": _thresholds(store.class_names, settings, thresholds),
         "num_images": len(store.names),
     }
+    if shard is not None:
+        manifest["partial"] = _partial(tally, shard, len(store.names))
     write_json(manifest_path, manifest, sort_keys=True)
     return {**manifest, "images_written": len(names)}
+
+
+def manifest_name(shard: tuple[int, int] | None) -> str:
+    """``manifest.json``, or ``manifest-K-of-N.json`` for shard ``(K, N)``."""
+    return MANIFEST if shard is None else f"manifest{shard_suffix(shard)}.json"
+
+
+def _partial(tally: Tally, shard: tuple[int, int], num_images: int) -> dict[str, Any]:
+    """A shard's raw counts, which :func:`merge_manifests` adds up."""
+    assert tally.after is not None
+    return {
+        "shard": list(shard),
+        "num_images": num_images,
+        "after": tally.after.tolist(),
+        "flows": {key: flow.tolist() for key, flow in sorted(tally.flows.items())},
+        "quality": {key: m.compute().tolist() for key, m in sorted(tally.quality.items())},
+    }
+
+
+MERGE_SAME = ("class_names", "stores", "settings", "statistics", "thresholds")
+"""What every shard's manifest of one run records alike."""
+
+
+def merge_manifests(paths: list[Path]) -> dict[str, Any]:
+    """The manifest of one process from the ``manifest-K-of-N.json`` of shards 1..N.
+
+    The shards' raw counts are added up and summarised as one process does; the thresholds
+    (from the counts of all images) are the same in every shard.
+
+    Raises:
+        InputError: A part is missing, given twice, unfinished, damaged or of another run.
+    """
+    parts = read_parts(paths, FORMAT)
+    first_path, first = parts[0]
+    c = len(first.get("class_names") or [])
+    tally = Tally(c)
+    quality = True
+    num_images = 0
+    for path, data in parts:
+        if not data.get("complete"):
+            raise InputError(f"{path}: unfinished shard (rerun it with --resume)")
+        if any(data.get(key) != first.get(key) for key in MERGE_SAME):
+            raise InputError(
+                f"{path}: not of the same run as {first_path} (other classes, stores, settings, "
+                "statistics or thresholds)"
+            )
+        part = data["partial"]
+        try:
+            num_images += int(part["num_images"])
+            after = np.asarray(part["after"], dtype=np.int64)
+            flows = {str(k): np.asarray(v, dtype=np.int64) for k, v in part["flows"].items()}
+            matrices = {str(k): np.asarray(v, dtype=np.int64) for k, v in part["quality"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+        shapes = [after.shape == (c + 1,)]
+        shapes += [f.shape == (c + 1, c + 1) for f in flows.values()]
+        shapes += [m.shape == (c, c + 1) for m in matrices.values()]
+        if not all(shapes) or set(flows) != set(first["partial"].get("flows") or {}):
+            raise InputError(f"{path}: damaged partial block (shapes do not fit the classes)")
+        tally.after = after if tally.after is None else tally.after + after
+        for key, flow in flows.items():
+            tally.flows[key] = tally.flows.get(key, 0) + flow
+        quality = quality and bool(matrices)
+        for key, matrix in matrices.items():
+            tally.quality.setdefault(key, ConfusionMatrix(c, ignore_pred_ignore=True))
+            tally.quality[key].matrix += matrix
+    if not quality:  # one process scores only when every image has a label
+        tally.quality = {}
+    head = ("format", "version", "class_names", "stores", "settings", "statistics", "thresholds")
+    return {
+        **{key: first[key] for key in head},
+        "complete": True,
+        **_summary(tally, first["class_names"]),
+        "num_images": num_images,
+    }
 
 
 def _no_progress(_: str) -> Progress | None:
@@ -353,13 +608,8 @@ def _per_class(values: np.ndarray, class_names: Sequence[str]) -> dict[str, int]
     return {name: int(v) for name, v in zip([*class_names, "ignore"], values, strict=True)}
 
 
-def _summary(
-    tally: Tally,
-    class_names: list[str],
-    settings: RelabelSettings,
-    thresholds: KeepThresholds | None,
-) -> dict[str, Any]:
-    """The manifest's counts, changes, thresholds and quality."""
+def _summary(tally: Tally, class_names: list[str]) -> dict[str, Any]:
+    """The manifest's counts, changes and quality."""
     assert tally.after is not None
     total = int(tally.after.sum())
     pixels = {"relabelled": _per_class(tally.after, class_names)}
@@ -384,7 +634,6 @@ def _summary(
         "ignore_fraction": round_or_none(tally.after[-1] / max(total, 1), DECIMALS),
         "changes": changes,
         "flow_labels": [*class_names, "ignore"],
-        "thresholds": _thresholds(class_names, settings, thresholds),
         "quality": quality,
     }
 
