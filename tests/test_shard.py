@@ -126,6 +126,11 @@ def test_shards_write_the_same_pngs_as_one_process(
             assert record["complete"] is True and record["shard"] == [k, n]
         assert images == 7
         assert not list(out.glob("*.lock")) and not (out.parent / f"{out.name}.partial").exists()
+        if command == "relabel":  # the shards' manifests add up to the one-process manifest
+            merged = invoke("relabel", "--merge", *sorted(out.glob(f"manifest-*-of-{n}.json")))
+            assert merged.exit_code == 0, merged.output
+            one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+            assert json.loads((out / "manifest.json").read_text()) == one
 
 
 def test_torchrun_environment_picks_the_shard(case: dict[str, Path], tmp_path: Path) -> None:
@@ -341,22 +346,25 @@ def test_keep_portion_shards_equal_one_process(case: dict[str, Path], tmp_path: 
     expected = pngs(tmp_path / "one")
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert all(t["portion_logodds"] is not None for t in manifest["thresholds"].values())
-    shards = [(k, n) for n in (2, 3) for k in range(1, n + 1)]
-    # Step 1: every shard counts (side by side, no barrier); step 2: every shard relabels.
-    run_all(
-        [
-            [*portion_args(case, tmp_path / f"n{n}"), "--count-only", "--shard", f"{k}/{n}"]
-            for k, n in shards
-        ]
-    )
-    assert not (tmp_path / "n2" / "manifest-1-of-2.json").exists()
-    run_all([[*portion_args(case, tmp_path / f"n{n}"), "--shard", f"{k}/{n}"] for k, n in shards])
+    assert manifest["quality"] is not None  # the merge adds up the labelled pixels too
+    # Three processes side by side, no barrier: step 1 every shard counts, step 2 relabels.
+    three = [[*portion_args(case, tmp_path / "n3"), "--shard", f"{k}/3"] for k in (1, 2, 3)]
+    run_all([[*args, "--count-only"] for args in three])
+    assert not list((tmp_path / "n3").glob("*.png"))
+    run_all(three)
+    # Two shards picked by torchrun's environment.
+    for step in (["--count-only"], []):
+        for rank in ("0", "1"):
+            env = {"RANK": rank, "WORLD_SIZE": "2"}
+            done = CliRunner().invoke(main, [*portion_args(case, tmp_path / "n2"), *step], env=env)
+            assert done.exit_code == 0, done.output
     for n in (2, 3):
         out = tmp_path / f"n{n}"
         assert pngs(out) == expected, n
         for k in range(1, n + 1):
             part = json.loads((out / f"manifest-{k}-of-{n}.json").read_text())
             assert part["thresholds"] == manifest["thresholds"]
+            assert (out / f"relabel-counts-{k}-of-{n}.h5").is_file()
         merged = invoke("relabel", "--merge", out / f"manifest-*-of-{n}.json")
         assert merged.exit_code == 0, merged.output
         assert json.loads((out / "manifest.json").read_text()) == manifest

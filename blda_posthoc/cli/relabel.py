@@ -226,19 +226,18 @@ def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     check_output_file(out, overwrite)
     manifest = merge_manifests(paths)
     write_json(out, manifest, sort_keys=True)
-    info(f"merged {len(paths)} shard manifests")
-    report({**manifest, "images_written": manifest["num_images"]}, out)
+    report(manifest, out, merged=len(paths))
 
 
-def report(manifest: dict[str, Any], manifest_path: Path) -> None:
-    """Summarise a relabelling run on stderr."""
-    written = manifest["images_written"]
-    kept = manifest["num_images"] - written
-    info(
-        f"wrote {written} pseudo-labels"
-        + (f" (kept {kept} existing)" if kept else "")
-        + f"; ignore fraction {manifest['ignore_fraction']:.4f}"
-    )
+def report(manifest: dict[str, Any], manifest_path: Path, *, merged: int = 0) -> None:
+    """Summarise a relabelling run (or ``merged`` shards' manifests) on stderr."""
+    if merged:
+        done = f"merged {merged} shard manifests: {manifest['num_images']} pseudo-labels"
+    else:
+        written = manifest["images_written"]
+        kept = manifest["num_images"] - written
+        done = f"wrote {written} pseudo-labels" + (f" (kept {kept} existing)" if kept else "")
+    info(f"{done}; ignore fraction {manifest['ignore_fraction']:.4f}")
     labels, total = manifest["flow_labels"], manifest["num_pixels"]
     report_changes(manifest["changes"]["argmax"]["flow"], labels, total)
     if "pseudo_dir" in manifest["changes"]:
