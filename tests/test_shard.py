@@ -408,6 +408,10 @@ def test_keep_portion_shards_refuse_missing_or_foreign_counts(
     short = invoke("relabel", "--merge", out / "manifest-2-of-2.json")
     assert_error(short, "shard 1/2 is missing")
     # --count-only needs a shard (and --keep-portion).
+    whole = invoke(*portion_args(case, tmp_path / "whole"))
+    assert whole.exit_code == 0, whole.output
+    into = invoke(*portion_args(case, tmp_path / "whole"), "--count-only", "--shard", "1/2")
+    assert_error(into, "holds the output of an unsharded run")
     alone = invoke(*portion_args(case, tmp_path / "x"), "--count-only")
     assert alone.exit_code == 2 and "give --shard K/N" in alone.output
     assert not (tmp_path / "x").exists()

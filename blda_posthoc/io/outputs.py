@@ -781,6 +781,15 @@ def shard_suffix(shard: tuple[int, int]) -> str:
     return f"-{shard[0]}-of-{shard[1]}"
 
 
+def check_no_unsharded_run(path: Path) -> None:
+    """Refuse a shards' output folder that holds (or is building) an unsharded run's output."""
+    final = Path(path).resolve()
+    if partial_path(final).exists() or (final / MARKER).exists():
+        raise InputError(
+            f"{path}: holds the output of an unsharded run; write the shards to another folder"
+        )
+
+
 class ShardFolder(ClaimedOutput):
     """The output folder shared by the N shards of one run, written by shard ``(K, N)``.
 
@@ -821,10 +830,7 @@ class ShardFolder(ClaimedOutput):
     ) -> None:
         self._check_target(path, command, settings, overwrite, resume, inputs, option)
         self.shard = shard
-        if partial_path(self.final).exists() or (self.final / MARKER).exists():
-            raise InputError(
-                f"{path}: holds the output of an unsharded run; write the shards to another folder"
-            )
+        check_no_unsharded_run(path)
         try:
             self.final.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

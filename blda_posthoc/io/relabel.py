@@ -78,6 +78,7 @@ from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.images import find_files, read_label
 from blda_posthoc.io.outputs import (
     canonical,
+    check_no_unsharded_run,
     check_not_input,
     settings_digest,
     shard_suffix,
@@ -255,6 +256,7 @@ def count_shard(
         _read_count_file(path, shard, run, LogOddsGrid.for_classes(store.num_classes))
         return path, False
     check_not_input(out_dir, inputs, folder=True, option="--out-dir")
+    check_no_unsharded_run(out_dir)
     hist = confidence_histogram(store, correction, device=device, progress=progress)
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
