@@ -392,7 +392,7 @@ def test_bad_store_file_gives_one_line_error(tmp_path):
     )
     assert_error(
         run("fit-stats", tmp_path / "none_*.h5", "--out", tmp_path / "s.h5", ok=False),
-        "no store matches",
+        "no file matches",
     )
 
 

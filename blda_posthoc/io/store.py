@@ -148,14 +148,14 @@ def partial_path(path: Path) -> Path:
 
 
 def expand_store_paths(specs: Sequence[str | Path]) -> list[Path]:
-    """Expand store arguments (paths or glob patterns) into a sorted, de-duplicated list."""
+    """Expand file arguments (stores, shard reports; paths or glob patterns): sorted, unique."""
     paths: list[Path] = []
     for spec in specs:
         text = str(spec)
         if any(ch in text for ch in "*?["):
             matches = sorted(glob.glob(text))
             if not matches:
-                raise InputError(f"{text}: no store matches this pattern")
+                raise InputError(f"{text}: no file matches this pattern")
             paths.extend(Path(m) for m in matches)
         else:
             paths.append(Path(text))
