@@ -195,6 +195,24 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+def color_option(func: F) -> F:
+    """``--color``: also write colour previews (the command receives ``color``)."""
+    return click.option(
+        "--color", is_flag=True, help="Also write NAME_color.png palette previews."
+    )(func)
+
+
+def cityscapes_ids_option(func: F) -> F:
+    """``--cityscapes-ids``: also write Cityscapes labelIds (received as ``cityscapes_ids``)."""
+    return click.option(
+        "--cityscapes-ids",
+        "cityscapes_ids",
+        is_flag=True,
+        help="Also write NAME_labelIds.png: Cityscapes labelIds (ignore becomes 0, 'unlabeled') "
+        "for cityscapesScripts' evaluation; needs the 19 Cityscapes classes.",
+    )(func)
+
+
 def overwrite_option(func: F) -> F:
     """``--overwrite``: replace existing outputs."""
     return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)

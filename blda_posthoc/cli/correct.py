@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import (
+    check_output_file,
+    cityscapes_ids_option,
+    color_option,
     correction_options,
     device_option,
     handle_errors,
@@ -19,7 +22,7 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     shard_option,
 )
-from blda_posthoc.io.correct import check_color_names, correct_store
+from blda_posthoc.io.correct import check_extras, correct_store
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.dump import shard_path
 from blda_posthoc.io.outputs import check_not_input, output_folder, shard_suffix
@@ -36,7 +39,8 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for NAME.png trainId predictions.",
 )
-@click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
+@color_option
+@cityscapes_ids_option
 @click.option(
     "--resume",
     is_flag=True,
@@ -57,6 +61,7 @@ def command(
     correction: CorrectionSpec | None,
     out_dir: Path,
     color: bool,
+    cityscapes_ids: bool,
     resume: bool,
     scores_out: Path | None,
     shard: tuple[int, int] | None,
@@ -68,6 +73,9 @@ def command(
     With --shard K/N (or under torchrun) each shard corrects its share of the name-sorted
     images into the same OUT_DIR and writes OUT_DIR/correct-K-of-N.json (and --scores-out
     SCORES-K-of-N.h5, which later commands read together: 'SCORES-*-of-N.h5').
+
+    With --cityscapes-ids (Cityscapes classes only) also NAME_labelIds.png, the Cityscapes
+    labelIds that cityscapesScripts' evaluation reads (docs/formats.md).
 
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
@@ -81,33 +89,39 @@ def command(
     run_shard = resolve_shard(shard)
     if scores_out is not None:
         scores_out = shard_path(scores_out, run_shard)
+        check_output_file(scores_out, overwrite)
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
-        if color:
-            check_color_names(store.names, store.paths[0])
+        check_extras(store, color, cityscapes_ids)
         store.select_shard(run_shard)
         if scores_out is not None:
             check_not_input(scores_out, store.paths, option="--scores-out")
             if scores_out.resolve().is_relative_to(out_dir.resolve()):
                 raise click.UsageError("--scores-out must lie outside --out-dir")
         ready = load_correction(correction, store.class_names, dev)
-        report_notes(ready)
         settings = dict(ready.settings, stores=[str(p) for p in store.paths])
         inputs = [*store.paths, correction.stats, correction.anchors]
         with output_folder(
             out_dir,
             run_shard,
             command="correct",
-            settings={**settings, "color": color, "class_names": store.class_names},
+            settings={
+                **settings,
+                "color": color,
+                "cityscapes_ids": cityscapes_ids,
+                "class_names": store.class_names,
+            },
             overwrite=overwrite,
             resume=resume,
             inputs=inputs,
         ) as folder:
+            report_notes(ready)  # once the folder is claimed: no warning before its errors
             summary = correct_store(
                 store,
                 ready,
                 folder.root,
                 color=color,
+                cityscapes_ids=cityscapes_ids,
                 resume=resume,
                 overwrite=overwrite,
                 scores_out=scores_out,

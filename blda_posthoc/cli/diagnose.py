@@ -12,6 +12,8 @@ from blda_posthoc.cli.common import (
     device_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     progress,
     resolve_device,
@@ -32,6 +34,7 @@ from blda_posthoc.io.diagnose import (
 )
 from blda_posthoc.io.dump import shard_path
 from blda_posthoc.io.errors import InputError
+from blda_posthoc.io.evaluate import every_label
 from blda_posthoc.io.report import require_matplotlib, write_json
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore, expand_store_paths
@@ -55,6 +58,8 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     "an EM estimate of the target priors, and the label-free verdict follows the estimated "
     "predicted/true ratio (needs --stats of version 2).",
 )
+@labels_dir_option
+@label_suffix_option
 @click.option("--json", "json_path", type=FILE, help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=FILE, help="Write a score chart.")
 @shard_option
@@ -71,6 +76,8 @@ def command(
     stores: tuple[str, ...],
     stats_path: Path | None,
     anchors_path: Path | None,
+    labels_dir: Path | None,
+    label_suffix: str,
     json_path: Path | None,
     plot_path: Path | None,
     shard: tuple[int, int] | None,
@@ -79,6 +86,8 @@ def command(
     overwrite: bool,
 ) -> None:
     """Report per class whether the model over- or under-predicts it (Bias too with labels).
+
+    Labels come from the store, or from --labels DIR (one for every image).
 
     Without labels the verdict is an estimate: from the EM estimate of the class priors with
     --anchors (better), else from the logit score; 'uncertain' where it cannot tell. See
@@ -89,10 +98,15 @@ def command(
 
     Example: blda diagnose tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json d.json
     """
-    if merge and (shard is not None or stats_path is not None or anchors_path is not None):
+    if merge and (
+        shard is not None
+        or stats_path is not None
+        or anchors_path is not None
+        or labels_dir is not None
+    ):
         raise click.UsageError(
             "--merge takes the shards' JSON reports as arguments (their --stats and --anchors "
-            "are reused), without --stats, --anchors or --shard"
+            "are reused), without --stats, --anchors, --labels or --shard"
         )
     run_shard = None if merge else resolve_shard(shard)
     if run_shard is not None:
@@ -107,7 +121,7 @@ def command(
         json_path = shard_path(json_path, run_shard)
     for path in (json_path, plot_path):
         if path is not None:
-            check_output_file(path, overwrite, [*stores, stats_path])
+            check_output_file(path, overwrite, [*stores, stats_path, labels_dir])
     if plot_path is not None:
         require_matplotlib()
     partial = None
@@ -124,10 +138,14 @@ def command(
         with LogitStore(expand_store_paths(stores)) as store:
             if anchors_path is not None and stats_path is None:
                 raise click.UsageError("--anchors needs --stats")
+            label_files = every_label(store, labels_dir, label_suffix) if labels_dir else None
             stats = load_or_fit_stats(store, stats_path, dev)
             store.select_shard(run_shard)
             predicted, confusion = count_predictions(
-                store, device=dev, progress=lambda it, n: progress(it, n, "diagnose")
+                store,
+                label_files=label_files,
+                device=dev,
+                progress=lambda it, n: progress(it, n, "diagnose"),
             )
             num_images = len(store)
             class_names = store.class_names

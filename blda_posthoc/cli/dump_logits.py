@@ -32,8 +32,10 @@ from blda_posthoc.core.infer import (
 )
 from blda_posthoc.io.dump import (
     DumpOptions,
+    check_output,
     collect_items,
     dump_logits,
+    shard_path,
     torchrun_device,
 )
 from blda_posthoc.io.errors import InputError
@@ -269,6 +271,7 @@ def command(
     if precision == "fp16" and torch_device.type == "cpu":
         raise InputError("--precision fp16: needs a CUDA device (use bf16 or fp32 on CPU)")
     run_shard = resolve_shard(shard)
+    check_output(shard_path(out, run_shard), resume=resume, overwrite=overwrite)
     items = collect_items(images_dir, labels_dir, image_suffix, label_suffix)
     loaded = load_model(
         model_spec, checkpoint, torch_device, warn=warn, trust_checkpoint=trust_checkpoint

@@ -10,10 +10,14 @@ import click
 from blda_posthoc.cli.common import (
     FiniteFloatRange,
     check_output_file,
+    cityscapes_ids_option,
+    color_option,
     correction_options,
     device_option,
     handle_errors,
     info,
+    label_suffix_option,
+    labels_dir_option,
     overwrite_option,
     progress,
     report_changes,
@@ -24,8 +28,9 @@ from blda_posthoc.cli.common import (
     torchrun_shard,
     warn,
 )
-from blda_posthoc.io.correct import check_color_names
+from blda_posthoc.io.correct import check_extras
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
+from blda_posthoc.io.evaluate import every_label
 from blda_posthoc.io.outputs import output_folder
 from blda_posthoc.io.relabel import (
     MANIFEST,
@@ -77,7 +82,10 @@ PORTION_TOLERANCE = 0.005
     default=None,
     help="Folder of current NAME.png pseudo-labels; the manifest reports what changes.",
 )
-@click.option("--color", is_flag=True, help="Also write NAME_color.png palette previews.")
+@labels_dir_option
+@label_suffix_option
+@color_option
+@cityscapes_ids_option
 @click.option(
     "--resume",
     is_flag=True,
@@ -101,7 +109,10 @@ def command(
     keep_portion: float | None,
     count_only: bool,
     pseudo_dir: Path | None,
+    labels_dir: Path | None,
+    label_suffix: str,
     color: bool,
+    cityscapes_ids: bool,
     resume: bool,
     merge: bool,
     shard: tuple[int, int] | None,
@@ -114,16 +125,24 @@ def command(
     OUT_DIR/manifest.json; never modifies its inputs. With --shard K/N each shard writes
     its images into the same OUT_DIR and its own OUT_DIR/manifest-K-of-N.json; then
     `blda relabel --merge 'OUT_DIR/manifest-*-of-N.json'` writes OUT_DIR/manifest.json. With
-    --keep-portion, every shard first counts (--count-only), then relabels.
+    --keep-portion, every shard first counts (--count-only), then relabels. With labels (in
+    the store, or --labels DIR) the manifest scores the pseudo-labels; --cityscapes-ids also
+    writes NAME_labelIds.png (docs/formats.md).
 
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
     """
     if merge:
-        if correction is not None or shard is not None or out_dir is not None or count_only:
+        if (
+            correction is not None
+            or shard is not None
+            or out_dir is not None
+            or count_only
+            or labels_dir is not None
+        ):
             raise click.UsageError(
-                "--merge takes the shards' manifests as arguments, without --stats, --out-dir "
-                "or --shard"
+                "--merge takes the shards' manifests as arguments, without --stats, --out-dir, "
+                "--labels or --shard"
             )
         run_merge(stores, overwrite)
         return
@@ -147,12 +166,11 @@ def command(
             return
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
-        if color:
-            check_color_names(store.names, store.paths[0])
+        check_extras(store, color, cityscapes_ids)
+        label_files = every_label(store, labels_dir, label_suffix) if labels_dir else None
         every_name = list(store.names)
         store.select_shard(run_shard)
         ready = load_correction(correction, store.class_names, dev)
-        report_notes(ready)
         settings = RelabelSettings(
             ready.tau,
             correction.clamp,
@@ -161,6 +179,7 @@ def command(
             pseudo_dir,
             color,
             ready.method,
+            cityscapes_ids,
         )
         run = {
             "settings": settings.as_dict(),
@@ -168,7 +187,7 @@ def command(
             "stores": [str(p) for p in store.paths],
             "class_names": store.class_names,
         }
-        inputs = [*store.paths, pseudo_dir, correction.stats, correction.anchors]
+        inputs = [*store.paths, pseudo_dir, labels_dir, correction.stats, correction.anchors]
         if count_only:
             assert run_shard is not None
             path, written = count_shard(
@@ -183,6 +202,7 @@ def command(
                 device=dev,
                 progress=lambda it, n: progress(it, n, "relabel count"),
             )
+            report_notes(ready)  # after count_shard's output checks
             k, n = run_shard
             info(
                 f"{'counted' if written else 'kept the counts of'} shard {k}/{n} "
@@ -201,6 +221,7 @@ def command(
             resume=resume,
             inputs=inputs,
         ) as folder:
+            report_notes(ready)  # once the folder is claimed: no warning before its errors
             manifest = relabel_store(
                 store,
                 ready,
@@ -212,6 +233,7 @@ def command(
                 progress=lambda desc: lambda it, n: progress(it, n, f"relabel {desc}"),
                 shard=run_shard,
                 counts=counts,
+                label_files=label_files,
             )
     report(manifest, out_dir / manifest_name(run_shard))
 

@@ -51,6 +51,14 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (119, 11, 32),
 )
 
+CITYSCAPES_LABEL_IDS: tuple[int, ...] = (
+    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33,
+)  # fmt: skip
+"""The Cityscapes ``labelId`` of each of the 19 trainIds, in trainId order (road = 7, ...)."""
+
+UNLABELED_ID = 0
+"""The Cityscapes ``labelId`` of ``unlabeled``: what ignore (255) becomes in a labelIds map."""
+
 PRESETS: dict[str, tuple[str, ...]] = {"cityscapes": CITYSCAPES_CLASSES}
 
 
@@ -81,3 +89,34 @@ def palette_for(class_names: list[str] | tuple[str, ...]) -> np.ndarray:
 def colorize(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Map a ``(H, W)`` uint8 trainId map to a ``(H, W, 3)`` uint8 RGB picture."""
     return palette[label_map]
+
+
+def is_cityscapes(class_names: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``class_names`` are the 19 Cityscapes classes in trainId order."""
+    return tuple(class_names) == CITYSCAPES_CLASSES
+
+
+def cityscapes_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Map a Cityscapes trainId map to the labelIds that cityscapesScripts evaluates.
+
+    Args:
+        train_ids: ``(H, W)`` integer trainIds, 0..18 or 255 (ignore).
+
+    Returns:
+        ``(H, W)`` uint8 labelIds (:data:`CITYSCAPES_LABEL_IDS`; ignore becomes
+        :data:`UNLABELED_ID`).
+
+    Raises:
+        ValueError: When a value is neither a trainId 0..18 nor 255.
+    """
+    values = np.asarray(train_ids)
+    known = len(CITYSCAPES_LABEL_IDS)
+    bad = ((values < 0) | (values >= known)) & (values != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(
+            f"value {int(values[bad].flat[0])} is neither a Cityscapes trainId (0..{known - 1}) "
+            f"nor {IGNORE_INDEX}"
+        )
+    table = np.full(IGNORE_INDEX + 1, UNLABELED_ID, dtype=np.uint8)
+    table[:known] = CITYSCAPES_LABEL_IDS
+    return table[values.astype(np.int64)]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blda_posthoc.core.classes import colorize, palette_for
+from blda_posthoc.core.classes import cityscapes_label_ids, colorize, is_cityscapes, palette_for
 from blda_posthoc.core.correct import correct_image
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
@@ -22,40 +22,75 @@ from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
 COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
 
+IDS_SUFFIX = "_labelIds"
+"""Cityscapes labelIds are written beside the trainId files as ``NAME_labelIds.png``."""
 
-def check_color_names(names: Iterable[str], where: Path | str) -> None:
-    """Refuse images ``NAME`` and ``NAME_color`` together when previews are written.
+EXTRA_OUTPUTS: dict[str, str] = {"--color": COLOR_SUFFIX, "--cityscapes-ids": IDS_SUFFIX}
+"""The option that writes an extra file beside every ``NAME.png``, and that file's suffix."""
 
-    With ``--color`` both would write ``NAME_color.png`` (the preview of one, the prediction
-    of the other).
+
+def extra_options(color: bool, cityscapes_ids: bool) -> list[str]:
+    """The options of :data:`EXTRA_OUTPUTS` that are given, in the order their files come."""
+    return [o for o, on in (("--color", color), ("--cityscapes-ids", cityscapes_ids)) if on]
+
+
+def check_extra_names(names: Iterable[str], where: Path | str, options: Iterable[str]) -> None:
+    """Refuse images ``NAME`` and ``NAME<suffix>`` together when that extra file is written.
+
+    With ``--color`` images ``x`` and ``x_color`` would both write ``x_color.png`` (the preview
+    of one, the prediction of the other); likewise ``x_labelIds`` with ``--cityscapes-ids``.
 
     Args:
         names: The image names.
         where: The store (or folder) the names come from, for the message.
+        options: The options given, keys of :data:`EXTRA_OUTPUTS`.
 
     Raises:
         InputError: Naming the first such pair.
     """
     names = set(names)
-    for name in sorted(names):
-        if f"{name}{COLOR_SUFFIX}" in names:
-            raise InputError(
-                f"{where}: images '{name}' and '{name}{COLOR_SUFFIX}' both need "
-                f"{name}{COLOR_SUFFIX}.png with --color (the preview of one, the prediction of "
-                "the other); leave out --color"
-            )
+    for option in options:
+        suffix = EXTRA_OUTPUTS[option]
+        for name in sorted(names):
+            if f"{name}{suffix}" in names:
+                raise InputError(
+                    f"{where}: images '{name}' and '{name}{suffix}' both need "
+                    f"{name}{suffix}.png with {option} (the {option} file of one, the prediction "
+                    f"of the other); leave out {option}"
+                )
 
 
-def output_paths(out_dir: Path, names: Iterable[str], color: bool) -> dict[str, list[Path]]:
-    """The files written per image: ``NAME.png`` and, with ``color``, ``NAME_color.png``.
+def check_cityscapes_ids(class_names: Sequence[str], where: Path | str) -> None:
+    """Refuse ``--cityscapes-ids`` unless the classes are the 19 Cityscapes ones, in order."""
+    if not is_cityscapes(list(class_names)):
+        shown = ", ".join(list(class_names)[:4]) + (", ..." if len(class_names) > 4 else "")
+        raise InputError(
+            f"{where}: --cityscapes-ids needs the 19 Cityscapes classes in trainId order "
+            f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown} "
+            "(if they are Cityscapes', set the names with blda info --rename-classes cityscapes)"
+        )
 
-    Every path is checked to lie inside ``out_dir`` (see
+
+def check_extras(store: LogitStore, color: bool, cityscapes_ids: bool) -> None:
+    """Refuse the extra files a store's images cannot have (before any work)."""
+    check_extra_names(store.names, store.paths[0], extra_options(color, cityscapes_ids))
+    if cityscapes_ids:
+        check_cityscapes_ids(store.class_names, store.paths[0])
+
+
+def output_paths(
+    out_dir: Path, names: Iterable[str], color: bool, cityscapes_ids: bool = False
+) -> dict[str, list[Path]]:
+    """The files written per image: ``NAME.png``, then the extras that are asked for.
+
+    The extras are ``NAME_color.png`` with ``color`` and ``NAME_labelIds.png`` with
+    ``cityscapes_ids``, in this order. Every path is checked to lie inside ``out_dir`` (see
     :func:`blda_posthoc.io.outputs.paths_inside`), and no two images may write the same file.
     """
     names = list(names)
-    if color:
-        check_color_names(names, out_dir)
-    suffixes = [".png", f"{COLOR_SUFFIX}.png"] if color else [".png"]
+    options = extra_options(color, cityscapes_ids)
+    check_extra_names(names, out_dir, options)
+    suffixes = [".png", *(f"{EXTRA_OUTPUTS[o]}.png" for o in options)]
     files = paths_inside(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes])
     step = len(suffixes)
     return {name: files[i * step : (i + 1) * step] for i, name in enumerate(names)}
@@ -129,17 +164,26 @@ def corrected_images(
         yield CorrectedImage(record, z, pred, scores)
 
 
-def write_label_map(files: list[Path], label_map: np.ndarray, palette: np.ndarray | None) -> None:
-    """Write ``files[0]`` (trainIds) and, with a palette, ``files[1]`` (colour preview).
+def write_label_map(
+    files: list[Path],
+    label_map: np.ndarray,
+    palette: np.ndarray | None,
+    cityscapes_ids: bool = False,
+) -> None:
+    """Write ``files[0]`` (trainIds), then the extras of :func:`output_paths`, in its order.
 
     Args:
         files: Output paths from :func:`output_paths`.
         label_map: ``(H, W)`` uint8 trainIds (255 = ignore).
-        palette: ``(256, 3)`` colours, or None for no preview.
+        palette: ``(256, 3)`` colours for ``NAME_color.png``, or None for no preview.
+        cityscapes_ids: Also write ``NAME_labelIds.png`` (Cityscapes classes only).
     """
     write_png(files[0], label_map)
+    extras = iter(files[1:])
     if palette is not None:
-        write_png(files[1], colorize(label_map, palette))
+        write_png(next(extras), colorize(label_map, palette))
+    if cityscapes_ids:
+        write_png(next(extras), cityscapes_label_ids(label_map))
 
 
 def correct_store(
@@ -148,6 +192,7 @@ def correct_store(
     out_dir: Path,
     *,
     color: bool = False,
+    cityscapes_ids: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     scores_out: Path | None = None,
@@ -163,6 +208,8 @@ def correct_store(
         out_dir: Output folder (names keep their sub-folders); the command line passes the
             unfinished folder of a :class:`blda_posthoc.io.outputs.OutputFolder`.
         color: Also write ``NAME_color.png`` palette previews.
+        cityscapes_ids: Also write ``NAME_labelIds.png`` Cityscapes labelIds (the store's
+            classes must be the 19 Cityscapes ones).
         overwrite: Replace existing PNGs (and ``scores_out``).
         resume: Keep images whose outputs exist; they are read back for the counts.
         scores_out: Also write the corrected log-scores ``(C, H, W)`` as a logits store here
@@ -180,9 +227,11 @@ def correct_store(
         ``flow[a][b]`` the pixels that went from class ``a`` (plain argmax) to ``b`` (zero
         diagonal); ``written`` counts the images computed by this call.
     """
-    paths = output_paths(out_dir, store.names, color)
+    if cityscapes_ids:
+        check_cityscapes_ids(store.class_names, store.paths[0])
+    paths = output_paths(out_dir, store.names, color, cityscapes_ids)
     todo = check_outputs(paths, overwrite, resume)
-    palette = palette_for(store.class_names)
+    palette = palette_for(store.class_names) if color else None
     c = store.num_classes
     flow = np.zeros(c * c, dtype=np.int64)  # (before, after) pairs, flattened
     with contextlib.ExitStack() as stack:
@@ -208,7 +257,7 @@ def correct_store(
         for image in images:
             label_map = image.pred.cpu().numpy().astype(np.uint8)
             flow += _pairs(image.logits.argmax(0).cpu().numpy(), label_map, c)
-            write_label_map(paths[image.record.name], label_map, palette if color else None)
+            write_label_map(paths[image.record.name], label_map, palette, cityscapes_ids)
             if scores_store is not None:
                 record = image.record
                 scores = image.scores.cpu().numpy()

@@ -43,6 +43,7 @@ from blda_posthoc.io.corrections import read_statistics, target_priors
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
+from blda_posthoc.io.images import read_label
 from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore
@@ -55,30 +56,42 @@ DECIMALS = 6
 def count_predictions(
     store: LogitStore,
     *,
+    label_files: dict[str, Path] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterable[str], int], Iterable[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stream a store: plain-argmax pixels per class and, with labels, the confusion matrix.
 
+    Args:
+        store: The logits.
+        label_files: The label PNG of every image (``--labels DIR``, see
+            :func:`blda_posthoc.io.evaluate.every_label`), used instead of the store's labels.
+        device: Where to compute.
+        progress: Wraps the iteration over image names.
+
     Returns:
         ``(C,)`` int64 predicted pixels and a ``(C, C + 1)`` confusion matrix or None.
     """
     c = store.num_classes
-    with_label = store.has_labels()
+    label_files = label_files or {}
+    with_label = not label_files and store.has_labels()  # read from the store
     predicted = np.zeros(c, dtype=np.int64)
-    matrix = ConfusionMatrix(c) if with_label else None
+    matrix = ConfusionMatrix(c) if with_label or label_files else None
     names: Iterable[str] = store.names if progress is None else progress(store.names, len(store))
     for name in names:
         record = store.read(name, with_label=with_label)
         pred = resize_logits(torch.from_numpy(record.logits).to(device), record.size).argmax(0)
         predicted += np.bincount(pred.reshape(-1).cpu().numpy(), minlength=c)
-        if matrix is not None and record.label is not None:
-            if record.label.shape != record.size:
-                raise InputError(f"{name}: label size {record.label.shape} != {record.size}")
+        path = label_files.get(name)
+        label = record.label if path is None else read_label(path)
+        if matrix is not None and label is not None:
+            source = path or name
+            if label.shape != tuple(record.size):
+                raise InputError(f"{source}: label size {label.shape} != {record.size}")
             try:
-                matrix.update(pred.cpu(), torch.from_numpy(record.label))
+                matrix.update(pred.cpu(), torch.from_numpy(label))
             except ValueError as exc:
-                raise InputError(f"{name}: {exc}") from exc
+                raise InputError(f"{source}: {exc}") from exc
     return predicted, None if matrix is None else matrix.compute()
 
 

@@ -357,7 +357,7 @@ def dump_logits(
     attrs: dict[str, str | int | float] = {}
     if options.shard is not None and options.shard[1] > 1:
         attrs["shard"] = f"{options.shard[0]}/{options.shard[1]}"
-    _check_output(out, options)
+    check_output(out, resume=options.resume, overwrite=options.overwrite)
     names = _class_names(model, todo[0], options, model_name, say)
     with StoreWriter(
         out,
@@ -389,9 +389,15 @@ def run_settings(options: DumpOptions, *, labels: bool) -> dict[str, Any]:
     }
 
 
-def _check_output(out: Path, options: DumpOptions) -> None:
-    """Refuse early (before the model runs) to replace outputs unasked."""
-    if options.resume or options.overwrite:
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse early (before the model loads or runs) to replace outputs unasked.
+
+    Args:
+        out: The store to write (a shard's own path, see :func:`shard_path`).
+        resume: ``--resume``: an existing store is continued.
+        overwrite: ``--overwrite``: an existing store is replaced.
+    """
+    if resume or overwrite:
         return
     if out.exists():
         raise InputError(f"{out}: already exists (use --overwrite to replace it)")

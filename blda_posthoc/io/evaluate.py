@@ -21,7 +21,7 @@ from blda_posthoc.core.evaluate import (
 )
 from blda_posthoc.core.methods import Plain
 from blda_posthoc.io.console import info, progress, warn
-from blda_posthoc.io.correct import COLOR_SUFFIX
+from blda_posthoc.io.correct import EXTRA_OUTPUTS
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
@@ -149,12 +149,27 @@ def resolve_classes(
 
 
 def drop_previews(preds: dict[str, Path]) -> dict[str, Path]:
-    """Leave out ``NAME_color.png`` colour previews that ``blda correct --color`` writes."""
-    return {
-        name: path
-        for name, path in preds.items()
-        if not (name.endswith(COLOR_SUFFIX) and name[: -len(COLOR_SUFFIX)] in preds)
-    }
+    """Leave out the extra files that ``correct`` and ``relabel`` write beside predictions.
+
+    ``NAME_color.png`` (``--color``) and ``NAME_labelIds.png`` (``--cityscapes-ids``) are not
+    predictions when ``NAME.png`` is there too: they are skipped, and a note says how many.
+    Without ``NAME.png`` beside it such a file is a prediction of its own.
+    """
+    kept, skipped = {}, 0
+    for name, path in preds.items():
+        if any(
+            name.endswith(suffix) and name[: -len(suffix)] in preds
+            for suffix in EXTRA_OUTPUTS.values()
+        ):
+            skipped += 1
+        else:
+            kept[name] = path
+    if skipped:
+        info(
+            f"note: skipped {skipped} NAME_color.png / NAME_labelIds.png files beside NAME.png "
+            "(the extra outputs of --color and --cityscapes-ids)"
+        )
+    return kept
 
 
 def evaluate_pred_dir(
@@ -240,6 +255,32 @@ def store_labels(
             "--allow-missing to evaluate the labelled ones)"
         )
     return Pairs(list(store.names)), {}
+
+
+def every_label(store: LogitStore, labels_dir: Path, label_suffix: str) -> dict[str, Path]:
+    """The label PNG of every image of the store, for commands that use all of them.
+
+    ``diagnose`` and ``relabel`` describe every image, so (unlike :func:`store_labels`) an image
+    without a label is an error, with the ``--label-suffix`` hint of :func:`find_labels`; labels
+    of images not in the store are not used.
+
+    Args:
+        store: The logits.
+        labels_dir: Folder of ``NAME<label_suffix>.png`` labels (``--labels DIR``).
+        label_suffix: Suffix of the label stems.
+
+    Returns:
+        ``{name: path}`` in the store's order.
+    """
+    files = find_labels(labels_dir, label_suffix, list(store.names))
+    missing = [name for name in store.names if name not in files]
+    if missing:
+        hint = suffix_hint(missing, find_files(labels_dir, (".png",)))
+        raise InputError(
+            f"{labels_dir}: no label for {len(missing)} of {len(store.names)} image(s), e.g. "
+            f"{missing[0]!r} (expected {labels_dir / (missing[0] + label_suffix)}.png){hint}"
+        )
+    return {name: files[name] for name in store.names}
 
 
 def label_source(store: LogitStore, label_files: dict[str, Path], name: str) -> str:

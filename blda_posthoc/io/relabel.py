@@ -21,7 +21,7 @@ undefined values ``null``::
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
      "settings": {"method", "tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir",
-                  "color"},
+                  "color", "cityscapes_ids"},
      "statistics": {"method", "tau", "stats", "stats_fingerprint", "stats_labels", "anchors",
                     "anchors_fingerprint", "estimator", ...},  (io.corrections.Correction)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
@@ -37,8 +37,9 @@ undefined values ``null``::
 
 ``flow[a][b]`` counts pixels whose label went from ``flow_labels[a]`` (plain argmax, or the
 ``--pseudo-dir`` label) to ``flow_labels[b]``; its diagonal (unchanged pixels) is zero.
-``quality`` (only when every image has a label) scores each set over its non-ignored pixels:
-mIoU and pixel accuracy in percent, coverage = kept share of the labelled pixels.
+``quality`` (only when every image has a label, in the store or in ``--labels DIR``) scores
+each set over its non-ignored pixels: mIoU and pixel accuracy in percent, coverage = kept share
+of the labelled pixels.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from blda_posthoc.core.relabel import (
     transitions,
 )
 from blda_posthoc.io.correct import (
+    check_cityscapes_ids,
     check_outputs,
     corrected_images,
     output_paths,
@@ -85,7 +87,7 @@ from blda_posthoc.io.outputs import (
     write_bytes,
 )
 from blda_posthoc.io.report import round_or_none, write_json
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import LogitStore, Record
 
 FORMAT = "blda-relabel"
 VERSION = 1
@@ -107,6 +109,8 @@ class RelabelSettings:
         keep_portion: Class-balanced portion kept per class, or None.
         pseudo_dir: Folder of the user's current pseudo-labels to compare against, or None.
         color: Also write palette previews.
+        cityscapes_ids: Also write Cityscapes labelIds (``NAME_labelIds.png``).
+        method: The correction method (recorded only).
     """
 
     tau: float
@@ -116,6 +120,7 @@ class RelabelSettings:
     pseudo_dir: Path | None = None
     color: bool = False
     method: str = "blda"
+    cityscapes_ids: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -127,6 +132,7 @@ class RelabelSettings:
             "keep_portion": self.keep_portion,
             "pseudo_dir": None if self.pseudo_dir is None else str(self.pseudo_dir),
             "color": self.color,
+            "cityscapes_ids": self.cityscapes_ids,
         }
 
 
@@ -398,6 +404,7 @@ def relabel_store(
     progress: Callable[[str], Progress | None] | None = None,
     shard: tuple[int, int] | None = None,
     counts: np.ndarray | None = None,
+    label_files: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
 
@@ -414,11 +421,15 @@ def relabel_store(
             ``manifest-K-of-N.json`` with a ``partial`` block for :func:`merge_manifests`.
         counts: With ``keep_portion``, the histograms of all images (:func:`read_counts`);
             None counts them here (pass 1).
+        label_files: The label PNG of every image (``--labels DIR``, see
+            :func:`blda_posthoc.io.evaluate.every_label`), scored instead of the store's labels.
 
     Returns:
         The manifest, with ``"images_written"`` added (not stored in the file).
     """
     _check_not_inputs(out_dir, settings, store)
+    if settings.cityscapes_ids:
+        check_cityscapes_ids(store.class_names, store.paths[0])
     c = store.num_classes
     head = {
         "format": FORMAT,
@@ -430,10 +441,11 @@ def relabel_store(
     }
     manifest_path = out_dir / manifest_name(shard)
     _check_manifest(manifest_path, head, overwrite, resume)
-    paths = output_paths(out_dir, store.names, settings.color)
+    paths = output_paths(out_dir, store.names, settings.color, settings.cityscapes_ids)
     todo = set(check_outputs(paths, overwrite, resume))
     pseudo = pseudo_label_files(settings.pseudo_dir, store.names) if settings.pseudo_dir else None
-    with_label = store.has_labels()
+    label_files = label_files or {}
+    with_label = not label_files and store.has_labels()  # read from the store
     wrap = progress or _no_progress
     thresholds, grid = None, None
     if settings.keep_portion is not None:
@@ -464,12 +476,14 @@ def relabel_store(
             grid=grid,
         )
         name = image.record.name
-        write_label_map(paths[name], after.cpu().numpy(), palette)
+        write_label_map(paths[name], after.cpu().numpy(), palette, settings.cityscapes_ids)
         baselines = _baselines(image.logits, name, image.record.size, pseudo, c)
-        tally.add(after, baselines, _label(image.record.label, image.record.size, name))
+        tally.add(after, baselines, _label(image.record, label_files))
     for name in store.names:
         if name not in todo:
-            _add_existing(store, name, paths[name][0], pseudo, tally, with_label, device)
+            _add_existing(
+                store, name, paths[name][0], pseudo, tally, with_label, device, label_files
+            )
     manifest = {
         **head,
         "complete": True,
@@ -562,11 +576,17 @@ def _no_progress(_: str) -> Progress | None:
     return None
 
 
-def _label(label: np.ndarray | None, size: tuple[int, int], name: str) -> torch.Tensor | None:
+def _label(record: Record, label_files: dict[str, Path]) -> torch.Tensor | None:
+    """An image's label map: its PNG in ``label_files``, else the store's (or None)."""
+    path = label_files.get(record.name)
+    label = record.label if path is None else read_label(path)
     if label is None:
         return None
-    if label.shape != tuple(size):
-        raise InputError(f"{name}: label size {label.shape} differs from the image's {size}")
+    if label.shape != tuple(record.size):
+        raise InputError(
+            f"{path or record.name}: label size {label.shape} differs from the image's "
+            f"{tuple(record.size)}"
+        )
     return torch.from_numpy(label)
 
 
@@ -592,6 +612,7 @@ def _add_existing(
     tally: Tally,
     with_label: bool,
     device: torch.device | str,
+    label_files: dict[str, Path],
 ) -> None:
     """Count an image kept from an earlier run (resume): read its PNG back; no correction."""
     record = store.read(name, with_label=with_label)
@@ -602,7 +623,7 @@ def _add_existing(
         raise InputError(f"{exc} (cannot resume; use --overwrite)") from exc
     z = torch.from_numpy(record.logits).to(device)
     baselines = _baselines(resize_logits(z, record.size), name, record.size, pseudo, c)
-    tally.add(after, baselines, _label(record.label, record.size, name))
+    tally.add(after, baselines, _label(record, label_files))
 
 
 def _per_class(values: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
