@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 from collections import defaultdict
+from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import fitted_case
+from PIL import Image
 
 from blda_posthoc.cli import COMMANDS, main
 from blda_posthoc.cli.common import resolve_device
@@ -18,9 +21,17 @@ from blda_posthoc.io.errors import InputError
 # Commands that read logit stores take them as the positional STORES.
 READS_STORES = {"fit-stats", "diagnose", "correct", "relabel", "evaluate", "compare"}
 
+# Commands that take a folder of labels, as --labels DIR with --label-suffix.
+TAKES_LABELS_DIR = {"dump-logits", "import-logits", "diagnose", "relabel", "evaluate", "compare"}
+
+# Commands that write label-map folders, with the same extra files beside NAME.png.
+WRITES_LABEL_MAPS = {"correct", "relabel"}
+
 # The help text of these options must be the same wherever they appear.
 SAME_HELP = (
     "--label-suffix",
+    "--color",
+    "--cityscapes-ids",
     "--class-names",
     "--labels",
     "--device",
@@ -80,6 +91,21 @@ def test_every_command_that_reads_stores_takes_them_as_positional_stores():
         assert arguments[0].nargs == -1, name  # evaluate --pred-dir needs none
         usage = " ".join(commands[name].collect_usage_pieces(click.Context(commands[name])))
         assert usage.endswith(("STORES...", "[STORES]...")), (name, usage)
+
+
+def test_every_command_that_reads_a_labels_folder_takes_labels_and_label_suffix():
+    options = _options()
+    with_dir = {n for n, p in options["--labels"] if not p.hidden}
+    assert with_dir == TAKES_LABELS_DIR
+    assert {n for n, _ in options["--label-suffix"]} == TAKES_LABELS_DIR
+
+
+def test_every_command_that_writes_label_maps_takes_the_same_extra_files():
+    options = _options()
+    for spelling in ("--color", "--cityscapes-ids", "--resume", "--out-dir"):
+        users = {n for n, _ in options[spelling]}
+        assert users >= WRITES_LABEL_MAPS, spelling
+    assert {n for n, _ in options["--cityscapes-ids"]} == WRITES_LABEL_MAPS
 
 
 def test_the_same_option_has_the_same_type_everywhere():
@@ -185,3 +211,84 @@ def test_cuda_without_cuda_is_a_one_line_error(case, tmp_path, monkeypatch):
     )
     assert result.exit_code == 1
     assert result.stderr == "error: --device cuda: CUDA is not available on this machine\n"
+
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def noisy_stats(case, tmp_path_factory):
+    """Target statistics with too few pixels in most cells: correcting with them warns."""
+    path = tmp_path_factory.mktemp("noisy") / "noisy.h5"
+    result = CliRunner().invoke(
+        main, ["fit-stats", str(case["tgt"]), "--min-pixels", "300", "--out", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): p.read_bytes() for p in files}
+
+
+def _families(case, noisy: Path, tmp: Path) -> dict[str, tuple[list[object], Path]]:
+    """Per command family: a run that prints notes or warnings, and its output."""
+    correction = ["--stats", noisy, "--anchors", case["src_stats"]]
+    images = tmp / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / f"x_{i}.png")
+    return {
+        "dump-logits": (
+            ["dump-logits", "--model", "tiny_models:build", "--images", images, "--out",
+             tmp / "d.h5"],
+            tmp / "d.h5",
+        ),
+        "import-logits": (
+            ["import-logits", case["src"].parent / "tgt" / "logits", "--out", tmp / "i.h5"],
+            tmp / "i.h5",
+        ),
+        "fit-stats": (["fit-stats", case["tgt"], "--out", tmp / "s.h5"], tmp / "s.h5"),
+        "diagnose": (["diagnose", case["tgt"], "--json", tmp / "g.json"], tmp / "g.json"),
+        "correct": (["correct", case["tgt"], *correction, "--out-dir", tmp / "c"], tmp / "c"),
+        "correct --scores-out": (
+            ["correct", case["tgt"], *correction, "--out-dir", tmp / "c2", "--scores-out",
+             tmp / "scores.h5"],
+            tmp / "scores.h5",
+        ),
+        "relabel": (["relabel", case["tgt"], *correction, "--out-dir", tmp / "r"], tmp / "r"),
+        "evaluate": (["evaluate", case["tgt"], *correction, "--json", tmp / "e.json"],
+                     tmp / "e.json"),
+        "compare": (["compare", case["tgt"], *correction, "--json", tmp / "k.json"],
+                    tmp / "k.json"),
+    }  # fmt: skip
+
+
+FAMILIES = [
+    "dump-logits", "import-logits", "fit-stats", "diagnose", "correct", "correct --scores-out",
+    "relabel", "evaluate", "compare",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_existing_output_is_the_only_thing_said(
+    case, noisy_stats, tmp_path, family, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(TESTS))  # tiny_models:build
+    args, output = _families(case, noisy_stats, tmp_path)[family]
+    runner = CliRunner()
+    first = runner.invoke(main, [str(a) for a in args])
+    assert first.exit_code == 0, first.output
+    assert first.stderr.count("\n") >= 2, first.stderr  # notes or warnings that could come first
+    if family == "correct --scores-out":  # a fresh --out-dir: only --scores-out is in the way
+        args[args.index(tmp_path / "c2")] = tmp_path / "c3"
+    before = _snapshot(output)
+    again = runner.invoke(main, [str(a) for a in args])
+    assert again.exit_code == 1, again.output
+    assert again.stderr.count("\n") == 1, again.stderr
+    assert again.stderr.startswith(f"error: {output}: already exists (use --overwrite")
+    assert _snapshot(output) == before
+    assert not (tmp_path / "c3").exists() and not (tmp_path / "c3.partial").exists()
