@@ -215,3 +215,24 @@ def test_shards_write_the_same_label_ids_as_one_process(city, tmp_path):
     ids = _check_ids(shared)
     assert ids.keys() == _pngs(whole, "_labelIds").keys()
     assert all(np.array_equal(a, _pngs(whole, "_labelIds")[n]) for n, a in ids.items())
+
+
+def test_evaluate_pred_dir_skips_extra_files_only_when_they_are_not_images(tmp_path):
+    preds, labels = tmp_path / "pred", tmp_path / "labels"
+    preds.mkdir(), labels.mkdir()
+    maps = {"x": [[0, 1]], "x_color": [[1, 1]], "y": [[1, 0]], "y_labelIds": [[7, 8]]}
+    for name, pixels in maps.items():
+        Image.fromarray(np.array(pixels, dtype=np.uint8)).save(preds / f"{name}.png")
+    for name in ("x", "x_color", "y"):  # images x, x_color and y; y_labelIds is an extra file
+        Image.fromarray(np.array([[0, 1]], dtype=np.uint8)).save(labels / f"{name}.png")
+    report = tmp_path / "e.json"
+    result = run("evaluate", "--pred-dir", preds, "--labels", labels, "--num-classes", 2,
+                 "--json", report)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "note: skipped 1 NAME_color.png / NAME_labelIds.png files beside NAME.png" in (
+        result.stderr
+    )
+    scored = json.loads(report.read_text())
+    assert scored["num_images"] == 3 and scored["num_unlabelled_predictions"] == 0
+    # Rows true 0, 1: x predicts 0, 1; x_color 1, 1; y 1, 0.
+    assert scored["confusion"] == [[1, 2], [1, 2]]

@@ -140,3 +140,19 @@ def test_diagnose_merge_takes_no_labels(case, tmp_path):
     result = run("diagnose", tmp_path / "d-1-of-2.json", "--merge", "--labels", case["labels"])
     assert result.exit_code == 2
     assert "without --stats, --anchors, --labels or --shard" in result.output
+
+
+def test_relabel_with_labels_dir_and_evaluate_of_its_folder_give_one_number(case, tmp_path):
+    out = tmp_path / "pl"
+    manifest = _manifest(case, out, case["bare"], "--labels", case["labels"], "--color")
+    quality = manifest["quality"]["relabelled"]
+    assert manifest["ignore_fraction"] > 0
+    report = tmp_path / "e.json"
+    result = run("evaluate", "--pred-dir", out, "--labels", case["labels"], "--num-classes", 5,
+                 "--ignore-pred-ignore", "--json", report)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "skipped 3 NAME_color.png" in result.stderr  # the previews are not predictions
+    scored = json.loads(report.read_text())
+    assert scored["num_images"] == 3 and scored["num_unlabelled_predictions"] == 0
+    assert scored["miou"] == pytest.approx(quality["miou"], abs=1e-3)
+    assert scored["num_pixels"] == quality["scored_pixels"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,16 +148,18 @@ def resolve_classes(
     return default_names(largest + 1)
 
 
-def drop_previews(preds: dict[str, Path]) -> dict[str, Path]:
+def drop_previews(preds: dict[str, Path], labelled: Iterable[str] = ()) -> dict[str, Path]:
     """Leave out the extra files that ``correct`` and ``relabel`` write beside predictions.
 
     ``NAME_color.png`` (``--color``) and ``NAME_labelIds.png`` (``--cityscapes-ids``) are not
     predictions when ``NAME.png`` is there too: they are skipped, and a note says how many.
-    Without ``NAME.png`` beside it such a file is a prediction of its own.
+    Such a file is a prediction of its own when ``NAME.png`` is not there, or when an image of
+    that name has a label (``labelled``).
     """
+    labelled = set(labelled)
     kept, skipped = {}, 0
     for name, path in preds.items():
-        if any(
+        if name not in labelled and any(
             name.endswith(suffix) and name[: -len(suffix)] in preds
             for suffix in EXTRA_OUTPUTS.values()
         ):
@@ -192,8 +194,9 @@ def evaluate_pred_dir(
         ignore_pred_ignore: Leave out pixels predicted as 255 instead of counting them as wrong
             (see :class:`~blda_posthoc.core.evaluate.ConfusionMatrix`).
     """
-    preds = drop_previews(find_files(pred_dir, (".png",)))
-    labels = find_labels(labels_dir, label_suffix, list(preds))
+    found = find_files(pred_dir, (".png",))
+    labels = find_labels(labels_dir, label_suffix, list(found))
+    preds = drop_previews(found, labels)
     where = f"{labels_dir}/{{name}}{label_suffix}.png"
     pairs = pair_names(list(preds), list(labels), allow_missing, where)
     cm = ConfusionMatrix(
