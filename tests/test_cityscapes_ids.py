@@ -236,3 +236,15 @@ def test_evaluate_pred_dir_skips_extra_files_only_when_they_are_not_images(tmp_p
     assert scored["num_images"] == 3 and scored["num_unlabelled_predictions"] == 0
     # Rows true 0, 1: x predicts 0, 1; x_color 1, 1; y 1, 0.
     assert scored["confusion"] == [[1, 2], [1, 2]]
+
+
+def test_the_table_in_the_formats_doc_is_the_mapping():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    rows = {
+        cells[0]: cells[1:]
+        for line in text.splitlines()
+        if line.strip().startswith(("| trainId", "| labelId"))
+        for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]
+    }
+    table = dict(zip(map(int, rows["trainId"]), map(int, rows["labelId"]), strict=True))
+    assert table == TRAIN_TO_ID

@@ -258,24 +258,25 @@ def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def check_output_file(
-    path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()
+    path: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (), option: str = "output"
 ) -> None:
-    """Refuse to replace an existing output file unless ``--overwrite``, or any input.
+    """Refuse any input as the output file, and an existing one unless ``--overwrite``.
 
     Args:
         path: The output file.
         overwrite: ``--overwrite`` was given.
         inputs: The command's input files and folders (store arguments may be globs).
+        option: How the output is named in the message (e.g. ``--scores-out``).
     """
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: already exists (use --overwrite to replace it)")
     files: list[Path | None] = []
     for item in inputs:
         if isinstance(item, str):
             files.extend(Path(p) for p in glob.glob(item) or [item])
         else:
             files.append(item)
-    check_not_input(path, files)
+    check_not_input(path, files, option=option)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists (use --overwrite to replace it)")
 
 
 def parse_tau(text: str | None, option: str = "--tau") -> tuple[float | None, bool]:

@@ -89,7 +89,8 @@ def command(
     run_shard = resolve_shard(shard)
     if scores_out is not None:
         scores_out = shard_path(scores_out, run_shard)
-        check_output_file(scores_out, overwrite)
+        inputs = [*stores, correction.stats, correction.anchors]
+        check_output_file(scores_out, overwrite, inputs, option="--scores-out")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
