@@ -292,3 +292,25 @@ def test_an_existing_output_is_the_only_thing_said(
     assert again.stderr.startswith(f"error: {output}: already exists (use --overwrite")
     assert _snapshot(output) == before
     assert not (tmp_path / "c3").exists() and not (tmp_path / "c3.partial").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "diagnose", "relabel"])
+def test_a_labels_error_comes_before_any_correction_note(case, noisy_stats, tmp_path, command):
+    bare = tmp_path / "bare.h5"
+    runner = CliRunner()
+    made = runner.invoke(
+        main, ["import-logits", str(case["src"].parent / "tgt" / "logits"), "--out", str(bare)]
+    )
+    assert made.exit_code == 0, made.output
+    args = [command, bare, "--stats", noisy_stats, "--anchors", case["src_stats"]]
+    if command == "evaluate":
+        noted = runner.invoke(main, [str(a) for a in [*args, "--labels", case["labels"]]])
+        assert noted.exit_code == 0 and "warning:" in noted.stderr  # the note that could come first
+    else:
+        args += ["--labels", tmp_path]  # a folder without labels
+    if command == "relabel":
+        args += ["--out-dir", tmp_path / "out"]
+    result = runner.invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "label" in result.stderr

@@ -345,8 +345,9 @@ def run_store(
         correction = None
         if spec is not None:
             correction = load_correction(spec, list(store.class_names), device)
-            report_notes(correction)
         pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing)
+        if correction is not None:  # once the labels are found: no warning before their errors
+            report_notes(correction)
         pairs = shard_pairs(pairs, store.names, shard)
         plain, corrected = evaluate_store(store, pairs, label_files, correction, device)
     before, after = plain.result(), corrected.result() if corrected is not None else None
