@@ -134,12 +134,12 @@ def command(
     check_not_input(out, [*paths, calibration_path], option="--out")
     with Claim(out):  # a second run writing the same file stops at once
         with LogitStore(paths) as store:
-            if labels is None:
-                labels = "gt" if store.has_labels() else "pseudo"
-                info(f"labels: {labels} (pass --label-source to choose)")
             calibration = None
             if calibration_path is not None:
                 calibration = read_calibration(calibration_path, store.class_names)
+            if labels is None:
+                labels = "gt" if store.has_labels() else "pseudo"
+                info(f"labels: {labels} (pass --label-source to choose)")
             options = FitOptions(
                 labels=labels,
                 estimator=estimator,
