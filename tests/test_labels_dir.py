@@ -156,3 +156,19 @@ def test_relabel_with_labels_dir_and_evaluate_of_its_folder_give_one_number(case
     assert scored["num_images"] == 3 and scored["num_unlabelled_predictions"] == 0
     assert scored["miou"] == pytest.approx(quality["miou"], abs=1e-3)
     assert scored["num_pixels"] == quality["scored_pixels"]
+
+
+def test_relabel_shards_with_labels_dir_merge_to_the_stored_labels_quality(case, tmp_path):
+    stored = _manifest(case, tmp_path / "one", case["tgt"])
+    out = tmp_path / "shards"
+    for k in (1, 2):
+        result = run("relabel", case["bare"], "--stats", case["tgt_stats"], "--anchors",
+                     case["src_stats"], "--min-confidence", "0.7", "--out-dir", out,
+                     "--labels", case["labels"], "--shard", f"{k}/2")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    merged = run("relabel", "--merge", out / "manifest-*-of-2.json")
+    assert merged.exit_code == 0, merged.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quality"] == stored["quality"] and manifest["pixels"] == stored["pixels"]
+    refused = run("relabel", "--merge", out / "manifest-*-of-2.json", "--labels", case["labels"])
+    assert refused.exit_code == 2 and "--labels" in refused.output
