@@ -126,11 +126,11 @@ def test_shards_write_the_same_pngs_as_one_process(
             assert record["complete"] is True and record["shard"] == [k, n]
         assert images == 7
         assert not list(out.glob("*.lock")) and not (out.parent / f"{out.name}.partial").exists()
-        if command == "relabel":  # the shards' manifests add up to the one-process manifest
-            merged = invoke("relabel", "--merge", *sorted(out.glob(f"manifest-*-of-{n}.json")))
-            assert merged.exit_code == 0, merged.output
-            one = json.loads((tmp_path / "one" / "manifest.json").read_text())
-            assert json.loads((out / "manifest.json").read_text()) == one
+        # The shards' manifests add up to the one-process manifest.
+        merged = invoke(command, "--merge", *sorted(out.glob(f"{manifest}-*-of-{n}.json")))
+        assert merged.exit_code == 0, merged.output
+        one = json.loads((tmp_path / "one" / f"{manifest}.json").read_text())
+        assert json.loads((out / f"{manifest}.json").read_text()) == one
 
 
 def test_torchrun_environment_picks_the_shard(case: dict[str, Path], tmp_path: Path) -> None:
@@ -435,3 +435,28 @@ def test_sharded_scores_stores_evaluate_as_one(case: dict[str, Path], tmp_path: 
         report = json.loads((tmp_path / "e.json").read_text())
         figures.append({key: report[key] for key in ("miou", "macc", "per_class", "num_images")})
     assert figures[0] == figures[1] and figures[0]["num_images"] == 7
+
+
+def test_correct_merge_refuses_missing_foreign_or_damaged_parts(
+    case: dict[str, Path], tmp_path: Path
+) -> None:
+    out, other = tmp_path / "pred", tmp_path / "other"
+    run_all([[*correct_args(case, out), "--shard", f"{k}/3"] for k in (1, 2, 3)])
+    run_all([[*correct_args(case, other), "--tau", "0.7", "--shard", "3/3"]])
+    parts = [out / f"correct-{k}-of-3.json" for k in (1, 2, 3)]
+    assert_error(invoke("correct", "--merge", *parts[:2]), "shard 3/3 is missing")
+    foreign = out / "foreign-3-of-3.json"
+    foreign.write_text((other / "correct-3-of-3.json").read_text())
+    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "not of the same run")
+    damaged = json.loads(parts[2].read_text())
+    damaged["flow"] = [[1, 2]]
+    foreign.write_text(json.dumps(damaged))
+    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "damaged summary (flow")
+    usage = invoke("correct", "--merge", *parts, "--out-dir", out)
+    assert usage.exit_code == 2 and "--merge takes" in usage.output
+    assert not (out / "correct.json").exists()
+    done = invoke("correct", "--merge", str(out / "correct-*-of-3.json"))
+    assert done.exit_code == 0, done.output
+    assert "merged 3 shard summaries: 7 predictions" in done.stderr
+    again = invoke("correct", "--merge", *parts)
+    assert_error(again, "correct.json", "already exists")

@@ -22,7 +22,7 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     shard_option,
 )
-from blda_posthoc.io.correct import check_extras, correct_store
+from blda_posthoc.io.correct import SUMMARY_FORMAT, check_extras, correct_store, merge_summaries
 from blda_posthoc.io.corrections import CorrectionSpec, load_correction
 from blda_posthoc.io.dump import shard_path
 from blda_posthoc.io.outputs import check_not_input, output_folder, shard_suffix
@@ -35,9 +35,8 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
 @correction_options
 @click.option(
     "--out-dir",
-    required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for NAME.png trainId predictions.",
+    help="Folder for NAME.png trainId predictions (required).",
 )
 @color_option
 @cityscapes_ids_option
@@ -52,6 +51,12 @@ from blda_posthoc.io.store import LogitStore, expand_store_paths
     help="Also store the corrected log-scores (C, H, W) as a logits store (float16), with "
     "the input's labels ('blda evaluate' reads it); shards write SCORES-K-of-N.h5.",
 )
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="STORES are the shards' correct-K-of-N.json: write the summary of all images "
+    "(correct.json) beside them.",
+)
 @shard_option
 @device_option
 @overwrite_option
@@ -64,6 +69,7 @@ def command(
     cityscapes_ids: bool,
     resume: bool,
     scores_out: Path | None,
+    merge: bool,
     shard: tuple[int, int] | None,
     device: str,
     overwrite: bool,
@@ -72,7 +78,8 @@ def command(
 
     With --shard K/N (or under torchrun) each shard corrects its share of the name-sorted
     images into the same OUT_DIR and writes OUT_DIR/correct-K-of-N.json (and --scores-out
-    SCORES-K-of-N.h5, which later commands read together: 'SCORES-*-of-N.h5').
+    SCORES-K-of-N.h5, which later commands read together: 'SCORES-*-of-N.h5'); then
+    `blda correct --merge 'OUT_DIR/correct-*-of-N.json'` writes OUT_DIR/correct.json.
 
     With --cityscapes-ids (Cityscapes classes only) also NAME_labelIds.png, the Cityscapes
     labelIds that cityscapesScripts' evaluation reads (docs/formats.md).
@@ -80,6 +87,16 @@ def command(
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
     """
+    if merge:
+        if correction is not None or shard is not None or out_dir is not None or scores_out:
+            raise click.UsageError(
+                "--merge takes the shards' correct-K-of-N.json as arguments, without --stats, "
+                "--out-dir, --scores-out or --shard"
+            )
+        run_merge(stores, overwrite)
+        return
+    if out_dir is None:
+        raise click.UsageError("Missing option '--out-dir'.")
     if correction is None:
         raise click.UsageError("give --stats (and --method), or --from-compare")
     if resume and overwrite:
@@ -94,6 +111,7 @@ def command(
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
+        num_images = len(store.names)
         store.select_shard(run_shard)
         if scores_out is not None:
             check_not_input(scores_out, store.paths, option="--scores-out")
@@ -133,12 +151,26 @@ def command(
             written = summary.pop("written")
             summary["settings"] = settings
             summary["class_names"] = store.class_names
-            summary.update({"format": "blda-correct", "version": 1})
+            summary.update({"format": SUMMARY_FORMAT, "version": 1})
             manifest = "correct.json"
             if run_shard is not None:
                 manifest = f"correct{shard_suffix(run_shard)}.json"
                 summary["shard"] = list(run_shard)
+                summary["partial"] = {"shard": list(run_shard), "num_images": num_images}
             write_json(folder.root / manifest, summary, sort_keys=True)
     kept = summary["images"] - written
     info(f"wrote {written} predictions to {out_dir}" + (f" (kept {kept} existing)" if kept else ""))
     report_changes(summary["flow"], store.class_names, sum(summary["pixels_after"]))
+
+
+def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
+    """``correct --merge PARTS``: the shards' summaries added up into ``correct.json``."""
+    paths = expand_store_paths(parts)
+    if len({p.resolve().parent for p in paths}) > 1:
+        raise click.UsageError("--merge: give the correct-K-of-N.json of one folder")
+    out = paths[0].parent / "correct.json"
+    check_output_file(out, overwrite)
+    summary = merge_summaries(paths)
+    write_json(out, summary, sort_keys=True)
+    info(f"merged {len(paths)} shard summaries: {summary['images']} predictions; wrote {out}")
+    report_changes(summary["flow"], summary["class_names"], sum(summary["pixels_after"]))

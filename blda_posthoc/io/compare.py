@@ -34,8 +34,8 @@ from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_st
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source, read_parts
-from blda_posthoc.io.report import round_or_none
+from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source
+from blda_posthoc.io.report import read_parts, round_or_none
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-compare"

@@ -17,6 +17,7 @@ from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
 from blda_posthoc.io.outputs import paths_inside
+from blda_posthoc.io.report import read_parts
 from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
 
 COLOR_SUFFIX = "_color"
@@ -294,3 +295,44 @@ def _kept_prediction(path: Path, size: tuple[int, int], num_classes: int) -> np.
             f"{int(label.max(initial=0))}); cannot resume (use --overwrite)"
         )
     return label.reshape(-1)
+
+
+SUMMARY_FORMAT = "blda-correct"
+"""``format`` of ``correct.json`` and of the shards' ``correct-K-of-N.json``."""
+
+ADDED_UP = ("images", "changed_pixels", "pixels_before", "pixels_after", "flow")
+"""Counts of a correct summary that shards add up (numbers, lists and lists of lists)."""
+
+
+def merge_summaries(paths: list[Path]) -> dict[str, Any]:
+    """The ``correct.json`` of one process from the ``correct-K-of-N.json`` of shards 1..N.
+
+    Raises:
+        InputError: A part is missing, given twice, damaged or of another run.
+    """
+    parts = read_parts(paths, SUMMARY_FORMAT)
+    first_path, first = parts[0]
+    merged = {k: v for k, v in first.items() if k not in (*ADDED_UP, "shard", "partial")}
+    totals: dict[str, np.ndarray] = {}
+    for path, data in parts:
+        if any(data.get(k) != first.get(k) for k in ("class_names", "settings", "version")):
+            raise InputError(
+                f"{path}: not of the same run as {first_path} (other classes or settings)"
+            )
+        c = len(first.get("class_names") or [])
+        shapes = {"images": (), "changed_pixels": (), "pixels_before": (c,)}
+        shapes.update({"pixels_after": (c,), "flow": (c, c)})
+        for key in ADDED_UP:
+            try:
+                value = np.asarray(data[key], dtype=np.int64)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"{path}: damaged summary ({key}: {exc})") from exc
+            if value.shape != shapes[key]:
+                raise InputError(f"{path}: damaged summary ({key} has shape {value.shape})")
+            totals[key] = totals[key] + value if key in totals else value
+    expected = first["partial"].get("num_images")
+    if expected is not None and int(totals["images"]) != expected:
+        raise InputError(
+            f"{first_path}: the shards hold {int(totals['images'])} images, the stores {expected}"
+        )
+    return {**merged, **{key: value.tolist() for key, value in totals.items()}}

@@ -41,10 +41,15 @@ from blda_posthoc.core.select import em_collapsed
 from blda_posthoc.io.console import info, progress
 from blda_posthoc.io.corrections import read_statistics, target_priors
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.images import read_label
-from blda_posthoc.io.report import fmt_or_dash, require_matplotlib, round_or_none, save_figure
+from blda_posthoc.io.report import (
+    fmt_or_dash,
+    read_parts,
+    require_matplotlib,
+    round_or_none,
+    save_figure,
+)
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from blda_posthoc.io.correct import EXTRA_OUTPUTS
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
-from blda_posthoc.io.report import Result
+from blda_posthoc.io.report import Result, read_parts
 from blda_posthoc.io.store import LogitStore, shard_names
 
 PLAIN = Plain()
@@ -424,55 +423,6 @@ class Merged:
     after: Pass | None
     counts: dict[str, int]
     settings: dict[str, Any]
-
-
-def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]]:
-    """Read the JSON reports of shards 1..N of one run: each exactly once, the same N.
-
-    Args:
-        paths: The shards' ``--json`` reports.
-        kind: The report ``format`` expected (``blda-evaluate``, ``blda-compare``).
-
-    Returns:
-        ``(path, report)`` in shard order; every report has a ``"partial"`` dict whose
-        ``"shard"`` is ``[K, N]``.
-    """
-    if not paths:
-        raise InputError("--merge: no part file given")
-    found: dict[int, tuple[Path, dict[str, Any]]] = {}
-    total = None
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
-        except ValueError as exc:
-            raise InputError(f"{path}: not JSON ({exc})") from exc
-        part = data.get("partial") if isinstance(data, dict) else None
-        if not isinstance(part, dict) or data.get("format") != kind:
-            raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
-        shard = part.get("shard")
-        if not (
-            isinstance(shard, list)
-            and len(shard) == 2
-            and all(isinstance(v, int) for v in shard)
-            and 1 <= shard[0] <= shard[1]
-        ):
-            raise InputError(f"{path}: damaged partial block (shard {shard!r})")
-        k, n = shard
-        if total is not None and n != total:
-            raise InputError(f"{path}: shard {k}/{n} is not of the same run as {paths[0]}")
-        total = n
-        if k in found:
-            raise InputError(f"{path}: shard {k}/{n} given twice (also {found[k][0]})")
-        found[k] = (Path(path), data)
-    assert total is not None
-    absent = sorted(set(range(1, total + 1)) - set(found))
-    if absent:
-        raise InputError(
-            f"--merge: shard {absent[0]}/{total} is missing ({len(found)} of {total} parts given)"
-        )
-    return [found[k] for k in sorted(found)]
 
 
 def merge_partials(paths: list[Path]) -> Merged:

@@ -76,7 +76,6 @@ from blda_posthoc.io.correct import (
 )
 from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import read_parts
 from blda_posthoc.io.images import find_files, read_label
 from blda_posthoc.io.outputs import (
     canonical,
@@ -86,7 +85,7 @@ from blda_posthoc.io.outputs import (
     shard_suffix,
     write_bytes,
 )
-from blda_posthoc.io.report import round_or_none, write_json
+from blda_posthoc.io.report import read_parts, round_or_none, write_json
 from blda_posthoc.io.store import LogitStore, Record
 
 FORMAT = "blda-relabel"

@@ -617,3 +617,52 @@ def plot_panels(
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
         plt.close(fig)
+
+
+def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Read the JSON reports of shards 1..N of one run: each exactly once, the same N.
+
+    Args:
+        paths: The shards' ``--json`` reports.
+        kind: The report ``format`` expected (``blda-evaluate``, ``blda-compare``).
+
+    Returns:
+        ``(path, report)`` in shard order; every report has a ``"partial"`` dict whose
+        ``"shard"`` is ``[K, N]``.
+    """
+    if not paths:
+        raise InputError("--merge: no part file given")
+    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    total = None
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+        except ValueError as exc:
+            raise InputError(f"{path}: not JSON ({exc})") from exc
+        part = data.get("partial") if isinstance(data, dict) else None
+        if not isinstance(part, dict) or data.get("format") != kind:
+            raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
+        shard = part.get("shard")
+        if not (
+            isinstance(shard, list)
+            and len(shard) == 2
+            and all(isinstance(v, int) for v in shard)
+            and 1 <= shard[0] <= shard[1]
+        ):
+            raise InputError(f"{path}: damaged partial block (shard {shard!r})")
+        k, n = shard
+        if total is not None and n != total:
+            raise InputError(f"{path}: shard {k}/{n} is not of the same run as {paths[0]}")
+        total = n
+        if k in found:
+            raise InputError(f"{path}: shard {k}/{n} given twice (also {found[k][0]})")
+        found[k] = (Path(path), data)
+    assert total is not None
+    absent = sorted(set(range(1, total + 1)) - set(found))
+    if absent:
+        raise InputError(
+            f"--merge: shard {absent[0]}/{total} is missing ({len(found)} of {total} parts given)"
+        )
+    return [found[k] for k in sorted(found)]
