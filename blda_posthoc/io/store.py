@@ -324,6 +324,7 @@ class StoreWriter:
         if self.settings is not None:
             root["run_settings"] = json.dumps(self.settings, sort_keys=True)
         file.require_group("images")
+        file.flush()  # from here a killed run leaves a file that --resume can open
         return file
 
     def _open_existing(self) -> h5py.File:
