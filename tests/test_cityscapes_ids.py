@@ -248,3 +248,16 @@ def test_the_table_in_the_formats_doc_is_the_mapping():
     }
     table = dict(zip(map(int, rows["trainId"]), map(int, rows["labelId"]), strict=True))
     assert table == TRAIN_TO_ID
+
+
+def test_the_rename_hint_is_given_only_to_nineteen_classes():
+    from blda_posthoc.io.correct import check_cityscapes_ids
+    from blda_posthoc.io.errors import InputError
+
+    with pytest.raises(InputError, match="rename-classes cityscapes") as nineteen:
+        check_cityscapes_ids([f"c{i}" for i in range(19)], "s.h5")
+    assert str(nineteen.value).startswith("s.h5: --cityscapes-ids needs")
+    with pytest.raises(InputError) as five:
+        check_cityscapes_ids([f"c{i}" for i in range(5)], "s.h5")
+    assert "rename-classes" not in str(five.value)
+    check_cityscapes_ids(list(CITYSCAPES_CLASSES), "s.h5")  # the Cityscapes classes pass

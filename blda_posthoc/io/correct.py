@@ -65,10 +65,13 @@ def check_cityscapes_ids(class_names: Sequence[str], where: Path | str) -> None:
     """Refuse ``--cityscapes-ids`` unless the classes are the 19 Cityscapes ones, in order."""
     if not is_cityscapes(list(class_names)):
         shown = ", ".join(list(class_names)[:4]) + (", ..." if len(class_names) > 4 else "")
+        hint = ""
+        if len(class_names) == 19:
+            hint = " (if they are Cityscapes', set the names: blda info --rename-classes cityscapes)"
         raise InputError(
             f"{where}: --cityscapes-ids needs the 19 Cityscapes classes in trainId order "
-            f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown} "
-            "(if they are Cityscapes', set the names with blda info --rename-classes cityscapes)"
+            f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown}"
+            + hint
         )
 
 
