@@ -67,7 +67,7 @@ def check_cityscapes_ids(class_names: Sequence[str], where: Path | str) -> None:
         shown = ", ".join(list(class_names)[:4]) + (", ..." if len(class_names) > 4 else "")
         hint = ""
         if len(class_names) == 19:
-            hint = " (if they are Cityscapes', set the names: blda info --rename-classes cityscapes)"
+            hint = " (if they are Cityscapes', name them: blda info --rename-classes cityscapes)"
         raise InputError(
             f"{where}: --cityscapes-ids needs the 19 Cityscapes classes in trainId order "
             f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown}"
