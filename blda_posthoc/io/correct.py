@@ -70,8 +70,7 @@ def check_cityscapes_ids(class_names: Sequence[str], where: Path | str) -> None:
             hint = " (if they are Cityscapes', name them: blda info --rename-classes cityscapes)"
         raise InputError(
             f"{where}: --cityscapes-ids needs the 19 Cityscapes classes in trainId order "
-            f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown}"
-            + hint
+            f"(road, sidewalk, building, ...); this store has {len(class_names)}: {shown}" + hint
         )
 
 
