@@ -180,6 +180,8 @@ def test_usage_errors_exit_2(pred_case: tuple[Path, Path], tmp_path: Path) -> No
     assert run("--labels", labels_dir)[0] == 2
     assert run("--pred-dir", pred_dir)[0] == 2
     assert run("--pred-dir", pred_dir, "--labels", labels_dir, "--store", "x.h5")[0] == 2
+    code, _, err = run("x.h5", "--pred-dir", pred_dir)  # where the labels come from is said
+    assert code == 2 and "--pred-dir DIR (PNG predictions, scored against --labels DIR)" in err
     stats = tmp_path / "s.h5"
     stats.write_text("")
     assert run("--pred-dir", pred_dir, "--labels", labels_dir, "--stats", stats)[0] == 2

@@ -66,7 +66,10 @@ def check_usage(
 ) -> None:
     """Reject option combinations that cannot work (click usage errors, exit 2)."""
     if (pred_dir is None) == (not stores):
-        raise click.UsageError("give STORES, or --pred-dir DIR (not both)")
+        raise click.UsageError(
+            "give STORES (logits), or --pred-dir DIR (PNG predictions, scored against "
+            "--labels DIR), not both"
+        )
     if pred_dir is not None and labels_dir is None:
         raise click.UsageError("--pred-dir needs --labels DIR")
     if pred_dir is not None and correction is not None:
