@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 from click.testing import CliRunner
 from conftest import fitted_case
@@ -399,6 +400,20 @@ def test_keep_portion_shards_refuse_missing_or_foreign_counts(
     assert not list(out.glob("*.png"))
     recount = invoke(*portion_args(case, out), "--count-only", "--shard", "2/2", "--overwrite")
     assert recount.exit_code == 0, recount.output
+    # Counts that do not add up to the images' pixels (negative, or moved) are refused.
+    good = (out / "relabel-counts-2-of-2.h5").read_bytes()
+    for damage in ("negative", "added"):
+        with h5py.File(out / "relabel-counts-2-of-2.h5", "a") as f:
+            counts = f["counts"][()]
+            if damage == "negative":
+                counts = -counts
+            else:
+                counts[0, 0] += 5
+            f["counts"][...] = counts
+        tampered = invoke(*portion_args(case, out), "--shard", "1/2")
+        assert_error(tampered, "relabel-counts-2-of-2.h5: damaged count file", "do not add up")
+        (out / "relabel-counts-2-of-2.h5").write_bytes(good)
+    assert not list(out.glob("*.png"))
     for k in (1, 2):
         done = invoke(*portion_args(case, out), "--shard", f"{k}/2")
         assert done.exit_code == 0, done.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def command(
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
         label_files = every_label(store, labels_dir, label_suffix) if labels_dir else None
-        every_name = list(store.names)
+        every_name = {name: math.prod(store.size(name)) for name in store.names}
         store.select_shard(run_shard)
         ready = load_correction(correction, store.class_names, dev)
         settings = RelabelSettings(

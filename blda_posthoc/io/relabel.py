@@ -281,7 +281,11 @@ def count_shard(
 
 
 def read_counts(
-    out_dir: Path, num_shards: int, run: Mapping[str, Any], names: Sequence[str], num_classes: int
+    out_dir: Path,
+    num_shards: int,
+    run: Mapping[str, Any],
+    names: Mapping[str, int],
+    num_classes: int,
 ) -> np.ndarray:
     """The pass-1 histograms of all images: the N shards' count files added up.
 
@@ -289,7 +293,8 @@ def read_counts(
         out_dir: The shards' output folder.
         num_shards: ``N``.
         run: This run's settings; every count file must record the same.
-        names: Every image of the run (before the shard is selected).
+        names: Every image of the run (before the shard is selected) with its pixel count
+            (``H * W`` at the image size): a shard's counts must add up to its images' pixels.
         num_classes: ``C``.
 
     Returns:
@@ -313,13 +318,17 @@ def read_counts(
         for name in part_names:
             if name in counted:
                 raise InputError(f"{path}: image {name!r} counted twice (also in {counted[name]})")
+            if name not in names:
+                raise InputError(f"{path}: counts image {name!r}, not in the stores")
             counted[name] = path
+        pixels = sum(names[name] for name in part_names)
+        if int(counts.min(initial=0)) < 0 or int(counts.sum()) != pixels:
+            raise InputError(
+                f"{path}: damaged count file (its counts do not add up to the {pixels} pixels "
+                f"of its {len(part_names)} images)"
+            )
         total = counts if total is None else total + counts
     assert total is not None
-    known = set(names)
-    unknown = [n for n in counted if n not in known]
-    if unknown:
-        raise InputError(f"{counted[unknown[0]]}: counts image {unknown[0]!r}, not in the stores")
     if len(counted) != len(names):
         missing = next(n for n in names if n not in counted)
         raise InputError(f"{out_dir}: no count file covers image {missing!r}; recount the shards")
