@@ -331,6 +331,12 @@ def test_diagnose_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     )
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "all.json").read_text()) == expected
+    first["partial"]["predicted"][0] = -5  # a damaged part is refused, not added up
+    (tmp_path / "d-1-of-3.json").write_text(json.dumps(first))
+    damaged = invoke(
+        "diagnose", "--merge", str(tmp_path / "d-*-of-3.json"), "--json", tmp_path / "bad.json"
+    )
+    assert_error(damaged, "d-1-of-3.json: damaged partial block (predicted holds a negative")
     nostats = invoke("diagnose", case["tgt"], "--json", tmp_path / "x.json", "--shard", "1/3")
     assert nostats.exit_code == 2 and "--shard needs --stats" in nostats.output
 
@@ -466,7 +472,11 @@ def test_correct_merge_refuses_missing_foreign_or_damaged_parts(
     damaged = json.loads(parts[2].read_text())
     damaged["flow"] = [[1, 2]]
     foreign.write_text(json.dumps(damaged))
-    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "damaged summary (flow")
+    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "damaged partial block (flow")
+    damaged = json.loads(parts[2].read_text())
+    damaged["pixels_after"][0] = -1
+    foreign.write_text(json.dumps(damaged))
+    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "a negative count")
     usage = invoke("correct", "--merge", *parts, "--out-dir", out)
     assert usage.exit_code == 2 and "--merge takes" in usage.output
     assert not (out / "correct.json").exists()

@@ -17,7 +17,7 @@ from blda_posthoc.io.corrections import Correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
 from blda_posthoc.io.outputs import paths_inside
-from blda_posthoc.io.report import read_parts
+from blda_posthoc.io.report import count_array, read_parts
 from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
 
 COLOR_SUFFIX = "_color"
@@ -325,12 +325,7 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
         shapes = {"images": (), "changed_pixels": (), "pixels_before": (c,)}
         shapes.update({"pixels_after": (c,), "flow": (c, c)})
         for key in ADDED_UP:
-            try:
-                value = np.asarray(data[key], dtype=np.int64)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{path}: damaged summary ({key}: {exc})") from exc
-            if value.shape != shapes[key]:
-                raise InputError(f"{path}: damaged summary ({key} has shape {value.shape})")
+            value = count_array(data.get(key), shapes[key], path, key)
             totals[key] = totals[key] + value if key in totals else value
     expected = first["partial"].get("num_images")
     if expected is not None and int(totals["images"]) != expected:

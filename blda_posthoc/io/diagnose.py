@@ -44,6 +44,7 @@ from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.images import read_label
 from blda_posthoc.io.report import (
+    count_array,
     fmt_or_dash,
     read_parts,
     require_matplotlib,
@@ -162,18 +163,16 @@ def merge_counts(paths: list[Path]) -> MergedCounts:
         try:
             c = len(data["class_names"])
             stats = data["statistics"]
-            predicted = np.asarray(part["predicted"], dtype=np.int64)
-            confusion = (
-                None if part["confusion"] is None else np.asarray(part["confusion"], dtype=np.int64)
-            )
+            predicted = count_array(part["predicted"], (c,), path, "predicted")
+            confusion = part["confusion"]
+            if confusion is not None:
+                confusion = count_array(confusion, (c, c + 1), path, "confusion")
             anchors = None if part["anchors"] is None else Path(part["anchors"])
             count = int(part["num_images"])
             stats_path = Path(stats["path"])
             fingerprint = str(stats["fingerprint"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: damaged partial block ({exc})") from exc
-        if predicted.shape != (c,) or (confusion is not None and confusion.shape != (c, c + 1)):
-            raise InputError(f"{path}: damaged partial block (shapes do not fit the classes)")
         if merged is None:
             merged = MergedCounts(stats_path, fingerprint, anchors, count, predicted, confusion)
             continue

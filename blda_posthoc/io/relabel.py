@@ -85,7 +85,7 @@ from blda_posthoc.io.outputs import (
     shard_suffix,
     write_bytes,
 )
-from blda_posthoc.io.report import read_parts, round_or_none, write_json
+from blda_posthoc.io.report import count_array, read_parts, round_or_none, write_json
 from blda_posthoc.io.store import LogitStore, Record
 
 FORMAT = "blda-relabel"
@@ -552,16 +552,19 @@ def merge_manifests(paths: list[Path]) -> dict[str, Any]:
         part = data["partial"]
         try:
             num_images += int(part["num_images"])
-            after = np.asarray(part["after"], dtype=np.int64)
-            flows = {str(k): np.asarray(v, dtype=np.int64) for k, v in part["flows"].items()}
-            matrices = {str(k): np.asarray(v, dtype=np.int64) for k, v in part["quality"].items()}
+            after = count_array(part["after"], (c + 1,), path, "after")
+            flows = {
+                str(k): count_array(v, (c + 1, c + 1), path, f"flow {k}")
+                for k, v in part["flows"].items()
+            }
+            matrices = {
+                str(k): count_array(v, (c, c + 1), path, f"quality {k}")
+                for k, v in part["quality"].items()
+            }
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: damaged partial block ({exc})") from exc
-        shapes = [after.shape == (c + 1,)]
-        shapes += [f.shape == (c + 1, c + 1) for f in flows.values()]
-        shapes += [m.shape == (c, c + 1) for m in matrices.values()]
-        if not all(shapes) or set(flows) != set(first["partial"].get("flows") or {}):
-            raise InputError(f"{path}: damaged partial block (shapes do not fit the classes)")
+        if set(flows) != set(first["partial"].get("flows") or {}):
+            raise InputError(f"{path}: damaged partial block (other flows than {first_path})")
         tally.after = after if tally.after is None else tally.after + after
         for key, flow in flows.items():
             tally.flows[key] = tally.flows.get(key, 0) + flow

@@ -666,3 +666,23 @@ def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]
             f"--merge: shard {absent[0]}/{total} is missing ({len(found)} of {total} parts given)"
         )
     return [found[k] for k in sorted(found)]
+
+
+def count_array(value: Any, shape: tuple[int, ...], path: Path | str, key: str) -> np.ndarray:
+    """Counts from a shard's report as an int64 array, checked for ``shape`` and signs.
+
+    Raises:
+        InputError: ``{path}: damaged partial block ({key} ...)`` when the value is not an
+            array of whole numbers of that shape, or holds a negative count.
+    """
+    try:
+        array = np.asarray(value, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"{path}: damaged partial block ({key}: {exc})") from exc
+    if array.shape != shape:
+        raise InputError(
+            f"{path}: damaged partial block ({key} has shape {array.shape}, not {shape})"
+        )
+    if (array < 0).any():
+        raise InputError(f"{path}: damaged partial block ({key} holds a negative count)")
+    return array
