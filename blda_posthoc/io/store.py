@@ -29,8 +29,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +46,7 @@ import torch
 from blda_posthoc import __version__
 from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.io import outputs
+from blda_posthoc.io.chunks import read_chunked
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.outputs import (
     Claim,
@@ -198,7 +201,13 @@ def check_logit_values(
     """
     if logits.size == 0:
         raise InputError(f"{where}: no logits (shape {tuple(logits.shape)})")
-    low, high = float(np.min(logits)), float(np.max(logits))
+    return check_logit_range(float(np.min(logits)), float(np.max(logits)), where, dtype)
+
+
+def check_logit_range(
+    low: float, high: float, where: str, dtype: str = "float32"
+) -> tuple[float, float]:
+    """:func:`check_logit_values` given the logits' ``(min, max)`` (NaN when one is NaN)."""
     if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN
         raise InputError(f"{where}: logits contain NaN or infinite values")
     peak = max(-low, high)
@@ -771,6 +780,9 @@ class LogitStore:
         self.paths = [Path(p) for p in paths]
         self._files: list[h5py.File] = []
         self._where: dict[str, tuple[int, str]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._pool_lock = threading.Lock()
         self.class_names: list[str] = []
         try:
             for index, path in enumerate(self.paths):
@@ -924,7 +936,12 @@ class LogitStore:
                     f"{path}: {where}: logits are {dset.dtype} {shape}, expected float16/32 "
                     f"({self.num_classes}, h, w)"
                 )
-            logits = dset[()].astype(np.float32)
+            decoded = read_chunked(dset, self._decoders())
+            if decoded is None:  # not stored as our writer stores logits: h5py reads it
+                logits = dset[()].astype(np.float32)
+                got = float(np.min(logits)), float(np.max(logits))
+            else:
+                logits, got = decoded.values, (decoded.low, decoded.high)
             label = None
             if with_label and "label" in group:
                 lset = check_dataset(group, "label", path, f"{where} label")
@@ -940,7 +957,7 @@ class LogitStore:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt chunks, bad filters, ...
             raise InputError(f"{path}: {where}: cannot read ({_first_line(exc)})") from exc
-        got_low, got_high = check_logit_values(logits, f"{path}: {where}")
+        got_low, got_high = check_logit_range(*got, f"{path}: {where}")
         slack = 1e-3 * max(1.0, abs(low), abs(high))
         if got_low < low - slack or got_high > high + slack:
             raise InputError(
@@ -983,8 +1000,24 @@ class LogitStore:
         finally:
             records.close()
 
+    def _decoders(self) -> ThreadPoolExecutor | None:
+        """Threads that decompress chunks: as many as torch uses (``--threads``); None for one."""
+        threads = torch.get_num_threads()
+        with self._pool_lock:
+            if self._pool is not None and self._pool_size != threads:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+            if self._pool is None and threads > 1:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blda-decode")
+                self._pool_size = threads
+            return self._pool
+
     def close(self) -> None:
         """Close every file."""
+        with self._pool_lock:
+            if self._pool is not None:  # its threads finish the chunk they decode, no more
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
         for f in self._files:
             f.close()
         self._files = []
