@@ -162,19 +162,20 @@ def read_chunked(dset: h5py.Dataset, pool: Executor | None = None) -> Decoded | 
         pool = None
     dsid, dtype = dset.id, dset.dtype
     file_size = dset.file.id.get_filesize()
-    out = np.empty(dset.shape, np.float32)
     run: Callable[..., Future[tuple[float, float]]] | None = None if pool is None else pool.submit
     ranges: list[tuple[float, float] | Future[tuple[float, float]]] = []
+    for offset in offsets:  # first, so that what happens does not depend on the threads
+        info = dsid.get_chunk_info_by_coord(offset)
+        if info.byte_offset is None or info.filter_mask != 0:
+            return None
+        if info.size > file_size:
+            raise ChunkError(f"chunk {offset}: {info.size} bytes, more than the file holds")
+    out = np.empty(dset.shape, np.float32)
     try:
         for offset in offsets:
-            info = dsid.get_chunk_info_by_coord(offset)
-            if info.byte_offset is None or info.filter_mask != 0:
-                return None
-            if info.size > file_size:
-                raise ChunkError(f"chunk {offset}: {info.size} bytes, more than the file holds")
             mask, data = dsid.read_direct_chunk(offset)
             if mask != 0:
-                return None
+                raise ChunkError(f"chunk {offset}: filter mask {mask}")
             if run is None:
                 ranges.append(decode_chunk(data, chunk, dtype, out, offset))
             else:
