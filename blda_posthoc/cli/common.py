@@ -134,7 +134,8 @@ def device_option(func: F) -> F:
         default=None,
         expose_value=False,
         callback=_set_threads,
-        help="CPU threads torch computes with (default: the cores torch sees).",
+        help="CPU threads torch computes with and stores are decompressed in (default: the cores "
+        "torch sees).",
     )(func)
     return click.option(
         "--device",
