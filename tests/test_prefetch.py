@@ -92,3 +92,34 @@ def test_store_loop_reads_ahead_and_gives_every_image_in_order(tmp_path):
         loop.close()  # stopping early ends the reading thread
         assert first.name == names[0] and readers() == before
     assert threading.active_count() == before
+
+
+def eventually(flag: threading.Event, value: bool, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while flag.is_set() != value and time.monotonic() < end:
+        time.sleep(0.005)
+    return flag.is_set() == value
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_prefetch_says_when_the_consumer_waits(depth: int):
+    waiting = threading.Event()
+    busy, checked = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def items():
+        seen.append(eventually(waiting, True))  # the consumer waits for item 0
+        yield 0
+        if depth:
+            busy.wait(5)
+            seen.append(eventually(waiting, False))  # ... and works on it now
+            checked.set()
+        yield 1
+
+    got = []
+    for x in prefetch(items(), depth, waiting):
+        got.append(x)
+        busy.set()
+        checked.wait(5 if depth else 0)
+    assert got == [0, 1] and seen == [True] * (1 + depth)
+    assert waiting.is_set() == (depth == 0)

@@ -6,6 +6,7 @@ import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -289,3 +290,52 @@ def test_decodable_chunks_wants_float_data_shuffled_then_deflated_in_few_chunks(
         assert decodable_chunks(many) is None  # 262144 chunks > MAX_CHUNKS
         ints = f.create_dataset("ints", data=np.zeros((1, 8, 8), np.int16), chunks=(1, 4, 4), **GZ)
         assert decodable_chunks(ints) is None
+
+
+def alternate() -> Callable[[], bool]:
+    state = [False]
+
+    def share() -> bool:
+        state[0] = not state[0]
+        return state[0]
+
+    return share
+
+
+SHARES: dict[str, Callable[[], Callable[[], bool] | None]] = {
+    "always": lambda: None,
+    "never": lambda: lambda: False,
+    "alternately": alternate,
+}
+
+
+@pytest.mark.parametrize("share", sorted(SHARES))
+def test_sharing_chunks_or_not_gives_the_same_values_and_the_same_first_error(
+    tmp_path: Path, share: str
+) -> None:
+    path = tmp_path / "s.h5"
+    write_store(path, logits_like((5, 70, 30)), "float16")
+    expected = h5py_read(path)
+    used: set[str] = set()
+    decode = chunks.decode_chunk
+
+    def spy(*args: object) -> tuple[float, float]:
+        used.add(threading.current_thread().name)
+        return decode(*args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(2, "pool") as pool:
+        patch.setattr(chunks, "decode_chunk", spy)
+        with h5py.File(path, "r") as f:
+            decoded = read_chunked(f["images/x/logits"], pool, SHARES[share]())
+        assert decoded is not None and same_bits(decoded.values, expected)
+        here = threading.current_thread().name
+        in_pool = {n for n in used if n.startswith("pool_")}
+        assert (here in used, bool(in_pool), used <= in_pool | {here}) == {
+            "always": (False, True, True),
+            "never": (True, False, True),
+            "alternately": (True, True, True),
+        }[share]
+        put_chunk(path, (2, 0, 0), b"\x78\x01" + bytes(range(256)))
+        put_chunk(path, (4, 0, 0), deflated(bytes(10)))
+        with h5py.File(path, "r") as f, pytest.raises(ChunkError, match=r"^chunk \(2, 0, 0\): "):
+            read_chunked(f["images/x/logits"], pool, SHARES[share]())

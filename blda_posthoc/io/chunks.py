@@ -135,7 +135,11 @@ def decode_chunk(
     return float(np.min(target)), float(np.max(target))
 
 
-def read_chunked(dset: h5py.Dataset, pool: Executor | None = None) -> Decoded | None:
+def read_chunked(
+    dset: h5py.Dataset,
+    pool: Executor | None = None,
+    share: Callable[[], bool] | None = None,
+) -> Decoded | None:
     """Read a dataset as float32, its chunks decompressed in ``pool``'s threads.
 
     Bit-identical to ``dset[()].astype(np.float32)``.
@@ -143,6 +147,8 @@ def read_chunked(dset: h5py.Dataset, pool: Executor | None = None) -> Decoded | 
     Args:
         dset: A float16 or float32 dataset.
         pool: Threads that decode chunks; None decodes them in the calling thread.
+        share: Asked before each chunk whether to hand it to ``pool`` (else it is decoded in
+            the calling thread); default: always.
 
     Returns:
         The values with their range, or None when the dataset is not stored as
@@ -162,8 +168,7 @@ def read_chunked(dset: h5py.Dataset, pool: Executor | None = None) -> Decoded | 
         pool = None
     dsid, dtype = dset.id, dset.dtype
     file_size = dset.file.id.get_filesize()
-    run: Callable[..., Future[tuple[float, float]]] | None = None if pool is None else pool.submit
-    ranges: list[tuple[float, float] | Future[tuple[float, float]]] = []
+    ranges: list[Future[tuple[float, float]]] = []
     for offset in offsets:  # first, so that what happens does not depend on the threads
         info = dsid.get_chunk_info_by_coord(offset)
         if info.byte_offset is None or info.filter_mask != 0:
@@ -176,14 +181,25 @@ def read_chunked(dset: h5py.Dataset, pool: Executor | None = None) -> Decoded | 
             mask, data = dsid.read_direct_chunk(offset)
             if mask != 0:
                 raise ChunkError(f"chunk {offset}: filter mask {mask}")
-            if run is None:
-                ranges.append(decode_chunk(data, chunk, dtype, out, offset))
-            else:
-                ranges.append(run(decode_chunk, data, chunk, dtype, out, offset))
-        done = [r.result() if isinstance(r, Future) else r for r in ranges]
+            if pool is not None and (share is None or share()):
+                ranges.append(pool.submit(decode_chunk, data, chunk, dtype, out, offset))
+                continue
+            ranges.append(_now(decode_chunk, data, chunk, dtype, out, offset))
+            if ranges[-1].exception() is not None:
+                break  # raised below, unless an earlier chunk fails too
+        done = [r.result() for r in ranges]  # the first failing chunk in order raises
     finally:
         for r in ranges:
-            if isinstance(r, Future):
-                r.cancel()
+            r.cancel()
     lows, highs = np.array([r[0] for r in done]), np.array([r[1] for r in done])
     return Decoded(out, float(np.min(lows)), float(np.max(highs)))
+
+
+def _now(decode: Callable[..., tuple[float, float]], *args: object) -> Future[tuple[float, float]]:
+    """Run ``decode`` here; its result (or error) as a finished future."""
+    done: Future[tuple[float, float]] = Future()
+    try:
+        done.set_result(decode(*args))
+    except Exception as exc:  # noqa: BLE001 - raised by the caller, in chunk order
+        done.set_exception(exc)
+    return done

@@ -19,7 +19,9 @@ class _Raised:
         self.exc = exc
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
+def prefetch(
+    items: Iterable[T], depth: int = 2, waiting: threading.Event | None = None
+) -> Generator[T, None, None]:
     """Yield ``items`` in order while a thread produces up to ``depth`` of them ahead.
 
     Meant for reading: HDF5 (h5py), zlib and numpy release the GIL while they decompress and
@@ -31,11 +33,16 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
         items: Any iterable; it is iterated in the background thread only.
         depth: Items produced ahead (memory: ``depth + 1`` items at most); ``0`` iterates
             ``items`` in the calling thread with no thread at all.
+        waiting: Set while the caller waits for the next item (always with ``depth`` 0), so
+            that producing it may use more threads then (see :meth:`LogitStore.iter_images`
+            in :mod:`blda_posthoc.io.store`).
 
     Yields:
         The items of ``items``, in order.
     """
     if depth <= 0:
+        if waiting is not None:
+            waiting.set()
         yield from items
         return
     slots: queue.Queue[object] = queue.Queue(maxsize=depth)
@@ -64,7 +71,13 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     thread.start()
     try:
         while True:
-            item = slots.get()
+            if waiting is not None:
+                waiting.set()
+            try:
+                item = slots.get()
+            finally:
+                if waiting is not None:
+                    waiting.clear()
             if item is _DONE:
                 return
             if isinstance(item, _Raised):

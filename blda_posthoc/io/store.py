@@ -915,6 +915,10 @@ class LogitStore:
 
     def read(self, name: str, *, with_label: bool = True) -> Record:
         """Read one image's logits (as float32) and label, checking them."""
+        return self._read(name, with_label)
+
+    def _read(self, name: str, with_label: bool, share: Callable[[], bool] | None = None) -> Record:
+        """:meth:`read`; ``share`` says before each chunk whether to decode it in the pool."""
         path = self.paths[self._where[name][0]]
         where = f"image {name!r}"
         size = self.size(name)
@@ -936,7 +940,7 @@ class LogitStore:
                     f"{path}: {where}: logits are {dset.dtype} {shape}, expected float16/32 "
                     f"({self.num_classes}, h, w)"
                 )
-            decoded = read_chunked(dset, self._decoders())
+            decoded = read_chunked(dset, self._decoders(), share)
             if decoded is None:  # not stored as our writer stores logits: h5py reads it
                 logits = dset[()].astype(np.float32)
                 got = float(np.min(logits)), float(np.max(logits))
@@ -991,8 +995,13 @@ class LogitStore:
         """
         todo = list(self.names if names is None else names)
         iterable: Iterable[str] = todo if progress is None else progress(todo, len(todo))
-        # The next image is read (decompressed) in a thread while the caller works on this one.
-        records = prefetch((self.read(name, with_label=with_label) for name in todo), depth=1)
+        # The next image is read (decompressed) in a thread while the caller works on this one;
+        # its chunks go to the decoder threads only while the caller waits for it (when the
+        # caller computes, its torch threads have the cores).
+        waiting = threading.Event()
+        records = prefetch(
+            (self._read(name, with_label, waiting.is_set) for name in todo), 1, waiting
+        )
         try:
             for _, record in zip(iterable, records, strict=True):
                 z = torch.from_numpy(record.logits).to(device)
