@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
@@ -339,3 +340,41 @@ def test_sharing_chunks_or_not_gives_the_same_values_and_the_same_first_error(
         put_chunk(path, (4, 0, 0), deflated(bytes(10)))
         with h5py.File(path, "r") as f, pytest.raises(ChunkError, match=r"^chunk \(2, 0, 0\): "):
             read_chunked(f["images/x/logits"], pool, SHARES[share]())
+
+
+def test_store_loop_shares_chunks_out_only_while_the_caller_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, [f"c{i}" for i in range(4)]) as writer:
+        for i in range(4):
+            writer.write(f"img_{i}", logits_like((4, 600, 600), seed=i))
+    decoded_by: list[str] = []
+    decode = chunks.decode_chunk
+
+    def spy(*args: object) -> tuple[float, float]:
+        decoded_by.append(threading.current_thread().name)
+        return decode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(chunks, "decode_chunk", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with LogitStore([path]) as store:
+            for index, _ in enumerate(store.iter_images()):
+                if index == 0:
+                    first = list(decoded_by)  # read while this loop waited for it
+                time.sleep(0.3)  # busy: the next image is read meanwhile, in one thread
+            direct = store.read("img_0")  # outside the loop: always in the pool
+    finally:
+        torch.set_num_threads(before)
+    assert len(decoded_by) == 5 * 16 and same_bits(direct.logits, h5py_read_image(path, "img_0"))
+    assert any(name.startswith("blda-decode") for name in first)
+    # (a chunk or two may go to the pool when the loop asks for an image just as it is read)
+    assert decoded_by[16:64].count("blda-prefetch") >= 40
+    assert all(name.startswith("blda-decode") for name in decoded_by[64:])
+
+
+def h5py_read_image(path: Path, name: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[f"images/{name}/logits"][()].astype(np.float32)

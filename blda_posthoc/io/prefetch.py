@@ -33,8 +33,8 @@ def prefetch(
         items: Any iterable; it is iterated in the background thread only.
         depth: Items produced ahead (memory: ``depth + 1`` items at most); ``0`` iterates
             ``items`` in the calling thread with no thread at all.
-        waiting: Set while the caller waits for the next item (always with ``depth`` 0), so
-            that producing it may use more threads then (see :meth:`LogitStore.iter_images`
+        waiting: Set while the caller waits for an item that is not ready yet (always with
+            ``depth`` 0), so that producing it may use more threads then (see :meth:`LogitStore.iter_images`
             in :mod:`blda_posthoc.io.store`).
 
     Yields:
@@ -52,6 +52,8 @@ def prefetch(
         while not stop.is_set():
             try:
                 slots.put(item, timeout=0.05)
+                if waiting is not None:  # a waiting consumer has its item now
+                    waiting.clear()
                 return True
             except queue.Full:
                 continue
@@ -71,7 +73,7 @@ def prefetch(
     thread.start()
     try:
         while True:
-            if waiting is not None:
+            if waiting is not None and slots.empty():
                 waiting.set()
             try:
                 item = slots.get()

@@ -783,6 +783,7 @@ class LogitStore:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
         self._pool_lock = threading.Lock()
+        self._reading = threading.local()
         self.class_names: list[str] = []
         try:
             for index, path in enumerate(self.paths):
@@ -915,10 +916,6 @@ class LogitStore:
 
     def read(self, name: str, *, with_label: bool = True) -> Record:
         """Read one image's logits (as float32) and label, checking them."""
-        return self._read(name, with_label)
-
-    def _read(self, name: str, with_label: bool, share: Callable[[], bool] | None = None) -> Record:
-        """:meth:`read`; ``share`` says before each chunk whether to decode it in the pool."""
         path = self.paths[self._where[name][0]]
         where = f"image {name!r}"
         size = self.size(name)
@@ -940,6 +937,7 @@ class LogitStore:
                     f"{path}: {where}: logits are {dset.dtype} {shape}, expected float16/32 "
                     f"({self.num_classes}, h, w)"
                 )
+            share = getattr(self._reading, "share", None)  # set in iter_images' reader
             decoded = read_chunked(dset, self._decoders(), share)
             if decoded is None:  # not stored as our writer stores logits: h5py reads it
                 logits = dset[()].astype(np.float32)
@@ -999,9 +997,16 @@ class LogitStore:
         # its chunks go to the decoder threads only while the caller waits for it (when the
         # caller computes, its torch threads have the cores).
         waiting = threading.Event()
-        records = prefetch(
-            (self._read(name, with_label, waiting.is_set) for name in todo), 1, waiting
-        )
+
+        def read_all() -> Iterator[Record]:  # runs in the prefetch thread
+            self._reading.share = waiting.is_set
+            try:
+                for name in todo:
+                    yield self.read(name, with_label=with_label)
+            finally:
+                self._reading.share = None
+
+        records = prefetch(read_all(), 1, waiting)
         try:
             for _, record in zip(iterable, records, strict=True):
                 z = torch.from_numpy(record.logits).to(device)
