@@ -34,8 +34,8 @@ def prefetch(
         depth: Items produced ahead (memory: ``depth + 1`` items at most); ``0`` iterates
             ``items`` in the calling thread with no thread at all.
         waiting: Set while the caller waits for an item that is not ready yet (always with
-            ``depth`` 0), so that producing it may use more threads then (see :meth:`LogitStore.iter_images`
-            in :mod:`blda_posthoc.io.store`).
+            ``depth`` 0), so that producing it may use more threads then (see
+            ``LogitStore.iter_images`` in :mod:`blda_posthoc.io.store`).
 
     Yields:
         The items of ``items``, in order.
