@@ -33,6 +33,9 @@ from blda_posthoc.io.store import LogitStore, StoreWriter
 
 EXAMPLES = int(os.environ.get("BLDA_FUZZ_EXAMPLES", "60"))
 """Examples per test; CI runs the fixed default, a deeper local run sets a larger number."""
+# Arrays of float16 drawn from wider floats overflow to inf on purpose (hostile values).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=timedelta(seconds=10),
