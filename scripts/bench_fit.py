@@ -15,7 +15,10 @@ as compressible as real logits) with label maps, then measures in the same run:
 - ``fit-stats``: the whole ``blda fit-stats STORE --out ...`` in a fresh process (start-up, reading,
   fitting, writing the statistics);
 - ``read``: a fresh process that imports torch and h5py and reads every logits dataset of the
-  store (the floor any tool reading this store in Python with torch pays).
+  store (the floor any tool reading this store in Python with torch pays);
+- two parts in the script's process: reading every image with ``LogitStore.read`` with one torch
+  thread and with all of them (chunks decompressed in that many threads), and the three
+  calibration fits on the calibration sample.
 
 The two processes alternate ``--repeat`` times; the best wall time of each is compared (all runs
 are listed) and the peak resident set size of each process (``ru_maxrss``) is printed.
@@ -39,7 +42,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from blda_posthoc.io.fit_stats import FitOptions, fit_store  # noqa: E402
+from blda_posthoc.io.fit_stats import (  # noqa: E402
+    FitOptions,
+    calibration_sample,
+    fit_calibrations,
+    fit_store,
+)
 from blda_posthoc.io.store import LogitStore, StoreWriter  # noqa: E402
 
 READ_ONLY = """
@@ -68,6 +76,50 @@ def write_store(path: Path, images: int, classes: int, size: tuple[int, int], sc
             y = label.numpy().astype(np.uint8)
             y[rng.random((h, w)) < 0.02] = 255
             writer.write(f"img_{i:04d}", z.numpy(), y, size=(h, w))
+
+
+def report_parts(store_path: Path, repeat: int) -> None:
+    """Time two parts in this process: reading every image, and the three calibration fits.
+
+    Reading: :meth:`LogitStore.read` of every image with 1 torch thread (chunks decompressed in
+    the calling thread) and with this process's torch threads (chunks decompressed in a pool
+    that many threads wide). Calibrations: temperature, vector scaling and bias fitted on the
+    calibration sample ``fit-stats --label-source gt`` draws (its labelled pixels).
+    """
+    threads = torch.get_num_threads()
+    timings = {}
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        runs = []
+        for _ in range(repeat):
+            with LogitStore([store_path]) as store:
+                start = time.perf_counter()
+                for name in store.names:
+                    store.read(name, with_label=False)
+                runs.append(time.perf_counter() - start)
+        timings[count] = min(runs)
+    torch.set_num_threads(threads)
+    line = ", ".join(f"{t:.2f} s with {n} thread{'s' if n > 1 else ''}" for n, t in timings.items())
+    ratio = timings[1] / timings[threads] if threads > 1 else 1.0
+    print(f"read every image (LogitStore.read, best of {repeat}): {line} ({ratio:.2f}x)")
+    with LogitStore([store_path]) as store:
+        if not store.has_labels():
+            return
+
+        def images(names: list[str] | None):  # the (name, logits, labels) source fit-stats uses
+            for record, z in store.iter_images(names, with_label=True):
+                yield record.name, z, torch.from_numpy(record.label).long()
+
+        sample = calibration_sample(images, store.names, store.num_classes, seed=0)
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fit_calibrations(sample)
+        runs.append(time.perf_counter() - start)
+    print(
+        f"calibration fits (temperature, vector, bias) on {sample.labels.size} pixels: "
+        f"best {min(runs):.3f} s"
+    )
 
 
 # A small launcher times the command and reads its peak RSS: a child forked from this (large)
@@ -142,6 +194,8 @@ def main() -> None:
             + ", ".join(f"{t:.2f}" for t, _ in in_process)
             + ")"
         )
+
+        report_parts(store_path, args.repeat)
 
         out = Path(tmp) / "stats.h5"
         blda = [sys.executable, "-m", "blda_posthoc", "fit-stats", str(store_path)]

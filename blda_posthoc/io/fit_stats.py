@@ -221,7 +221,7 @@ def fit_images(
     known, source = options.calibration, options.calibration_source
     if options.labels == "gt" and options.calibrate:
         labelled = calibration_sample(images, names, c, options.seed)
-        calibrations = _fit_calibrations(labelled)
+        calibrations = fit_calibrations(labelled)
         if known is None and calibrations:
             known, source = calibrations[CALIBRATED_WITH], "self"
     grid = Grid.covering(lo, hi, options.bins)
@@ -400,7 +400,7 @@ def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> 
     return float(ends.min()), float(ends.max())
 
 
-def _fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Temperature, vector scaling and bias fitted on labelled pixels."""
     if sample.labels.size == 0:
         return {}
