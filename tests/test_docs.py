@@ -4,8 +4,10 @@ and the worked Bias example agrees with the code."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -80,3 +82,42 @@ def test_worked_bias_example_matches_the_code() -> None:
         f"mIoU {s['miou']:.1f}, mAcc {s['macc']:.1f}, pixel accuracy {s['pixel_acc']:.1f}"
     )
     assert summary_line in text
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """``(source line, arguments)`` of every ``blda`` command line in the docs' bash blocks.
+
+    Continuation lines are joined, comments dropped, ``[optional]`` brackets opened, and
+    ``torchrun ... -m blda_posthoc`` lines read as ``blda``.
+    """
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"(^|\s)#.*$", "", line).strip()
+                line = re.sub(r"^.*?-m blda_posthoc\s", "blda ", line)
+                if line.startswith("blda "):
+                    tokens = shlex.split(line.replace("[", " ").replace("]", " "))
+                    found.append((f"{doc.name}: {line}", tokens[1:]))
+    return found
+
+
+def test_every_documented_command_line_uses_existing_options() -> None:
+    lines = documented_commands()
+    assert len(lines) > 40  # the README's examples are found at all
+    ctx = click.Context(main)
+    for source, args in lines:
+        if args[0] == "--help":
+            continue
+        command = main.get_command(ctx, args[0])
+        assert command is not None, source
+        options = {name: p for p in command.params for name in (*p.opts, *p.secondary_opts)}
+        tokens = iter(args[1:])
+        for token in tokens:
+            if not token.startswith("-") or token == "-":
+                continue
+            param = options.get(token.split("=")[0])
+            assert param is not None, f"{source}: no option {token}"
+            takes_value = isinstance(param, click.Option) and not (param.is_flag or param.count)
+            if takes_value and "=" not in token:
+                next(tokens, None)
