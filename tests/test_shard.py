@@ -293,7 +293,12 @@ def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path,
                 *compare_args(case, tmp_path / f"c{n}.json", *select, "--shard", f"{k}/{n}")
             )
             assert part.exit_code == 0, part.output
+            hint = f"blda compare --merge '{tmp_path / f'c{n}-*-of-{n}.json'}' --json"
+            assert f"shard {k}/{n} would select" in part.stderr and hint in part.stderr
         parts = sorted(tmp_path.glob(f"c{n}-*-of-{n}.json"))
+        # A shard's choice saw its images only: correct refuses it and names the merge.
+        apply = invoke("correct", case["tgt"], "--from-compare", parts[0], "--out-dir", tmp_path)
+        assert_error(apply, "the report of one shard (1/", "merge the shards first")
         assert len(parts) == n
         splits = {json.dumps(json.loads(p.read_text())["split"]) for p in parts}
         assert splits == {json.dumps(expected["split"])}  # every shard drew the same split

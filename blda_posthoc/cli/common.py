@@ -429,6 +429,13 @@ def read_compare_selection(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != "blda-compare":
         raise InputError(f"{path}: not a 'blda compare' report (format blda-compare)")
+    if "partial" in data:  # only a shard's report has raw counts to merge
+        partial = data["partial"]
+        shard = partial.get("shard") if isinstance(partial, dict) else None
+        raise InputError(
+            f"{path}: the report of one shard ({shard_text(shard)}), chosen on its images only; "
+            f"merge the shards first: {compare_merge_hint(Path(path), shard)}"
+        )
     selected = data.get("selected")
     if not isinstance(selected, dict) or selected.get("method") not in METHODS:
         raise InputError(f"{path}: holds no valid 'selected' entry")
@@ -439,6 +446,26 @@ def read_compare_selection(path: Path) -> dict[str, Any]:
         "stats": settings.get("stats"),
         "anchors": settings.get("anchors"),
     }
+
+
+def shard_text(shard: Any) -> str:
+    """``K/N`` of a report's ``[K, N]`` (as recorded, whatever it holds)."""
+    try:
+        return f"{int(shard[0])}/{int(shard[1])}"
+    except (TypeError, ValueError, IndexError, KeyError):
+        return repr(shard)
+
+
+def compare_merge_hint(path: Path, shard: Any) -> str:
+    """The ``blda compare --merge`` command for the shard report ``path`` (``c-1-of-3.json``)."""
+    try:
+        suffix = f"-{int(shard[0])}-of-{int(shard[1])}"
+        n = int(shard[1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return "blda compare --merge 'JSON-*-of-N.json' --json JSON"
+    stem = path.stem[: -len(suffix)] if path.stem.endswith(suffix) else path.stem
+    parts = path.with_name(f"{stem}-*-of-{n}{path.suffix}")
+    return f"blda compare --merge '{parts}' --json {path.with_name(stem + path.suffix)}"
 
 
 def report_changes(

@@ -9,6 +9,7 @@ import click
 
 from blda_posthoc.cli.common import (
     check_output_file,
+    compare_merge_hint,
     device_option,
     handle_errors,
     info,
@@ -18,6 +19,7 @@ from blda_posthoc.cli.common import (
     resolve_device,
     resolve_shard,
     shard_option,
+    shard_text,
     statistics_options,
     warn,
 )
@@ -209,6 +211,13 @@ def finish(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> N
         info(f"wrote {plot_path}")
     chosen = report["selected"]
     tau = "" if chosen["tau"] is None else f" --tau {chosen['tau']:g}"
+    if "partial" in report:  # a shard chose on its own images: merge before applying
+        shard = report["partial"]["shard"]
+        info(
+            f"shard {shard_text(shard)} would select --method {chosen['method']}{tau} on its "
+            f"images only; once every shard has run: {compare_merge_hint(json_path, shard)}"
+        )
+        return
     info(
         f"selected: --method {chosen['method']}{tau} (mIoU {chosen['miou']}, "
         f"{chosen['gain_over_none']:+} over none); apply it with "
