@@ -218,10 +218,14 @@ def test_evaluate_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     expected = json.loads((tmp_path / "one.json").read_text())
     assert "partial" not in expected
     for n in (1, 2, 3):
-        for k in range(1, n + 1):
-            part = invoke(
-                *evaluate_args(case, tmp_path / f"e{n}.json"), *extra, "--shard", f"{k}/{n}"
-            )
+        shards = [
+            [*evaluate_args(case, tmp_path / f"e{n}.json"), *extra, "--shard", f"{k}/{n}"]
+            for k in range(1, n + 1)
+        ]
+        if n == 3:  # real processes, side by side
+            run_all([[str(a) for a in args] for args in shards])
+        for args in shards if n < 3 else []:
+            part = invoke(*args)
             assert part.exit_code == 0, part.output
         if n == 1:  # one shard is the whole run
             assert json.loads((tmp_path / "e1.json").read_text()) == expected
@@ -288,10 +292,14 @@ def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path,
     assert one.exit_code == 0, one.output
     expected = json.loads((tmp_path / "one.json").read_text())
     for n in (2, 3):
-        for k in range(1, n + 1):
-            part = invoke(
-                *compare_args(case, tmp_path / f"c{n}.json", *select, "--shard", f"{k}/{n}")
-            )
+        shards = [
+            [*compare_args(case, tmp_path / f"c{n}.json", *select, "--shard", f"{k}/{n}")]
+            for k in range(1, n + 1)
+        ]
+        if n == 3:  # real processes, side by side
+            run_all([[str(a) for a in args] for args in shards])
+        for k, args in enumerate(shards if n < 3 else [], start=1):
+            part = invoke(*args)
             assert part.exit_code == 0, part.output
             hint = f"blda compare --merge '{tmp_path / f'c{n}-*-of-{n}.json'}' --json"
             assert f"shard {k}/{n} would select" in part.stderr and hint in part.stderr
@@ -324,11 +332,13 @@ def test_diagnose_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     one = invoke("diagnose", case["tgt"], *extra, "--json", tmp_path / "one.json")
     assert one.exit_code == 0, one.output
     expected = json.loads((tmp_path / "one.json").read_text())
-    for k in (1, 2, 3):
-        part = invoke(
-            "diagnose", case["tgt"], *extra, "--json", tmp_path / "d.json", "--shard", f"{k}/3"
-        )
-        assert part.exit_code == 0, part.output
+    run_all(  # real processes, side by side
+        [
+            ["diagnose", str(case["tgt"]), *map(str, extra), "--json", str(tmp_path / "d.json")]
+            + ["--shard", f"{k}/3"]
+            for k in (1, 2, 3)
+        ]
+    )
     first = json.loads((tmp_path / "d-1-of-3.json").read_text())
     assert first["num_images"] == 3 and first["partial"]["shard"] == [1, 3]
     merged = invoke(
