@@ -254,3 +254,17 @@ def test_binning_an_affine_map_equals_binning_the_mapped_logits(dtype: torch.dty
         folded = LogitHistogram(c, grid, chunk_pixels=chunk)
         folded.update(z, y, (scale, bias))
         np.testing.assert_array_equal(folded.counts(), expected.counts())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channel_argmax_of_an_affine_map_equals_that_of_the_mapped_logits(dtype: torch.dtype):
+    rng = np.random.default_rng(4)
+    z = torch.from_numpy(rng.normal(0, 3, (6, 13, 17)).astype(np.float32)).to(dtype)
+    z[:, 0, :3] = 1.5  # ties: the first channel wins, as with argmax
+    scale = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.8, 1.2])
+    bias = torch.tensor([0.0, 0.7, -1.0, 0.0, 0.3, 0.0])
+    mapped = z.float() * scale[:, None, None] + bias[:, None, None]
+    expected = mapped.argmax(0)
+    assert torch.equal(channel_argmax(z, (scale, bias)), expected)
+    assert torch.equal(channel_argmax(z.reshape(6, -1), (scale, bias)), expected.reshape(-1))
+    assert not torch.equal(expected, z.float().argmax(0))  # the map changes the answer here

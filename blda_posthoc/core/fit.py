@@ -179,7 +179,9 @@ class LogitHistogram:
         return cells.transpose(0, 1).contiguous().cpu().numpy()
 
 
-def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
+def channel_argmax(
+    logits: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``logits.argmax(0)`` of ``(C, ...)`` logits, equal to it and faster on CPU.
 
     A reduction over the leading, strided channel axis is slow on CPU; a running maximum over
@@ -188,21 +190,40 @@ def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
 
     Args:
         logits: ``(C, ...)`` logits.
+        affine: ``(scale, bias)``, each ``(C,)`` float32: the argmax of ``scale * z + bias``
+            per channel instead, computed plane by plane in float32 exactly as a calibrated copy
+            of ``logits`` would hold it (no copy is made).
 
     Returns:
         ``(...)`` int64 channel of the largest logit.
     """
+
+    def calibrated() -> torch.Tensor:
+        assert affine is not None
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+        scale, bias = (v.to(logits.device, torch.float32).reshape(shape) for v in affine)
+        return logits.float() * scale + bias
+
     if logits.device.type != "cpu" or logits.dim() < 2 or logits.shape[0] < 2:
-        return logits.argmax(0)
-    best = logits[0].clone()
+        return (logits if affine is None else calibrated()).argmax(0)
+
+    def plane(channel: int, out: torch.Tensor) -> torch.Tensor:
+        if affine is None:
+            return logits[channel]
+        out.copy_(logits[channel]).mul_(affine[0][channel].float())
+        return out.add_(affine[1][channel].float())
+
+    best = plane(0, torch.empty(logits.shape[1:], dtype=torch.float32)).clone()
+    work = torch.empty(best.shape, dtype=torch.float32)
     index = torch.zeros(best.shape, dtype=torch.int64)
     larger = torch.empty(best.shape, dtype=torch.bool)
     for channel in range(1, logits.shape[0]):
-        torch.gt(logits[channel], best, out=larger)
+        values = plane(channel, work)
+        torch.gt(values, best, out=larger)
         index.masked_fill_(larger, channel)
-        torch.maximum(best, logits[channel], out=best)
+        torch.maximum(best, values, out=best)
     if bool(torch.isnan(best).any()):  # maximum propagates NaN; let argmax place it
-        return logits.argmax(0)
+        return (logits if affine is None else calibrated()).argmax(0)
     return index
 
 

@@ -381,11 +381,8 @@ class Pass:
         self.samples[name] = sample_image(name, z, y, quota, self.options.seed)
         if self.calibration is not None and self.calibrated is not None:
             affine = (self.calibration.scale, self.calibration.bias)
-            if self.options.labels == "gt":
-                self.calibrated.update(z, y, affine)
-            else:
-                zc = self.calibration.apply(z.movedim(0, -1)).movedim(-1, 0)
-                self.calibrated.update(zc, channel_argmax(zc))
+            labels = y if self.options.labels == "gt" else channel_argmax(z, affine)
+            self.calibrated.update(z, labels, affine)
 
     def sample(self) -> PixelSample:
         """The pixel sample, in name order."""
