@@ -24,6 +24,8 @@ from blda_posthoc.io.dump import torchrun_shard
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import read_class_names
 from blda_posthoc.io.outputs import abandoned, check_not_input, disk_error
+from blda_posthoc.io.report import write_json
+from blda_posthoc.io.store import expand_store_paths
 
 __all__ = ["info", "progress", "warn"]
 
@@ -446,6 +448,31 @@ def read_compare_selection(path: Path) -> dict[str, Any]:
         "stats": settings.get("stats"),
         "anchors": settings.get("anchors"),
     }
+
+
+def merge_beside(
+    parts: Iterable[str],
+    name: str,
+    what: str,
+    merge: Callable[[list[Path]], dict[str, Any]],
+    overwrite: bool,
+) -> tuple[dict[str, Any], Path, int]:
+    """The shards' summaries of one output folder, added up and written beside them.
+
+    ``correct --merge`` and ``relabel --merge``: ``merge`` adds up the parts (``what``, for
+    messages) and the result is written as ``name`` in their folder.
+
+    Returns:
+        The merged summary, where it was written, and how many parts it adds up.
+    """
+    paths = expand_store_paths(list(parts))
+    if len({p.resolve().parent for p in paths}) > 1:
+        raise click.UsageError(f"--merge: give the {what} of one folder")
+    out = paths[0].parent / name
+    check_output_file(out, overwrite)
+    merged = merge(paths)
+    write_json(out, merged, sort_keys=True)
+    return merged, out, len(paths)
 
 
 def shard_text(shard: Any) -> str:

@@ -14,6 +14,7 @@ from blda_posthoc.cli.common import (
     device_option,
     handle_errors,
     info,
+    merge_beside,
     overwrite_option,
     progress,
     report_changes,
@@ -165,12 +166,8 @@ def command(
 
 def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     """``correct --merge PARTS``: the shards' summaries added up into ``correct.json``."""
-    paths = expand_store_paths(parts)
-    if len({p.resolve().parent for p in paths}) > 1:
-        raise click.UsageError("--merge: give the correct-K-of-N.json of one folder")
-    out = paths[0].parent / "correct.json"
-    check_output_file(out, overwrite)
-    summary = merge_summaries(paths)
-    write_json(out, summary, sort_keys=True)
-    info(f"merged {len(paths)} shard summaries: {summary['images']} predictions; wrote {out}")
+    summary, out, count = merge_beside(
+        parts, "correct.json", "correct-K-of-N.json", merge_summaries, overwrite
+    )
+    info(f"merged {count} shard summaries: {summary['images']} predictions; wrote {out}")
     report_changes(summary["flow"], summary["class_names"], sum(summary["pixels_after"]))

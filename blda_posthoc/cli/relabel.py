@@ -10,7 +10,6 @@ import click
 
 from blda_posthoc.cli.common import (
     FiniteFloatRange,
-    check_output_file,
     cityscapes_ids_option,
     color_option,
     correction_options,
@@ -19,6 +18,7 @@ from blda_posthoc.cli.common import (
     info,
     label_suffix_option,
     labels_dir_option,
+    merge_beside,
     overwrite_option,
     progress,
     report_changes,
@@ -42,7 +42,6 @@ from blda_posthoc.io.relabel import (
     read_counts,
     relabel_store,
 )
-from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 PORTION_TOLERANCE = 0.005
@@ -169,7 +168,7 @@ def command(
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
         label_files = every_label(store, labels_dir, label_suffix) if labels_dir else None
-        every_name = {name: math.prod(store.size(name)) for name in store.names}
+        every_name = list(store.names)
         store.select_shard(run_shard)
         ready = load_correction(correction, store.class_names, dev)
         settings = RelabelSettings(
@@ -212,7 +211,8 @@ def command(
             return
         counts = None
         if keep_portion is not None and run_shard is not None:
-            counts = read_counts(out_dir, run_shard[1], run, every_name, store.num_classes)
+            pixels = {name: math.prod(store.size(name)) for name in every_name}
+            counts = read_counts(out_dir, run_shard[1], run, pixels, store.num_classes)
         with output_folder(
             out_dir,
             run_shard,
@@ -241,15 +241,8 @@ def command(
 
 def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     """``relabel --merge PARTS``: the shards' manifests added up into ``manifest.json``."""
-    paths = expand_store_paths(parts)
-    folders = {p.resolve().parent for p in paths}
-    if len(folders) > 1:
-        raise click.UsageError("--merge: give the manifests of one folder")
-    out = paths[0].parent / MANIFEST
-    check_output_file(out, overwrite)
-    manifest = merge_manifests(paths)
-    write_json(out, manifest, sort_keys=True)
-    report(manifest, out, merged=len(paths))
+    manifest, out, count = merge_beside(parts, MANIFEST, "manifests", merge_manifests, overwrite)
+    report(manifest, out, merged=count)
 
 
 def report(manifest: dict[str, Any], manifest_path: Path, *, merged: int = 0) -> None:
