@@ -315,15 +315,15 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
     parts = read_parts(paths, SUMMARY_FORMAT)
     first_path, first = parts[0]
     merged = {k: v for k, v in first.items() if k not in (*ADDED_UP, "shard", "partial")}
+    c = len(first.get("class_names") or [])
+    shapes = {"images": (), "changed_pixels": (), "pixels_before": (c,)}
+    shapes.update({"pixels_after": (c,), "flow": (c, c)})
     totals: dict[str, np.ndarray] = {}
     for path, data in parts:
         if any(data.get(k) != first.get(k) for k in ("class_names", "settings", "version")):
             raise InputError(
                 f"{path}: not of the same run as {first_path} (other classes or settings)"
             )
-        c = len(first.get("class_names") or [])
-        shapes = {"images": (), "changed_pixels": (), "pixels_before": (c,)}
-        shapes.update({"pixels_after": (c,), "flow": (c, c)})
         for key in ADDED_UP:
             value = count_array(data.get(key), shapes[key], path, key)
             totals[key] = totals[key] + value if key in totals else value
