@@ -207,18 +207,19 @@ def channel_argmax(
     if logits.device.type != "cpu" or logits.dim() < 2 or logits.shape[0] < 2:
         return (logits if affine is None else calibrated()).argmax(0)
 
-    def plane(channel: int, out: torch.Tensor) -> torch.Tensor:
-        if affine is None:
-            return logits[channel]
-        out.copy_(logits[channel]).mul_(affine[0][channel].float())
-        return out.add_(affine[1][channel].float())
+    work = None if affine is None else torch.empty(logits.shape[1:], dtype=torch.float32)
 
-    best = plane(0, torch.empty(logits.shape[1:], dtype=torch.float32)).clone()
-    work = torch.empty(best.shape, dtype=torch.float32)
+    def plane(channel: int) -> torch.Tensor:
+        if affine is None or work is None:
+            return logits[channel]
+        work.copy_(logits[channel]).mul_(affine[0][channel].float())
+        return work.add_(affine[1][channel].float())
+
+    best = plane(0).clone()
     index = torch.zeros(best.shape, dtype=torch.int64)
     larger = torch.empty(best.shape, dtype=torch.bool)
     for channel in range(1, logits.shape[0]):
-        values = plane(channel, work)
+        values = plane(channel)
         torch.gt(values, best, out=larger)
         index.masked_fill_(larger, channel)
         torch.maximum(best, values, out=best)
