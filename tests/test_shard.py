@@ -314,6 +314,13 @@ def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path,
         assert merged.exit_code == 0, merged.output
         assert json.loads((tmp_path / f"all{n}.json").read_text()) == expected
         assert "selected: --method" in merged.output
+    damaged = json.loads(parts[0].read_text())  # a negative count is refused, not added up
+    damaged["partial"]["rows"][0]["held"][0][0] = -1
+    broken = tmp_path / "broken" / parts[0].name
+    broken.parent.mkdir()
+    broken.write_text(json.dumps(damaged))
+    refused = invoke("compare", "--merge", broken, *parts[1:], "--json", tmp_path / "b.json")
+    assert_error(refused, "damaged partial block (row 0 held holds a negative count)")
     copy = tmp_path / "copy.json"
     copy.write_bytes(parts[0].read_bytes())
     dup = invoke("compare", "--merge", *parts, copy, "--json", tmp_path / "d.json")

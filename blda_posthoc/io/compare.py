@@ -35,7 +35,7 @@ from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source
-from blda_posthoc.io.report import read_parts, round_or_none
+from blda_posthoc.io.report import count_array, read_parts, round_or_none
 from blda_posthoc.io.store import LogitStore
 
 FORMAT = "blda-compare"
@@ -306,8 +306,10 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
             if len(part_rows) != len(rows or part_rows):
                 raise ValueError("another row count")
             for i, entry in enumerate(part_rows):
-                held = _matrix(entry["held"], c)
-                select = None if entry["select"] is None else _matrix(entry["select"], c)
+                held = _matrix(entry["held"], c, path, f"row {i} held")
+                select = entry["select"]
+                if select is not None:
+                    select = _matrix(select, c, path, f"row {i} select")
                 if len(rows) <= i:
                     # The corrector is not needed to report: Plain stands in for it.
                     rows.append(Row(entry["method"], entry["tau"], PLAIN, entry["auto"]))
@@ -344,13 +346,10 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
     )
 
 
-def _matrix(values: Any, num_classes: int) -> ConfusionMatrix:
-    """A confusion matrix from its raw ``(C, C + 1)`` counts, checked."""
-    matrix = np.asarray(values, dtype=np.int64)
-    if matrix.shape != (num_classes, num_classes + 1) or (matrix < 0).any():
-        raise ValueError(f"a confusion matrix of shape {matrix.shape} for {num_classes} classes")
+def _matrix(values: Any, num_classes: int, path: Path, key: str) -> ConfusionMatrix:
+    """A confusion matrix from a shard's raw ``(C, C + 1)`` counts, checked."""
     cm = ConfusionMatrix(num_classes)
-    cm.matrix = matrix
+    cm.matrix = count_array(values, (num_classes, num_classes + 1), path, key)
     return cm
 
 
