@@ -56,13 +56,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core.align import DEFAULT_CLAMP
 from blda_posthoc.core.classes import IGNORE_INDEX
-from blda_posthoc.core.correct import DEFAULT_CLAMP, correct_image, resize_logits
+from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
 from blda_posthoc.core.fit import ESTIMATORS, LogitStats, channel_argmax
-from blda_posthoc.io.corrections import Correction, CorrectionSpec, Statistics, load_correction
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.fit_stats import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.stats import read_stats, write_stats
+from blda_posthoc.pipelines.corrections import (
+    Correction,
+    CorrectionSpec,
+    Statistics,
+    load_correction,
+)
+from blda_posthoc.pipelines.fit_stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_PIXELS,
     LABEL_SOURCES,
@@ -71,7 +78,6 @@ from blda_posthoc.io.fit_stats import (
     check_ranges,
     fit_images,
 )
-from blda_posthoc.io.stats import read_stats, write_stats
 
 __all__ = [
     "Correction",

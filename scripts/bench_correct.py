@@ -22,7 +22,9 @@ import time
 import numpy as np
 import torch
 
-from blda_posthoc.core.correct import build_maps, correct_image, hist_cdf
+from blda_posthoc.core.align import build_maps
+from blda_posthoc.core.correct import correct_image
+from blda_posthoc.core.distributions import hist_cdf
 from blda_posthoc.core.fit import Grid, LogitHistogram, make_stats
 from blda_posthoc.core.methods import Aligned, Plain
 

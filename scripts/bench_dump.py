@@ -13,7 +13,8 @@ logits at 1/4 resolution as with most segmenters (a SegFormer-B5/DAFormer-class 
 several times more). It then times, each in a fresh subprocess so that memory is per phase:
 
 - ``bare``: read each image, normalise, forward, fetch the output (no store, no resize);
-- ``dump``: :func:`blda_posthoc.io.dump.dump_logits`, what ``blda dump-logits`` runs: decoding in
+- ``dump``: :func:`blda_posthoc.pipelines.dump_logits.dump_logits`, what ``blda dump-logits``
+  runs: decoding in
   worker processes, forward, logits kept at the model's resolution (``--logits-scale native``,
   the default; ``--logits-scale 1`` resizes them to full resolution), float16, chunks compressed by
   encoder threads and written by a writer thread;
@@ -43,9 +44,9 @@ from PIL import Image
 from torch import nn
 
 from blda_posthoc.core.infer import Preprocess, normalize
-from blda_posthoc.io.dump import DumpOptions, collect_items, dump_logits
 from blda_posthoc.io.images import read_rgb
 from blda_posthoc.io.models import load_model
+from blda_posthoc.pipelines.dump_logits import DumpOptions, collect_items, dump_logits
 
 PHASES = ("bare", "dump", "dump-serial")
 

@@ -9,7 +9,7 @@ Usage::
 The script writes a float16 gzip store of synthetic logits (smooth class maps plus noise, about
 as compressible as real logits) with label maps, then measures in the same run:
 
-- ``in-process``: :func:`blda_posthoc.io.fit_stats.fit_store` on the open store, what
+- ``in-process``: :func:`blda_posthoc.pipelines.fit_stats.fit_store` on the open store, what
   ``blda fit-stats`` runs after start-up; reported as logit values binned per second (``C x H x W``
   per image at the image size) and CPU seconds;
 - ``fit-stats``: the whole ``blda fit-stats STORE --out ...`` in a fresh process (start-up, reading,
@@ -42,13 +42,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from blda_posthoc.io.fit_stats import (  # noqa: E402
+from blda_posthoc.io.store import LogitStore, StoreWriter  # noqa: E402
+from blda_posthoc.pipelines.fit_stats import (  # noqa: E402
     FitOptions,
     calibration_sample,
     fit_calibrations,
     fit_store,
 )
-from blda_posthoc.io.store import LogitStore, StoreWriter  # noqa: E402
 
 READ_ONLY = """
 import sys, torch, h5py

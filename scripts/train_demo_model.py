@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blda_posthoc.core.synthesize import DEFAULT_SIZE, DEMO_CLASSES, render_indexed
 from blda_posthoc.demo.cases import load_network, save_network
 from blda_posthoc.demo.net import WEIGHTS
+from blda_posthoc.demo.synthesize import DEFAULT_SIZE, DEMO_CLASSES, render_indexed
 from blda_posthoc.demo.train import (
     SelfTraining,
     SourceTraining,

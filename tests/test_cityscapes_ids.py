@@ -251,8 +251,8 @@ def test_the_table_in_the_formats_doc_is_the_mapping():
 
 
 def test_the_rename_hint_is_given_only_to_nineteen_classes():
-    from blda_posthoc.io.correct import check_cityscapes_ids
-    from blda_posthoc.io.errors import InputError
+    from blda_posthoc.errors import InputError
+    from blda_posthoc.pipelines.correct import check_cityscapes_ids
 
     with pytest.raises(InputError, match="rename-classes cityscapes") as nineteen:
         check_cityscapes_ids([f"c{i}" for i in range(19)], "s.h5")

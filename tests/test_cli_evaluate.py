@@ -288,11 +288,12 @@ def test_store_labels_from_folder(tmp_path: Path, npy_case: tuple[Path, Path]) -
 
 
 def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None:
-    from blda_posthoc.core.correct import build_maps, correct_image
+    from blda_posthoc.core.align import build_maps
+    from blda_posthoc.core.correct import correct_image
     from blda_posthoc.core.methods import Aligned
-    from blda_posthoc.io.fit_stats import FitOptions, fit_store
     from blda_posthoc.io.stats import read_stats, write_stats
     from blda_posthoc.io.store import LogitStore
+    from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 
     logits_dir, labels_dir = npy_case
     store, stats = tmp_path / "s.h5", tmp_path / "stats.h5"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from blda_posthoc.cli import COMMANDS, main
 from blda_posthoc.cli.common import resolve_device
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 
 # Commands that read logit stores take them as the positional STORES.
 READS_STORES = {"fit-stats", "diagnose", "correct", "relabel", "evaluate", "compare"}
@@ -61,10 +61,7 @@ OTHER_TYPE = {
 
 
 def _commands() -> dict[str, click.Command]:
-    return {
-        name: importlib.import_module(f"blda_posthoc.cli.{module}").command
-        for name, module in COMMANDS.items()
-    }
+    return {name: importlib.import_module(module).command for name, module in COMMANDS.items()}
 
 
 def _type_signature(param: click.Parameter) -> str:

@@ -9,12 +9,8 @@ from reference_blda import (
     reference_scores_raw,
 )
 
-from blda_posthoc.core.correct import (
-    build_maps,
-    correct_image,
-    corrected_log_scores,
-    resize_logits,
-)
+from blda_posthoc.core.align import build_maps, corrected_log_scores
+from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.fit import Grid, LogitHistogram, LogitStats, make_stats
 from blda_posthoc.core.methods import Aligned
 

@@ -18,9 +18,9 @@ from blda_posthoc.core.diagnose import (
     positive_dominance,
     spearman,
 )
-from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.stats import write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
+from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 
 C = 5
 NAMES = ["road", "wall", "pole", "sky", "car"]

@@ -15,16 +15,16 @@ from tiny_models import Pointwise, TinyNet, save_scripted
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.infer import Preprocess, normalize, select_output
-from blda_posthoc.io.dump import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.models import load_model
+from blda_posthoc.io.store import LogitStore, StoreWriter, encode_logits, expand_store_paths
+from blda_posthoc.pipelines.dump_logits import (
     DumpOptions,
     collect_items,
     dump_logits,
     shard_path,
     torchrun_shard,
 )
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.models import load_model
-from blda_posthoc.io.store import LogitStore, StoreWriter, encode_logits, expand_store_paths
 
 TESTS = Path(__file__).parent
 RAW = ["--mean", "0,0,0", "--std", "1,1,1"]

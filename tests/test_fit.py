@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from blda_posthoc.core.correct import hist_cdf, hist_quantile, mixture_cdf
+from blda_posthoc.core.distributions import hist_cdf, hist_quantile, mixture_cdf
 from blda_posthoc.core.fit import (
     Grid,
     LogitHistogram,

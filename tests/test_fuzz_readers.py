@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.fit_stats import FitOptions, fit_store
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, read_rgb
-from blda_posthoc.io.import_logits import _load as read_npy
-from blda_posthoc.io.info import describe_file
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
+from blda_posthoc.pipelines.import_logits import _load as read_npy
+from blda_posthoc.pipelines.info import describe_file
 
 EXAMPLES = int(os.environ.get("BLDA_FUZZ_EXAMPLES", "60"))
 """Examples per test; CI runs the fixed default, a deeper local run sets a larger number."""

@@ -15,7 +15,7 @@ from PIL import Image
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.classes import CITYSCAPES_CLASSES
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, suffix_hint, suggest_suffix
 from blda_posthoc.io.names import read_class_names
 from blda_posthoc.io.stats import read_stats
@@ -361,7 +361,7 @@ def test_rename_classes_refuses_another_count_and_leaves_the_file(tmp_path, file
 
 
 def test_rename_classes_failure_leaves_the_original(tmp_path, files, monkeypatch) -> None:
-    import blda_posthoc.io.info as info_module
+    import blda_posthoc.pipelines.info as info_module
 
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")

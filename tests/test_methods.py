@@ -11,11 +11,12 @@ from click.testing import CliRunner
 from conftest import fitted_case
 
 from blda_posthoc.cli import main
-from blda_posthoc.core.correct import build_maps, correct_image, corrected_log_scores
+from blda_posthoc.core.align import build_maps, corrected_log_scores
+from blda_posthoc.core.correct import correct_image
 from blda_posthoc.core.methods import DEFAULT_TAUS, METHODS, Aligned, Plain
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction, read_statistics
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction, read_statistics
 
 
 def run(*args, ok: bool = True):

@@ -16,9 +16,9 @@ import pytest
 import torch
 from h5py import h5d, h5p, h5s, h5t
 
+from blda_posthoc.errors import InputError
 from blda_posthoc.io import chunks
 from blda_posthoc.io.chunks import ChunkError, decodable_chunks, inflate, read_chunked
-from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.store import LogitStore, StoreWriter, encode_logits
 
 

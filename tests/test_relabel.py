@@ -25,10 +25,10 @@ from blda_posthoc.core.relabel import (
     select,
     transitions,
 )
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.fit_stats import FitOptions, fit_store
 from blda_posthoc.io.stats import write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 
 C = 5
 NAMES = ["road", "wall", "pole", "sky", "car"]

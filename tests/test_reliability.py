@@ -27,12 +27,12 @@ from conftest import write_case
 from PIL import Image
 from tiny_models import TinyNet, save_scripted
 
+from blda_posthoc import outputs
 from blda_posthoc.cli import main
-from blda_posthoc.io import outputs
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
-from blda_posthoc.io.outputs import Claim, OutputFolder, check_name, path_inside
 from blda_posthoc.io.store import LogitStore, StoreWriter
+from blda_posthoc.outputs import Claim, OutputFolder, check_name, path_inside
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -355,7 +355,7 @@ def test_second_writer_stops_before_touching_the_first_ones_store(
 
 def test_a_killed_holder_releases_its_claim(tmp_path: Path) -> None:
     out = tmp_path / "o.h5"
-    code = "import sys,time; from blda_posthoc.io.outputs import Claim; c = Claim(sys.argv[1]);"
+    code = "import sys,time; from blda_posthoc.outputs import Claim; c = Claim(sys.argv[1]);"
     code += " print('held', flush=True); time.sleep(60)"
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], env=sub_env(), stdout=subprocess.PIPE, text=True
@@ -688,7 +688,7 @@ def test_a_failing_hdf5_write_never_crashes_the_process(
     tmp_path: Path, case: tuple[Path, Path]
 ) -> None:
     code = (
-        "import sys; import blda_posthoc.io.outputs as o; o.reserve = lambda *a: None\n"
+        "import sys; import blda_posthoc.outputs as o; o.reserve = lambda *a: None\n"
         "from blda_posthoc.cli import main; main(sys.argv[1:])"
     )
     out = tmp_path / "o.h5"
@@ -811,7 +811,7 @@ class FailAfter:
 def test_failed_correct_overwrite_keeps_the_old_folder_whole_then_resumes(
     tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from blda_posthoc.io import correct as correct_module
+    from blda_posthoc.pipelines import correct as correct_module
 
     old = folder_bytes(corrected["out"])
     args = ["correct", corrected["store"], "--stats", corrected["stats"], "--color"]
@@ -835,7 +835,7 @@ def test_failed_correct_overwrite_keeps_the_old_folder_whole_then_resumes(
 def test_ctrl_c_in_correct_exits_130_and_resume_completes(
     tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from blda_posthoc.io import correct as correct_module
+    from blda_posthoc.pipelines import correct as correct_module
 
     out = tmp_path / "ctrl"
     args = ["correct", corrected["store"], "--stats", corrected["stats"], "--tau", "0.5"]
@@ -853,7 +853,7 @@ def test_ctrl_c_in_correct_exits_130_and_resume_completes(
 def test_resume_cannot_be_led_outside_the_folder(
     tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from blda_posthoc.io import correct as correct_module
+    from blda_posthoc.pipelines import correct as correct_module
 
     out = tmp_path / "esc"
     args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
@@ -909,7 +909,7 @@ def test_outputs_may_not_be_inputs(tmp_path: Path, corrected: dict[str, Path]) -
 
 def test_a_second_fit_stats_on_the_same_output_stops(tmp_path: Path, store: Path) -> None:
     out = tmp_path / "busy.h5"
-    code = "import sys,time; from blda_posthoc.io.outputs import Claim; c = Claim(sys.argv[1]);"
+    code = "import sys,time; from blda_posthoc.outputs import Claim; c = Claim(sys.argv[1]);"
     code += " print('held', flush=True); time.sleep(60)"
     holder = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], env=sub_env(), stdout=subprocess.PIPE, text=True

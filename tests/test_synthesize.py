@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from blda_posthoc.core.synthesize import (
+from blda_posthoc.demo.data import write_benchmark
+from blda_posthoc.demo.net import MEAN, STD, WEIGHTS, build, normalise
+from blda_posthoc.demo.synthesize import (
     CAR,
     DEMO_CLASSES,
     DOMAINS,
@@ -20,8 +22,6 @@ from blda_posthoc.core.synthesize import (
     render_indexed,
     render_scene,
 )
-from blda_posthoc.demo.data import write_benchmark
-from blda_posthoc.demo.net import MEAN, STD, WEIGHTS, build, normalise
 from blda_posthoc.io.images import find_files, read_label, read_rgb
 
 SIZE = (64, 128)

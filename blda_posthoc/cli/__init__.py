@@ -16,17 +16,19 @@ from blda_posthoc import __version__
 # several times slower when other processes keep the cores busy; sleeping costs little otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Command name -> the module whose ``command`` it runs. ``demo`` lives on the floor above the CLI
+# (it runs the other commands), so the CLI names it here and never imports it itself.
 COMMANDS = {
-    "dump-logits": "dump_logits",
-    "import-logits": "import_logits",
-    "fit-stats": "fit_stats",
-    "diagnose": "diagnose",
-    "correct": "correct",
-    "relabel": "relabel",
-    "evaluate": "evaluate",
-    "compare": "compare",
-    "info": "info",
-    "demo": "demo",
+    "dump-logits": "blda_posthoc.cli.dump_logits",
+    "import-logits": "blda_posthoc.cli.import_logits",
+    "fit-stats": "blda_posthoc.cli.fit_stats",
+    "diagnose": "blda_posthoc.cli.diagnose",
+    "correct": "blda_posthoc.cli.correct",
+    "relabel": "blda_posthoc.cli.relabel",
+    "evaluate": "blda_posthoc.cli.evaluate",
+    "compare": "blda_posthoc.cli.compare",
+    "info": "blda_posthoc.cli.info",
+    "demo": "blda_posthoc.demo.command",
 }
 
 
@@ -59,9 +61,9 @@ class LazyGroup(click.Group):
 
     def _module(self, name: str) -> object | None:
         try:
-            return importlib.import_module(f"blda_posthoc.cli.{COMMANDS[name]}")
+            return importlib.import_module(COMMANDS[name])
         except ModuleNotFoundError as exc:
-            if exc.name == f"blda_posthoc.cli.{COMMANDS[name]}":
+            if exc.name == COMMANDS[name]:
                 return None
             raise
 
@@ -74,7 +76,7 @@ class LazyGroup(click.Group):
 
 
 def _source(name: str) -> Path | None:
-    spec = importlib.util.find_spec(f"blda_posthoc.cli.{COMMANDS[name]}")
+    spec = importlib.util.find_spec(COMMANDS[name])
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 

@@ -16,16 +16,16 @@ import click
 import numpy as np
 import torch
 
-from blda_posthoc.core.correct import DEFAULT_CLAMP
+from blda_posthoc.core.align import DEFAULT_CLAMP
 from blda_posthoc.core.methods import METHODS, has_strength
-from blda_posthoc.io.console import info, progress, warn
-from blda_posthoc.io.corrections import Correction, CorrectionSpec
-from blda_posthoc.io.dump import torchrun_shard
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.jsonfiles import write_json
 from blda_posthoc.io.names import read_class_names
-from blda_posthoc.io.outputs import abandoned, check_not_input, disk_error
-from blda_posthoc.io.report import write_json
 from blda_posthoc.io.store import expand_store_paths
+from blda_posthoc.outputs import abandoned, check_not_input, disk_error
+from blda_posthoc.pipelines.console import info, progress, warn
+from blda_posthoc.pipelines.corrections import Correction, CorrectionSpec
+from blda_posthoc.pipelines.dump_logits import torchrun_shard
 
 __all__ = ["info", "progress", "warn"]
 

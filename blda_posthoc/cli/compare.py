@@ -24,7 +24,9 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.methods import METHODS
-from blda_posthoc.io.compare import (
+from blda_posthoc.io.jsonfiles import write_json
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.pipelines.compare import (
     DEFAULT_TAU_GRID,
     Comparison,
     build_report,
@@ -38,11 +40,10 @@ from blda_posthoc.io.compare import (
     partial_block,
     plot_compare,
 )
-from blda_posthoc.io.corrections import CorrectionSpec, read_statistics
-from blda_posthoc.io.dump import shard_path
-from blda_posthoc.io.evaluate import shard_pairs, store_labels
-from blda_posthoc.io.report import require_matplotlib, write_json
-from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.pipelines.corrections import CorrectionSpec, read_statistics
+from blda_posthoc.pipelines.dump_logits import shard_path
+from blda_posthoc.pipelines.evaluate import shard_pairs, store_labels
+from blda_posthoc.report.plots import require_matplotlib
 
 
 def parse_select_on(text: str | None) -> float | None:

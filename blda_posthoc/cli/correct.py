@@ -23,12 +23,17 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     shard_option,
 )
-from blda_posthoc.io.correct import SUMMARY_FORMAT, check_extras, correct_store, merge_summaries
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.dump import shard_path
-from blda_posthoc.io.outputs import check_not_input, output_folder, shard_suffix
-from blda_posthoc.io.report import write_json
+from blda_posthoc.io.jsonfiles import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.outputs import check_not_input, output_folder, shard_suffix
+from blda_posthoc.pipelines.correct import (
+    SUMMARY_FORMAT,
+    check_extras,
+    correct_store,
+    merge_summaries,
+)
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.dump_logits import shard_path
 
 
 @click.command("correct")

@@ -22,7 +22,11 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.diagnose import diagnose
-from blda_posthoc.io.diagnose import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.jsonfiles import write_json
+from blda_posthoc.io.stats import read_stats
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.pipelines.diagnose import (
     count_predictions,
     estimated_priors,
     format_table,
@@ -32,12 +36,9 @@ from blda_posthoc.io.diagnose import (
     plot_scores,
     report_dict,
 )
-from blda_posthoc.io.dump import shard_path
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import every_label
-from blda_posthoc.io.report import require_matplotlib, write_json
-from blda_posthoc.io.stats import read_stats
-from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.pipelines.dump_logits import shard_path
+from blda_posthoc.pipelines.evaluate import every_label
+from blda_posthoc.report.plots import require_matplotlib
 
 
 @click.command("diagnose")

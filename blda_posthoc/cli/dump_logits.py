@@ -30,7 +30,10 @@ from blda_posthoc.core.infer import (
     OutputKey,
     Preprocess,
 )
-from blda_posthoc.io.dump import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.models import load_model, model_identity
+from blda_posthoc.io.store import MAX_SIDE
+from blda_posthoc.pipelines.dump_logits import (
     DumpOptions,
     check_output,
     collect_items,
@@ -38,9 +41,6 @@ from blda_posthoc.io.dump import (
     shard_path,
     torchrun_device,
 )
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.models import load_model, model_identity
-from blda_posthoc.io.store import MAX_SIDE
 
 
 class _Floats3(click.ParamType):

@@ -30,10 +30,13 @@ from blda_posthoc.cli.common import (
 from blda_posthoc.core.evaluate import (
     summarize,
 )
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.dump import shard_path
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.jsonfiles import write_json
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.outputs import write_text
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.dump_logits import shard_path
+from blda_posthoc.pipelines.evaluate import (
     evaluate_pred_dir,
     evaluate_store,
     merge_partials,
@@ -42,18 +45,8 @@ from blda_posthoc.io.evaluate import (
     shard_pairs,
     store_labels,
 )
-from blda_posthoc.io.report import (
-    Result,
-    build_report,
-    format_markdown,
-    format_table,
-    plot_confusion,
-    plot_iou,
-    require_matplotlib,
-    write_json,
-    write_text,
-)
-from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.report.plots import plot_confusion, plot_iou, require_matplotlib
+from blda_posthoc.report.tables import Result, build_report, format_markdown, format_table
 
 
 def check_usage(

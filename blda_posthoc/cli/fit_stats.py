@@ -19,17 +19,17 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.fit import ESTIMATORS, LogitStats
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.fit_stats import (
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.stats import read_stats, write_stats
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.outputs import Claim, check_not_input
+from blda_posthoc.pipelines.fit_stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_PIXELS,
     LABEL_SOURCES,
     FitOptions,
     fit_store,
 )
-from blda_posthoc.io.outputs import Claim, check_not_input
-from blda_posthoc.io.stats import read_stats, write_stats
-from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 
 @click.command("fit-stats")

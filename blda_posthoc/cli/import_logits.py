@@ -17,9 +17,9 @@ from blda_posthoc.cli.common import (
     parse_class_names,
     progress,
 )
-from blda_posthoc.io.import_logits import import_npy_folder
 from blda_posthoc.io.names import unnamed_classes_note
 from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.import_logits import import_npy_folder
 
 
 @click.command("import-logits")

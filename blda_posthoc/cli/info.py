@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import handle_errors, info
-from blda_posthoc.io.info import describe_files, format_description, rename_classes
 from blda_posthoc.io.names import read_class_names
+from blda_posthoc.pipelines.info import describe_files, format_description, rename_classes
 
 
 @click.command("info")

@@ -29,11 +29,12 @@ from blda_posthoc.cli.common import (
     torchrun_shard,
     warn,
 )
-from blda_posthoc.io.correct import check_extras
-from blda_posthoc.io.corrections import CorrectionSpec, load_correction
-from blda_posthoc.io.evaluate import every_label
-from blda_posthoc.io.outputs import output_folder
-from blda_posthoc.io.relabel import (
+from blda_posthoc.io.store import LogitStore, expand_store_paths
+from blda_posthoc.outputs import output_folder
+from blda_posthoc.pipelines.correct import check_extras
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.evaluate import every_label
+from blda_posthoc.pipelines.relabel import (
     MANIFEST,
     RelabelSettings,
     count_shard,
@@ -42,7 +43,6 @@ from blda_posthoc.io.relabel import (
     read_counts,
     relabel_store,
 )
-from blda_posthoc.io.store import LogitStore, expand_store_paths
 
 PORTION_TOLERANCE = 0.005
 """Warn when a class's kept fraction misses --keep-portion by more than this (ties)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blda_posthoc.core.correct import hist_quantile
+from blda_posthoc.core.distributions import hist_quantile
 from blda_posthoc.core.evaluate import summarize
 from blda_posthoc.core.fit import LogitStats
 

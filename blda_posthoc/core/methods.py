@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from blda_posthoc.core.correct import AlignmentMaps, corrected_log_scores
+from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores
 
 METHODS = (
     "none",

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from blda_posthoc.core.synthesize import DEFAULT_SIZE, DEMO_CLASSES, render_indexed
 from blda_posthoc.demo.data import scene_name
 from blda_posthoc.demo.net import DemoSegNet
 from blda_posthoc.demo.run import Runner
+from blda_posthoc.demo.synthesize import DEFAULT_SIZE, DEMO_CLASSES, render_indexed
 from blda_posthoc.demo.train import SelfTraining, SourceTraining, self_train, train_source
 from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb, write_png
 from blda_posthoc.io.stats import VERSION as stats_version

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from blda_posthoc.core.synthesize import DEFAULT_SIZE, DOMAINS, render_indexed
+from blda_posthoc.demo.synthesize import DEFAULT_SIZE, DOMAINS, render_indexed
 from blda_posthoc.io.images import write_png
 
 DEFAULT_SEED = 0

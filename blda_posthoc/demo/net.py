@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blda_posthoc.core.synthesize import DEMO_CLASSES
+from blda_posthoc.demo.synthesize import DEMO_CLASSES
 
 MEAN = (123.675, 116.28, 103.53)
 """Per-channel mean of the input normalisation, in 0..255 pixel units (ImageNet)."""

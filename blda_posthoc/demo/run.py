@@ -30,21 +30,21 @@ import click
 import numpy as np
 
 from blda_posthoc.core.classes import colorize, palette_for
-from blda_posthoc.core.synthesize import DEMO_CLASSES, DOMAINS
 from blda_posthoc.demo.data import DEFAULT_COUNT, DEFAULT_SEED, scene_name, write_domain
-from blda_posthoc.io.console import info
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.demo.synthesize import DEMO_CLASSES, DOMAINS
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, read_rgb
-from blda_posthoc.io.report import (
+from blda_posthoc.outputs import write_text
+from blda_posthoc.pipelines.console import info
+from blda_posthoc.report.plots import (
     CHANGE_COLORS,
     Panel,
     change_map,
-    fmt_or_dash,
     overlay,
     plot_iou_series,
     plot_panels,
-    write_text,
 )
+from blda_posthoc.report.tables import fmt_or_dash
 
 TAU = 0.2
 COMPARE_TAUS = "0.2,0.5,1"

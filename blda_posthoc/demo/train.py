@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.classes import IGNORE_INDEX
-from blda_posthoc.core.synthesize import (
+from blda_posthoc.demo.net import DemoSegNet, normalise
+from blda_posthoc.demo.synthesize import (
     DEFAULT_SIZE,
     class_frequencies,
     gaussian_blur,
     render_indexed,
 )
-from blda_posthoc.demo.net import DemoSegNet, normalise
 
 Log = Callable[[str], None]
 """Receives one progress line (e.g. ``print``)."""

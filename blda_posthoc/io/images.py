@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.outputs import atomic_file, check_name
+from blda_posthoc.errors import InputError
+from blda_posthoc.outputs import atomic_file, check_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 

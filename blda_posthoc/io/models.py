@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from blda_posthoc.core.infer import Model
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.outputs import file_digest
+from blda_posthoc.errors import InputError
+from blda_posthoc.outputs import file_digest
 
 TORCHSCRIPT_EXTENSIONS = (".pt", ".pth", ".ts", ".jit")
 ONNX_EXTENSIONS = (".onnx",)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blda_posthoc.core.classes import PRESETS
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 
 MAX_CLASSES = 255
 """Class ids are uint8 trainIds and 255 is ignore."""

@@ -36,9 +36,9 @@ import numpy as np
 
 from blda_posthoc import __version__
 from blda_posthoc.core.fit import Grid, LogitStats, Mixture, PixelSample, StatsExtras
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.outputs import write_bytes
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.store import LOGIT_LIMIT, check_class_names, check_dataset, check_group
+from blda_posthoc.outputs import write_bytes
 
 FORMAT = "blda-stats"
 VERSION = 2
@@ -49,7 +49,7 @@ def write_stats(path: Path, stats: LogitStats, overwrite: bool = False) -> None:
     """Write statistics atomically, never leaving a half-written file under ``path``.
 
     The file is built in memory, then written to an exclusively created temporary file and
-    renamed (see :func:`blda_posthoc.io.outputs.write_bytes`), so a full disk is a clean error
+    renamed (see :func:`blda_posthoc.outputs.write_bytes`), so a full disk is a clean error
     and two runs writing the same path never mix their bytes.
 
     Args:

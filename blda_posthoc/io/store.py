@@ -18,7 +18,7 @@ closes without error, so a killed run leaves either the old file or a resumable 
 Several stores (shards) read together through :class:`LogitStore` behave as one dataset.
 
 Limits that readers and writers enforce (a store breaking them is refused with an error naming
-it): image names follow :func:`blda_posthoc.io.outputs.check_name`; 1 to :data:`MAX_CLASSES`
+it): image names follow :func:`blda_posthoc.outputs.check_name`; 1 to :data:`MAX_CLASSES`
 classes; logits finite and within :data:`LOGIT_LIMITS` of the storage dtype; image sides up to
 :data:`MAX_SIDE` and at most :data:`MAX_VALUES` logits per image at its full size; no links to
 other files, no external storage, no virtual datasets.
@@ -43,12 +43,12 @@ import h5py
 import numpy as np
 import torch
 
-from blda_posthoc import __version__
+from blda_posthoc import __version__, outputs
 from blda_posthoc.core.correct import resize_logits
-from blda_posthoc.io import outputs
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.outputs import (
+from blda_posthoc.io.prefetch import prefetch
+from blda_posthoc.outputs import (
     Claim,
     canonical,
     check_name,
@@ -57,7 +57,6 @@ from blda_posthoc.io.outputs import (
     is_regular_file,
     kept_note,
 )
-from blda_posthoc.io.prefetch import prefetch
 
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 """Wraps an iteration over image names: ``progress(names, count)``."""
@@ -406,7 +405,7 @@ class StoreWriter:
         """Store one image.
 
         Args:
-            name: Image name (see :func:`blda_posthoc.io.outputs.check_name`).
+            name: Image name (see :func:`blda_posthoc.outputs.check_name`).
             logits: ``(C, h, w)`` logits (any float dtype; stored as the store's dtype, and
                 checked to be finite and within :data:`LOGIT_LIMIT` after that cast).
             label: ``(H, W)`` uint8 trainIds, or None.
@@ -472,7 +471,7 @@ class StoreWriter:
 
         HDF5 (2.0) can crash the process when a file whose write failed is flushed or closed;
         the command line ends such a process without closing it (see
-        :func:`blda_posthoc.io.outputs.abandoned`).
+        :func:`blda_posthoc.outputs.abandoned`).
         """
         self.broken = True
         outputs.abandon(self.file)

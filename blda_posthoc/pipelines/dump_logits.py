@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from blda_posthoc.core.classes import default_names
 from blda_posthoc.core.infer import Model, Preprocess, predict_logits
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import IMAGE_EXTENSIONS, find_files, read_label, read_rgb, suffix_hint
 from blda_posthoc.io.store import LOGIT_LIMITS, StoreWriter, encode_logits, partial_path
 

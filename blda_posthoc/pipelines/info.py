@@ -36,11 +36,11 @@ from typing import Any
 
 import h5py
 
+from blda_posthoc import outputs
 from blda_posthoc.core.fit import LogitStats
-from blda_posthoc.io import outputs
+from blda_posthoc.errors import InputError
 from blda_posthoc.io import stats as stats_io
 from blda_posthoc.io import store as store_io
-from blda_posthoc.io.errors import InputError
 from blda_posthoc.io.names import describe_names
 
 FORMAT = "blda-info"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
 from blda_posthoc.io.store import (
     MAX_CLASSES,

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"

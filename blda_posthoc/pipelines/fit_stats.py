@@ -34,7 +34,7 @@ from blda_posthoc.core.fit import (
 )
 from blda_posthoc.core.methods import Affine
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.store import LogitStore, Progress
 
 LABEL_SOURCES = ("gt", "pseudo")

@@ -28,15 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from blda_posthoc.core.correct import correct_image, lookup_tables
+from blda_posthoc.core.align import lookup_tables
+from blda_posthoc.core.correct import correct_image
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
 from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_strength
 from blda_posthoc.core.select import pick_best, split_names
-from blda_posthoc.io.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.evaluate import Pairs, add_pixels, iterate_store, label_source
-from blda_posthoc.io.report import count_array, read_parts, round_or_none
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
+from blda_posthoc.pipelines.evaluate import Pairs, add_pixels, iterate_store, label_source
+from blda_posthoc.report.tables import round_or_none
 
 FORMAT = "blda-compare"
 VERSION = 1
@@ -157,7 +159,7 @@ def compare_store(
 
     Args:
         store: The logits.
-        pairs: Images with labels (see :func:`blda_posthoc.io.evaluate.store_labels`).
+        pairs: Images with labels (see :func:`blda_posthoc.pipelines.evaluate.store_labels`).
         label_files: Label PNGs by name (empty: the store's own labels).
         rows: The rows (their matrices are reset here).
         split: ``(selection names, held-out names)`` from :func:`make_split`, or None.
@@ -402,7 +404,7 @@ def _signed(value: float | None) -> str:
 
 def plot_compare(path: Path, report: dict[str, Any]) -> None:
     """MIoU against tau per method, and the per-class IoU gain of the selected row."""
-    from blda_posthoc.io.report import require_matplotlib, save_figure
+    from blda_posthoc.report.plots import require_matplotlib, save_figure
 
     require_matplotlib()
     import matplotlib

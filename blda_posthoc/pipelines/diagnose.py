@@ -38,21 +38,16 @@ from blda_posthoc.core.diagnose import (
 from blda_posthoc.core.evaluate import ConfusionMatrix
 from blda_posthoc.core.fit import LogitStats
 from blda_posthoc.core.select import em_collapsed
-from blda_posthoc.io.console import info, progress
-from blda_posthoc.io.corrections import read_statistics, target_priors
-from blda_posthoc.io.errors import InputError
-from blda_posthoc.io.fit_stats import FitOptions, fit_store
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label
-from blda_posthoc.io.report import (
-    count_array,
-    fmt_or_dash,
-    read_parts,
-    require_matplotlib,
-    round_or_none,
-    save_figure,
-)
+from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.console import info, progress
+from blda_posthoc.pipelines.corrections import read_statistics, target_priors
+from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
+from blda_posthoc.report.plots import require_matplotlib, save_figure
+from blda_posthoc.report.tables import fmt_or_dash, round_or_none
 
 FORMAT = "blda-diagnose"
 VERSION = 1
@@ -71,7 +66,8 @@ def count_predictions(
     Args:
         store: The logits.
         label_files: The label PNG of every image (``--labels DIR``, see
-            :func:`blda_posthoc.io.evaluate.every_label`), used instead of the store's labels.
+            :func:`blda_posthoc.pipelines.evaluate.every_label`), used instead of the store's
+            labels.
         device: Where to compute.
         progress: Wraps the iteration over image names.
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blda_posthoc.core.correct import (
+from blda_posthoc.core.align import (
     DEFAULT_CLAMP,
     DEFAULT_MIN_PIXELS,
     AlignmentMaps,
@@ -36,7 +36,7 @@ from blda_posthoc.core.methods import (
 from blda_posthoc.core.priors import em_priors, logit_adjustment, prior_shift, smooth_counts
 from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
 from blda_posthoc.core.select import AUTO_GRID, auto_tau
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.stats import read_stats
 
 CBST_PORTION = 0.5

@@ -67,17 +67,11 @@ from blda_posthoc.core.relabel import (
     select,
     transitions,
 )
-from blda_posthoc.io.correct import (
-    check_cityscapes_ids,
-    check_outputs,
-    corrected_images,
-    output_paths,
-    write_label_map,
-)
-from blda_posthoc.io.corrections import Correction
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label
-from blda_posthoc.io.outputs import (
+from blda_posthoc.io.jsonfiles import count_array, read_parts, write_json
+from blda_posthoc.io.store import LogitStore, Record
+from blda_posthoc.outputs import (
     canonical,
     check_no_unsharded_run,
     check_not_input,
@@ -85,8 +79,15 @@ from blda_posthoc.io.outputs import (
     shard_suffix,
     write_bytes,
 )
-from blda_posthoc.io.report import count_array, read_parts, round_or_none, write_json
-from blda_posthoc.io.store import LogitStore, Record
+from blda_posthoc.pipelines.correct import (
+    check_cityscapes_ids,
+    check_outputs,
+    corrected_images,
+    output_paths,
+    write_label_map,
+)
+from blda_posthoc.pipelines.corrections import Correction
+from blda_posthoc.report.tables import round_or_none
 
 FORMAT = "blda-relabel"
 VERSION = 1
@@ -430,7 +431,8 @@ def relabel_store(
         counts: With ``keep_portion``, the histograms of all images (:func:`read_counts`);
             None counts them here (pass 1).
         label_files: The label PNG of every image (``--labels DIR``, see
-            :func:`blda_posthoc.io.evaluate.every_label`), scored instead of the store's labels.
+            :func:`blda_posthoc.pipelines.evaluate.every_label`), scored instead of the store's
+            labels.
 
     Returns:
         The manifest, with ``"images_written"`` added (not stored in the file).

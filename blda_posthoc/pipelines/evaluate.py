@@ -19,13 +19,14 @@ from blda_posthoc.core.evaluate import (
     summarize,
 )
 from blda_posthoc.core.methods import Plain
-from blda_posthoc.io.console import info, progress, warn
-from blda_posthoc.io.correct import EXTRA_OUTPUTS
-from blda_posthoc.io.corrections import Correction
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
-from blda_posthoc.io.report import Result, read_parts
+from blda_posthoc.io.jsonfiles import read_parts
 from blda_posthoc.io.store import LogitStore, shard_names
+from blda_posthoc.pipelines.console import info, progress, warn
+from blda_posthoc.pipelines.correct import EXTRA_OUTPUTS
+from blda_posthoc.pipelines.corrections import Correction
+from blda_posthoc.report.tables import Result
 
 PLAIN = Plain()
 ALL_IDS = IGNORE_INDEX

@@ -13,12 +13,12 @@ import torch
 
 from blda_posthoc.core.classes import cityscapes_label_ids, colorize, is_cityscapes, palette_for
 from blda_posthoc.core.correct import correct_image
-from blda_posthoc.io.corrections import Correction
-from blda_posthoc.io.errors import InputError
+from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
-from blda_posthoc.io.outputs import paths_inside
-from blda_posthoc.io.report import count_array, read_parts
+from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
+from blda_posthoc.outputs import paths_inside
+from blda_posthoc.pipelines.corrections import Correction
 
 COLOR_SUFFIX = "_color"
 """Colour previews are written beside the trainId files as ``NAME_color.png``."""
@@ -88,7 +88,7 @@ def output_paths(
 
     The extras are ``NAME_color.png`` with ``color`` and ``NAME_labelIds.png`` with
     ``cityscapes_ids``, in this order. Every path is checked to lie inside ``out_dir`` (see
-    :func:`blda_posthoc.io.outputs.paths_inside`), and no two images may write the same file.
+    :func:`blda_posthoc.outputs.paths_inside`), and no two images may write the same file.
     """
     names = list(names)
     options = extra_options(color, cityscapes_ids)
@@ -209,7 +209,7 @@ def correct_store(
         store: The logits.
         correction: The correction.
         out_dir: Output folder (names keep their sub-folders); the command line passes the
-            unfinished folder of a :class:`blda_posthoc.io.outputs.OutputFolder`.
+            unfinished folder of a :class:`blda_posthoc.outputs.OutputFolder`.
         color: Also write ``NAME_color.png`` palette previews.
         cityscapes_ids: Also write ``NAME_labelIds.png`` Cityscapes labelIds (the store's
             classes must be the 19 Cityscapes ones).
