@@ -10,8 +10,7 @@ from PIL import Image
 
 from blda_posthoc.cli import main
 from blda_posthoc.demo.run import prepare, write_marker
-from blda_posthoc.report.plots import change_map, overlay
-from blda_posthoc.report.plots import CHANGE_COLORS
+from blda_posthoc.report.plots import CHANGE_COLORS, change_map, overlay
 
 
 def test_demo_runs_every_step_and_writes_its_outputs(tmp_path):
