@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# As the blda command line does before torch starts its OpenMP threads (see its README note).
+# As the blda command line does before torch starts its OpenMP threads (docs/scaling.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402

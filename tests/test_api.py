@@ -19,7 +19,7 @@ from blda_posthoc.cli import main
 from blda_posthoc.core.fit import LogitStats
 
 CLASSES = ["class_0", "class_1", "class_2", "class_3"]
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
 def run(*args: object) -> None:
@@ -238,13 +238,12 @@ def test_module_example_runs():
     assert result.attempted > 5 and result.failed == 0
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # it writes tgt_stats.h5
-    text = README.read_text()
-    section = text[text.index("## Python API") : text.index("## Commands")]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+def test_docs_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it writes example_tgt_stats.h5
+    blocks = re.findall(r"```python\n(.*?)```", API_DOC.read_text(), re.S)
     assert len(blocks) == 1
+    assert 'tgt_stats.h5"' not in blocks[0].replace("example_tgt_stats.h5", "")
     scope: dict[str, object] = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102
+    exec(compile(blocks[0], "docs/api.md", "exec"), scope)  # noqa: S102
     assert scope["after"]["miou"] > scope["before"]["miou"]  # type: ignore[index]
-    assert api.read_stats(tmp_path / "tgt_stats.h5").settings["labels"] == "pseudo"
+    assert api.read_stats(tmp_path / "example_tgt_stats.h5").settings["labels"] == "pseudo"
