@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from blda_posthoc.cli.common import (
     check_output_file,
@@ -23,12 +24,17 @@ from blda_posthoc.cli.common import (
     statistics_options,
     warn,
 )
+from blda_posthoc.core.bootstrap import METRICS
 from blda_posthoc.core.methods import METHODS
 from blda_posthoc.io.jsonfiles import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.pipelines.compare import (
+    BOOTSTRAP_MEMORY,
+    DEFAULT_BOOTSTRAP,
     DEFAULT_TAU_GRID,
     Comparison,
+    Rule,
+    bootstrap_bytes,
     build_report,
     build_rows,
     check_methods,
@@ -39,11 +45,15 @@ from blda_posthoc.pipelines.compare import (
     parse_grid,
     partial_block,
     plot_compare,
+    summary_lines,
 )
 from blda_posthoc.pipelines.corrections import CorrectionSpec, read_statistics
 from blda_posthoc.pipelines.dump_logits import shard_path
 from blda_posthoc.pipelines.evaluate import shard_pairs, store_labels
 from blda_posthoc.report.plots import require_matplotlib
+
+MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
+"""Options a merge takes from the shards' settings (given to --merge they are refused)."""
 
 
 def parse_select_on(text: str | None) -> float | None:
@@ -88,7 +98,36 @@ def parse_select_on(text: str | None) -> float | None:
     "on the other images: an honest estimate of what the choice gains.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the --select-on draw."
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the --select-on draw and of the bootstrap resampling.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="miou",
+    show_default=True,
+    help="What the selection maximises; every gain and interval is in it.",
+)
+@click.option(
+    "--max-class-loss",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="POINTS",
+    help="Leave out of the selection every row that lowers some class's IoU by more than "
+    "POINTS against none (on the selection images, or all images without --select-on). "
+    "Default: off.",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=DEFAULT_BOOTSTRAP,
+    show_default=True,
+    metavar="N",
+    help="Resamples of the 95% paired bootstrap interval (over images) of every row's gain "
+    "over none; 0 turns it off.",
 )
 @click.option(
     "--json",
@@ -125,6 +164,9 @@ def command(
     label_suffix: str,
     select_on: str | None,
     seed: int,
+    metric: str,
+    max_class_loss: float | None,
+    bootstrap: int,
     json_path: Path,
     plot_path: Path | None,
     shard: tuple[int, int] | None,
@@ -141,6 +183,10 @@ def command(
     (the --select-on split is drawn over all images first) and writes JSON-K-of-N.json; then
     `blda compare --merge compare-*-of-N.json --json compare.json` reports all images.
 
+    Every row carries the 95% paired bootstrap interval of its gain over none (resampling the
+    images the figures come from); a selection whose interval includes 0 is not told apart
+    from no gain, and the summary says so.
+
     Example: blda compare tgt_val.h5 --stats tgt_stats.h5 --anchors src_stats.h5
     --select-on 10 --json compare.json --plot compare.png
     """
@@ -148,6 +194,12 @@ def command(
         if shard is not None or stats is not None:
             raise click.UsageError(
                 "--merge takes the shards' JSON reports as arguments, without --stats or --shard"
+            )
+        given = [f"--{n.replace('_', '-')}" for n in MERGE_KEEPS if explicit(n)]
+        if given:
+            raise click.UsageError(
+                f"--merge reports with the shards' settings: give {', '.join(given)} to the "
+                "shards instead"
             )
         for path in (json_path, plot_path):
             if path is not None:
@@ -178,12 +230,25 @@ def command(
         statistics = read_statistics(stats, anchors, store.class_names)
         pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
         split = make_split(pairs.names, fraction, seed)  # over all images: shards agree
-        pairs = shard_pairs(pairs, store.names, run_shard)
         rows, auto, skipped = build_rows(wanted, taus, spec, statistics, store.class_names, dev)
+        rule = Rule(metric, max_class_loss, bootstrap, seed)
+        if bootstrap:  # decided on all images, so that every shard decides alike
+            size = bootstrap_bytes(len(rows), len(pairs.names), store.num_classes)
+            if size > BOOTSTRAP_MEMORY:
+                warn(
+                    f"--bootstrap turned off: the per-image counts of {len(rows)} rows x "
+                    f"{len(pairs.names)} images x {store.num_classes} classes would take "
+                    f"{size / 2**30:.1f} GiB (more than {BOOTSTRAP_MEMORY / 2**30:g} GiB); "
+                    "compare fewer rows (--methods, --tau) or shard the images"
+                )
+                rule = Rule(metric, max_class_loss, 0, seed)
+        pairs = shard_pairs(pairs, store.names, run_shard)
         for method, reason in skipped.items():
             warn(f"{method} left out: {reason}")
         info(f"comparing {len(rows)} rows on {len(pairs.names)} images")
-        compare_store(store, pairs, label_files, rows, split=split, device=dev)
+        compare_store(
+            store, pairs, label_files, rows, split=split, device=dev, per_image=rule.bootstrap > 0
+        )
         settings = dict(statistics.settings())
         settings.update(
             methods=wanted,
@@ -193,6 +258,7 @@ def command(
             clamp=clamp,
             min_pixels=min_pixels,
             labels=str(labels_dir) if labels_dir is not None else "store",
+            **rule.settings(),
         )
         comparison = Comparison(rows, split, auto, skipped, pairs)
         report = build_report(comparison, store.class_names, settings, paths)
@@ -219,10 +285,13 @@ def finish(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> N
             f"images only; once every shard has run: {compare_merge_hint(json_path, shard)}"
         )
         return
-    info(
-        f"selected: --method {chosen['method']}{tau} (mIoU {chosen['miou']}, "
-        f"{chosen['gain_over_none']:+} over none); apply it with "
-        f"blda correct STORES --from-compare {json_path} --out-dir DIR"
-        if chosen["gain_over_none"] is not None
-        else f"selected: --method {chosen['method']}{tau}"
-    )
+    for line in summary_lines(report):
+        info(line)
+    if chosen["gain_over_none"] is not None:
+        info(f"apply it with blda correct STORES --from-compare {json_path} --out-dir DIR")
+
+
+def explicit(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT)

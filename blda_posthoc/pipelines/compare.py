@@ -4,18 +4,26 @@ JSON report (format ``blda-compare``, version 1), percentages in percent, undefi
 
     {"format": "blda-compare", "version": 1, "class_names": [...], "stores": [...],
      "settings": {"stats", "anchors", "stats_fingerprint", "anchors_fingerprint", "methods",
-                  "tau_grid", "select_on", "seed", "clamp", "min_pixels", "labels"},
+                  "tau_grid", "select_on", "seed", "clamp", "min_pixels", "labels",
+                  "metric", "max_class_loss", "bootstrap"},
      "split": null | {"select": [names], "held_out": [names]},
      "evaluated_on": "all images" | "held-out images",
      "rows": [{"method", "tau", "auto", "miou", "macc", "pixel_acc", "selection_miou",
+               "selection_macc", "gain", "gain_ci95": null | [lo, hi],
+               "excluded": null | {"class", "iou_loss", "reason"},
                "per_class": {name: {"iou", "acc"}}}],
-     "selected": {"method", "tau", "miou", "macc", "selection_miou", "gain_over_none"},
+     "selected": {"method", "tau", "auto", "metric", "miou", "macc", "selection_miou",
+                  "selection_macc", "gain_over_none", "gain_ci95",
+                  "edge": null | {"side": "top" | "bottom", "next_tau"}},
      "tau_auto": {method: {"tau", "criterion", "grid", "distance"}},
      "skipped_methods": {method: reason}, "num_images": n}
 
 With ``select_on`` the row figures come from the held-out images only and ``selection_miou``
-from the selection images; the selected row is the best on the selection images among those that
-beat ``none`` there (else ``none``), so ``selected.miou`` is an honest held-out figure.
+from the selection images; the selected row is the best (in ``settings.metric``) on the
+selection images among those that beat ``none`` there and are not ``excluded`` (else ``none``),
+so ``selected.miou`` is an honest held-out figure. ``gain`` is the row's gain over ``none`` in
+``settings.metric`` and ``gain_ci95`` its 95 % paired bootstrap interval over the images the
+figures come from (:mod:`blda_posthoc.core.bootstrap`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,12 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.align import lookup_tables
+from blda_posthoc.core.bootstrap import (
+    gain_intervals,
+    image_counts,
+    includes_zero,
+    metric_from_counts,
+)
 from blda_posthoc.core.correct import correct_image
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
 from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_strength
@@ -45,6 +59,10 @@ VERSION = 1
 PLAIN = Plain()
 """Stands in for the corrector of merged rows (a report needs none)."""
 DEFAULT_TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+DEFAULT_BOOTSTRAP = 1000
+"""Resamples of the paired bootstrap interval of every gain."""
+BOOTSTRAP_MEMORY = 2 * 2**30
+"""Bytes the per-image counts may take; above it the bootstrap is turned off with a warning."""
 
 
 @dataclass
@@ -58,6 +76,9 @@ class Row:
         auto: Whether ``tau`` was chosen by ``--tau auto``.
         held: Confusion matrix on the images the figures are reported on.
         select: Confusion matrix on the selection images (with a split).
+        images: ``(3, C)`` counts of every image by name (see
+            :func:`blda_posthoc.core.bootstrap.image_counts`), for the bootstrap; None when
+            the bootstrap is off.
     """
 
     method: str
@@ -66,10 +87,23 @@ class Row:
     auto: bool = False
     held: ConfusionMatrix | None = None
     select: ConfusionMatrix | None = None
+    images: dict[str, np.ndarray] | None = None
 
     def predict(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``(H, W)`` prediction of ``(C, H, W)`` logits."""
         return correct_image(z, size, self.corrector, self.tau or 0.0)[0]
+
+    def add_image(self, name: str, confusion: np.ndarray, *, selection: bool) -> None:
+        """Add one image's ``(C, C + 1)`` confusion matrix to the total of its image set.
+
+        The accumulation hook of :func:`compare_store`: the matrix also goes into the
+        per-image counts the bootstrap resamples (when :attr:`images` is kept).
+        """
+        target = self.select if selection else self.held
+        assert target is not None
+        target.matrix += confusion
+        if self.images is not None:
+            self.images[name] = image_counts(confusion)
 
 
 @dataclass
@@ -154,6 +188,7 @@ def compare_store(
     *,
     split: tuple[list[str], list[str]] | None = None,
     device: torch.device | str = "cpu",
+    per_image: bool = True,
 ) -> None:
     """Fill every row's confusion matrices in one pass over the labelled images.
 
@@ -164,18 +199,21 @@ def compare_store(
         rows: The rows (their matrices are reset here).
         split: ``(selection names, held-out names)`` from :func:`make_split`, or None.
         device: Where to compute.
+        per_image: Keep every image's counts (:attr:`Row.images`) for the bootstrap.
     """
     selection = set(split[0]) if split is not None else set()
     c = store.num_classes
     for row in rows:
         row.held = ConfusionMatrix(c)
         row.select = ConfusionMatrix(c) if split is not None else None
+        row.images = {} if per_image else None
     for name, z, label in iterate_store(store, pairs, label_files, torch.device(device)):
         size = (int(label.shape[0]), int(label.shape[1]))
+        source = label_source(store, label_files, name)
         for row in rows:
-            target = row.select if name in selection else row.held
-            assert target is not None
-            add_pixels(target, row.predict(z, size), label, label_source(store, label_files, name))
+            image = ConfusionMatrix(c)
+            add_pixels(image, row.predict(z, size), label, source)
+            row.add_image(name, image.matrix, selection=name in selection)
 
 
 def make_split(
@@ -194,8 +232,44 @@ def _summary(matrix: ConfusionMatrix | None) -> Summary | None:
     return None if matrix is None else summarize(matrix.compute())
 
 
-def row_dict(row: Row, class_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON form of one row."""
+@dataclass(frozen=True)
+class Rule:
+    """How the selection is made and how far its figures are trusted.
+
+    Attributes:
+        metric: What selection maximises (``miou`` or ``macc``); gains are in it.
+        max_class_loss: Rows that lower a class's IoU by more than this many points against
+            ``none`` (on the selection images) are left out of the selection; None: off.
+        bootstrap: Resamples of the paired bootstrap (0: no interval).
+        seed: Seed of the resampling (and of the ``--select-on`` draw).
+    """
+
+    metric: str = "miou"
+    max_class_loss: float | None = None
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Rule:
+        """The rule a report's ``settings`` record."""
+        return cls(
+            metric=str(settings.get("metric", "miou")),
+            max_class_loss=settings.get("max_class_loss"),
+            bootstrap=int(settings.get("bootstrap", 0)),
+            seed=int(settings.get("seed", 0)),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The ``settings`` entries of the rule."""
+        return {
+            "metric": self.metric,
+            "max_class_loss": self.max_class_loss,
+            "bootstrap": self.bootstrap,
+        }
+
+
+def row_dict(row: Row, class_names: Sequence[str], metric: str = "miou") -> dict[str, Any]:
+    """The JSON form of one row (its ``gain``, ``gain_ci95`` and ``excluded`` filled later)."""
     held = _summary(row.held)
     select = _summary(row.select)
     assert held is not None
@@ -207,6 +281,10 @@ def row_dict(row: Row, class_names: Sequence[str]) -> dict[str, Any]:
         "macc": round_or_none(held["macc"]),
         "pixel_acc": round_or_none(held["pixel_acc"]),
         "selection_miou": None if select is None else round_or_none(select["miou"]),
+        "selection_macc": None if select is None else round_or_none(select["macc"]),
+        "gain": None,
+        "gain_ci95": None,
+        "excluded": None,
         "per_class": {
             name: {"iou": round_or_none(held["iou"][i]), "acc": round_or_none(held["acc"][i])}
             for i, name in enumerate(class_names)
@@ -214,10 +292,103 @@ def row_dict(row: Row, class_names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def select_row(rows: list[dict[str, Any]], with_split: bool) -> int:
-    """Index of the selected row (``rows[0]`` is ``none``)."""
-    key = "selection_miou" if with_split else "miou"
-    return pick_best([r[key] for r in rows], baseline=0)
+def select_row(rows: list[dict[str, Any]], with_split: bool, metric: str = "miou") -> int:
+    """Index of the selected row (``rows[0]`` is ``none``); excluded rows are never chosen."""
+    key = f"selection_{metric}" if with_split else metric
+    return pick_best([None if r["excluded"] else r[key] for r in rows], baseline=0)
+
+
+def _metric(matrix: ConfusionMatrix | None, metric: str) -> float:
+    """The metric of a confusion matrix as the bootstrap computes it (NaN: undefined)."""
+    assert matrix is not None
+    return float(metric_from_counts(image_counts(matrix.matrix), metric))
+
+
+def fill_gains(comparison: Comparison, rows: list[dict[str, Any]], rule: Rule) -> None:
+    """Every row's ``gain`` over ``none`` (in ``rule.metric``) and its ``gain_ci95``.
+
+    The interval resamples the images the figures come from (the held-out images with a
+    split), in name order, so shards merged give the interval of one pass.
+    """
+    none = _metric(comparison.rows[0].held, rule.metric)
+    for row, out in zip(comparison.rows, rows, strict=True):
+        out["gain"] = round_or_none(_metric(row.held, rule.metric) - none)
+    base = comparison.rows[0].images
+    if rule.bootstrap == 0 or base is None:
+        return
+    selection = set(comparison.split[0]) if comparison.split is not None else set()
+    names = sorted(n for n in base if n not in selection)
+    if not names:
+        return
+
+    def stacked(row: Row) -> np.ndarray:
+        assert row.images is not None
+        return np.stack([row.images[n] for n in names])
+
+    intervals = gain_intervals(
+        [stacked(r) for r in comparison.rows],
+        stacked(comparison.rows[0]),
+        metric=rule.metric,
+        n=rule.bootstrap,
+        seed=rule.seed,
+    )
+    for out, interval in zip(rows, intervals, strict=True):
+        out["gain_ci95"] = (
+            None if interval is None else [round_or_none(interval[0]), round_or_none(interval[1])]
+        )
+
+
+def mark_excluded(comparison: Comparison, rows: list[dict[str, Any]], limit: float) -> None:
+    """Set ``excluded`` on the rows that lower a class's IoU by more than ``limit`` points.
+
+    Measured against ``none`` on the selection images (all images without a split); a class
+    whose IoU is undefined on either side does not count.
+    """
+    split = comparison.split is not None
+
+    def ious(row: Row) -> list[float | None]:
+        summary = _summary(row.select if split else row.held)
+        assert summary is not None
+        return summary["iou"]
+
+    names = list(rows[0]["per_class"])
+    where = "the selection images" if split else "all images"
+    none = ious(comparison.rows[0])
+    for row, out in zip(comparison.rows[1:], rows[1:], strict=True):
+        losses = [
+            (b - a, k)
+            for k, (a, b) in enumerate(zip(ious(row), none, strict=True))
+            if a is not None and b is not None
+        ]
+        if not losses:
+            continue
+        loss, k = max(losses)
+        if loss > limit:
+            out["excluded"] = {
+                "class": names[k],
+                "iou_loss": round_or_none(loss),
+                "reason": f"lowers {names[k]} IoU by {loss:.2f} points (more than {limit:g}) "
+                f"on {where}",
+            }
+
+
+def grid_edge(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"side", "next_tau"}`` when the selected strength is at an edge of its grid, else None.
+
+    The top of the grid suggests doubling it; the lowest non-zero strength suggests halving it
+    (below it lies only tau 0, the plain argmax or the method's own tau-0 row).
+    """
+    if best["tau"] is None or best["auto"] or best["method"] == "none":
+        return None
+    taus = [r["tau"] for r in rows if r["method"] == best["method"] and not r["auto"]]
+    nonzero = [t for t in taus if t > 0]
+    if not nonzero:
+        return None
+    if best["tau"] == max(nonzero):
+        return {"side": "top", "next_tau": round_or_none(2 * best["tau"])}
+    if best["tau"] == min(nonzero):
+        return {"side": "bottom", "next_tau": round_or_none(best["tau"] / 2)}
+    return None
 
 
 def build_report(
@@ -226,11 +397,13 @@ def build_report(
     settings: dict[str, Any],
     stores: Sequence[Path],
 ) -> dict[str, Any]:
-    """The ``blda-compare`` JSON document."""
+    """The ``blda-compare`` JSON document (the :class:`Rule` read from ``settings``)."""
+    rule = Rule.from_settings(settings)
     rows = [row_dict(r, class_names) for r in comparison.rows]
-    best = rows[select_row(rows, comparison.split is not None)]
-    none_miou = rows[0]["miou"]
-    gain = None if best["miou"] is None or none_miou is None else best["miou"] - none_miou
+    fill_gains(comparison, rows, rule)
+    if rule.max_class_loss is not None:
+        mark_excluded(comparison, rows, rule.max_class_loss)
+    best = rows[select_row(rows, comparison.split is not None, rule.metric)]
     assert comparison.pairs is not None
     return {
         "format": FORMAT,
@@ -248,10 +421,14 @@ def build_report(
             "method": best["method"],
             "tau": best["tau"],
             "auto": best["auto"],
+            "metric": rule.metric,
             "miou": best["miou"],
             "macc": best["macc"],
             "selection_miou": best["selection_miou"],
-            "gain_over_none": round_or_none(gain),
+            "selection_macc": best["selection_macc"],
+            "gain_over_none": best["gain"],
+            "gain_ci95": best["gain_ci95"],
+            "edge": grid_edge(rows, best),
         },
         "tau_auto": comparison.tau_auto,
         "skipped_methods": comparison.skipped,
@@ -259,15 +436,19 @@ def build_report(
 
 
 def partial_block(comparison: Comparison, shard: tuple[int, int]) -> dict[str, Any]:
-    """The ``"partial"`` block of a shard's report: its images and raw confusion matrices."""
+    """The ``"partial"`` block of a shard's report: its images, raw and per-image counts."""
     assert comparison.pairs is not None
+    names = list(comparison.pairs.names)
 
     def raw(matrix: ConfusionMatrix | None) -> list[list[int]] | None:
         return None if matrix is None else matrix.matrix.tolist()
 
+    def images(row: Row) -> list[Any] | None:
+        return None if row.images is None else [row.images[n].tolist() for n in names]
+
     return {
         "shard": list(shard),
-        "names": list(comparison.pairs.names),
+        "names": names,
         "rows": [
             {
                 "method": r.method,
@@ -275,6 +456,7 @@ def partial_block(comparison: Comparison, shard: tuple[int, int]) -> dict[str, A
                 "auto": r.auto,
                 "held": raw(r.held),
                 "select": raw(r.select),
+                "images": images(r),
             }
             for r in comparison.rows
         ],
@@ -288,8 +470,8 @@ MERGE_SAME = ("class_names", "stores", "settings", "split", "tau_auto", "skipped
 def merge_reports(paths: list[Path]) -> dict[str, Any]:
     """The report of all images from the ``compare --json`` reports of shards 1..N.
 
-    The shards' raw confusion matrices are added up and the report is built as one pass
-    builds it (same selection, same figures).
+    The shards' raw confusion matrices are added up, their per-image counts gathered, and the
+    report is built as one pass builds it (same selection, same figures, same intervals).
     """
     parts = read_parts(paths, FORMAT)
     first_path, first = parts[0]
@@ -304,32 +486,12 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
             )
         try:
             part_rows = data["partial"]["rows"]
-            names.extend(str(n) for n in data["partial"]["names"])
+            part_names = [str(n) for n in data["partial"]["names"]]
             if len(part_rows) != len(rows or part_rows):
                 raise ValueError("another row count")
             for i, entry in enumerate(part_rows):
-                held = _matrix(entry["held"], c, path, f"row {i} held")
-                select = entry["select"]
-                if select is not None:
-                    select = _matrix(select, c, path, f"row {i} select")
-                if len(rows) <= i:
-                    # The corrector is not needed to report: Plain stands in for it.
-                    rows.append(Row(entry["method"], entry["tau"], PLAIN, entry["auto"]))
-                    rows[i].held, rows[i].select = held, select
-                    continue
-                row = rows[i]
-                if (row.method, row.tau, row.auto) != (
-                    entry["method"],
-                    entry["tau"],
-                    entry["auto"],
-                ):
-                    raise ValueError(f"row {i} is {entry['method']} here, {row.method} there")
-                if (select is None) != (row.select is None):
-                    raise ValueError("the selection split differs")
-                assert row.held is not None
-                row.held.merge(held)
-                if row.select is not None and select is not None:
-                    row.select.merge(select)
+                merge_row(rows, i, entry, part_names, c, path)
+            names.extend(part_names)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: damaged partial block ({exc})") from exc
     split = first["split"]
@@ -348,6 +510,60 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
     )
 
 
+def merge_row(
+    rows: list[Row], i: int, entry: dict[str, Any], names: list[str], c: int, path: Path
+) -> None:
+    """Add row ``i`` of a shard's partial block to ``rows`` (appended when new).
+
+    Raises:
+        ValueError: the row differs from the other shards' row ``i``.
+        InputError: damaged counts.
+    """
+    held = _matrix(entry["held"], c, path, f"row {i} held")
+    select = entry["select"]
+    if select is not None:
+        select = _matrix(select, c, path, f"row {i} select")
+    images = _images(entry.get("images"), names, held, select, c, path, i)
+    if len(rows) <= i:
+        # The corrector is not needed to report: Plain stands in for it.
+        rows.append(Row(entry["method"], entry["tau"], PLAIN, entry["auto"]))
+        rows[i].held, rows[i].select, rows[i].images = held, select, images
+        return
+    row = rows[i]
+    if (row.method, row.tau, row.auto) != (entry["method"], entry["tau"], entry["auto"]):
+        raise ValueError(f"row {i} is {entry['method']} here, {row.method} there")
+    if (select is None) != (row.select is None):
+        raise ValueError("the selection split differs")
+    if (images is None) != (row.images is None):
+        raise ValueError("one part has per-image counts, another has none")
+    assert row.held is not None
+    row.held.merge(held)
+    if row.select is not None and select is not None:
+        row.select.merge(select)
+    if row.images is not None and images is not None:
+        row.images.update(images)
+
+
+def _images(
+    values: Any,
+    names: list[str],
+    held: ConfusionMatrix,
+    select: ConfusionMatrix | None,
+    c: int,
+    path: Path,
+    i: int,
+) -> dict[str, np.ndarray] | None:
+    """A shard's per-image ``(3, C)`` counts of row ``i`` by name, checked against its totals."""
+    if values is None:
+        return None
+    key = f"row {i} images"
+    counts = count_array(values, (len(names), 3, c), path, key)
+    total = image_counts(held.matrix) + (0 if select is None else image_counts(select.matrix))
+    if not np.array_equal(counts.sum(0), total):
+        raise InputError(f"{path}: damaged partial block ({key} do not add up to the row's counts)")
+    return dict(zip(names, counts, strict=True))
+
+
 def _matrix(values: Any, num_classes: int, path: Path, key: str) -> ConfusionMatrix:
     """A confusion matrix from a shard's raw ``(C, C + 1)`` counts, checked."""
     cm = ConfusionMatrix(num_classes)
@@ -355,29 +571,40 @@ def _matrix(values: Any, num_classes: int, path: Path, key: str) -> ConfusionMat
     return cm
 
 
+METRIC_LABELS = {"miou": "mIoU", "macc": "mAcc"}
+
+
+def bootstrap_bytes(rows: int, images: int, num_classes: int) -> int:
+    """Bytes the per-image counts of ``rows`` x ``images`` take (``3 C`` int64 each)."""
+    return rows * images * 3 * num_classes * 8
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The rows as a fixed-width table; the selected row marked ``*``."""
+    """The rows as a fixed-width table; the selected row marked ``*``, excluded rows ``x``."""
     split = report["split"] is not None
-    header = ["", "method", "tau", "mIoU", "Δ none", "mAcc"] + (["select mIoU"] if split else [])
-    none = report["rows"][0]["miou"]
+    metric = report["selected"].get("metric", "miou")
+    label = METRIC_LABELS[metric]
+    header = ["", "method", "tau", "mIoU", f"Δ {label}", "95% interval", "mAcc"]
+    header += [f"select {label}"] if split else []
     selected = report["selected"]
     lines = []
     for row in report["rows"]:
-        mark = (
-            "*"
-            if (row["method"], row["tau"], row["auto"])
-            == (selected["method"], selected["tau"], selected["auto"])
-            else ""
+        chosen = (row["method"], row["tau"], row["auto"]) == (
+            selected["method"],
+            selected["tau"],
+            selected["auto"],
         )
+        mark = "*" if chosen else "x" if row.get("excluded") else ""
         tau = "-" if row["tau"] is None else f"{row['tau']:g}" + (" auto" if row["auto"] else "")
         cells = [
             mark,
             row["method"],
             tau,
             _pct(row["miou"]),
-            _signed(None if row["miou"] is None or none is None else row["miou"] - none),
+            _signed(row["gain"]),
+            _interval(row["gain_ci95"]),
             _pct(row["macc"]),
-        ] + ([_pct(row["selection_miou"])] if split else [])
+        ] + ([_pct(row[f"selection_{metric}"])] if split else [])
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     render = [
@@ -394,12 +621,53 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join([f"figures on {where}", *render]) + "\n"
 
 
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What the selection is and how far to trust it: the lines printed after the table."""
+    chosen = report["selected"]
+    metric = chosen.get("metric", "miou")
+    label = METRIC_LABELS[metric]
+    tau = "" if chosen["tau"] is None else f" --tau {chosen['tau']:g}"
+    gain, interval = chosen["gain_over_none"], chosen.get("gain_ci95")
+    figures = f"{label} {_pct(chosen[metric])}"
+    if gain is not None:
+        figures += f", {gain:+.2f} over none"
+    if interval is not None:
+        figures += f", 95% interval {_interval(interval)}"
+    lines = [f"selected: --method {chosen['method']}{tau} ({figures})"]
+    if chosen["method"] != "none" and includes_zero(interval):
+        images = len(report["split"]["held_out"]) if report["split"] else report["num_images"]
+        lines.append(
+            f"note: the 95% interval of this gain includes 0: on these {images} images it is "
+            "not told apart from no gain (more labelled images narrow it)"
+        )
+    edge = chosen.get("edge")
+    if edge is not None:
+        where = "top" if edge["side"] == "top" else "lowest non-zero strength"
+        lines.append(
+            f"note: tau {chosen['tau']:g} is the {where} of the grid tried for "
+            f"{chosen['method']}: the best may lie beyond it; try --tau {edge['next_tau']:g} too"
+        )
+    excluded = [r for r in report["rows"] if r.get("excluded")]
+    if excluded:
+        limit = report["settings"].get("max_class_loss")
+        lines.append(
+            f"--max-class-loss {limit:g}: {len(excluded)} row(s) left out of the selection "
+            f"(each lowers a class's IoU by more than {limit:g} points; 'excluded' in the JSON "
+            "says which)"
+        )
+    return lines
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.2f}"
+
+
+def _interval(value: Sequence[float] | None) -> str:
+    return "-" if value is None else f"[{value[0]:+.2f}, {value[1]:+.2f}]"
 
 
 def plot_compare(path: Path, report: dict[str, Any]) -> None:
