@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from blda_posthoc.cli.common import (
     torchrun_shard,
     warn,
 )
+from blda_posthoc.errors import InputError
+from blda_posthoc.io.images import WEIGHT_FORMATS
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.outputs import output_folder
 from blda_posthoc.pipelines.correct import check_extras
@@ -82,6 +85,21 @@ PORTION_TOLERANCE = 0.005
     default=None,
     help="Folder of current NAME.png pseudo-labels; the manifest reports what changes.",
 )
+@click.option(
+    "--weights-out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also write per-pixel quality weights DIR/NAME.png (same names as the labels): the "
+    "corrected confidence of the kept class, round(255 * confidence), 0 where the label is "
+    "255; the loss weight of DAFormer-style self-training.",
+)
+@click.option(
+    "--weights-format",
+    type=click.Choice(sorted(WEIGHT_FORMATS)),
+    default=None,
+    help="With --weights-out: png (8-bit, default) or npy (float16 confidence in [0, 1]).",
+)
 @labels_dir_option
 @label_suffix_option
 @color_option
@@ -109,6 +127,8 @@ def command(
     keep_portion: float | None,
     count_only: bool,
     pseudo_dir: Path | None,
+    weights_out: Path | None,
+    weights_format: str | None,
     labels_dir: Path | None,
     label_suffix: str,
     color: bool,
@@ -127,7 +147,8 @@ def command(
     `blda relabel --merge 'OUT_DIR/manifest-*-of-N.json'` writes OUT_DIR/manifest.json. With
     --keep-portion, every shard first counts (--count-only), then relabels. With labels (in
     the store, or --labels DIR) the manifest scores the pseudo-labels; --cityscapes-ids also
-    writes NAME_labelIds.png (docs/formats.md).
+    writes NAME_labelIds.png; --weights-out DIR writes each pixel's quality weight under the
+    same names (docs/formats.md).
 
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
@@ -139,10 +160,11 @@ def command(
             or out_dir is not None
             or count_only
             or labels_dir is not None
+            or weights_out is not None
         ):
             raise click.UsageError(
                 "--merge takes the shards' manifests as arguments, without --stats, --out-dir, "
-                "--labels or --shard"
+                "--weights-out, --labels or --shard"
             )
         run_merge(stores, overwrite)
         return
@@ -152,6 +174,13 @@ def command(
         raise click.UsageError("give --stats (and --method), or --from-compare")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
+    if weights_format is not None and weights_out is None:
+        raise click.UsageError(
+            "--weights-format is the format of --weights-out: give --weights-out"
+        )
+    if weights_out is not None:
+        check_apart(out_dir, weights_out)
+        weights_format = weights_format or "png"
     run_shard = resolve_shard(shard)
     if count_only:
         if keep_portion is None:
@@ -180,6 +209,7 @@ def command(
             color,
             ready.method,
             cityscapes_ids,
+            weights_format,
         )
         run = {
             "settings": settings.as_dict(),
@@ -213,20 +243,27 @@ def command(
         if keep_portion is not None and run_shard is not None:
             pixels = {name: math.prod(store.size(name)) for name in every_name}
             counts = read_counts(out_dir, run_shard[1], run, pixels, store.num_classes)
-        with output_folder(
-            out_dir,
-            run_shard,
-            command="relabel",
-            settings=run,
-            overwrite=overwrite,
-            resume=resume,
-            inputs=inputs,
-        ) as folder:
+        with contextlib.ExitStack() as stack:
+            roots: dict[str, Path] = {}  # option -> where its files go
+            for target, option in ((out_dir, "--out-dir"), (weights_out, "--weights-out")):
+                if target is not None:
+                    folder = output_folder(
+                        target,
+                        run_shard,
+                        command="relabel",
+                        settings=run,
+                        overwrite=overwrite,
+                        resume=resume,
+                        inputs=inputs,
+                        option=option,
+                    )
+                    stack.enter_context(folder)
+                    roots[option] = folder.root
             report_notes(ready)  # once the folder is claimed: no warning before its errors
             manifest = relabel_store(
                 store,
                 ready,
-                folder.root,
+                roots["--out-dir"],
                 settings,
                 overwrite=overwrite,
                 resume=resume,
@@ -235,8 +272,19 @@ def command(
                 shard=run_shard,
                 counts=counts,
                 label_files=label_files,
+                weights_dir=roots.get("--weights-out"),
             )
-    report(manifest, out_dir / manifest_name(run_shard))
+    report(manifest, out_dir / manifest_name(run_shard), weights_out=weights_out)
+
+
+def check_apart(out_dir: Path, weights_out: Path) -> None:
+    """Refuse a ``--weights-out`` folder that is, contains or lies inside ``--out-dir``."""
+    a, b = out_dir.resolve(), weights_out.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise InputError(
+            f"{weights_out}: --weights-out overlaps --out-dir ({out_dir}); give the weights a "
+            "folder of their own (e.g. beside it)"
+        )
 
 
 def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
@@ -245,7 +293,13 @@ def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     report(manifest, out, merged=count)
 
 
-def report(manifest: dict[str, Any], manifest_path: Path, *, merged: int = 0) -> None:
+def report(
+    manifest: dict[str, Any],
+    manifest_path: Path,
+    *,
+    merged: int = 0,
+    weights_out: Path | None = None,
+) -> None:
     """Summarise a relabelling run (or ``merged`` shards' manifests) on stderr."""
     if merged:
         done = f"merged {merged} shard manifests: {manifest['num_images']} pseudo-labels"
@@ -271,6 +325,8 @@ def report(manifest: dict[str, Any], manifest_path: Path, *, merged: int = 0) ->
                 f"labels: {key:<10} mIoU {_pct(q['miou'])}, pixel acc {_pct(q['pixel_acc'])} "
                 f"over non-ignored pixels (coverage {q['coverage']:.4f})"
             )
+    if weights_out is not None:
+        info(f"weights ({manifest['settings']['weights_format']}): {weights_out}")
     info(f"manifest: {manifest_path}")
 
 

@@ -86,6 +86,21 @@ def confidence(logodds: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logodds)
 
 
+def kept_confidence(labels: torch.Tensor, logodds: torch.Tensor) -> torch.Tensor:
+    """Per-pixel quality weights of a pseudo-label map: the confidence of the kept class.
+
+    Args:
+        labels: ``(...)`` pseudo-labels from :func:`select` (255 = ignore).
+        logodds: ``(...)`` confidence log-odds of the scores the labels were chosen from.
+
+    Returns:
+        ``(...)`` float32 ``sigmoid(logodds)`` (the top entry of the softmax of the scores), and
+        0 where the label is ignore.
+    """
+    weights = confidence(logodds.float())
+    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(weights), weights)
+
+
 def logodds_of(probability: float) -> float:
     """``log(p / (1 - p))`` with ``-inf`` at 0 and ``inf`` at 1."""
     if not 0.0 <= probability <= 1.0:
@@ -131,6 +146,16 @@ class ConfidenceHistogram:
         self._counts += torch.bincount(
             index.to(self._counts.device), minlength=self._counts.numel()
         )
+
+    def merge(self, other: ConfidenceHistogram) -> None:
+        """Add another histogram's counts (same classes and grid)."""
+        if other.grid != self.grid or other.num_classes != self.num_classes:
+            raise ValueError("cannot merge confidence histograms of other grids or class counts")
+        self._counts += other._counts.to(self._counts.device)
+
+    def reset(self) -> None:
+        """Set every count to zero."""
+        self._counts.zero_()
 
     def counts(self) -> np.ndarray:
         """``(C, B)`` int64 counts ``[class, log-odds bin]``."""

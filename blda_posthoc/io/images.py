@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import io
 import os
 import struct
 import warnings
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from blda_posthoc.errors import InputError
-from blda_posthoc.outputs import atomic_file, check_name
+from blda_posthoc.outputs import atomic_file, check_name, write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -195,3 +196,25 @@ def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) 
         img.putpalette(palette.astype(np.uint8).flatten().tolist())
     with atomic_file(path) as handle:
         img.save(handle, format="PNG")
+
+
+WEIGHT_FORMATS = {"png": ".png", "npy": ".npy"}
+"""``relabel --weights-format``: the file extension of each per-pixel weight format."""
+
+
+def write_weight_map(path: Path, weights: np.ndarray, fmt: str) -> None:
+    """Write a ``(H, W)`` map of per-pixel weights in ``[0, 1]``, atomically.
+
+    Args:
+        path: Destination (its extension is :data:`WEIGHT_FORMATS` ``[fmt]``).
+        weights: ``(H, W)`` float weights in ``[0, 1]``.
+        fmt: ``png``: 8-bit grey PNG of ``round(255 * weight)``; ``npy``: float16 ``.npy``.
+    """
+    if fmt == "png":
+        write_png(path, np.rint(np.clip(weights, 0.0, 1.0) * 255.0).astype(np.uint8))
+    elif fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(weights, dtype=np.float16), allow_pickle=False)
+        write_bytes(path, buffer.getvalue())
+    else:
+        raise ValueError(f"weight format must be one of {sorted(WEIGHT_FORMATS)}, got {fmt!r}")

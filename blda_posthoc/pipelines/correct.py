@@ -82,12 +82,19 @@ def check_extras(store: LogitStore, color: bool, cityscapes_ids: bool) -> None:
 
 
 def output_paths(
-    out_dir: Path, names: Iterable[str], color: bool, cityscapes_ids: bool = False
+    out_dir: Path,
+    names: Iterable[str],
+    color: bool,
+    cityscapes_ids: bool = False,
+    *,
+    weights: tuple[Path, str] | None = None,
 ) -> dict[str, list[Path]]:
     """The files written per image: ``NAME.png``, then the extras that are asked for.
 
     The extras are ``NAME_color.png`` with ``color`` and ``NAME_labelIds.png`` with
-    ``cityscapes_ids``, in this order. Every path is checked to lie inside ``out_dir`` (see
+    ``cityscapes_ids``, in this order, then with ``weights = (folder, extension)`` the
+    per-pixel weights ``folder/NAME<extension>`` (``relabel --weights-out``), always last.
+    Every path is checked to lie inside its folder (see
     :func:`blda_posthoc.outputs.paths_inside`), and no two images may write the same file.
     """
     names = list(names)
@@ -96,7 +103,14 @@ def output_paths(
     suffixes = [".png", *(f"{EXTRA_OUTPUTS[o]}.png" for o in options)]
     files = paths_inside(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes])
     step = len(suffixes)
-    return {name: files[i * step : (i + 1) * step] for i, name in enumerate(names)}
+    out = {name: files[i * step : (i + 1) * step] for i, name in enumerate(names)}
+    if weights is not None:
+        folder, extension = weights
+        for name, path in zip(
+            names, paths_inside(folder, [f"{n}{extension}" for n in names]), strict=True
+        ):
+            out[name].append(path)
+    return out
 
 
 def check_outputs(paths: dict[str, list[Path]], overwrite: bool, resume: bool) -> list[str]:
@@ -176,7 +190,8 @@ def write_label_map(
     """Write ``files[0]`` (trainIds), then the extras of :func:`output_paths`, in its order.
 
     Args:
-        files: Output paths from :func:`output_paths`.
+        files: Output paths from :func:`output_paths` (a trailing weights file is left to the
+            caller).
         label_map: ``(H, W)`` uint8 trainIds (255 = ignore).
         palette: ``(256, 3)`` colours for ``NAME_color.png``, or None for no preview.
         cityscapes_ids: Also write ``NAME_labelIds.png`` (Cityscapes classes only).

@@ -21,7 +21,7 @@ undefined values ``null``::
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
      "settings": {"method", "tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir",
-                  "color", "cityscapes_ids"},
+                  "color", "cityscapes_ids", "weights_format"},
      "statistics": {"method", "tau", "stats", "stats_fingerprint", "stats_labels", "anchors",
                     "anchors_fingerprint", "estimator", ...},  (io.corrections.Correction)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
@@ -64,11 +64,12 @@ from blda_posthoc.core.relabel import (
     LogOddsGrid,
     confidence_logodds,
     keep_thresholds,
+    kept_confidence,
     select,
     transitions,
 )
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.images import find_files, read_label
+from blda_posthoc.io.images import WEIGHT_FORMATS, find_files, read_label, write_weight_map
 from blda_posthoc.io.jsonfiles import count_array, read_parts, write_json
 from blda_posthoc.io.store import LogitStore, Record
 from blda_posthoc.outputs import (
@@ -111,6 +112,9 @@ class RelabelSettings:
         color: Also write palette previews.
         cityscapes_ids: Also write Cityscapes labelIds (``NAME_labelIds.png``).
         method: The correction method (recorded only).
+        weights_format: The format of the per-pixel quality weights (``--weights-out``), a
+            key of :data:`WEIGHT_FORMATS`, or None without weights. Their folder is not
+            recorded (a moved pair of folders can still be resumed).
     """
 
     tau: float
@@ -121,6 +125,7 @@ class RelabelSettings:
     color: bool = False
     method: str = "blda"
     cityscapes_ids: bool = False
+    weights_format: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -133,6 +138,7 @@ class RelabelSettings:
             "pseudo_dir": None if self.pseudo_dir is None else str(self.pseudo_dir),
             "color": self.color,
             "cityscapes_ids": self.cityscapes_ids,
+            "weights_format": self.weights_format,
         }
 
 
@@ -414,8 +420,14 @@ def relabel_store(
     shard: tuple[int, int] | None = None,
     counts: np.ndarray | None = None,
     label_files: dict[str, Path] | None = None,
+    weights_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
+
+    With ``weights_dir`` (and ``settings.weights_format``) also the per-pixel quality weights
+    ``weights_dir/NAME.png`` (or ``.npy``): the corrected confidence of the kept class, 0 where
+    the label is ignore (:func:`blda_posthoc.core.relabel.kept_confidence`). They are written,
+    kept on resume and refused on overwrite together with the labels.
 
     Args:
         store: The logits (with labels, the manifest also scores the pseudo-labels).
@@ -433,6 +445,8 @@ def relabel_store(
         label_files: The label PNG of every image (``--labels DIR``, see
             :func:`blda_posthoc.pipelines.evaluate.every_label`), scored instead of the store's
             labels.
+        weights_dir: Where to write the weights (the command line passes the unfinished
+            folder of its own :class:`blda_posthoc.outputs.OutputFolder`), or None.
 
     Returns:
         The manifest, with ``"images_written"`` added (not stored in the file).
@@ -451,7 +465,14 @@ def relabel_store(
     }
     manifest_path = out_dir / manifest_name(shard)
     _check_manifest(manifest_path, head, overwrite, resume)
-    paths = output_paths(out_dir, store.names, settings.color, settings.cityscapes_ids)
+    weights = None
+    if weights_dir is not None:
+        if settings.weights_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weights need a format, got {settings.weights_format!r}")
+        weights = (weights_dir, WEIGHT_FORMATS[settings.weights_format])
+    paths = output_paths(
+        out_dir, store.names, settings.color, settings.cityscapes_ids, weights=weights
+    )
     todo = set(check_outputs(paths, overwrite, resume))
     pseudo = pseudo_label_files(settings.pseudo_dir, store.names) if settings.pseudo_dir else None
     label_files = label_files or {}
@@ -487,6 +508,10 @@ def relabel_store(
         )
         name = image.record.name
         write_label_map(paths[name], after.cpu().numpy(), palette, settings.cityscapes_ids)
+        if weights is not None:
+            assert settings.weights_format is not None
+            quality = kept_confidence(after, logodds).cpu().numpy()
+            write_weight_map(paths[name][-1], quality, settings.weights_format)
         baselines = _baselines(image.logits, name, image.record.size, pseudo, c)
         tally.add(after, baselines, _label(image.record, label_files))
     for name in store.names:
