@@ -12,6 +12,8 @@ tensors in, statistics, predictions and metrics out, no files needed (:func:`rea
 - :func:`correct` applies a correction to ``(C, H, W)`` or ``(B, C, H, W)`` logits on their own
   device (CPU or GPU), image by image, as ``blda correct`` does.
 - :func:`evaluate` is the metric of ``blda evaluate`` (mIoU, mAcc, Bias, ...).
+- :class:`StatsAccumulator` gathers statistics batch by batch inside a training loop (one
+  pass, on a logit grid fixed up front), mergeable across processes like the stats files.
 
 Bad data raises :class:`InputError` with the message the command would print.
 
@@ -60,7 +62,17 @@ from blda_posthoc.core.align import DEFAULT_CLAMP
 from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
-from blda_posthoc.core.fit import ESTIMATORS, LogitStats, channel_argmax
+from blda_posthoc.core.fit import (
+    ESTIMATORS,
+    Grid,
+    LogitHistogram,
+    LogitStats,
+    PixelSample,
+    StatsExtras,
+    channel_argmax,
+    make_stats,
+)
+from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.pipelines.corrections import (
@@ -70,6 +82,7 @@ from blda_posthoc.pipelines.corrections import (
     load_correction,
 )
 from blda_posthoc.pipelines.fit_stats import (
+    CONFIDENCE_BINS,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_PIXELS,
     LABEL_SOURCES,
@@ -83,6 +96,7 @@ __all__ = [
     "Correction",
     "InputError",
     "LogitStats",
+    "StatsAccumulator",
     "Summary",
     "correct",
     "evaluate",
@@ -272,6 +286,196 @@ def _scan(
     if not ranges:
         raise InputError(f"{SOURCE}: no images")
     return ranges
+
+
+DEFAULT_LOGIT_RANGE = (-50.0, 50.0)
+"""The logit range of a :class:`StatsAccumulator` unless given: wide enough for the logits of
+segmentation networks trained with cross-entropy; logits outside it fall in the edge bins."""
+
+
+class StatsAccumulator:
+    """Statistics gathered batch by batch, e.g. from a teacher's logits inside a training loop.
+
+    The torchmetrics contract: :meth:`update` with each batch, :meth:`compute` the statistics
+    (:class:`LogitStats`, for :func:`load`) whenever they are wanted, :meth:`merge` the
+    accumulators of other processes (the counts add up exactly, as stats files of shards do)
+    and :meth:`reset` to start again. :func:`fit_stats` reads its images twice because its
+    histogram grid spans the smallest to the largest logit; here the images pass only once, so
+    the grid is fixed up front by ``logit_range``: a logit outside it is counted in the first
+    or last bin (clipped), which moves the tails of the fitted distributions onto the range's
+    ends. :attr:`clipped` counts such logits; keep it near zero by choosing a range that covers
+    the network's logits (``compute`` records it as ``settings["clipped_logits"]``).
+
+    With the same images and a ``logit_range`` equal to the grid :func:`fit_stats` would
+    choose (``floor(min) - 1`` to ``ceil(max) + 1``) the histograms are those of
+    :func:`fit_stats` exactly. The statistics have no pixel sample and no calibrations, so the
+    methods that need them (``--tau auto``, ``calibrated-blda``, the calibrations, ``em-prior``)
+    are not available from them: use :func:`fit_stats` (or ``blda fit-stats``) for those.
+
+    Args:
+        class_names: The ``C`` class names.
+        labels: ``pseudo`` (each pixel's argmax: teacher pseudo-labels) or ``gt`` (every
+            :meth:`update` gives its label maps).
+        logit_range: ``(lo, hi)`` of the histogram grid.
+        bins: Histogram bins over the range (16 to 65536).
+        min_pixels: Cells with fewer pixels get no shift (recorded for :func:`load`).
+        device: Where the counts accumulate (the logits are moved there batch by batch).
+
+    Example:
+        >>> acc = StatsAccumulator(class_names=["a", "b"], logit_range=(-10, 10), min_pixels=1)
+        >>> acc.update(torch.randn(4, 2, 8, 8))
+        >>> acc.compute().label_pixels.sum()
+        np.int64(256)
+    """
+
+    def __init__(
+        self,
+        *,
+        class_names: Sequence[str],
+        labels: str = "pseudo",
+        logit_range: tuple[float, float] = DEFAULT_LOGIT_RANGE,
+        bins: int = DEFAULT_BINS,
+        min_pixels: int = 100,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if labels not in LABEL_SOURCES:
+            raise InputError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
+        _check_range("bins", bins, 16, 1 << 16)
+        _check_range("min_pixels", min_pixels, 1, None)
+        lo, hi = (float(v) for v in logit_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise InputError(f"logit_range must be two finite numbers lo < hi, got {logit_range}")
+        self.class_names = list(class_names)
+        c = len(self.class_names)
+        check_memory(c, bins)
+        self.labels = labels
+        self.min_pixels = min_pixels
+        self.device = torch.device(device)
+        self.histogram = LogitHistogram(c, Grid(lo, hi, bins), self.device)
+        self.confidence = ConfidenceHistogram(
+            c, LogOddsGrid.for_classes(c, CONFIDENCE_BINS), self.device
+        )
+        self.predicted = torch.zeros(c, dtype=torch.int64, device=self.device)
+        self.num_images = 0
+        self.clipped = 0
+
+    @property
+    def num_classes(self) -> int:
+        """``C``."""
+        return len(self.class_names)
+
+    @torch.no_grad()
+    def update(self, logits: ArrayLike, labels: ArrayLike | None = None) -> None:
+        """Add one image's or a batch's pixels.
+
+        Args:
+            logits: ``(C, h, w)`` or ``(B, C, h, w)`` logits (numpy or torch, any device);
+                resized bilinearly to the labels' size when that differs.
+            labels: With ``labels="gt"``: the ``(H, W)`` or ``(B, H, W)`` label maps (255 =
+                ignore); with ``pseudo``: None (the argmax of the logits is each pixel's class).
+
+        Raises:
+            InputError: Shapes, channel count, labels or non-finite logits are wrong.
+        """
+        z = torch.as_tensor(logits)
+        if z.ndim not in (3, 4) or z.shape[-3] != self.num_classes:
+            raise InputError(
+                f"logits must be (C, H, W) or (B, C, H, W) with C = {self.num_classes}, got "
+                f"{tuple(z.shape)}"
+            )
+        batch = z if z.ndim == 4 else z[None]
+        if (labels is None) != (self.labels == "pseudo"):
+            need = "no labels (pseudo)" if self.labels == "pseudo" else "label maps (gt)"
+            raise InputError(f"this accumulator takes {need}: labels={self.labels!r}")
+        maps = None
+        if labels is not None:
+            y = _tensor(labels)
+            maps = y if y.ndim == 3 else y[None]
+            if maps.ndim != 3 or maps.shape[0] != batch.shape[0] or y.ndim != z.ndim - 1:
+                raise InputError(
+                    f"labels {tuple(y.shape)} do not match logits {tuple(z.shape)}: give one "
+                    "(H, W) map per image"
+                )
+            if maps.is_floating_point():
+                raise InputError("labels must hold integer class ids")
+        for k, image in enumerate(batch):
+            self._add(image, None if maps is None else maps[k])
+
+    def _add(self, z: torch.Tensor, y: torch.Tensor | None) -> None:
+        z = z.to(self.device, torch.float32)
+        if not bool(torch.isfinite(z).all()):
+            raise InputError("logits hold NaN or infinite values")
+        if y is not None:
+            y = y.to(self.device, torch.int64)
+            z = resize_logits(z, (int(y.shape[0]), int(y.shape[1])))
+        c = self.num_classes
+        pred, logodds = confidence_logodds(z)
+        labels = channel_argmax(z) if y is None else y
+        grid = self.histogram.grid
+        self.clipped += int(((z < grid.lo) | (z > grid.hi)).sum())
+        self.histogram.update(z, labels)
+        self.predicted += torch.bincount(pred.reshape(-1), minlength=c)
+        self.confidence.update(pred, logodds)
+        self.num_images += 1
+
+    def merge(self, other: StatsAccumulator) -> None:
+        """Add the counts of another accumulator (same classes, labels and grid)."""
+        if (other.class_names, other.labels, other.histogram.grid) != (
+            self.class_names,
+            self.labels,
+            self.histogram.grid,
+        ):
+            raise InputError("cannot merge accumulators of other classes, labels or grids")
+        self.histogram.merge(other.histogram)
+        self.confidence.merge(other.confidence)
+        self.predicted += other.predicted.to(self.device)
+        self.num_images += other.num_images
+        self.clipped += other.clipped
+
+    def reset(self) -> None:
+        """Forget every count (the settings stay)."""
+        self.histogram = LogitHistogram(self.num_classes, self.histogram.grid, self.device)
+        self.confidence.reset()
+        self.predicted.zero_()
+        self.num_images = 0
+        self.clipped = 0
+
+    def compute(self) -> LogitStats:
+        """The statistics of every pixel added since the last :meth:`reset`.
+
+        Raises:
+            InputError: Nothing was added yet.
+        """
+        if self.num_images == 0:
+            raise InputError("StatsAccumulator: no images yet; call update first")
+        c = self.num_classes
+        grid = self.histogram.grid
+        settings: dict[str, Any] = {
+            "labels": self.labels,
+            "min_pixels": self.min_pixels,
+            "bins": grid.bins,
+            "num_images": self.num_images,
+            "num_pixels": self.histogram.num_pixels,
+            "sources": [ACCUMULATOR],
+            "resolution": "image",
+            "sample_pixels": 0,
+            "seed": 0,
+            "logit_range": [grid.lo, grid.hi],
+            "clipped_logits": self.clipped,
+        }
+        stats = make_stats(self.histogram, self.class_names, settings=settings)
+        cgrid = self.confidence.grid
+        stats.extras = StatsExtras(
+            predicted=self.predicted.cpu().numpy(),
+            confidence=self.confidence.counts(),
+            confidence_grid=(cgrid.lo, cgrid.hi, cgrid.bins),
+            sample=PixelSample(np.zeros((0, c), np.float32), np.zeros(0, np.uint8)),
+        )
+        return stats
+
+
+ACCUMULATOR = "<accumulator>"
+"""What statistics from a :class:`StatsAccumulator` record as their source."""
 
 
 def load(
