@@ -324,8 +324,8 @@ class StatsAccumulator:
     Example:
         >>> acc = StatsAccumulator(class_names=["a", "b"], logit_range=(-10, 10), min_pixels=1)
         >>> acc.update(torch.randn(4, 2, 8, 8))
-        >>> acc.compute().label_pixels.sum()
-        np.int64(256)
+        >>> int(acc.compute().label_pixels.sum())
+        256
     """
 
     def __init__(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from torch import nn
 from blda_posthoc import api
 from blda_posthoc.core.fit import Grid
 
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 C = 4
 NAMES = ["road", "car", "pole", "sign"]
 BIAS = np.array([1.0, 0.3, -0.6, -1.2], dtype=np.float32)
@@ -136,9 +139,7 @@ def scene(rng: np.random.Generator, shift: float, n: int) -> tuple[torch.Tensor,
 
 
 def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, C, 3, padding=1)
-    )
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, C, 3, padding=1))
 
 
 def test_a_training_loop_refreshes_the_statistics_and_trains_on_corrected_labels():
@@ -200,3 +201,13 @@ def test_a_training_loop_refreshes_the_statistics_and_trains_on_corrected_labels
         assert torch.equal(pseudo, want)
         changed += int((pseudo != seen[step].argmax(1)).sum())
     assert changed > 0  # the correction did move some pseudo-labels off the plain argmax
+
+
+def test_the_docs_training_loop_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", API_DOC.read_text(), re.S)
+    scope: dict[str, object] = {}
+    exec(compile(blocks[1], "docs/api.md", "exec"), scope)  # noqa: S102
+    target = scope["target"]
+    assert isinstance(target, api.StatsAccumulator)
+    assert target.num_images == 80 and target.clipped == 0
+    assert scope["pseudo"].shape == (4, 32, 32)  # type: ignore[attr-defined]
