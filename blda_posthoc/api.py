@@ -72,10 +72,13 @@ from blda_posthoc.core.fit import (
     channel_argmax,
     make_stats,
 )
+from blda_posthoc.core.methods import METHODS
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.pipelines.corrections import (
+    API_TERMS,
+    CALIBRATION_FOR,
     Correction,
     CorrectionSpec,
     Statistics,
@@ -90,6 +93,7 @@ from blda_posthoc.pipelines.fit_stats import (
     check_memory,
     check_ranges,
     fit_images,
+    vector_calibration,
 )
 
 __all__ = [
@@ -115,6 +119,7 @@ SOURCE = "<memory>"
 """What the statistics' settings record as their source, and messages name."""
 STATS_NAME = Path("<stats>")
 ANCHORS_NAME = Path("<anchors>")
+CALIBRATION_NAME = "<calibration>"
 
 
 def fit_stats(
@@ -123,9 +128,11 @@ def fit_stats(
     class_names: Sequence[str],
     labels: str = "gt",
     estimator: str = "hist",
+    components: int = 5,
     bins: int = DEFAULT_BINS,
     min_pixels: int = 100,
     calibrate: bool = True,
+    calibration: LogitStats | None = None,
     sample_pixels: int = DEFAULT_SAMPLE_PIXELS,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -147,9 +154,16 @@ def fit_stats(
         labels: ``gt`` (the label maps; every image needs one) or ``pseudo`` (the argmax of
             the logits; a label map then only sets the image's size).
         estimator: ``hist`` or ``gmm``.
+        components: Mixture components for ``gmm`` (1 to 64).
         bins: Histogram bins over the logit range (16 to 65536).
         min_pixels: Cells with fewer pixels get no shift (recorded for :func:`load`; >= 1).
-        calibrate: With ``gt``: fit the calibrations and the calibrated statistics.
+        calibrate: With ``gt``: fit the temperature, vector-scaling and bias calibrations and
+            the statistics of the logits calibrated with the vector scaling (``blda fit-stats
+            --label-source gt``); such statistics serve as ``anchors`` of every method.
+        calibration: Labelled statistics with calibrations (usually the source's, fitted with
+            ``labels="gt"``): also fit the statistics of these images' logits calibrated with
+            its vector scaling, as ``blda fit-stats --calibration`` does, so that
+            ``load("calibrated-blda", stats=<these>, anchors=calibration)`` works.
         sample_pixels: Size of the seeded pixel sample (at most 10 million).
         seed: Seed of the sample.
         device: Where to compute.
@@ -167,6 +181,7 @@ def fit_stats(
     if estimator not in ESTIMATORS:
         raise InputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     # The ranges of the fit-stats options.
+    _check_range("components", components, 1, 64)
     _check_range("bins", bins, 16, 1 << 16)
     _check_range("min_pixels", min_pixels, 1, None)
     _check_range("sample_pixels", sample_pixels, 0, 10_000_000)
@@ -174,14 +189,22 @@ def fit_stats(
     names_ = list(class_names)
     c = len(names_)
     check_memory(c, bins)
+    known = (
+        None
+        if calibration is None
+        else vector_calibration(calibration, CALIBRATION_NAME, names_, API_TERMS.fit_gt)
+    )
     options = FitOptions(
         labels=labels,
         estimator=estimator,
+        components=components,
         min_pixels=min_pixels,
         bins=bins,
         sample_pixels=sample_pixels,
         seed=seed,
         calibrate=calibrate,
+        calibration=known,
+        calibration_source=None if calibration is None else CALIBRATION_NAME,
     )
     ranges = _scan(source, c, labels == "gt")
     check_ranges(ranges, bins, lambda _: SOURCE)
@@ -516,10 +539,15 @@ def load(
             raise InputError(f"tau must be 'auto' or a finite number >= 0, got {tau!r}")
         value = float(tau)
     spec = CorrectionSpec(method, value, auto, None, None, clamp, min_pixels)
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "none":
         return load_correction(spec, [], device)
+    if stats is None and method in CALIBRATION_FOR:
+        stats, anchors = anchors, None  # a calibration reads the labelled statistics only
     if stats is None:
-        raise InputError(f"method {method} needs stats")
+        needs = "anchors" if method in CALIBRATION_FOR else "stats"
+        raise InputError(f"method {method} needs {needs}")
     if anchors is not None and anchors.class_names != stats.class_names:
         raise InputError(
             f"{ANCHORS_NAME}: class names {anchors.class_names} differ from the stats' "
@@ -530,6 +558,7 @@ def load(
         stats if anchors is None else anchors,
         STATS_NAME,
         STATS_NAME if anchors is None else ANCHORS_NAME,
+        terms=API_TERMS,
     )
     return load_correction(spec, stats.class_names, device, statistics)
 

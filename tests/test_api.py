@@ -64,7 +64,10 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[side] = store
     run("fit-stats", paths["src"], "--labels", "gt", "--min-pixels", 10, "--out", root / "s.h5")
     run("fit-stats", paths["tgt"], "--labels", "pseudo", "--min-pixels", 10, "--out", root / "t.h5")
+    run("fit-stats", paths["tgt"], "--labels", "pseudo", "--min-pixels", 10,
+        "--calibration", root / "s.h5", "--out", root / "tc.h5")  # fmt: skip
     paths["src_stats"], paths["tgt_stats"] = root / "s.h5", root / "t.h5"
+    paths["tgt_cal_stats"] = root / "tc.h5"
     return paths
 
 
@@ -91,6 +94,11 @@ def assert_same_stats(got: LogitStats, want: LogitStats) -> None:
     if want.extras.calibrated is not None:
         assert got.extras.calibrated is not None
         np.testing.assert_array_equal(got.extras.calibrated.counts, want.extras.calibrated.counts)
+        calibration = got.extras.calibrated.settings["calibration"]
+        assert (
+            calibration["fingerprint"]
+            == want.extras.calibrated.settings["calibration"]["fingerprint"]
+        )
 
 
 def test_fit_stats_equals_the_command(case):
@@ -112,6 +120,118 @@ def test_fit_stats_pseudo_resizes_like_the_command(case):
     got = api.fit_stats(images, class_names=CLASSES, labels="pseudo", min_pixels=10)
     assert_same_stats(got, api.read_stats(case["tgt_stats"]))
     assert got.settings["num_pixels"] == 5 * 24 * 32
+
+
+def test_fit_stats_with_a_calibration_equals_the_command(case):
+    """``calibration=`` is ``fit-stats --calibration``: statistics for calibrated-blda."""
+    source = api.read_stats(case["src_stats"])
+    images = triples(case["tgt_logits"], case["tgt_labels"])
+    got = api.fit_stats(
+        images, class_names=CLASSES, labels="pseudo", min_pixels=10, calibration=source
+    )
+    want = api.read_stats(case["tgt_cal_stats"])
+    assert want.extras is not None and want.extras.calibrated is not None
+    assert_same_stats(got, want)
+    assert got.extras is not None and got.extras.calibrated is not None
+    assert got.extras.calibrated.settings["calibration"]["source"] == "<calibration>"
+
+
+def cli_methods() -> list[str]:
+    """The names ``blda correct --method`` accepts."""
+    import click
+
+    command = main.get_command(click.Context(main), "correct")
+    assert command is not None
+    (option,) = [p for p in command.params if p.name == "method"]
+    assert isinstance(option.type, click.Choice)
+    return [str(c) for c in option.type.choices]
+
+
+@pytest.fixture(scope="module")
+def api_fitted(case) -> dict[str, LogitStats]:
+    """Source (ground truth, calibrations) and target (pseudo, calibrated) stats, by the API."""
+    source = api.fit_stats(
+        triples(case["src_logits"], case["src_labels"]), class_names=CLASSES, min_pixels=10
+    )
+    target = api.fit_stats(
+        triples(case["tgt_logits"], case["tgt_labels"]),
+        class_names=CLASSES,
+        labels="pseudo",
+        min_pixels=10,
+        calibration=source,
+    )
+    return {"source": source, "target": target}
+
+
+@pytest.mark.parametrize("method", cli_methods())
+def test_every_cli_method_loads_from_api_fitted_stats(case, api_fitted, tmp_path, method):
+    """Every ``--method`` of the CLI, from API-fitted stats, predicts as ``blda correct``."""
+    run("correct", case["tgt"], "--stats", case["tgt_cal_stats"], "--anchors", case["src_stats"],
+        "--method", method, "--out-dir", tmp_path / "out")  # fmt: skip
+    correction = api.load(method, stats=api_fitted["target"], anchors=api_fitted["source"])
+    assert correction.method == method
+    for name, z, label in triples(case["tgt_logits"], case["tgt_labels"]):
+        pred, _ = api.correct(z, correction, size=label.shape)
+        want = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        np.testing.assert_array_equal(pred.numpy(), want)
+
+
+@pytest.mark.parametrize("method", ["temperature", "vector-scaling", "bias"])
+def test_a_calibration_needs_only_the_labelled_stats(case, api_fitted, tmp_path, method):
+    """As ``--anchors`` alone on the command line: the calibration lives in the source file."""
+    alone = api.load(method, anchors=api_fitted["source"])
+    both = api.load(method, stats=api_fitted["target"], anchors=api_fitted["source"])
+    run("correct", case["tgt"], "--anchors", case["src_stats"], "--method", method,
+        "--out-dir", tmp_path / "out")  # fmt: skip
+    for name, z, label in triples(case["tgt_logits"], case["tgt_labels"]):
+        pred, _ = api.correct(z, alone, size=label.shape)
+        assert torch.equal(pred, api.correct(z, both, size=label.shape)[0])
+        want = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        np.testing.assert_array_equal(pred.numpy(), want)
+
+
+def test_errors_name_the_api_arguments_not_cli_flags(case, api_fitted):
+    source, target = api_fitted["source"], api_fitted["target"]
+    plain_target = api.read_stats(case["tgt_stats"])  # fitted without a calibration
+    cases = [
+        (lambda: api.load("magic", stats=target), "method must be one of"),
+        (lambda: api.load("vector-scaling"), "method vector-scaling needs anchors"),
+        (lambda: api.load("blda", anchors=source), "method blda needs stats"),
+        (
+            lambda: api.load("calibrated-blda", stats=plain_target, anchors=source),
+            r"<stats>: holds no statistics of calibrated logits \(fit it with "
+            r"api.fit_stats\(labels='gt'\), or with api.fit_stats\(\.\.\., calibration=anchors\)",
+        ),
+        (
+            lambda: api.load("vector-scaling", stats=plain_target),
+            r"<stats>: holds no vector calibration \(it is fitted by api.fit_stats\(labels='gt'\)",
+        ),
+        (lambda: api.load("blda", stats=target, clamp=0.7), "clamp must lie in"),
+        (
+            lambda: api.fit_stats(
+                triples(case["tgt_logits"], None),
+                class_names=CLASSES,
+                labels="pseudo",
+                calibration=plain_target,
+            ),
+            r"<calibration>: holds no vector-scaling calibration \(fit it with api.fit_stats",
+        ),
+        (
+            lambda: api.fit_stats(
+                triples(case["tgt_logits"], None),
+                class_names=["a", "b", "c", "d"],
+                labels="pseudo",
+                calibration=source,
+            ),
+            "<calibration>: class names",
+        ),
+    ]
+    for call, match in cases:
+        with pytest.raises(api.InputError, match=match) as caught:
+            call()
+        assert "--" not in str(caught.value), str(caught.value)
+    note = api.load("temperature", anchors=source, tau=0.5).notes
+    assert note == ["tau is ignored: temperature has no strength"]
 
 
 def test_write_and_read_stats_round_trip(case, tmp_path):
@@ -222,7 +342,7 @@ def test_errors(case):
         api.load("blda", stats=stats, tau=-1.0)
     with pytest.raises(api.InputError, match="needs stats"):
         api.load("blda")
-    with pytest.raises(api.InputError, match="--method must be one of"):
+    with pytest.raises(api.InputError, match="method must be one of"):
         api.load("magic", stats=stats)
     # Pseudo-label statistics hold no calibration: the command's message, naming "<stats>".
     with pytest.raises(api.InputError, match="<stats>: holds no vector calibration"):

@@ -306,3 +306,24 @@ def test_version_1_stats_still_work_for_blda_and_say_what_is_missing(case, tmp_p
     )
     assert result.exit_code == 1
     assert "version 1 stats file" in result.stderr and str(old) in result.stderr
+
+
+@pytest.mark.parametrize("method", ["temperature", "vector-scaling", "bias"])
+def test_a_calibration_takes_anchors_alone_as_the_methods_table_says(case, tmp_path, method):
+    """docs/methods.md: the calibrations read ``--anchors`` (fitted with ground truth) only."""
+    run("correct", case["tgt"], "--anchors", case["src_stats"], "--method", method,
+        "--out-dir", tmp_path / "alone")  # fmt: skip
+    run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
+        "--method", method, "--out-dir", tmp_path / "both")  # fmt: skip
+    names = sorted(
+        str(p.relative_to(tmp_path / "both")) for p in (tmp_path / "both").rglob("*.png")
+    )
+    assert names == sorted(
+        str(p.relative_to(tmp_path / "alone")) for p in (tmp_path / "alone").rglob("*.png")
+    )
+    assert len(names) == 8
+    for name in names:
+        assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "both" / name).read_bytes()
+    missing = run("correct", case["tgt"], "--method", method, "--out-dir", tmp_path / "x", ok=False)
+    assert missing.exit_code == 2 and f"--method {method} needs --anchors" in missing.output
+    assert not (tmp_path / "x").exists()

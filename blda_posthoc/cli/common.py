@@ -24,7 +24,7 @@ from blda_posthoc.io.names import read_class_names
 from blda_posthoc.io.store import expand_store_paths
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
 from blda_posthoc.pipelines.console import info, progress, warn
-from blda_posthoc.pipelines.corrections import Correction, CorrectionSpec
+from blda_posthoc.pipelines.corrections import CALIBRATION_FOR, Correction, CorrectionSpec
 from blda_posthoc.pipelines.dump_logits import torchrun_shard
 
 __all__ = ["info", "progress", "warn"]
@@ -414,7 +414,12 @@ def build_spec(
             raise click.UsageError("--tau needs --stats")
         return None
     method = method or "blda"
-    if stats is None and method != "none":
+    if stats is None and method in CALIBRATION_FOR:
+        if anchors is None:  # a calibration reads the labelled file only
+            raise click.UsageError(
+                f"--method {method} needs --anchors (a stats file fitted with --label-source gt)"
+            )
+    elif stats is None and method != "none":
         raise click.UsageError(f"--method {method} needs --stats")
     if auto and not has_strength(method):
         raise click.UsageError(f"--tau auto: --method {method} has no strength")

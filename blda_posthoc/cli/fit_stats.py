@@ -19,7 +19,6 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.fit import ESTIMATORS, LogitStats
-from blda_posthoc.errors import InputError
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.outputs import Claim, check_not_input
@@ -29,6 +28,7 @@ from blda_posthoc.pipelines.fit_stats import (
     LABEL_SOURCES,
     FitOptions,
     fit_store,
+    vector_calibration,
 )
 
 
@@ -165,14 +165,7 @@ def command(
 
 def read_calibration(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The vector-scaling calibration of a stats file fitted with ground truth."""
-    stats = read_stats(path)
-    if stats.class_names != class_names:
-        raise InputError(f"{path}: class names {stats.class_names} differ from the store's")
-    if stats.extras is None or "vector" not in stats.extras.calibrations:
-        raise InputError(
-            f"{path}: holds no vector-scaling calibration (fit it with --label-source gt)"
-        )
-    return stats.extras.calibrations["vector"]
+    return vector_calibration(read_stats(path), str(path), class_names, "--label-source gt")
 
 
 def report_cells(stats: LogitStats) -> None:

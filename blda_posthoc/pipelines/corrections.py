@@ -47,6 +47,46 @@ ALIGNED = ("blda", "calibrated-blda", "filled-blda")
 
 
 @dataclass(frozen=True)
+class Terms:
+    """How messages name the settings: command-line options, or the API's arguments.
+
+    Attributes:
+        method: The method setting (``--method``).
+        stats: The statistics being corrected (``--stats``).
+        anchors: The labelled statistics (``--anchors``).
+        tau: The strength (``--tau``).
+        clamp: The CDF clamp (``--clamp``).
+        fit_gt: How labelled statistics with calibrations are fitted.
+        fit_calibrated: How statistics of calibrated logits are fitted, given ``{anchors}``.
+        refit: How a version-1 file is fitted again.
+    """
+
+    method: str = "--method"
+    stats: str = "--stats"
+    anchors: str = "--anchors"
+    tau: str = "--tau"
+    clamp: str = "--clamp"
+    fit_gt: str = "blda fit-stats --label-source gt"
+    fit_calibrated: str = "blda fit-stats --calibration {anchors}"
+    refit: str = "this version of blda fit-stats"
+
+
+CLI_TERMS = Terms()
+"""The command line's names (every ``blda`` command)."""
+API_TERMS = Terms(
+    method="method",
+    stats="stats",
+    anchors="anchors",
+    tau="tau",
+    clamp="clamp",
+    fit_gt="api.fit_stats(labels='gt')",
+    fit_calibrated="api.fit_stats(..., calibration=anchors)",
+    refit="this version's api.fit_stats",
+)
+"""The names of :mod:`blda_posthoc.api`'s arguments."""
+
+
+@dataclass(frozen=True)
 class CorrectionSpec:
     """What the user asked for: method, strength and statistics (one frozen object per run).
 
@@ -82,12 +122,14 @@ class Statistics:
         anchors: ``--anchors`` (source side; the same object as ``cond`` when not given).
         cond_path: Where ``cond`` came from.
         anchors_path: Where ``anchors`` came from.
+        terms: How messages name the settings.
     """
 
     cond: LogitStats
     anchors: LogitStats
     cond_path: Path
     anchors_path: Path
+    terms: Terms = CLI_TERMS
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def settings(self) -> dict[str, Any]:
@@ -158,20 +200,25 @@ def load_correction(
         The correction; a strength the statistics cannot take is an :class:`InputError` here,
         before any output is written.
     """
+    terms = CLI_TERMS if statistics is None else statistics.terms
     if spec.method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+        raise InputError(f"{terms.method} must be one of {', '.join(METHODS)}, got {spec.method!r}")
     notes = []
     if spec.method == "none":
         return Correction("none", 0.0, Plain(), {"method": "none", "tau": None})
     if statistics is None:
-        if spec.stats is None:
-            raise InputError(f"--method {spec.method} needs --stats")
-        statistics = read_statistics(spec.stats, spec.anchors, class_names)
+        stats, anchors = spec.stats, spec.anchors
+        if stats is None and spec.method in CALIBRATION_FOR:
+            stats, anchors = anchors, None  # a calibration reads the labelled file only
+        if stats is None:
+            needs = "--anchors" if spec.method in CALIBRATION_FOR else "--stats"
+            raise InputError(f"--method {spec.method} needs {needs}")
+        statistics = read_statistics(stats, anchors, class_names)
     corrector, details = build_corrector(spec.method, statistics, spec.clamp, spec.min_pixels)
     notes.extend(details.pop("notes", []))
     if not has_strength(spec.method):
         if spec.tau is not None or spec.tau_auto:
-            notes.append(f"--tau is ignored: {spec.method} has no strength")
+            notes.append(f"{terms.tau} is ignored: {spec.method} has no strength")
         tau = 0.0
     elif spec.tau_auto:
         choice = choose_tau(corrector, statistics, DEFAULT_TAUS[spec.method])
@@ -214,7 +261,8 @@ def build_corrector(
         return Shift(_cbst_shift(statistics)), {"cbst_portion": CBST_PORTION}
     if method == "logit-adjust":
         source = smooth_counts(statistics.anchors.label_pixels)
-        target = smooth_counts(_extras(statistics.cond, statistics.cond_path, method).predicted)
+        extras = _extras(statistics.cond, statistics.cond_path, method, statistics.terms)
+        target = smooth_counts(extras.predicted)
         shift = logit_adjustment(source, target, 1.0)
         return Shift(torch.as_tensor(shift, dtype=torch.float32)), {}
     if method == "em-prior":
@@ -222,21 +270,22 @@ def build_corrector(
     raise InputError(f"unknown method {method!r}")
 
 
-def _extras(stats: LogitStats, path: Path, method: str) -> StatsExtras:
+def _extras(stats: LogitStats, path: Path, method: str, terms: Terms) -> StatsExtras:
     if stats.extras is None:
         raise InputError(
-            f"{path}: a version 1 stats file holds no statistics for --method {method} "
-            "(fit it again with this version of blda fit-stats)"
+            f"{path}: a version 1 stats file holds no statistics for {method} "
+            f"(fit it again with {terms.refit})"
         )
     return stats.extras
 
 
 def _calibration(statistics: Statistics, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    extras = _extras(statistics.anchors, statistics.anchors_path, f"{kind} calibration")
+    terms = statistics.terms
+    extras = _extras(statistics.anchors, statistics.anchors_path, f"{kind} calibration", terms)
     if kind not in extras.calibrations:
         raise InputError(
             f"{statistics.anchors_path}: holds no {kind} calibration (it is fitted by "
-            "blda fit-stats --label-source gt on labelled, usually source, logits)"
+            f"{terms.fit_gt} on labelled, usually source, logits)"
         )
     scale, bias = extras.calibrations[kind]
     return (
@@ -257,14 +306,15 @@ def _aligned(
     method: str, statistics: Statistics, clamp: float, min_pixels: int | None
 ) -> tuple[Corrector, dict[str, Any]]:
     cond, anchors, pre = statistics.cond, statistics.anchors, None
+    terms = statistics.terms
     if method == "calibrated-blda":
-        cond = _calibrated(statistics.cond, statistics.cond_path)
-        anchors = _calibrated(statistics.anchors, statistics.anchors_path)
+        cond = _calibrated(statistics.cond, statistics.cond_path, terms)
+        anchors = _calibrated(statistics.anchors, statistics.anchors_path, terms)
         if _calibration_id(cond) != _calibration_id(anchors):
+            fit = terms.fit_calibrated.format(anchors=statistics.anchors_path)
             raise InputError(
                 f"{statistics.cond_path}: its calibrated statistics were made with another "
-                f"calibration than {statistics.anchors_path}'s (fit it with "
-                f"--calibration {statistics.anchors_path})"
+                f"calibration than {statistics.anchors_path}'s (fit it with {fit})"
             )
         pre = Affine(*_calibration(statistics, "vector"))
     min_px = _min_pixels(statistics.cond, min_pixels)
@@ -275,14 +325,14 @@ def _aligned(
             f"(positive {anchor_pixels[0]}, negative {anchor_pixels[1]}; need {min_px})"
         )
     if not 0.0 <= clamp < 0.5:
-        raise InputError(f"--clamp must lie in [0, 0.5), got {clamp}")
+        raise InputError(f"{terms.clamp} must lie in [0, 0.5), got {clamp}")
     fallback = anchors if method == "filled-blda" else None
     maps = build_maps(cond, anchors, clamp, min_px, fallback=fallback)
     details: dict[str, Any] = {
         "clamp": clamp,
         "min_pixels": min_px,
         "skipped_cells": [list(ij) for ij in maps.skipped],
-        "notes": _skipped_note(maps, cond.class_names),
+        "notes": _skipped_note(maps, cond.class_names, terms),
     }
     if pre is not None:
         details["calibration"] = "vector"
@@ -293,17 +343,18 @@ def _calibration_id(stats: LogitStats) -> str | None:
     return (stats.settings.get("calibration") or {}).get("fingerprint")
 
 
-def _calibrated(stats: LogitStats, path: Path) -> LogitStats:
-    extras = _extras(stats, path, "calibrated-blda")
+def _calibrated(stats: LogitStats, path: Path, terms: Terms) -> LogitStats:
+    extras = _extras(stats, path, "calibrated-blda", terms)
     if extras.calibrated is None:
+        fit = terms.fit_calibrated.format(anchors="SOURCE_STATS")
         raise InputError(
-            f"{path}: holds no statistics of calibrated logits (fit it with --label-source gt, or "
-            "with --calibration SOURCE_STATS)"
+            f"{path}: holds no statistics of calibrated logits (fit it with {terms.fit_gt}, "
+            f"or with {fit})"
         )
     return extras.calibrated
 
 
-def _skipped_note(maps: AlignmentMaps, class_names: list[str]) -> list[str]:
+def _skipped_note(maps: AlignmentMaps, class_names: list[str], terms: Terms) -> list[str]:
     skipped = maps.skipped
     if not skipped:
         return []
@@ -311,8 +362,8 @@ def _skipped_note(maps: AlignmentMaps, class_names: list[str]) -> list[str]:
     return [
         f"{len(skipped)} of {len(class_names) ** 2} cells hold too few pixels and get no shift"
         + (
-            f" (positive cells of: {', '.join(own)}; --method filled-blda borrows them from "
-            "--anchors)"
+            f" (positive cells of: {', '.join(own)}; {terms.method} filled-blda borrows them "
+            f"from {terms.anchors})"
             if own
             else ""
         )
@@ -320,7 +371,7 @@ def _skipped_note(maps: AlignmentMaps, class_names: list[str]) -> list[str]:
 
 
 def _cbst_shift(statistics: Statistics) -> torch.Tensor:
-    extras = _extras(statistics.cond, statistics.cond_path, "cbst")
+    extras = _extras(statistics.cond, statistics.cond_path, "cbst", statistics.terms)
     lo, hi, bins = extras.confidence_grid
     thresholds = keep_thresholds(extras.confidence, LogOddsGrid(lo, hi, bins), CBST_PORTION)
     present = thresholds.pixels > 0
@@ -350,7 +401,7 @@ def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affin
 
 
 def _target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
-    extras = _extras(statistics.cond, statistics.cond_path, "em-prior")
+    extras = _extras(statistics.cond, statistics.cond_path, "em-prior", statistics.terms)
     source = smooth_counts(statistics.anchors.label_pixels)
     pre = None
     anchor_extras = statistics.anchors.extras
@@ -374,7 +425,7 @@ def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
     if pre is None:
         details["notes"] = [
             f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
-            "which tends to collapse (fit the anchors with --label-source gt)"
+            f"which tends to collapse (fit the anchors with {statistics.terms.fit_gt})"
         ]
     return Shift(torch.as_tensor(shift, dtype=torch.float32), pre), details
 
@@ -385,12 +436,13 @@ def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) ->
     The strength whose predicted class shares come closest to the EM estimate of the target
     priors (see :func:`blda_posthoc.core.select.auto_tau`).
     """
-    extras = _extras(statistics.cond, statistics.cond_path, "--tau auto")
+    terms = statistics.terms
+    extras = _extras(statistics.cond, statistics.cond_path, f"{terms.tau} auto", terms)
     target, _, pre = target_priors(statistics)
     if pre is None:
         raise InputError(
-            f"{statistics.anchors_path}: --tau auto needs a source calibration (fit the "
-            "anchors with blda fit-stats --label-source gt)"
+            f"{statistics.anchors_path}: {terms.tau} auto needs a source calibration (fit the "
+            f"anchors with {terms.fit_gt})"
         )
     z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
     return auto_tau(corrector, z.float(), target, fallback, AUTO_GRID)

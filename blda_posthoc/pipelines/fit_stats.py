@@ -49,6 +49,29 @@ CALIBRATED_WITH = "vector"
 """The calibration whose logits the calibrated statistics describe."""
 
 
+def vector_calibration(
+    stats: LogitStats, name: str, class_names: Sequence[str], fit_gt: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The vector scaling of labelled statistics, to fit calibrated statistics with.
+
+    Args:
+        stats: Statistics fitted with ground-truth labels and calibrations (usually source).
+        name: How messages name ``stats`` (a path, or the API's argument).
+        class_names: The class names of the images being fitted.
+        fit_gt: How such statistics are fitted, for the message when they hold no calibration.
+
+    Returns:
+        ``(scale (C,), bias (C,))``.
+    """
+    if stats.class_names != list(class_names):
+        raise InputError(
+            f"{name}: class names {stats.class_names} differ from the images' {list(class_names)}"
+        )
+    if stats.extras is None or CALIBRATED_WITH not in stats.extras.calibrations:
+        raise InputError(f"{name}: holds no vector-scaling calibration (fit it with {fit_gt})")
+    return stats.extras.calibrations[CALIBRATED_WITH]
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """How ``fit-stats`` fits.
