@@ -182,3 +182,30 @@ def test_weights_options_are_checked(case, tmp_path):
     assert not (tmp_path / "pl").exists()  # refused before writing anything
     code, err = run("--merge", tmp_path / "manifest-1-of-2.json", "--weights-out", tmp_path / "w")
     assert code == 2 and "--weights-out" in err
+
+
+def test_out_suffix_names_labels_and_weights_as_mmsegmentation_reads_them(case, tmp_path):
+    root = case["root"]
+    out, weights = tmp_path / "pl", tmp_path / "w"
+    suffix = "_gtFine_labelTrainIds"
+    relabel_ok(case["store"], case["stats"], out, weights, *ARGS, "--out-suffix", suffix)
+    plain_labels, plain_weights = files_of(root / "pl"), files_of(root / "w")
+    # What CityscapesDataset does: image NAME_leftImg8bit.png -> annotation NAME<suffix>.png.
+    for rel in (p for p in plain_labels if p.suffix == ".png"):
+        image = f"{rel.with_suffix('').as_posix()}_leftImg8bit.png"
+        annotation = image.replace("_leftImg8bit.png", f"{suffix}.png")
+        assert (out / annotation).read_bytes() == plain_labels[rel]
+        assert (weights / annotation).read_bytes() == plain_weights[rel]
+    assert len([p for p in files_of(out) if p.suffix == ".png"]) == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["out_suffix"] == suffix
+    (out / f"city_a/img_002{suffix}.png").unlink()
+    code, err = run(
+        case["store"], "--stats", case["stats"], "--out-dir", out, "--weights-out", weights,
+        *ARGS, "--out-suffix", suffix, "--resume",
+    )  # fmt: skip
+    assert code == 0 and "wrote 1 pseudo-labels (kept 5 existing)" in err, err
+    for bad in ("a/b", "_x.png", "\\x"):
+        code, err = run(case["store"], "--stats", case["stats"], "--out-dir", tmp_path / "o",
+                        "--out-suffix", bad)  # fmt: skip
+        assert code == 2 and "--out-suffix" in err

@@ -33,7 +33,7 @@ from blda_posthoc.cli.common import (
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import WEIGHT_FORMATS
 from blda_posthoc.io.store import LogitStore, expand_store_paths
-from blda_posthoc.outputs import output_folder
+from blda_posthoc.outputs import check_name, output_folder
 from blda_posthoc.pipelines.correct import check_extras
 from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
 from blda_posthoc.pipelines.evaluate import every_label
@@ -100,6 +100,14 @@ PORTION_TOLERANCE = 0.005
     default=None,
     help="With --weights-out: png (8-bit, default) or npy (float16 confidence in [0, 1]).",
 )
+@click.option(
+    "--out-suffix",
+    default="",
+    callback=lambda ctx, param, value: check_out_suffix(value),
+    help="Stem ending of the written label (and weight) files: NAME<SUFFIX>.png, e.g. "
+    "_gtFine_labelTrainIds, the file names mmsegmentation's CityscapesDataset reads "
+    "(docs/models.md).",
+)
 @labels_dir_option
 @label_suffix_option
 @color_option
@@ -129,6 +137,7 @@ def command(
     pseudo_dir: Path | None,
     weights_out: Path | None,
     weights_format: str | None,
+    out_suffix: str,
     labels_dir: Path | None,
     label_suffix: str,
     color: bool,
@@ -161,6 +170,7 @@ def command(
             or count_only
             or labels_dir is not None
             or weights_out is not None
+            or out_suffix
         ):
             raise click.UsageError(
                 "--merge takes the shards' manifests as arguments, without --stats, --out-dir, "
@@ -210,6 +220,7 @@ def command(
             ready.method,
             cityscapes_ids,
             weights_format,
+            out_suffix,
         )
         run = {
             "settings": settings.as_dict(),
@@ -275,6 +286,25 @@ def command(
                 weights_dir=roots.get("--weights-out"),
             )
     report(manifest, out_dir / manifest_name(run_shard), weights_out=weights_out)
+
+
+def check_out_suffix(suffix: str) -> str:
+    """``--out-suffix``: a file-name ending without ``/``, ``.png`` or unsafe characters."""
+    if suffix and ("/" in suffix or _unsafe_suffix(suffix) or suffix.lower().endswith(".png")):
+        raise click.BadParameter(
+            f"{suffix!r} must be a file-name ending such as _gtFine_labelTrainIds (no '/', "
+            "backslash, control character or .png)",
+            param_hint="'--out-suffix'",
+        )
+    return suffix
+
+
+def _unsafe_suffix(suffix: str) -> bool:
+    try:
+        check_name(f"x{suffix}", "--out-suffix")
+    except InputError:
+        return True
+    return False
 
 
 def check_apart(out_dir: Path, weights_out: Path) -> None:

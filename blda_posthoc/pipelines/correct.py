@@ -87,27 +87,29 @@ def output_paths(
     color: bool,
     cityscapes_ids: bool = False,
     *,
+    suffix: str = "",
     weights: tuple[Path, str] | None = None,
 ) -> dict[str, list[Path]]:
-    """The files written per image: ``NAME.png``, then the extras that are asked for.
+    """The files written per image: ``NAME<suffix>.png``, then the extras that are asked for.
 
     The extras are ``NAME_color.png`` with ``color`` and ``NAME_labelIds.png`` with
     ``cityscapes_ids``, in this order, then with ``weights = (folder, extension)`` the
-    per-pixel weights ``folder/NAME<extension>`` (``relabel --weights-out``), always last.
+    per-pixel weights ``folder/NAME<suffix><extension>`` (``relabel --weights-out``), always
+    last. ``suffix`` is ``relabel --out-suffix`` (e.g. ``_gtFine_labelTrainIds``).
     Every path is checked to lie inside its folder (see
     :func:`blda_posthoc.outputs.paths_inside`), and no two images may write the same file.
     """
     names = list(names)
     options = extra_options(color, cityscapes_ids)
     check_extra_names(names, out_dir, options)
-    suffixes = [".png", *(f"{EXTRA_OUTPUTS[o]}.png" for o in options)]
+    suffixes = [f"{suffix}.png", *(f"{EXTRA_OUTPUTS[o]}.png" for o in options)]
     files = paths_inside(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes])
     step = len(suffixes)
     out = {name: files[i * step : (i + 1) * step] for i, name in enumerate(names)}
     if weights is not None:
         folder, extension = weights
         for name, path in zip(
-            names, paths_inside(folder, [f"{n}{extension}" for n in names]), strict=True
+            names, paths_inside(folder, [f"{n}{suffix}{extension}" for n in names]), strict=True
         ):
             out[name].append(path)
     return out

@@ -21,7 +21,7 @@ undefined values ``null``::
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
      "settings": {"method", "tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir",
-                  "color", "cityscapes_ids", "weights_format"},
+                  "color", "cityscapes_ids", "weights_format", "out_suffix"},
      "statistics": {"method", "tau", "stats", "stats_fingerprint", "stats_labels", "anchors",
                     "anchors_fingerprint", "estimator", ...},  (io.corrections.Correction)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
@@ -115,6 +115,8 @@ class RelabelSettings:
         weights_format: The format of the per-pixel quality weights (``--weights-out``), a
             key of :data:`WEIGHT_FORMATS`, or None without weights. Their folder is not
             recorded (a moved pair of folders can still be resumed).
+        out_suffix: Stem ending of the written label (and weight) files: ``NAME<out_suffix>``,
+            e.g. ``_gtFine_labelTrainIds`` for mmsegmentation's ``CityscapesDataset``.
     """
 
     tau: float
@@ -126,6 +128,7 @@ class RelabelSettings:
     method: str = "blda"
     cityscapes_ids: bool = False
     weights_format: str | None = None
+    out_suffix: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -139,6 +142,7 @@ class RelabelSettings:
             "color": self.color,
             "cityscapes_ids": self.cityscapes_ids,
             "weights_format": self.weights_format,
+            "out_suffix": self.out_suffix,
         }
 
 
@@ -424,6 +428,8 @@ def relabel_store(
 ) -> dict[str, Any]:
     """Write ``out_dir/NAME.png`` pseudo-labels (255 = ignore) and ``out_dir/manifest.json``.
 
+    With ``settings.out_suffix`` the labels are ``out_dir/NAME<out_suffix>.png``.
+
     With ``weights_dir`` (and ``settings.weights_format``) also the per-pixel quality weights
     ``weights_dir/NAME.png`` (or ``.npy``): the corrected confidence of the kept class, 0 where
     the label is ignore (:func:`blda_posthoc.core.relabel.kept_confidence`). They are written,
@@ -471,7 +477,12 @@ def relabel_store(
             raise ValueError(f"weights need a format, got {settings.weights_format!r}")
         weights = (weights_dir, WEIGHT_FORMATS[settings.weights_format])
     paths = output_paths(
-        out_dir, store.names, settings.color, settings.cityscapes_ids, weights=weights
+        out_dir,
+        store.names,
+        settings.color,
+        settings.cityscapes_ids,
+        suffix=settings.out_suffix,
+        weights=weights,
     )
     todo = set(check_outputs(paths, overwrite, resume))
     pseudo = pseudo_label_files(settings.pseudo_dir, store.names) if settings.pseudo_dir else None
