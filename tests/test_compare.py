@@ -249,3 +249,28 @@ def test_option_errors_on_correct(case, tmp_path):
         out,
     )
     assert "--tau is ignored" in result.stderr
+
+
+def test_a_store_without_labels_names_compare_options_only(case, tmp_path, monkeypatch):
+    """No ``--allow-missing`` hint (compare has no such option), and compare's progress bar."""
+    unlabelled = tmp_path / "nolabels.h5"
+    run("import-logits", case["labels"].parent / "logits", "--out", unlabelled)
+    out = tmp_path / "c.json"
+    result = run("compare", unlabelled, "--stats", case["tgt_stats"], "--json", out, ok=False)
+    assert_error(result, "nolabels.h5", "--labels DIR")
+    assert "--allow-missing" not in result.stderr and not out.exists()
+    # evaluate, which has the option, still suggests it.
+    result = run("evaluate", unlabelled, "--json", tmp_path / "e.json", ok=False)
+    assert_error(result, "--allow-missing")
+    # The progress bar says which command runs.
+    import blda_posthoc.pipelines.evaluate as evaluate_module
+
+    bars: list[str] = []
+
+    def recording(iterable, total, desc, unit="img"):
+        bars.append(desc)
+        return iterable
+
+    monkeypatch.setattr(evaluate_module, "progress", recording)
+    compare(case, out)
+    assert bars == ["compare"]

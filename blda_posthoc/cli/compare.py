@@ -228,7 +228,9 @@ def command(
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         statistics = read_statistics(stats, anchors, store.class_names)
-        pairs, label_files = store_labels(store, labels_dir, label_suffix, allow_missing=False)
+        pairs, label_files = store_labels(
+            store, labels_dir, label_suffix, allow_missing=False, command="compare"
+        )
         split = make_split(pairs.names, fraction, seed)  # over all images: shards agree
         rows, auto, skipped = build_rows(wanted, taus, spec, statistics, store.class_names, dev)
         rule = Rule(metric, max_class_loss, bootstrap, seed)

@@ -207,7 +207,8 @@ def compare_store(
         row.held = ConfusionMatrix(c)
         row.select = ConfusionMatrix(c) if split is not None else None
         row.images = {} if per_image else None
-    for name, z, label in iterate_store(store, pairs, label_files, torch.device(device)):
+    images = iterate_store(store, pairs, label_files, torch.device(device), command="compare")
+    for name, z, label in images:
         size = (int(label.shape[0]), int(label.shape[1]))
         source = label_source(store, label_files, name)
         for row in rows:

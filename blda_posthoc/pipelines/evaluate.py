@@ -56,7 +56,14 @@ class Pairs:
         }
 
 
-def pair_names(predicted: list[str], labelled: list[str], allow_missing: bool, where: str) -> Pairs:
+def pair_names(
+    predicted: list[str],
+    labelled: list[str],
+    allow_missing: bool,
+    where: str,
+    *,
+    command: str = "evaluate",
+) -> Pairs:
     """Match predictions with labels by name.
 
     A label without a prediction is an error unless ``allow_missing``; a prediction without a
@@ -67,6 +74,7 @@ def pair_names(predicted: list[str], labelled: list[str], allow_missing: bool, w
         labelled: Names that have a label.
         allow_missing: Evaluate the pairs that exist when some predictions are missing.
         where: Describes a missing prediction's expected location; ``{name}`` is filled in.
+        command: The command asking: only ``evaluate`` has ``--allow-missing`` to suggest.
     """
     have = set(predicted)
     pairs = Pairs(
@@ -76,9 +84,10 @@ def pair_names(predicted: list[str], labelled: list[str], allow_missing: bool, w
     )
     if pairs.missing and not allow_missing:
         first = where.format(name=pairs.missing[0])
+        hint = "; --allow-missing evaluates the rest" if command == "evaluate" else ""
         raise InputError(
             f"{first}: no prediction for this label ({len(pairs.missing)} of {len(labelled)} "
-            "labels have none; --allow-missing evaluates the rest)"
+            f"labels have none{hint})"
         )
     if pairs.missing:
         warn(f"{len(pairs.missing)} labelled images have no prediction and are left out")
@@ -238,24 +247,38 @@ class Pass:
 
 
 def store_labels(
-    store: LogitStore, labels_dir: Path | None, label_suffix: str, allow_missing: bool
+    store: LogitStore,
+    labels_dir: Path | None,
+    label_suffix: str,
+    allow_missing: bool,
+    *,
+    command: str = "evaluate",
 ) -> tuple[Pairs, dict[str, Path]]:
     """Pair the store's images with labels from ``labels_dir`` or from the store itself.
 
     With the store's own labels, images without one are found while reading (see
     :func:`iterate_store`); here the store only has to hold labels for all of them unless
     ``allow_missing``.
+
+    Args:
+        store: The logits.
+        labels_dir: ``--labels DIR``, or None for the store's own labels.
+        label_suffix: Suffix of the label stems.
+        allow_missing: Evaluate the labelled images when some have no label.
+        command: The command asking, for messages (only ``evaluate`` has ``--allow-missing``).
     """
     if labels_dir is not None:
         files = find_labels(labels_dir, label_suffix, list(store.names))
         where = f"{labels_dir}/{{name}}{label_suffix}.png"
-        return pair_names(store.names, list(files), allow_missing, where), files
+        pairs = pair_names(store.names, list(files), allow_missing, where, command=command)
+        return pairs, files
     if not store.names:
         raise InputError(f"{store.paths[0]}: the store holds no complete image")
     if not store.has_labels() and not allow_missing:
+        rest = ", or --allow-missing to evaluate the labelled ones" if command == "evaluate" else ""
         raise InputError(
-            f"{store.paths[0]}: some images have no label (give --labels DIR, or "
-            "--allow-missing to evaluate the labelled ones)"
+            f"{store.paths[0]}: some images have no label ({command} needs a label for every "
+            f"image: give --labels DIR{rest})"
         )
     return Pairs(list(store.names)), {}
 
@@ -294,17 +317,23 @@ def label_source(store: LogitStore, label_files: dict[str, Path], name: str) -> 
 
 
 def iterate_store(
-    store: LogitStore, pairs: Pairs, label_files: dict[str, Path], device: torch.device
+    store: LogitStore,
+    pairs: Pairs,
+    label_files: dict[str, Path],
+    device: torch.device,
+    *,
+    command: str = "evaluate",
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(name, logits (C, H, W) at label size, label (H, W))`` on ``device``.
 
     Images without a label are skipped and moved from ``pairs.names`` to ``pairs.unlabelled``.
+    ``command`` names the progress bar.
     """
     images = store.iter_images(
         list(pairs.names),
         device=device,
         with_label=not label_files,
-        progress=lambda it, n: progress(it, n, "evaluate"),
+        progress=lambda it, n: progress(it, n, command),
     )
     for record, z in images:
         name = record.name
