@@ -358,3 +358,33 @@ def test_label_beyond_num_classes_names_the_label(
     assert code == 1
     assert stderr.startswith("error: ") and "labels/city_a/img_000.png" in stderr
     assert "label value 3 is outside 0..2" in stderr
+
+
+def test_pred_dir_takes_the_class_names_of_correct_json(
+    tmp_path: Path, npy_case: tuple[Path, Path]
+) -> None:
+    """``correct`` names the classes in ``correct.json`` beside its PNGs: evaluate reads them."""
+    logits_dir, labels_dir = npy_case
+    store = tmp_path / "s.h5"
+    write_store(store, logits_dir, labels_dir)
+    pred = tmp_path / "pred"
+    result = CliRunner().invoke(
+        main, ["correct", str(store), "--method", "none", "--out-dir", str(pred)]
+    )
+    assert result.exit_code == 0, result.output
+    out, from_store = tmp_path / "a.json", tmp_path / "s.json"
+    code, stdout, stderr = run("--pred-dir", pred, "--labels", labels_dir, "--json", out)
+    assert code == 0, stderr
+    assert f"class names from {pred / 'correct.json'}" in stderr and "inferred" not in stderr
+    report = json.loads(out.read_text())
+    assert list(report["per_class"]) == NAMES and "road" in stdout
+    assert run(store, "--json", from_store)[0] == 0
+    assert report["per_class"] == json.loads(from_store.read_text())["per_class"]
+    # --class-names / --num-classes still decide when given.
+    code, _, stderr = run("--pred-dir", pred, "--labels", labels_dir, "--num-classes", 4,
+                          "--json", out, "--overwrite")  # fmt: skip
+    assert code == 0 and list(json.loads(out.read_text())["per_class"])[0] == "class_0"
+    # A summary that is not correct's is refused, naming it.
+    (pred / "correct.json").write_text('{"format": "blda-evaluate"}')
+    code, _, stderr = run("--pred-dir", pred, "--labels", labels_dir)
+    assert code == 1 and "correct.json: not a 'blda-correct' summary" in stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ import torch
 from blda_posthoc.core.align import DEFAULT_CLAMP
 from blda_posthoc.core.methods import METHODS, has_strength
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.jsonfiles import write_json
+from blda_posthoc.io.jsonfiles import read_report, write_json
 from blda_posthoc.io.names import read_class_names
 from blda_posthoc.io.store import expand_store_paths
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
@@ -428,14 +427,7 @@ def build_spec(
 
 def read_compare_selection(path: Path) -> dict[str, Any]:
     """The ``selected`` entry of a ``blda compare`` JSON (with its statistics paths)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != "blda-compare":
-        raise InputError(f"{path}: not a 'blda compare' report (format blda-compare)")
+    data = read_report(path, "blda-compare", "'blda compare' report")
     if "partial" in data:  # only a shard's report has raw counts to merge
         partial = data["partial"]
         shard = partial.get("shard") if isinstance(partial, dict) else None

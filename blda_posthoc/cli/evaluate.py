@@ -39,6 +39,7 @@ from blda_posthoc.pipelines.dump_logits import shard_path
 from blda_posthoc.pipelines.evaluate import (
     evaluate_pred_dir,
     evaluate_store,
+    folder_class_names,
     merge_partials,
     partial_block,
     resolve_classes,
@@ -290,6 +291,11 @@ def run_pred_dir(
 ) -> None:
     """``evaluate --pred-dir``."""
     names = parse_class_names(class_spec)
+    if names is None and num_classes is None:
+        found = folder_class_names(pred_dir)  # correct.json / manifest.json name them
+        if found is not None:
+            names, source = found
+            info(f"class names from {source}")
     known = len(names) if names is not None else num_classes
     cm, pairs = evaluate_pred_dir(
         pred_dir,

@@ -19,6 +19,28 @@ def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> Non
     )
 
 
+def read_report(path: Path, kind: str, what: str) -> dict[str, Any]:
+    """Read a JSON file a command wrote, refusing anything but format ``kind``.
+
+    Args:
+        path: The file.
+        kind: The ``format`` expected (``blda-compare``, ``blda-correct``, ...).
+        what: The file in words, for the message (``'blda compare' report``).
+
+    Returns:
+        The document (a dict whose ``format`` is ``kind``).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != kind:
+        raise InputError(f"{path}: not a {what} (format {kind})")
+    return data
+
+
 def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]]:
     """Read the JSON reports of shards 1..N of one run: each exactly once, the same N.
 

@@ -21,7 +21,8 @@ from blda_posthoc.core.evaluate import (
 from blda_posthoc.core.methods import Plain
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
-from blda_posthoc.io.jsonfiles import read_parts
+from blda_posthoc.io.jsonfiles import read_parts, read_report
+from blda_posthoc.io.names import check_class_names
 from blda_posthoc.io.store import LogitStore, shard_names
 from blda_posthoc.pipelines.console import info, progress, warn
 from blda_posthoc.pipelines.correct import EXTRA_OUTPUTS
@@ -134,6 +135,31 @@ def add_pixels(cm: ConfusionMatrix, pred: Any, label: Any, source: Path | str) -
 
 
 # ---------------------------------------------------------------- --pred-dir
+
+
+FOLDER_REPORTS = (("correct.json", "blda-correct"), ("manifest.json", "blda-relabel"))
+"""The summaries ``correct`` and ``relabel`` write beside their PNGs, which name the classes."""
+
+
+def folder_class_names(pred_dir: Path) -> tuple[list[str], Path] | None:
+    """The class names of a ``correct`` or ``relabel`` output folder, from its summary.
+
+    Args:
+        pred_dir: ``--pred-dir``.
+
+    Returns:
+        ``(names, the file they come from)``, or None when the folder holds neither
+        ``correct.json`` nor ``manifest.json``.
+    """
+    for name, kind in FOLDER_REPORTS:
+        path = pred_dir / name
+        if not path.is_file():
+            continue
+        names = read_report(path, kind, f"'{kind}' summary").get("class_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{path}: 'class_names' is not a list of names")
+        return check_class_names(names, str(path)), path
+    return None
 
 
 def resolve_classes(
