@@ -141,6 +141,14 @@ def test_select_on_reports_held_out_figures(case, tmp_path):
     out = tmp_path / "held.json"
     run("evaluate", case["tgt"], "--labels", labels, "--allow-missing", "--json", out)
     assert json.loads(out.read_text())["miou"] == none["miou"]
+    # docs/formats.md documents every key of the report, its rows, selection and tau_auto.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    start = text.index("## Compare report")
+    documented = text[start : text.index("\n## ", start + 1)]
+    assert report["tau_auto"]
+    keys = [*report, *report["rows"][0], *selected, *next(iter(report["tau_auto"].values()))]
+    for key in keys:
+        assert f'"{key}"' in documented or f"`{key}`" in documented, f"compare key {key!r}"
     # The same seed gives the same split; another seed another one.
     again = compare(case, tmp_path / "c2.json", "--select-on", "0.33", "--seed", "3")
     assert again["split"] == split

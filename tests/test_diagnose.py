@@ -24,6 +24,15 @@ from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 
 C = 5
 NAMES = ["road", "wall", "pole", "sky", "car"]
+FORMATS = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
+
+
+def format_section(title: str) -> str:
+    """The section of docs/formats.md whose heading starts with ``title``."""
+    text = FORMATS.read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
 
 
 def write_store(path: Path, bias: np.ndarray, labels: bool, seed: int = 3) -> None:
@@ -232,6 +241,10 @@ def test_anchors_give_estimated_ratios_and_label_free_verdicts(stores, tmp_path)
             "uncertain",
             "unknown",
         )
+    # docs/formats.md documents every key of the report.
+    documented = format_section("Diagnose report")
+    for key in (*report, *next(iter(entries))):
+        assert f'"{key}"' in documented, f"docs/formats.md: diagnose key {key!r} undocumented"
     code, _, err = run(stores["labelled"], "--anchors", tmp_path / "src.h5")
     assert code == 2 and "--anchors needs --stats" in err
     code, _, err = run(

@@ -94,6 +94,11 @@ def test_every_command_and_option_is_in_the_command_reference() -> None:
             for opt in (*param.opts, *param.secondary_opts):
                 if opt.startswith("--"):
                     assert f"`{opt}" in section, f"commands.md, blda {name}: {opt} undocumented"
+            # A required option reads as required (compare --json is), an optional one not.
+            row = re.compile(rf"^\| `{re.escape(param.opts[0])}[ `]")
+            rows = [line for line in section.splitlines() if row.match(line)]
+            assert len(rows) == 1, f"commands.md, blda {name}: no option row for {param.opts[0]}"
+            assert ("[required]" in rows[0]) == param.required, rows[0]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
