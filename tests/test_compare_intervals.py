@@ -238,3 +238,65 @@ def test_shards_merged_give_the_intervals_of_one_pass(case, tmp_path):
     refused = run("compare", "--merge", broken, parts[1], "--json", tmp_path / "z.json", code=1)
     assert "row 1 images do not add up" in refused.output
     assert not (tmp_path / "z.json").exists()
+
+
+def evaluate(case, out: Path, *extra: object, code: int = 0):
+    return run(
+        "evaluate",
+        case["tgt"],
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--json",
+        out,
+        *extra,
+        code=code,
+    )
+
+
+def test_evaluate_before_after_has_the_interval_compare_gives(case, tmp_path):
+    result = evaluate(
+        case, tmp_path / "e.json", "--method", "bias", "--markdown", tmp_path / "e.md"
+    )
+    report = load(tmp_path / "e.json")
+    lo, hi = report["gain_ci95"]
+    assert lo - 2e-4 <= report["delta"]["miou"] <= hi + 2e-4 and lo > 0
+    assert report["settings"]["bootstrap"] == 1000 and report["settings"]["seed"] == 0
+    assert "mIoU gain 95%" in result.stdout and "includes 0" not in result.stderr
+    assert "mIoU gain 95%" in (tmp_path / "e.md").read_text()
+    # The same images, resamples and seed as compare's row of the same correction.
+    compare(case, tmp_path / "c.json", "--methods", "bias")
+    row = load(tmp_path / "c.json")["rows"][1]
+    assert row["method"] == "bias" and row["gain_ci95"] == report["gain_ci95"]
+    # Another seed, other resamples; --bootstrap 0 turns it off.
+    evaluate(case, tmp_path / "s.json", "--method", "bias", "--seed", "7")
+    assert load(tmp_path / "s.json")["gain_ci95"] != report["gain_ci95"]
+    off = evaluate(case, tmp_path / "o.json", "--method", "bias", "--bootstrap", "0")
+    assert load(tmp_path / "o.json")["gain_ci95"] is None
+    assert "mIoU gain 95%" not in off.stdout
+
+
+def test_evaluate_says_when_the_interval_includes_zero(case, tmp_path):
+    result = evaluate(case, tmp_path / "w.json", "--method", "cbst", "--tau", "0.2")
+    report = load(tmp_path / "w.json")
+    assert includes_zero(report["gain_ci95"]), report["gain_ci95"]
+    assert "95% interval of the mIoU gain includes 0: on these 12 images" in result.stderr
+
+
+def test_evaluate_bootstrap_usage_errors(case, tmp_path):
+    plain = run("evaluate", case["tgt"], "--bootstrap", "10", code=2)
+    assert "--bootstrap" in plain.output and "--stats" in plain.output
+    bad = evaluate(case, tmp_path / "x.json", "--method", "bias", "--bootstrap", "-3", code=2)
+    assert "--bootstrap" in bad.output and not (tmp_path / "x.json").exists()
+    run("evaluate", case["tgt"], "--json", tmp_path / "p.json")
+    assert "gain_ci95" not in load(tmp_path / "p.json")  # no correction, no gain
+    for k in (1, 2):
+        evaluate(case, tmp_path / "s.json", "--method", "bias", "--shard", f"{k}/2")
+    parts = [tmp_path / f"s-{k}-of-2.json" for k in (1, 2)]
+    again = run("evaluate", "--merge", *parts, "--seed", "3", code=2)
+    assert "--seed" in again.output and "shards" in again.output
+    merged = run("evaluate", "--merge", *parts, "--json", tmp_path / "m.json")
+    evaluate(case, tmp_path / "one.json", "--method", "bias")
+    assert load(tmp_path / "m.json") == load(tmp_path / "one.json")
+    assert "mIoU gain 95%" in merged.stdout

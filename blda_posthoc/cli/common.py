@@ -239,6 +239,12 @@ class ShardType(click.ParamType):
         return k, n
 
 
+def explicit(name: str) -> bool:
+    """Whether option ``name`` of the running command was given (not left at its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
 def shard_option(func: F) -> F:
     """``--shard K/N``: process shard K of N (see :func:`resolve_shard`)."""
     return click.option(

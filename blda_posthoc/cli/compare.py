@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 from blda_posthoc.cli.common import (
     check_output_file,
     compare_merge_hint,
     device_option,
+    explicit,
     handle_errors,
     info,
     label_suffix_option,
@@ -24,13 +24,12 @@ from blda_posthoc.cli.common import (
     statistics_options,
     warn,
 )
-from blda_posthoc.core.bootstrap import METRICS
+from blda_posthoc.core.bootstrap import DEFAULT_BOOTSTRAP, METRICS
 from blda_posthoc.core.methods import METHODS
 from blda_posthoc.io.jsonfiles import write_json
 from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.pipelines.compare import (
     BOOTSTRAP_MEMORY,
-    DEFAULT_BOOTSTRAP,
     DEFAULT_TAU_GRID,
     Comparison,
     Rule,
@@ -291,9 +290,3 @@ def finish(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> N
         info(line)
     if chosen["gain_over_none"] is not None:
         info(f"apply it with blda correct STORES --from-compare {json_path} --out-dir DIR")
-
-
-def explicit(name: str) -> bool:
-    """Whether option ``name`` was given on the command line (not left at its default)."""
-    source = click.get_current_context().get_parameter_source(name)
-    return source not in (None, ParameterSource.DEFAULT)

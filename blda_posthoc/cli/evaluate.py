@@ -15,6 +15,7 @@ from blda_posthoc.cli.common import (
     class_names_option,
     correction_options,
     device_option,
+    explicit,
     handle_errors,
     info,
     label_suffix_option,
@@ -27,6 +28,7 @@ from blda_posthoc.cli.common import (
     shard_option,
     warn,
 )
+from blda_posthoc.core.bootstrap import DEFAULT_BOOTSTRAP, includes_zero
 from blda_posthoc.core.evaluate import (
     summarize,
 )
@@ -40,6 +42,7 @@ from blda_posthoc.pipelines.evaluate import (
     evaluate_pred_dir,
     evaluate_store,
     folder_class_names,
+    gain_interval,
     merge_partials,
     partial_block,
     resolve_classes,
@@ -96,20 +99,31 @@ def write_outputs(
     counts: dict[str, int],
     settings: dict[str, Any],
     partial: dict[str, Any] | None = None,
+    gain_ci95: list[float | None] | None = None,
 ) -> None:
     """Print the table and write the requested JSON, Markdown and plot files.
 
     A shard's JSON report also holds ``partial``: its raw accumulators, for ``--merge``.
+    ``gain_ci95``: the interval of the mIoU gain of a before/after run (None: not computed).
     """
-    click.echo(format_table(class_names, before, after))
+    click.echo(format_table(class_names, before, after, gain_ci95))
+    if includes_zero(gain_ci95) and partial is None:
+        info(
+            f"note: the 95% interval of the mIoU gain includes 0: on these {counts['num_images']} "
+            "images the correction is not told apart from no change (more images narrow it)"
+        )
     if paths["json"] is not None:
-        report = build_report(class_names, before, after, counts=counts, settings=settings)
+        report = build_report(
+            class_names, before, after, counts=counts, settings=settings, gain_ci95=gain_ci95
+        )
         if partial is not None:
             report["partial"] = partial
         write_json(paths["json"], report)
         info(f"wrote {paths['json']}")
     if paths["markdown"] is not None:
-        text = format_markdown(class_names, before, after, counts=counts, settings=settings)
+        text = format_markdown(
+            class_names, before, after, counts=counts, settings=settings, gain_ci95=gain_ci95
+        )
         write_text(paths["markdown"], text)
         info(f"wrote {paths['markdown']}")
     if paths["plot"] is not None:
@@ -168,6 +182,22 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
     type=FILE,
     help="Row-normalised confusion matrix (before and after with a correction; needs matplotlib).",
 )
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=DEFAULT_BOOTSTRAP,
+    show_default=True,
+    metavar="N",
+    help="With a correction: resamples of the 95% paired bootstrap interval (over images) of "
+    "the mIoU gain; 0 turns it off.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the bootstrap resampling.",
+)
 @shard_option
 @click.option(
     "--merge",
@@ -193,6 +223,8 @@ def command(
     markdown_path: Path | None,
     plot_path: Path | None,
     confusion_path: Path | None,
+    bootstrap: int,
+    seed: int,
     shard: tuple[int, int] | None,
     merge: bool,
     overwrite: bool,
@@ -204,6 +236,9 @@ def command(
     or from --pred-dir (PNGs); labels from --labels or the store. With --stats (and --method) the
     stores are evaluated before and after the correction in one run. The table goes to stdout.
     Metrics are defined in docs/metrics.md.
+
+    With a correction, the mIoU gain comes with its 95% paired bootstrap interval over images
+    (--bootstrap N resamples, --seed); an interval that includes 0 is said.
 
     With --shard K/N (or under torchrun) only shard K's share of the name-sorted images is
     evaluated and --json is written to JSON-K-of-N.json with the raw counts; then
@@ -218,11 +253,17 @@ def command(
         "plot": plot_path,
         "confusion": confusion_path,
     }
+    given = [f"--{name}" for name in ("bootstrap", "seed") if explicit(name)]
     if merge:
         if not stores or pred_dir is not None or correction is not None or shard is not None:
             raise click.UsageError(
                 "--merge takes the shards' JSON reports as arguments, without --pred-dir, "
                 "a correction or --shard"
+            )
+        if given:
+            raise click.UsageError(
+                f"--merge reports with the shards' settings: give {', '.join(given)} to the "
+                "shards instead"
             )
         for path in outputs.values():
             if path is not None:
@@ -243,6 +284,11 @@ def command(
             )
         json_path = shard_path(json_path, run_shard)
     check_usage(pred_dir, stores, labels_dir, correction, num_classes, ignore_pred_ignore)
+    if given and correction is None:
+        raise click.UsageError(
+            f"{', '.join(given)}: the interval is of a correction's gain; give --stats (and "
+            "--method) to evaluate before and after"
+        )
     outputs["json"] = json_path  # a shard's own file
     for path in outputs.values():
         if path is not None:
@@ -275,6 +321,7 @@ def command(
             outputs,
             resolve_device(device),
             run_shard,
+            bootstrap=(bootstrap, seed),
         )
 
 
@@ -339,8 +386,13 @@ def run_store(
     outputs: dict[str, Path | None],
     device: torch.device,
     shard: tuple[int, int] | None = None,
+    *,
+    bootstrap: tuple[int, int] = (DEFAULT_BOOTSTRAP, 0),
 ) -> None:
-    """``evaluate STORES``, optionally before and after a correction (of one shard's images)."""
+    """``evaluate STORES``, optionally before and after a correction (of one shard's images).
+
+    ``bootstrap``: resamples and seed of the mIoU gain's interval (with a correction).
+    """
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         class_names = store_class_names(store, class_spec)
@@ -351,7 +403,10 @@ def run_store(
         if correction is not None:  # once the labels are found: no warning before their errors
             report_notes(correction)
         pairs = shard_pairs(pairs, store.names, shard)
-        plain, corrected = evaluate_store(store, pairs, label_files, correction, device)
+        resamples, seed = bootstrap if correction is not None else (0, 0)
+        plain, corrected = evaluate_store(
+            store, pairs, label_files, correction, device, per_image=resamples > 0
+        )
     before, after = plain.result(), corrected.result() if corrected is not None else None
     if pairs.unlabelled and not label_files:
         warn(f"{len(pairs.unlabelled)} images in the store have no label and are left out")
@@ -368,11 +423,13 @@ def run_store(
     }
     if correction is not None:
         settings.update(correction.settings)
+        settings.update(bootstrap=resamples, seed=seed)
     partial = None
     if shard is not None:
         partial = partial_block(shard, class_names, plain, corrected, pairs.counts())
         info(f"shard {shard[0]}/{shard[1]}: these figures cover its {len(pairs.names)} images")
-    write_outputs(outputs, class_names, before, after, pairs.counts(), settings, partial)
+    interval = gain_interval(plain, corrected, n=resamples, seed=seed)
+    write_outputs(outputs, class_names, before, after, pairs.counts(), settings, partial, interval)
 
 
 def run_merge(parts: tuple[str, ...], outputs: dict[str, Path | None]) -> None:
@@ -382,4 +439,18 @@ def run_merge(parts: tuple[str, ...], outputs: dict[str, Path | None]) -> None:
     before = merged.before.result()
     after = merged.after.result() if merged.after is not None else None
     note_out_of_range([before, after], len(merged.class_names))
-    write_outputs(outputs, merged.class_names, before, after, merged.counts, merged.settings)
+    interval = gain_interval(
+        merged.before,
+        merged.after,
+        n=int(merged.settings.get("bootstrap", 0)),
+        seed=int(merged.settings.get("seed", 0)),
+    )
+    write_outputs(
+        outputs,
+        merged.class_names,
+        before,
+        after,
+        merged.counts,
+        merged.settings,
+        gain_ci95=interval,
+    )

@@ -30,6 +30,8 @@ METRICS = ("miou", "macc")
 """Metrics a gain can be measured in."""
 LEVEL = 0.95
 """Coverage of the interval."""
+DEFAULT_BOOTSTRAP = 1000
+"""Resamples ``compare`` and ``evaluate`` draw unless ``--bootstrap`` says otherwise."""
 BLOCK = 1000
 """Resamples drawn (and evaluated) at a time: memory stays at ``BLOCK × I`` draws."""
 
@@ -180,6 +182,8 @@ def _resampled_metric(weights: np.ndarray, counts: np.ndarray, metric: str) -> n
     return metric_from_counts(summed.reshape(-1, 3, c), metric)
 
 
-def includes_zero(interval: Sequence[float] | None) -> bool:
+def includes_zero(interval: Sequence[float | None] | None) -> bool:
     """Whether an interval ``[lo, hi]`` holds 0 (the gain is not told apart from no gain)."""
-    return interval is not None and interval[0] <= 0.0 <= interval[1]
+    if interval is None or interval[0] is None or interval[1] is None:
+        return False
+    return interval[0] <= 0.0 <= interval[1]

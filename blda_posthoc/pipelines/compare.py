@@ -38,6 +38,7 @@ import torch
 
 from blda_posthoc.core.align import lookup_tables
 from blda_posthoc.core.bootstrap import (
+    DEFAULT_BOOTSTRAP,
     gain_intervals,
     image_counts,
     includes_zero,
@@ -59,8 +60,6 @@ VERSION = 1
 PLAIN = Plain()
 """Stands in for the corrector of merged rows (a report needs none)."""
 DEFAULT_TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-DEFAULT_BOOTSTRAP = 1000
-"""Resamples of the paired bootstrap interval of every gain."""
 BOOTSTRAP_MEMORY = 2 * 2**30
 """Bytes the per-image counts may take; above it the bootstrap is turned off with a warning."""
 

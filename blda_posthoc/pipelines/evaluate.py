@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core.bootstrap import gain_intervals, image_counts
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
 from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.evaluate import (
@@ -21,13 +22,13 @@ from blda_posthoc.core.evaluate import (
 from blda_posthoc.core.methods import Plain
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
-from blda_posthoc.io.jsonfiles import read_parts, read_report
+from blda_posthoc.io.jsonfiles import count_array, read_parts, read_report
 from blda_posthoc.io.names import check_class_names
 from blda_posthoc.io.store import LogitStore, shard_names
 from blda_posthoc.pipelines.console import info, progress, warn
 from blda_posthoc.pipelines.correct import EXTRA_OUTPUTS
 from blda_posthoc.pipelines.corrections import Correction
-from blda_posthoc.report.tables import Result
+from blda_posthoc.report.tables import Result, round_or_none
 
 PLAIN = Plain()
 ALL_IDS = IGNORE_INDEX
@@ -253,15 +254,41 @@ def evaluate_pred_dir(
 
 
 class Pass:
-    """Confusion matrix and calibration error of one set of store predictions."""
+    """Confusion matrix and calibration error of one set of store predictions.
 
-    def __init__(self, num_classes: int) -> None:
+    Attributes:
+        cm: The confusion matrix of every image.
+        ece: The calibration error.
+        images: ``(3, C)`` counts of every image by name
+            (:func:`blda_posthoc.core.bootstrap.image_counts`) for the bootstrap interval of
+            a before/after gain; None when not kept.
+    """
+
+    def __init__(self, num_classes: int, *, per_image: bool = False) -> None:
         self.cm = ConfusionMatrix(num_classes)
         self.ece = CalibrationError()
+        self.images: dict[str, np.ndarray] | None = {} if per_image else None
 
-    def add(self, pred: torch.Tensor, scores: torch.Tensor, label: torch.Tensor, name: str) -> None:
-        """Add one image: ``(H, W)`` prediction, ``(C, H, W)`` log-scores, ``(H, W)`` label."""
-        add_pixels(self.cm, pred, label, name)
+    def add(
+        self,
+        pred: torch.Tensor,
+        scores: torch.Tensor,
+        label: torch.Tensor,
+        source: str,
+        image: str | None = None,
+    ) -> None:
+        """Add one image: ``(H, W)`` prediction, ``(C, H, W)`` log-scores, ``(H, W)`` label.
+
+        ``source`` names the label in errors; ``image`` is the image's name, under which its
+        counts are kept when :attr:`images` is.
+        """
+        if self.images is None or image is None:
+            add_pixels(self.cm, pred, label, source)
+        else:
+            one = ConfusionMatrix(self.cm.num_classes)
+            add_pixels(one, pred, label, source)
+            self.cm.merge(one)
+            self.images[image] = image_counts(one.matrix)
         confidence, top = softmax_confidence(scores)
         valid = label != IGNORE_INDEX
         self.ece.update_confidence(confidence[valid], (top == label.long())[valid])
@@ -378,24 +405,57 @@ def evaluate_store(
     label_files: dict[str, Path],
     correction: Correction | None,
     device: torch.device,
+    *,
+    per_image: bool = False,
 ) -> tuple[Pass, Pass | None]:
     """Evaluate the plain argmax of the logits and, with ``correction``, the corrected one.
+
+    Args:
+        store: The logits.
+        pairs: Images with labels.
+        label_files: Label PNGs by name (empty: the store's own labels).
+        correction: The correction, or None.
+        device: Where to compute.
+        per_image: Keep every image's counts (:attr:`Pass.images`) for the bootstrap.
 
     Returns:
         The accumulators (``.result()`` gives the metrics) of the plain and corrected passes.
     """
     c = store.num_classes
-    plain = Pass(c)
-    corrected = Pass(c) if correction is not None else None
+    plain = Pass(c, per_image=per_image)
+    corrected = Pass(c, per_image=per_image) if correction is not None else None
     for name, z, label in iterate_store(store, pairs, label_files, device):
         size = (int(label.shape[0]), int(label.shape[1]))
         source = label_source(store, label_files, name)
         pred, scores = correct_image(z, size, PLAIN)
-        plain.add(pred, scores, label, source)
+        plain.add(pred, scores, label, source, name)
         if correction is not None and corrected is not None:
             pred, scores = correct_image(z, size, correction.corrector, correction.tau)
-            corrected.add(pred, scores, label, source)
+            corrected.add(pred, scores, label, source, name)
     return plain, corrected
+
+
+def gain_interval(
+    before: Pass, after: Pass | None, *, n: int, seed: int
+) -> list[float | None] | None:
+    """The 95 % paired bootstrap interval of the mIoU gain ``after - before`` over images.
+
+    None without a corrected pass, per-image counts or resamples (see
+    :func:`blda_posthoc.core.bootstrap.gain_intervals`); images are resampled in name order.
+    """
+    if after is None or before.images is None or after.images is None or n == 0:
+        return None
+    names = sorted(before.images)
+    if not names:
+        return None
+    interval = gain_intervals(
+        [np.stack([after.images[k] for k in names])],
+        np.stack([before.images[k] for k in names]),
+        metric="miou",
+        n=n,
+        seed=seed,
+    )[0]
+    return None if interval is None else [round_or_none(v) for v in interval]
 
 
 # ---------------------------------------------------------------- shards
@@ -419,7 +479,10 @@ def shard_pairs(pairs: Pairs, names: list[str], shard: tuple[int, int] | None) -
 
 
 def pass_state(p: Pass) -> dict[str, Any]:
-    """The raw accumulators of a pass, JSON-ready (floats round-trip exactly)."""
+    """The raw accumulators of a pass, JSON-ready (floats round-trip exactly).
+
+    ``images``: the per-image ``(3, C)`` counts in name order (None when not kept).
+    """
     return {
         "confusion": p.cm.matrix.tolist(),
         "ece_bins": {
@@ -427,12 +490,24 @@ def pass_state(p: Pass) -> dict[str, Any]:
             "confidence_sum": p.ece.confidence_sum.tolist(),
             "correct_sum": p.ece.correct_sum.tolist(),
         },
+        "images": None if p.images is None else [p.images[k].tolist() for k in sorted(p.images)],
     }
 
 
-def pass_from_state(state: Any, num_classes: int, source: Path) -> Pass:
-    """A :class:`Pass` from :func:`pass_state` output, checked."""
+def pass_from_state(
+    state: Any, num_classes: int, source: Path, names: list[str] | None = None
+) -> Pass:
+    """A :class:`Pass` from :func:`pass_state` output, checked.
+
+    ``names``: the part's image names, in the order of its per-image counts.
+    """
     p = Pass(num_classes)
+    images = state.get("images") if isinstance(state, dict) else None
+    if images is not None:
+        if names is None:
+            raise InputError(f"{source}: damaged partial block (per-image counts without names)")
+        counts = count_array(images, (len(names), 3, num_classes), source, "images")
+        p.images = dict(zip(names, counts, strict=True))
     try:
         matrix = np.asarray(state["confusion"], dtype=np.int64)
         bins = state["ece_bins"]
@@ -450,6 +525,12 @@ def pass_from_state(state: Any, num_classes: int, source: Path) -> Pass:
         raise InputError(f"{source}: damaged partial block (shapes do not fit the classes)")
     p.cm.matrix = matrix
     p.ece.count, p.ece.confidence_sum, p.ece.correct_sum = count, confidence, correct
+    if p.images is not None and not np.array_equal(
+        sum(p.images.values(), np.zeros((3, num_classes), np.int64)), image_counts(matrix)
+    ):
+        raise InputError(
+            f"{source}: damaged partial block (images do not add up to the confusion matrix)"
+        )
     return p
 
 
@@ -460,11 +541,16 @@ def partial_block(
     after: Pass | None,
     counts: dict[str, int],
 ) -> dict[str, Any]:
-    """The ``"partial"`` block of a shard's JSON report: what ``--merge`` adds up."""
+    """The ``"partial"`` block of a shard's JSON report: what ``--merge`` adds up.
+
+    ``names`` (the images, in the order of the passes' per-image counts) is there when the
+    passes keep per-image counts.
+    """
     return {
         "shard": list(shard),
         "class_names": class_names,
         "counts": counts,
+        "names": None if before.images is None else sorted(before.images),
         "before": pass_state(before),
         "after": pass_state(after) if after is not None else None,
     }
@@ -493,11 +579,17 @@ def merge_partials(paths: list[Path]) -> Merged:
             names = list(part["class_names"])
             counts = {str(key): int(v) for key, v in part["counts"].items()}
             settings = dict(data["settings"])
-            before = pass_from_state(part["before"], len(names), path)
+            images = part.get("names")
+            image_names = None if images is None else [str(n) for n in images]
+            before = pass_from_state(part["before"], len(names), path, image_names)
             after_state = part["after"]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: damaged partial block ({exc})") from exc
-        after = None if after_state is None else pass_from_state(after_state, len(names), path)
+        after = (
+            None
+            if after_state is None
+            else pass_from_state(after_state, len(names), path, image_names)
+        )
         if merged is None:
             merged = Merged(names, before, after, counts, settings)
             continue
@@ -507,11 +599,15 @@ def merge_partials(paths: list[Path]) -> Merged:
             )
         if (after is None) != (merged.after is None):
             raise InputError(f"{path}: one part has a correction, another has none")
-        merged.before.cm.merge(before.cm)
-        merged.before.ece.merge(before.ece)
-        if merged.after is not None and after is not None:
-            merged.after.cm.merge(after.cm)
-            merged.after.ece.merge(after.ece)
+        for into, part_pass in ((merged.before, before), (merged.after, after)):
+            if into is None or part_pass is None:
+                continue
+            into.cm.merge(part_pass.cm)
+            into.ece.merge(part_pass.ece)
+            if (into.images is None) != (part_pass.images is None):
+                raise InputError(f"{path}: one part has per-image counts, another has none")
+            if into.images is not None and part_pass.images is not None:
+                into.images.update(part_pass.images)
         for key, value in counts.items():
             merged.counts[key] = merged.counts.get(key, 0) + value
     assert merged is not None

@@ -12,9 +12,10 @@ JSON report (``evaluate --json``), percentages in percent, undefined values ``nu
 
 With a before/after run the metrics nest under ``"before"`` and ``"after"`` (same keys as
 above, without ``num_images`` and ``settings``), beside ``"delta"`` (after minus before of the
-mean metrics), ``"num_images"`` and ``"settings"``. ``confusion[t][p]`` counts the labelled
-pixels of class ``t`` predicted as ``p`` (rows true, columns predicted, in ``per_class`` order;
-predictions outside the classes only in ``out_of_range_pixels``).
+mean metrics), ``"gain_ci95"`` (the 95 % paired bootstrap interval over images of the mIoU
+gain, ``[lo, hi]``, or null), ``"num_images"`` and ``"settings"``. ``confusion[t][p]`` counts
+the labelled pixels of class ``t`` predicted as ``p`` (rows true, columns predicted, in
+``per_class`` order; predictions outside the classes only in ``out_of_range_pixels``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def build_report(
     *,
     counts: dict[str, int] | None = None,
     settings: dict[str, Any] | None = None,
+    gain_ci95: Sequence[float | None] | None = None,
 ) -> dict[str, Any]:
     """Assemble the JSON report (see the module docstring for its form).
 
@@ -117,6 +119,7 @@ def build_report(
         after: The corrected result, for a before/after report.
         counts: Top-level counts such as ``num_images``.
         settings: How the run was made (sources, tau, clamp, stats fingerprints, ...).
+        gain_ci95: With ``after``: the interval of the mIoU gain (None: not computed).
 
     Returns:
         A JSON-ready dict (no NaN: undefined values are None).
@@ -127,7 +130,8 @@ def build_report(
     else:
         b, a = metrics_dict(class_names, before), metrics_dict(class_names, after)
         delta = {key: _difference(a[key], b[key]) for key in MEAN_KEYS}
-        report.update({"before": b, "after": a, "delta": delta})
+        interval = None if gain_ci95 is None else list(gain_ci95)
+        report.update({"before": b, "after": a, "delta": delta, "gain_ci95": interval})
     report.update(counts or {})
     report["settings"] = settings or {}
     return report
@@ -179,8 +183,10 @@ def _columns(class_names: Sequence[str], before: Summary, after: Summary | None)
     return cols
 
 
-def _mean_rows(before: Result, after: Result | None) -> list[tuple[str, str]]:
-    """``(label, text)`` lines for the mean metrics."""
+def _mean_rows(
+    before: Result, after: Result | None, gain_ci95: Sequence[float | None] | None = None
+) -> list[tuple[str, str]]:
+    """``(label, text)`` lines for the mean metrics (and the mIoU gain's interval)."""
     rows = []
     for key in MEAN_KEYS:
         b = before.ece if key == "ece" else before.summary[key]  # type: ignore[literal-required]
@@ -194,6 +200,9 @@ def _mean_rows(before: Result, after: Result | None) -> list[tuple[str, str]]:
         change = fmt_or_dash(_difference(a, b), "+.2f")
         text = f"{fmt_or_dash(b, '.2f')} -> {fmt_or_dash(a, '.2f')} ({change})"
         rows.append((MEAN_LABELS[key], text))
+        if key == "miou" and gain_ci95 is not None:
+            lo, hi = (fmt_or_dash(v, "+.2f") for v in gain_ci95)
+            rows.append(("mIoU gain 95%", f"[{lo}, {hi}] (paired bootstrap over images)"))
     return rows
 
 
@@ -228,11 +237,17 @@ def _group_line(cols: list[Column], widths: list[int]) -> str:
     return "  ".join(parts).rstrip()
 
 
-def format_table(class_names: Sequence[str], before: Result, after: Result | None = None) -> str:
+def format_table(
+    class_names: Sequence[str],
+    before: Result,
+    after: Result | None = None,
+    gain_ci95: Sequence[float | None] | None = None,
+) -> str:
     """The terminal table: one row per class, then the mean metrics.
 
     Undefined values print as ``-``. With ``after``, every metric gets before and after columns
-    and IoU and Acc a Δ (after minus before) column.
+    and IoU and Acc a Δ (after minus before) column; ``gain_ci95`` adds the interval of the
+    mIoU gain below the mIoU line.
     """
     cols = _columns(class_names, before.summary, after.summary if after else None)
 
@@ -244,7 +259,7 @@ def format_table(class_names: Sequence[str], before: Result, after: Result | Non
     lines = _render(cols, row, lambda widths: "  ".join("-" * w for w in widths))
     if any(c.group for c in cols):
         lines.insert(0, _group_line(cols, _widths(cols)))
-    means = _mean_rows(before, after)
+    means = _mean_rows(before, after, gain_ci95)
     width = max(len(label) for label, _ in means)
     lines.append("")
     lines.extend(f"{label.ljust(width)}  {text}" for label, text in means)
@@ -258,10 +273,12 @@ def format_markdown(
     *,
     counts: dict[str, int] | None = None,
     settings: dict[str, Any] | None = None,
+    gain_ci95: Sequence[float | None] | None = None,
 ) -> str:
     """A Markdown report: mean metrics, the per-class table and the settings."""
     lines = ["# Evaluation", ""]
-    lines.extend(f"- **{label}**: {text}" for label, text in _mean_rows(before, after))
+    means = _mean_rows(before, after, gain_ci95)
+    lines.extend(f"- **{label}**: {text}" for label, text in means)
     for key, value in (counts or {}).items():
         lines.append(f"- {key.replace('_', ' ')}: {value}")
     lines.append("")
