@@ -124,3 +124,18 @@ def test_undefined_and_bad_inputs():
         paired_bootstrap(empty, empty, n=-1)
     assert includes_zero([-0.5, 1.0]) and not includes_zero([0.1, 1.0])
     assert not includes_zero(None)
+
+
+def test_interval_is_widened_to_hold_the_observed_gain():
+    # One resample: the percentiles are that resample's gain, which is not the observed one;
+    # the interval runs between the two.
+    rng = np.random.default_rng(12)
+    base = random_matrices(rng, 9, 5, 0.5)
+    row = random_matrices(rng, 9, 5, 0.8)
+    drawn = np.random.default_rng(6).integers(0, 9, size=(1, 9))[0]
+    resampled = summarize(row[drawn].sum(0))["miou"] - summarize(base[drawn].sum(0))["miou"]
+    seen = summarize(row.sum(0))["miou"] - summarize(base.sum(0))["miou"]
+    assert abs(resampled - seen) > 0.1
+    got = paired_bootstrap(image_counts(row), image_counts(base), n=1, seed=6)
+    assert got is not None
+    np.testing.assert_allclose(got, (min(resampled, seen), max(resampled, seen)), atol=1e-9)

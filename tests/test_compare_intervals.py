@@ -300,3 +300,18 @@ def test_evaluate_bootstrap_usage_errors(case, tmp_path):
     evaluate(case, tmp_path / "one.json", "--method", "bias")
     assert load(tmp_path / "m.json") == load(tmp_path / "one.json")
     assert "mIoU gain 95%" in merged.stdout
+
+
+def test_bootstrap_over_the_memory_budget_is_turned_off_with_a_warning(case, tmp_path, monkeypatch):
+    import blda_posthoc.cli.compare as command
+
+    # 2 rows x 12 images x 3 x 5 classes x 8 bytes = 2880 bytes of per-image counts.
+    monkeypatch.setattr(command, "BOOTSTRAP_MEMORY", 2000)
+    result = compare(case, tmp_path / "m.json", "--methods", "bias")
+    report = load(tmp_path / "m.json")
+    assert "--bootstrap turned off: the per-image counts of 2 rows x 12 images" in result.stderr
+    assert report["settings"]["bootstrap"] == 0
+    assert all(r["gain_ci95"] is None for r in report["rows"])
+    monkeypatch.setattr(command, "BOOTSTRAP_MEMORY", 2880)  # just fits
+    compare(case, tmp_path / "k.json", "--methods", "bias")
+    assert load(tmp_path / "k.json")["rows"][1]["gain_ci95"] is not None
