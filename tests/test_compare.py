@@ -179,6 +179,83 @@ def test_from_compare_applies_the_selection(case, tmp_path):
     assert usage.exit_code == 2 and "--from-compare" in usage.stderr
 
 
+@pytest.mark.parametrize(
+    ("where", "value", "fragment"),
+    [
+        ("selected.tau", -5, "selected.tau: -5 is below 0"),
+        ("selected.tau", True, "selected.tau: must be a number, not a boolean"),
+        ("selected.tau", "0.5", "selected.tau: must be a number, not a string"),
+        ("selected.tau", 1e400, "not JSON"),  # json.dumps writes Infinity
+        ("selected.method", "rm -rf", 'selected.method: "rm -rf" is not one of'),
+        ("version", "2", "version must be an integer, not a string"),
+        ("settings.stats", 3, "settings.stats: must be a string"),
+        ("settings.stats_fingerprint", ["x"], "settings.stats_fingerprint: must be a string"),
+    ],
+)
+def test_from_compare_refuses_a_forged_report(case, tmp_path, where, value, fragment):
+    """``selected``, the version and the recorded statistics are checked before any work."""
+    compare(case, tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    node = data
+    *head, last = where.split(".")
+    for key in head:
+        node = node[key]
+    node[last] = value
+    if where == "selected.tau":  # a method with a strength, so that tau is used
+        data["selected"]["method"] = "blda"
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    out = tmp_path / "pred"
+    result = run("correct", case["tgt"], "--from-compare", forged, "--out-dir", out, ok=False)
+    assert_error(result, "forged.json", fragment)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "pred.partial").exists()
+
+
+def test_from_compare_checks_fingerprints_and_resolves_paths_beside_the_report(
+    case, tmp_path, monkeypatch
+):
+    """Recorded statistics are found relative to the report; refitted ones are refused."""
+    compare(case, tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert Path(data["settings"]["stats"]).is_absolute()  # compare records absolute paths
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "t.h5").write_bytes(case["tgt_stats"].read_bytes())
+    (moved / "s.h5").write_bytes(case["src_stats"].read_bytes())
+    data["settings"].update(stats="t.h5", anchors="s.h5")
+    data["selected"].update(method="blda", tau=0.5)
+    (moved / "c.json").write_text(json.dumps(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative to the report's folder, not the working directory
+    run("correct", case["tgt"], "--from-compare", moved / "c.json", "--out-dir", tmp_path / "ok")
+    settings = json.loads((tmp_path / "ok" / "correct.json").read_text())["settings"]
+    assert settings["stats"] == str(moved / "t.h5") and settings["tau"] == 0.5
+    # Statistics refitted (here: replaced) after compare chose are refused, naming both.
+    (moved / "t.h5").write_bytes(case["src_stats"].read_bytes())
+    out = tmp_path / "refused"
+    result = run(
+        "correct", case["tgt"], "--from-compare", moved / "c.json", "--out-dir", out, ok=False
+    )
+    recorded = data["settings"]["stats_fingerprint"]
+    assert_error(result, "t.h5: fingerprint", f"differs from {recorded} recorded in")
+    assert not out.exists()
+    # Given explicitly, --stats is the user's choice: not held to the report's fingerprint.
+    run(
+        "correct",
+        case["tgt"],
+        "--from-compare",
+        moved / "c.json",
+        "--stats",
+        case["tgt_stats"],
+        "--anchors",
+        case["src_stats"],
+        "--out-dir",
+        tmp_path / "explicit",
+    )
+
+
 def test_compare_errors(case, tmp_path):
     out = tmp_path / "c.json"
     base = ["compare", case["tgt"], "--stats", case["tgt_stats"], "--json", out]

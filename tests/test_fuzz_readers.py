@@ -26,7 +26,7 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, read_rgb
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
-from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
+from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction, read_compare_choice
 from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 from blda_posthoc.pipelines.import_logits import _load as read_npy
 from blda_posthoc.pipelines.info import describe_file
@@ -385,6 +385,251 @@ def test_hand_written_npy_headers(descr: str, shape: str, order: str) -> None:
     header = header.ljust(118) + "\n"
     data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
     read_array(write_bytes("header.npy", data + bytes(64)))
+
+
+# ------------------------------------------------------------------------------------ JSON
+
+JSON_EXAMPLES = int(os.environ.get("BLDA_JSON_FUZZ_EXAMPLES", "30"))
+"""Examples per JSON reader; CI keeps 30, a one-off deep run sets e.g. 2000."""
+JSON_FUZZ = settings(FUZZ, max_examples=JSON_EXAMPLES, derandomize=JSON_EXAMPLES <= 60)
+NAMES2 = ["road", "car"]
+EMPTY_BINS = {"count": [0] * 15, "confidence_sum": [0.0] * 15, "correct_sum": [0] * 15}
+
+
+def _json_parts(k: int) -> dict[str, dict]:
+    """Shard ``k`` of 2 of a valid report of every command that merges (two classes)."""
+    shard = [k, 2]
+    matrix = [[3, 1, 0], [0, 2, 1]]
+    bins = {**EMPTY_BINS, "count": [0] * 14 + [6], "confidence_sum": [0.0] * 14 + [5.5]}
+    bins["correct_sum"] = [0] * 14 + [5]
+    return {
+        "evaluate": {
+            "format": "blda-evaluate",
+            "version": 1,
+            "settings": {"labels": "store"},
+            "partial": {
+                "shard": shard,
+                "class_names": NAMES2,
+                "counts": {
+                    "num_images": 1,
+                    "num_missing_predictions": 0,
+                    "num_unlabelled_predictions": 0,
+                },
+                "before": {"confusion": matrix, "ece_bins": bins},
+                "after": None,
+            },
+        },
+        "compare": {
+            "format": "blda-compare",
+            "version": 1,
+            "class_names": NAMES2,
+            "stores": ["t.h5"],
+            "settings": {"stats": "s.h5"},
+            "split": None,
+            "tau_auto": {},
+            "skipped_methods": {},
+            "partial": {
+                "shard": shard,
+                "names": [f"img{k}"],
+                "rows": [
+                    {"method": "none", "tau": None, "auto": False, "held": matrix, "select": None},
+                    {"method": "blda", "tau": 0.5, "auto": False, "held": matrix, "select": None},
+                ],
+            },
+        },
+        "correct": {
+            "format": "blda-correct",
+            "version": 1,
+            "class_names": NAMES2,
+            "settings": {"tau": 0.5},
+            "images": 1,
+            "changed_pixels": 1,
+            "pixels_before": [4, 3],
+            "pixels_after": [3, 4],
+            "flow": [[3, 1], [0, 3]],
+            "partial": {"shard": shard, "num_images": 2},
+        },
+        "relabel": {
+            "format": "blda-relabel",
+            "version": 1,
+            "complete": True,
+            "class_names": NAMES2,
+            "stores": ["t.h5"],
+            "settings": {},
+            "statistics": {},
+            "thresholds": None,
+            "partial": {
+                "shard": shard,
+                "num_images": 1,
+                "after": [3, 3, 1],
+                "flows": {"argmax": [[3, 0, 1], [0, 3, 0], [0, 0, 0]]},
+                "quality": {"argmax": matrix},
+            },
+        },
+        "diagnose": {
+            "format": "blda-diagnose",
+            "version": 1,
+            "class_names": NAMES2,
+            "statistics": {"path": "s.h5", "fingerprint": "0123456789abcdef"},
+            "partial": {
+                "shard": shard,
+                "predicted": [4, 3],
+                "confusion": matrix,
+                "anchors": None,
+                "num_images": 1,
+            },
+        },
+    }
+
+
+VALID_CHOICE = {
+    "format": "blda-compare",
+    "version": 1,
+    "selected": {"method": "blda", "tau": 0.5},
+    "settings": {"stats": "s.h5", "anchors": "a.h5", "stats_fingerprint": "0123456789abcdef"},
+}
+
+
+def _merger(command: str):
+    from blda_posthoc.pipelines.compare import merge_reports
+    from blda_posthoc.pipelines.correct import merge_summaries
+    from blda_posthoc.pipelines.diagnose import merge_counts
+    from blda_posthoc.pipelines.evaluate import merge_partials
+    from blda_posthoc.pipelines.relabel import merge_manifests
+
+    return {
+        "evaluate": merge_partials,
+        "compare": merge_reports,
+        "correct": merge_summaries,
+        "relabel": merge_manifests,
+        "diagnose": merge_counts,
+    }[command]
+
+
+MERGES = ["evaluate", "compare", "correct", "relabel", "diagnose"]
+
+
+def _paths_of(value: object, here: tuple = ()) -> list[tuple]:
+    """Every key path of a JSON document (the root too)."""
+    found = [here]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found += _paths_of(child, (*here, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found += _paths_of(child, (*here, index))
+    return found
+
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([0, 1, 2, -1, 2**31, 2**63 - 1, 2**63, 10**9]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.sampled_from(["none", "blda", "rm -rf", "2", "", "argmax", "relabelled"]),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _edit(document: object, edits: list[tuple[float, str, object]]) -> object:
+    """Replace or delete the values at (relative) positions among the document's key paths."""
+    import copy
+
+    document = copy.deepcopy(document)
+    for where, action, value in edits:
+        paths = _paths_of(document)
+        path = paths[int(where * len(paths))]
+        if not path:
+            document = value
+            continue
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        if action == "delete":
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+    return document
+
+
+edits = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(["set", "delete"]), json_values),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _write_json(name: str, value: object) -> Path:
+    import json
+
+    path = WORK / name
+    path.write_text(json.dumps(value))  # NaN/Infinity written as Python writes them
+    return path
+
+
+def test_valid_json_parts_merge() -> None:
+    """The documents the JSON fuzz edits are valid: unedited, every merge and the choice read."""
+    for command in MERGES:
+        paths = [_write_json(f"{command}-{k}-of-2.json", _json_parts(k)[command]) for k in (1, 2)]
+        assert _merger(command)(paths) is not None
+    choice = read_compare_choice(_write_json("choice.json", VALID_CHOICE))
+    assert choice.method == "blda" and choice.tau == 0.5 and choice.stats == WORK / "s.h5"
+
+
+@JSON_FUZZ
+@given(st.sampled_from(MERGES), st.sampled_from([1, 2]), edits)
+def test_edited_merge_parts(command: str, which: int, changes: list) -> None:
+    """Every ``--merge`` reader: an edited part merges or is an InputError, nothing else."""
+    parts = [_json_parts(k)[command] for k in (1, 2)]
+    parts[which - 1] = _edit(parts[which - 1], changes)
+    paths = [
+        _write_json(f"{command}-{k}-of-2.json", part) for k, part in zip((1, 2), parts, strict=True)
+    ]
+    with contextlib.suppress(InputError):
+        _merger(command)(paths)
+
+
+@JSON_FUZZ
+@given(st.sampled_from(MERGES), flips)
+def test_flipped_bytes_in_merge_parts(command: str, changes: list[tuple[float, int]]) -> None:
+    import json
+
+    paths = [_write_json(f"{command}-{k}-of-2.json", _json_parts(k)[command]) for k in (1, 2)]
+    paths[0].write_bytes(mutate(json.dumps(_json_parts(1)[command]).encode(), changes))
+    with contextlib.suppress(InputError):
+        _merger(command)(paths)
+
+
+@JSON_FUZZ
+@given(edits)
+def test_edited_compare_choice(changes: list) -> None:
+    """``--from-compare``: an edited report gives a checked choice or an InputError."""
+    import math
+
+    path = _write_json("choice.json", _edit(VALID_CHOICE, changes))
+    try:
+        choice = read_compare_choice(path)
+    except InputError:
+        return
+    assert choice.tau is None or (math.isfinite(choice.tau) and choice.tau >= 0)
+    assert not isinstance(choice.tau, bool)
+
+
+@JSON_FUZZ
+@given(st.binary(max_size=512))
+def test_random_bytes_as_json(data: bytes) -> None:
+    path = write_bytes("random.json", data)
+    with contextlib.suppress(InputError):
+        read_compare_choice(path)
+    with contextlib.suppress(InputError):
+        _merger("evaluate")([path])
 
 
 @pytest.fixture(autouse=True, scope="module")

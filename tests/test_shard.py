@@ -320,7 +320,7 @@ def test_compare_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path,
     broken.parent.mkdir()
     broken.write_text(json.dumps(damaged))
     refused = invoke("compare", "--merge", broken, *parts[1:], "--json", tmp_path / "b.json")
-    assert_error(refused, "damaged partial block (row 0 held holds a negative count)")
+    assert_error(refused, "damaged partial block (row 0 held: holds a negative count)")
     copy = tmp_path / "copy.json"
     copy.write_bytes(parts[0].read_bytes())
     dup = invoke("compare", "--merge", *parts, copy, "--json", tmp_path / "d.json")
@@ -358,7 +358,7 @@ def test_diagnose_shards_merge_to_one_pass(case: dict[str, Path], tmp_path: Path
     damaged = invoke(
         "diagnose", "--merge", str(tmp_path / "d-*-of-3.json"), "--json", tmp_path / "bad.json"
     )
-    assert_error(damaged, "d-1-of-3.json: damaged partial block (predicted holds a negative")
+    assert_error(damaged, "d-1-of-3.json: damaged partial block (predicted: holds a negative")
     nostats = invoke("diagnose", case["tgt"], "--json", tmp_path / "x.json", "--shard", "1/3")
     assert nostats.exit_code == 2 and "--shard needs --stats" in nostats.output
 
@@ -494,7 +494,7 @@ def test_correct_merge_refuses_missing_foreign_or_damaged_parts(
     damaged = json.loads(parts[2].read_text())
     damaged["flow"] = [[1, 2]]
     foreign.write_text(json.dumps(damaged))
-    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "damaged partial block (flow")
+    assert_error(invoke("correct", "--merge", *parts[:2], foreign), "damaged partial block (flow: ")
     damaged = json.loads(parts[2].read_text())
     damaged["pixels_after"][0] = -1
     foreign.write_text(json.dumps(damaged))
@@ -507,3 +507,106 @@ def test_correct_merge_refuses_missing_foreign_or_damaged_parts(
     assert "merged 3 shard summaries: 7 predictions" in done.stderr
     again = invoke("correct", "--merge", *parts)
     assert_error(again, "correct.json", "already exists")
+
+
+# ---------------------------------------------------------------- forged parts
+
+
+@pytest.fixture(scope="module")
+def two_part_runs(case: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The two parts (``--shard K/2``) of a run of every command that merges, and how to merge."""
+    root = tmp_path_factory.mktemp("parts")
+    stats = ["--stats", case["tgt_stats"], "--anchors", case["src_stats"]]
+    runs: dict[str, tuple[list[Path], list[object]]] = {}
+    for k in (1, 2):
+        shard = ["--shard", f"{k}/2"]
+        for args in (
+            [*evaluate_args(case, root / "e.json"), *shard],
+            [*compare_args(case, root / "c.json"), *shard],
+            ["diagnose", case["tgt"], *stats, "--json", root / "d.json", *shard],
+            [*correct_args(case, root / "pred"), *shard],
+            [*relabel_args(case, root / "pl"), *shard],
+        ):
+            done = invoke(*args)
+            assert done.exit_code == 0, done.output
+    runs["evaluate"] = ([root / f"e-{k}-of-2.json" for k in (1, 2)], ["--json", root / "E.json"])
+    runs["compare"] = ([root / f"c-{k}-of-2.json" for k in (1, 2)], ["--json", root / "C.json"])
+    runs["diagnose"] = ([root / f"d-{k}-of-2.json" for k in (1, 2)], ["--json", root / "D.json"])
+    runs["correct"] = ([root / "pred" / f"correct-{k}-of-2.json" for k in (1, 2)], [])
+    runs["relabel"] = ([root / "pl" / f"manifest-{k}-of-2.json" for k in (1, 2)], [])
+    return runs
+
+
+def _set(data: dict, where: str, value: object) -> None:
+    """Set ``data[a][b][0]...`` given ``"a.b.0"`` (numbers index lists)."""
+    keys: list = [int(k) if k.lstrip("-").isdigit() else k for k in where.split(".")]
+    for key in keys[:-1]:
+        data = data[key]
+    data[keys[-1]] = value
+
+
+FORGED = [
+    # (command, key path in part 1, forged value, what the error names)
+    ("evaluate", "version", "2", "version must be an integer, not a string"),
+    ("evaluate", "partial.shard", [1, 10**9], "partial.shard[1]: 1000000000 is above 1024"),
+    ("evaluate", "partial.shard", [True, 2], "must be an integer, not a boolean"),
+    ("evaluate", "partial.before.confusion.0.0", 0.5, "not a whole count"),
+    ("evaluate", "partial.before.confusion.0.0", "2", 'a string ("2"), not a whole count'),
+    ("evaluate", "partial.before.confusion.0.0", 2**63, "beyond int64"),
+    ("evaluate", "partial.before.confusion.0.0", 2**62, "counts add up to"),
+    ("evaluate", "partial.before.ece_bins.confidence_sum.3", -1.0, "below 0"),
+    ("evaluate", "partial.before.ece_bins.count.3", -2, "negative count"),
+    ("evaluate", "partial.counts.num_images", -47, "-47 is below 0"),
+    ("evaluate", "partial.counts", {"num_images": 3}, "num_missing_predictions: missing"),
+    ("compare", "partial.rows.1.tau", -7, "tau: -7 is below 0"),
+    ("compare", "partial.rows.1.tau", True, "tau: must be a number, not a boolean"),
+    ("compare", "partial.rows.1.method", "rm -rf", '"rm -rf" is not one of'),
+    ("compare", "partial.rows.1.auto", 1, "must be true or false"),
+    ("compare", "partial.rows.0.held.0.0", True, "a boolean (true), not a whole count"),
+    ("compare", "partial.names", "abc", "must be a list, not a string"),
+    ("diagnose", "partial.num_images", -47, "-47 is below 0"),
+    ("diagnose", "partial.predicted.0", 0.5, "not a whole count"),
+    ("diagnose", "statistics.fingerprint", 7, "must be a string"),
+    ("correct", "images", "2", "images: holds a string"),
+    ("correct", "flow.0.0", 2**62, "counts add up to"),
+    ("relabel", "partial.num_images", -47, "-47 is below 0"),
+    ("relabel", "partial.after.0", 1e300, "not a whole count"),
+    ("relabel", "partial.flows", {"rm -rf": [[0]]}, "unknown label set 'rm -rf'"),
+]
+
+
+@pytest.mark.parametrize(("command", "where", "value", "fragment"), FORGED)
+def test_merge_refuses_forged_parts(
+    two_part_runs: dict, tmp_path: Path, command: str, where: str, value: object, fragment: str
+) -> None:
+    """Every ``--merge`` reads its parts through one schema: a forged value is one ``error:``."""
+    parts, extra = two_part_runs[command]
+    data = json.loads(parts[0].read_text())
+    _set(data, where, value)
+    forged = tmp_path / parts[0].name
+    forged.write_text(json.dumps(data))
+    other = tmp_path / parts[1].name
+    other.write_text(parts[1].read_text())
+    outputs = [tmp_path / Path(str(a)).name if isinstance(a, Path) else a for a in extra]
+    result = invoke(command, "--merge", forged, other, *outputs)
+    assert_error(result, forged.name, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([forged.name, other.name])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare", "diagnose", "correct", "relabel"])
+def test_merge_refuses_nan_and_huge_shard_counts(
+    two_part_runs: dict, tmp_path: Path, command: str
+) -> None:
+    """NaN is not JSON; a part claiming 10^9 shards is refused before anything is sized by N."""
+    parts, extra = two_part_runs[command]
+    data = json.loads(parts[0].read_text())
+    assert data["partial"]["shard"] == [1, 2]
+    nan = tmp_path / parts[0].name
+    nan.write_text(json.dumps({**data, "x": float("nan")}))  # Python writes NaN; JSON has none
+    other = tmp_path / parts[1].name
+    other.write_text(parts[1].read_text())
+    outputs = [tmp_path / Path(str(a)).name if isinstance(a, Path) else a for a in extra]
+    assert_error(invoke(command, "--merge", nan, other, *outputs), "not JSON", "NaN")
+    data["partial"]["shard"] = [10**9, 10**9]
+    nan.write_text(json.dumps(data))
+    assert_error(invoke(command, "--merge", nan, other, *outputs), "is above 1024")

@@ -20,10 +20,18 @@ from blda_posthoc.core.methods import METHODS, has_strength
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.jsonfiles import read_report, write_json
 from blda_posthoc.io.names import read_class_names
+from blda_posthoc.io.schema import MAX_PARTS
 from blda_posthoc.io.store import expand_store_paths
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
 from blda_posthoc.pipelines.console import info, progress, warn
-from blda_posthoc.pipelines.corrections import CALIBRATION_FOR, Correction, CorrectionSpec
+from blda_posthoc.pipelines.corrections import (
+    CALIBRATION_FOR,
+    CompareChoice,
+    Correction,
+    CorrectionSpec,
+    Provenance,
+    read_compare_choice,
+)
 from blda_posthoc.pipelines.dump_logits import torchrun_shard
 
 __all__ = ["info", "progress", "warn"]
@@ -236,6 +244,8 @@ class ShardType(click.ParamType):
         k, n = int(parts[0]), int(parts[1])
         if not 1 <= k <= n:
             self.fail(f"{value!r}: need 1 <= K <= N", param, ctx)
+        if n > MAX_PARTS:
+            self.fail(f"{value!r}: at most {MAX_PARTS} shards", param, ctx)
         return k, n
 
 
@@ -404,14 +414,20 @@ def build_spec(
 ) -> CorrectionSpec | None:
     """Check the correction options together and freeze them into one spec."""
     tau_value, auto = parse_tau(tau)
+    expected = None
     if from_compare is not None:
         chosen = read_compare_selection(from_compare)
         if method is not None or tau is not None:
             raise click.UsageError("--from-compare sets --method and --tau; give neither")
-        method = chosen["method"]
-        tau_value = chosen["tau"]
-        stats = stats or (Path(chosen["stats"]) if chosen.get("stats") else None)
-        anchors = anchors or (Path(chosen["anchors"]) if chosen.get("anchors") else None)
+        method, tau_value = chosen.method, chosen.tau
+        # The recorded fingerprints are checked for the statistics taken from the report.
+        expected = Provenance(
+            chosen.provenance.source,
+            chosen.provenance.stats if stats is None else None,
+            chosen.provenance.anchors if anchors is None else None,
+        )
+        stats = stats or chosen.stats
+        anchors = anchors or chosen.anchors
     if method is None and stats is None:
         if anchors is not None:
             raise click.UsageError("--anchors needs --stats")
@@ -428,11 +444,16 @@ def build_spec(
         raise click.UsageError(f"--method {method} needs --stats")
     if auto and not has_strength(method):
         raise click.UsageError(f"--tau auto: --method {method} has no strength")
-    return CorrectionSpec(method, tau_value, auto, stats, anchors, clamp, min_pixels)
+    return CorrectionSpec(
+        method, tau_value, auto, stats, anchors, clamp, min_pixels, expected=expected
+    )
 
 
-def read_compare_selection(path: Path) -> dict[str, Any]:
-    """The ``selected`` entry of a ``blda compare`` JSON (with its statistics paths)."""
+def read_compare_selection(path: Path) -> CompareChoice:
+    """The checked ``selected`` entry of a ``blda compare`` JSON (see ``read_compare_choice``).
+
+    A shard's report is refused with the ``--merge`` command that makes the report of all images.
+    """
     data = read_report(path, "blda-compare", "'blda compare' report")
     if "partial" in data:  # only a shard's report has raw counts to merge
         partial = data["partial"]
@@ -441,16 +462,7 @@ def read_compare_selection(path: Path) -> dict[str, Any]:
             f"{path}: the report of one shard ({shard_text(shard)}), chosen on its images only; "
             f"merge the shards first: {compare_merge_hint(Path(path), shard)}"
         )
-    selected = data.get("selected")
-    if not isinstance(selected, dict) or selected.get("method") not in METHODS:
-        raise InputError(f"{path}: holds no valid 'selected' entry")
-    settings = data.get("settings", {})
-    return {
-        "method": selected["method"],
-        "tau": selected.get("tau"),
-        "stats": settings.get("stats"),
-        "anchors": settings.get("anchors"),
-    }
+    return read_compare_choice(path)
 
 
 def merge_beside(

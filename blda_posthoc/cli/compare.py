@@ -251,6 +251,10 @@ def command(
             store, pairs, label_files, rows, split=split, device=dev, per_image=rule.bootstrap > 0
         )
         settings = dict(statistics.settings())
+        # Absolute: --from-compare finds them from any working directory.
+        settings.update(
+            stats=str(Path(stats).resolve()), anchors=str(Path(anchors or stats).resolve())
+        )
         settings.update(
             methods=wanted,
             tau_grid=taus,

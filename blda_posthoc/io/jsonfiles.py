@@ -10,6 +10,7 @@ import numpy as np
 
 from blda_posthoc import outputs
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.schema import MAX_PARTS, Node, load_json, shard_pair
 
 
 def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
@@ -22,6 +23,9 @@ def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> Non
 def read_report(path: Path, kind: str, what: str) -> dict[str, Any]:
     """Read a JSON file a command wrote, refusing anything but format ``kind``.
 
+    The file is read strictly (see :func:`blda_posthoc.io.schema.load_json`: no NaN, bounded
+    size and nesting); its values are checked by the caller (e.g. through :class:`Node`).
+
     Args:
         path: The file.
         kind: The ``format`` expected (``blda-compare``, ``blda-correct``, ...).
@@ -30,51 +34,45 @@ def read_report(path: Path, kind: str, what: str) -> dict[str, Any]:
     Returns:
         The document (a dict whose ``format`` is ``kind``).
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    data = load_json(path)
     if not isinstance(data, dict) or data.get("format") != kind:
         raise InputError(f"{path}: not a {what} (format {kind})")
     return data
 
 
-def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]]:
+def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, Node]]:
     """Read the JSON reports of shards 1..N of one run: each exactly once, the same N.
+
+    Every report is read through :mod:`blda_posthoc.io.schema` (strict JSON, bounded size);
+    ``format`` must be ``kind``, ``version`` an integer this program reads and
+    ``partial.shard`` a ``[K, N]`` with ``1 <= K <= N <= MAX_PARTS`` (checked before
+    anything is sized by N).
 
     Args:
         paths: The shards' ``--json`` reports.
         kind: The report ``format`` expected (``blda-evaluate``, ``blda-compare``).
 
     Returns:
-        ``(path, report)`` in shard order; every report has a ``"partial"`` dict whose
-        ``"shard"`` is ``[K, N]``.
+        ``(path, report)`` in shard order; each report a :class:`Node` (context ``damaged
+        partial block``) whose ``partial`` object has a checked ``shard``.
     """
     if not paths:
         raise InputError("--merge: no part file given")
-    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    if len(paths) > MAX_PARTS:
+        raise InputError(f"--merge: {len(paths)} part files, more than the {MAX_PARTS} one run has")
+    found: dict[int, tuple[Path, Node]] = {}
     total = None
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
-        except ValueError as exc:
-            raise InputError(f"{path}: not JSON ({exc})") from exc
-        part = data.get("partial") if isinstance(data, dict) else None
-        if not isinstance(part, dict) or data.get("format") != kind:
-            raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
-        shard = part.get("shard")
-        if not (
-            isinstance(shard, list)
-            and len(shard) == 2
-            and all(isinstance(v, int) for v in shard)
-            and 1 <= shard[0] <= shard[1]
+        data = Node.load(path, context="damaged partial block")
+        root = data.value
+        if (
+            not isinstance(root, dict)
+            or root.get("format") != kind
+            or not isinstance(root.get("partial"), dict)
         ):
-            raise InputError(f"{path}: damaged partial block (shard {shard!r})")
-        k, n = shard
+            raise InputError(f"{path}: not a shard's {kind} report (no partial block)")
+        data["version"].version(READ_VERSIONS)
+        k, n = shard_pair(data["partial"]["shard"])
         if total is not None and n != total:
             raise InputError(f"{path}: shard {k}/{n} is not of the same run as {paths[0]}")
         total = n
@@ -82,29 +80,27 @@ def read_parts(paths: list[Path], kind: str) -> list[tuple[Path, dict[str, Any]]
             raise InputError(f"{path}: shard {k}/{n} given twice (also {found[k][0]})")
         found[k] = (Path(path), data)
     assert total is not None
-    absent = sorted(set(range(1, total + 1)) - set(found))
-    if absent:
+    if len(found) != total:
+        absent = next(k for k in range(1, total + 1) if k not in found)
         raise InputError(
-            f"--merge: shard {absent[0]}/{total} is missing ({len(found)} of {total} parts given)"
+            f"--merge: shard {absent}/{total} is missing ({len(found)} of {total} parts given)"
         )
     return [found[k] for k in sorted(found)]
+
+
+READ_VERSIONS = (1,)
+"""Versions of the commands' JSON reports this program reads."""
 
 
 def count_array(value: Any, shape: tuple[int, ...], path: Path | str, key: str) -> np.ndarray:
     """Counts from a shard's report as an int64 array, checked for ``shape`` and signs.
 
+    ``value`` is a :class:`Node` or a parsed JSON value (see :meth:`Node.counts`: whole
+    numbers, not bools, floats or strings; no negative count; the shape checked before
+    anything is allocated; the sum bounded so that adding up parts cannot overflow).
+
     Raises:
-        InputError: ``{path}: damaged partial block ({key} ...)`` when the value is not an
-            array of whole numbers of that shape, or holds a negative count.
+        InputError: ``{path}: damaged partial block ({key} ...)``.
     """
-    try:
-        array = np.asarray(value, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InputError(f"{path}: damaged partial block ({key}: {exc})") from exc
-    if array.shape != shape:
-        raise InputError(
-            f"{path}: damaged partial block ({key} has shape {array.shape}, not {shape})"
-        )
-    if (array < 0).any():
-        raise InputError(f"{path}: damaged partial block ({key} holds a negative count)")
-    return array
+    node = value if isinstance(value, Node) else Node(value, path, context="damaged partial block")
+    return Node(node.value, path, key, "damaged partial block").counts(shape)

@@ -37,6 +37,7 @@ import numpy as np
 from blda_posthoc import __version__
 from blda_posthoc.core.fit import Grid, LogitStats, Mixture, PixelSample, StatsExtras
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.schema import check_version
 from blda_posthoc.io.store import LOGIT_LIMIT, check_class_names, check_dataset, check_group
 from blda_posthoc.outputs import write_bytes
 
@@ -137,12 +138,7 @@ def read_stats(path: Path) -> LogitStats:
         fmt = _text(f.attrs.get("format"))
         if fmt != FORMAT:
             raise InputError(f"{path}: not a stats file (format {fmt!r}, expected {FORMAT!r})")
-        version = f.attrs.get("version")
-        if not isinstance(version, int | np.integer) or int(version) not in READABLE_VERSIONS:
-            raise InputError(
-                f"{path}: stats version {version} is not supported (need one of "
-                f"{', '.join(map(str, READABLE_VERSIONS))})"
-            )
+        check_version(f.attrs.get("version"), READABLE_VERSIONS, f"{path}: stats")
         try:
             stats = _read_group(f, path)
             if "predicted" in f:

@@ -48,6 +48,7 @@ from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
 from blda_posthoc.io.prefetch import prefetch
+from blda_posthoc.io.schema import check_version
 from blda_posthoc.outputs import (
     Claim,
     canonical,
@@ -653,11 +654,7 @@ def _check_root(path: Path, f: h5py.File) -> _Root:
     fmt = _text(f.attrs.get("format"))
     if fmt != FORMAT:
         raise InputError(f"{path}: not a logits store (format {fmt!r}, expected {FORMAT!r})")
-    version = f.attrs.get("version")
-    if not isinstance(version, int | np.integer) or int(version) != VERSION:
-        raise InputError(
-            f"{path}: logits store version {version} is not supported (need {VERSION})"
-        )
+    check_version(f.attrs.get("version"), (VERSION,), f"{path}: logits store")
     try:
         names = json.loads(_text(f.attrs.get("class_names")) or "")
     except ValueError as exc:

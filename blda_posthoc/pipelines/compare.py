@@ -50,7 +50,8 @@ from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_st
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.jsonfiles import count_array, read_parts
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.schema import Node
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore
 from blda_posthoc.pipelines.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
 from blda_posthoc.pipelines.evaluate import Pairs, add_pixels, iterate_store, label_source
 from blda_posthoc.report.tables import round_or_none
@@ -472,70 +473,83 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
 
     The shards' raw confusion matrices are added up, their per-image counts gathered, and the
     report is built as one pass builds it (same selection, same figures, same intervals).
+    Every value is checked (see :mod:`blda_posthoc.io.schema`): class names, method names,
+    strengths, flags, the matrices' shapes and counts.
     """
     parts = read_parts(paths, FORMAT)
     first_path, first = parts[0]
-    c = len(first.get("class_names") or [])
+    class_names = first["class_names"].strings(max_length=MAX_CLASSES, unique=True)
+    c = len(class_names)
     rows: list[Row] = []
     names: list[str] = []
     for path, data in parts:
-        if any(data.get(key) != first.get(key) for key in MERGE_SAME):
+        if any(data.value.get(key) != first.value.get(key) for key in MERGE_SAME):
             raise InputError(
                 f"{path}: not of the same run as {first_path} (other classes, stores, "
                 "settings or selection split)"
             )
-        try:
-            part_rows = data["partial"]["rows"]
-            part_names = [str(n) for n in data["partial"]["names"]]
-            if len(part_rows) != len(rows or part_rows):
-                raise ValueError("another row count")
-            for i, entry in enumerate(part_rows):
-                merge_row(rows, i, entry, part_names, c, path)
-            names.extend(part_names)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{path}: damaged partial block ({exc})") from exc
-    split = first["split"]
+        partial = data["partial"]
+        part_names = partial["names"].strings()
+        part_rows = partial["rows"].entries(length=len(rows) if rows else None)
+        if not part_rows or part_rows[0]["method"].value != "none":
+            raise partial["rows"].error("must start with the row of method none")
+        for i, entry in enumerate(part_rows):
+            merge_row(rows, i, entry, part_names, c, path, first_path)
+        names.extend(part_names)
+    if len(set(names)) != len(names):
+        raise InputError(f"--merge: an image is in two parts ({', '.join(map(str, paths[:2]))})")
+    split_node = first.get("split")
+    split = None
+    if split_node is not None:
+        split = (split_node["select"].strings(), split_node["held_out"].strings())
     comparison = Comparison(
         rows,
-        None if split is None else (list(split["select"]), list(split["held_out"])),
-        dict(first["tau_auto"]),
-        dict(first["skipped_methods"]),
+        split,
+        {k: v.value for k, v in first["tau_auto"].fields().items()},
+        {k: v.text() for k, v in first["skipped_methods"].fields().items()},
         Pairs(sorted(names)),
     )
     return build_report(
         comparison,
-        list(first["class_names"]),
-        dict(first["settings"]),
-        [Path(p) for p in first["stores"]],
+        class_names,
+        {k: v.value for k, v in first["settings"].fields().items()},
+        [Path(p) for p in first["stores"].strings()],
     )
 
 
 def merge_row(
-    rows: list[Row], i: int, entry: dict[str, Any], names: list[str], c: int, path: Path
+    rows: list[Row],
+    i: int,
+    entry: Node,
+    names: list[str],
+    c: int,
+    path: Path,
+    first_path: Path,
 ) -> None:
-    """Add row ``i`` of a shard's partial block to ``rows`` (appended when new).
+    """Add row ``i`` of a shard's partial block to ``rows`` (appended when new), checked.
 
     Raises:
-        ValueError: the row differs from the other shards' row ``i``.
-        InputError: damaged counts.
+        InputError: a damaged value, or a row that differs from the other shards' row ``i``.
     """
+    method = entry["method"].text(choices=METHODS)
+    tau = entry["tau"].number(low=0.0, optional=True)
+    auto = entry["auto"].boolean()
     held = _matrix(entry["held"], c, path, f"row {i} held")
-    select = entry["select"]
-    if select is not None:
-        select = _matrix(select, c, path, f"row {i} select")
+    select_node = entry["select"]
+    select = None if select_node.is_null else _matrix(select_node, c, path, f"row {i} select")
     images = _images(entry.get("images"), names, held, select, c, path, i)
     if len(rows) <= i:
         # The corrector is not needed to report: Plain stands in for it.
-        rows.append(Row(entry["method"], entry["tau"], PLAIN, entry["auto"]))
+        rows.append(Row(method, tau, PLAIN, auto))
         rows[i].held, rows[i].select, rows[i].images = held, select, images
         return
     row = rows[i]
-    if (row.method, row.tau, row.auto) != (entry["method"], entry["tau"], entry["auto"]):
-        raise ValueError(f"row {i} is {entry['method']} here, {row.method} there")
+    if (row.method, row.tau, row.auto) != (method, tau, auto):
+        raise entry.error(f"row {i} is {method} here, {row.method} in {first_path}")
     if (select is None) != (row.select is None):
-        raise ValueError("the selection split differs")
+        raise entry.error("the selection split differs")
     if (images is None) != (row.images is None):
-        raise ValueError("one part has per-image counts, another has none")
+        raise entry.error("one part has per-image counts, another has none")
     assert row.held is not None
     row.held.merge(held)
     if row.select is not None and select is not None:
@@ -545,7 +559,7 @@ def merge_row(
 
 
 def _images(
-    values: Any,
+    values: Node | None,
     names: list[str],
     held: ConfusionMatrix,
     select: ConfusionMatrix | None,

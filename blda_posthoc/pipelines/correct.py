@@ -16,7 +16,8 @@ from blda_posthoc.core.correct import correct_image
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
 from blda_posthoc.io.jsonfiles import count_array, read_parts
-from blda_posthoc.io.store import LogitStore, Progress, Record, StoreWriter
+from blda_posthoc.io.schema import MAX_COUNT_SUM
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore, Progress, Record, StoreWriter
 from blda_posthoc.outputs import paths_inside
 from blda_posthoc.pipelines.corrections import Correction
 
@@ -331,20 +332,23 @@ def merge_summaries(paths: list[Path]) -> dict[str, Any]:
     """
     parts = read_parts(paths, SUMMARY_FORMAT)
     first_path, first = parts[0]
-    merged = {k: v for k, v in first.items() if k not in (*ADDED_UP, "shard", "partial")}
-    c = len(first.get("class_names") or [])
+    merged = {k: v for k, v in first.value.items() if k not in (*ADDED_UP, "shard", "partial")}
+    c = len(first["class_names"].strings(max_length=MAX_CLASSES, unique=True))
     shapes = {"images": (), "changed_pixels": (), "pixels_before": (c,)}
     shapes.update({"pixels_after": (c,), "flow": (c, c)})
     totals: dict[str, np.ndarray] = {}
     for path, data in parts:
-        if any(data.get(k) != first.get(k) for k in ("class_names", "settings", "version")):
+        if any(
+            data.value.get(k) != first.value.get(k) for k in ("class_names", "settings", "version")
+        ):
             raise InputError(
                 f"{path}: not of the same run as {first_path} (other classes or settings)"
             )
         for key in ADDED_UP:
-            value = count_array(data.get(key), shapes[key], path, key)
+            value = count_array(data[key], shapes[key], path, key)
             totals[key] = totals[key] + value if key in totals else value
-    expected = first["partial"].get("num_images")
+    recorded = first["partial"].get("num_images")
+    expected = None if recorded is None else recorded.integer(low=0, high=MAX_COUNT_SUM)
     if expected is not None and int(totals["images"]) != expected:
         raise InputError(
             f"{first_path}: the shards hold {int(totals['images'])} images, the stores {expected}"

@@ -37,6 +37,7 @@ from blda_posthoc.core.priors import em_priors, logit_adjustment, prior_shift, s
 from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
 from blda_posthoc.core.select import AUTO_GRID, auto_tau
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.schema import Node
 from blda_posthoc.io.stats import read_stats
 
 CBST_PORTION = 0.5
@@ -87,6 +88,109 @@ API_TERMS = Terms(
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """The statistics a ``blda compare`` report chose with, which ``--from-compare`` applies.
+
+    Attributes:
+        source: The report (for messages).
+        stats: Fingerprint ``--stats`` must have (None: not checked).
+        anchors: Fingerprint ``--anchors`` must have (None: not checked).
+    """
+
+    source: Path
+    stats: str | None = None
+    anchors: str | None = None
+
+
+@dataclass(frozen=True)
+class CompareChoice:
+    """The ``selected`` entry of a ``blda compare`` report, checked.
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        tau: A finite strength >= 0 (None for a method without strength).
+        stats: The recorded ``--stats`` path, resolved against the report's folder.
+        anchors: The recorded ``--anchors`` path, likewise (None when none is recorded).
+        provenance: The recorded fingerprints of both.
+    """
+
+    method: str
+    tau: float | None
+    stats: Path | None
+    anchors: Path | None
+    provenance: Provenance
+
+
+COMPARE_FORMAT = "blda-compare"
+MAX_FINGERPRINT = 64
+
+
+def read_compare_choice(path: Path) -> CompareChoice:
+    """Read what a ``blda compare --json`` report selected (see :class:`CompareChoice`).
+
+    Every value is checked (:mod:`blda_posthoc.io.schema`): ``format``, an integer
+    ``version``, a known method, a finite ``tau >= 0`` (a number, not a bool or string) for
+    a method with a strength, string paths and fingerprints. Recorded paths that are
+    relative are taken relative to the report's folder (``compare`` records absolute ones).
+
+    Raises:
+        InputError: ``{path}: ...`` naming the bad value; also for a shard's report (its
+            choice covers its images only).
+    """
+    root = Node.load(path, context="not a valid 'blda compare' report")
+    if not isinstance(root.value, dict) or root.value.get("format") != COMPARE_FORMAT:
+        raise InputError(f"{path}: not a 'blda compare' report (format {COMPARE_FORMAT})")
+    root["version"].version((1,))
+    if "partial" in root.value:
+        raise InputError(f"{path}: the report of one shard, chosen on its images only")
+    selected = root["selected"]
+    method = selected["method"].text(choices=METHODS)
+    tau_node = selected.get("tau")
+    tau = None if tau_node is None else tau_node.number(low=0.0)
+    if has_strength(method) and tau is None:
+        raise selected.error(f"tau: {method} needs a strength, the report records none")
+    settings = root.get("settings")
+    folder = Path(path).parent
+
+    def recorded(key: str, length: int = 4096) -> str | None:
+        node = None if settings is None else settings.get(key)
+        return None if node is None else node.text(max_length=length)
+
+    stats, anchors = recorded("stats"), recorded("anchors")
+    return CompareChoice(
+        method,
+        tau if has_strength(method) else None,
+        None if stats is None else folder / stats,
+        None if anchors is None else folder / anchors,
+        Provenance(
+            Path(path),
+            recorded("stats_fingerprint", MAX_FINGERPRINT),
+            recorded("anchors_fingerprint", MAX_FINGERPRINT),
+        ),
+    )
+
+
+def check_provenance(statistics: Statistics, expected: Provenance | None) -> None:
+    """Refuse statistics whose fingerprints differ from those a report recorded.
+
+    Raises:
+        InputError: ``{stats}: fingerprint A differs from B recorded in REPORT ...``.
+    """
+    if expected is None:
+        return
+    for path, stats, wanted in (
+        (statistics.cond_path, statistics.cond, expected.stats),
+        (statistics.anchors_path, statistics.anchors, expected.anchors),
+    ):
+        if wanted is not None and stats.fingerprint != wanted:
+            raise InputError(
+                f"{path}: fingerprint {stats.fingerprint} differs from {wanted} recorded in "
+                f"{expected.source} (the statistics changed since compare chose; run compare "
+                "again)"
+            )
+
+
+@dataclass(frozen=True)
 class CorrectionSpec:
     """What the user asked for: method, strength and statistics (one frozen object per run).
 
@@ -98,6 +202,7 @@ class CorrectionSpec:
         anchors: Labelled stats file (default ``stats``).
         clamp: CDF clamp ``r`` of the alignment.
         min_pixels: Cells with fewer pixels get no shift; default the stats file's setting.
+        expected: Fingerprints the statistics must have (``--from-compare``), or None.
     """
 
     method: str = "blda"
@@ -107,6 +212,7 @@ class CorrectionSpec:
     anchors: Path | None = None
     clamp: float = DEFAULT_CLAMP
     min_pixels: int | None = None
+    expected: Provenance | None = None
 
     def with_method(self, method: str, tau: float | None = None) -> CorrectionSpec:
         """The same statistics with another method (and strength)."""
@@ -214,6 +320,7 @@ def load_correction(
             needs = "--anchors" if spec.method in CALIBRATION_FOR else "--stats"
             raise InputError(f"--method {spec.method} needs {needs}")
         statistics = read_statistics(stats, anchors, class_names)
+    check_provenance(statistics, spec.expected)
     corrector, details = build_corrector(spec.method, statistics, spec.clamp, spec.min_pixels)
     notes.extend(details.pop("notes", []))
     if not has_strength(spec.method):

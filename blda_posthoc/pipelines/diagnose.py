@@ -41,8 +41,9 @@ from blda_posthoc.core.select import em_collapsed
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label
 from blda_posthoc.io.jsonfiles import count_array, read_parts
+from blda_posthoc.io.schema import MAX_COUNT_SUM
 from blda_posthoc.io.stats import read_stats
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore
 from blda_posthoc.pipelines.console import info, progress
 from blda_posthoc.pipelines.corrections import read_statistics, target_priors
 from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
@@ -156,19 +157,20 @@ def merge_counts(paths: list[Path]) -> MergedCounts:
     merged: MergedCounts | None = None
     for path, data in read_parts(paths, FORMAT):
         part = data["partial"]
-        try:
-            c = len(data["class_names"])
-            stats = data["statistics"]
-            predicted = count_array(part["predicted"], (c,), path, "predicted")
-            confusion = part["confusion"]
-            if confusion is not None:
-                confusion = count_array(confusion, (c, c + 1), path, "confusion")
-            anchors = None if part["anchors"] is None else Path(part["anchors"])
-            count = int(part["num_images"])
-            stats_path = Path(stats["path"])
-            fingerprint = str(stats["fingerprint"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+        c = len(data["class_names"].strings(max_length=MAX_CLASSES, unique=True))
+        stats = data["statistics"]
+        predicted = count_array(part["predicted"], (c,), path, "predicted")
+        confusion_node = part["confusion"]
+        confusion = (
+            None
+            if confusion_node.is_null
+            else count_array(confusion_node, (c, c + 1), path, "confusion")
+        )
+        anchors_node = part["anchors"]
+        anchors = None if anchors_node.is_null else Path(anchors_node.text())
+        count = part["num_images"].integer(low=0, high=MAX_COUNT_SUM)
+        stats_path = Path(stats["path"].text())
+        fingerprint = stats["fingerprint"].text(max_length=64)
         if merged is None:
             merged = MergedCounts(stats_path, fingerprint, anchors, count, predicted, confusion)
             continue

@@ -24,7 +24,8 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
 from blda_posthoc.io.jsonfiles import count_array, read_parts, read_report
 from blda_posthoc.io.names import check_class_names
-from blda_posthoc.io.store import LogitStore, shard_names
+from blda_posthoc.io.schema import MAX_COUNT_SUM, Node
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore, shard_names
 from blda_posthoc.pipelines.console import info, progress, warn
 from blda_posthoc.pipelines.correct import EXTRA_OUTPUTS
 from blda_posthoc.pipelines.corrections import Correction
@@ -495,34 +496,31 @@ def pass_state(p: Pass) -> dict[str, Any]:
 
 
 def pass_from_state(
-    state: Any, num_classes: int, source: Path, names: list[str] | None = None
+    state: Node, num_classes: int, source: Path, names: list[str] | None = None
 ) -> Pass:
     """A :class:`Pass` from :func:`pass_state` output, checked.
 
-    ``names``: the part's image names, in the order of its per-image counts.
+    The confusion matrix is ``(C, C + 1)`` whole counts; the ECE bins are whole pixel counts
+    ``n_b``, correct counts ``0 <= correct_b <= n_b`` and confidence sums
+    ``0 <= sum_b <= n_b`` (each confidence lies in ``[0, 1]``). ``names``: the part's image
+    names, in the order of its per-image counts.
     """
     p = Pass(num_classes)
-    images = state.get("images") if isinstance(state, dict) else None
+    images = state.get("images")
     if images is not None:
         if names is None:
             raise InputError(f"{source}: damaged partial block (per-image counts without names)")
         counts = count_array(images, (len(names), 3, num_classes), source, "images")
         p.images = dict(zip(names, counts, strict=True))
-    try:
-        matrix = np.asarray(state["confusion"], dtype=np.int64)
-        bins = state["ece_bins"]
-        count = np.asarray(bins["count"], dtype=np.int64)
-        confidence = np.asarray(bins["confidence_sum"], dtype=np.float64)
-        correct = np.asarray(bins["correct_sum"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{source}: damaged partial block ({exc})") from exc
+    matrix = count_array(state["confusion"], p.cm.matrix.shape, source, "confusion")
+    bins = state["ece_bins"]
     nb = p.ece.num_bins
-    if (
-        matrix.shape != p.cm.matrix.shape
-        or (matrix < 0).any()
-        or not count.shape == confidence.shape == correct.shape == (nb,)
-    ):
-        raise InputError(f"{source}: damaged partial block (shapes do not fit the classes)")
+    count = count_array(bins["count"], (nb,), source, "ece_bins.count")
+    correct = count_array(bins["correct_sum"], (nb,), source, "ece_bins.correct_sum")
+    confidence = bins["confidence_sum"].reals((nb,), low=0.0)
+    slack = 1e-6 * np.maximum(count, 1)
+    if (correct > count).any() or (confidence > count + slack).any():
+        raise bins.error("a bin holds more correct pixels or confidence than pixels")
     p.cm.matrix = matrix
     p.ece.count, p.ece.confidence_sum, p.ece.correct_sum = count, confidence, correct
     if p.images is not None and not np.array_equal(
@@ -567,6 +565,10 @@ class Merged:
     settings: dict[str, Any]
 
 
+COUNT_KEYS = ("num_images", "num_missing_predictions", "num_unlabelled_predictions")
+"""The image counts of a shard's partial block (see :meth:`Pairs.counts`)."""
+
+
 def merge_partials(paths: list[Path]) -> Merged:
     """Add up the ``"partial"`` blocks of the ``evaluate --json`` reports of shards 1..N.
 
@@ -575,19 +577,16 @@ def merge_partials(paths: list[Path]) -> Merged:
     merged: Merged | None = None
     for path, data in read_parts(paths, "blda-evaluate"):
         part = data["partial"]
-        try:
-            names = list(part["class_names"])
-            counts = {str(key): int(v) for key, v in part["counts"].items()}
-            settings = dict(data["settings"])
-            images = part.get("names")
-            image_names = None if images is None else [str(n) for n in images]
-            before = pass_from_state(part["before"], len(names), path, image_names)
-            after_state = part["after"]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{path}: damaged partial block ({exc})") from exc
+        names = part["class_names"].strings(max_length=MAX_CLASSES, unique=True)
+        counts = {key: part["counts"][key].integer(low=0, high=MAX_COUNT_SUM) for key in COUNT_KEYS}
+        settings = {key: value.value for key, value in data["settings"].fields().items()}
+        images = part.get("names")
+        image_names = None if images is None else images.strings()
+        before = pass_from_state(part["before"], len(names), path, image_names)
+        after_state = part["after"]
         after = (
             None
-            if after_state is None
+            if after_state.is_null
             else pass_from_state(after_state, len(names), path, image_names)
         )
         if merged is None:

@@ -42,6 +42,7 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io import stats as stats_io
 from blda_posthoc.io import store as store_io
 from blda_posthoc.io.names import describe_names
+from blda_posthoc.io.schema import check_version
 
 FORMAT = "blda-info"
 VERSION = 1
@@ -101,20 +102,18 @@ def describe_file(path: Path | str) -> dict[str, Any]:
 def _describe(path: Path) -> dict[str, Any]:
     with _open(path) as f:
         fmt = _text(f.attrs["format"])
+        readable = (store_io.VERSION,) if fmt == store_io.FORMAT else stats_io.READABLE_VERSIONS
+        kind = "logits store" if fmt == store_io.FORMAT else "stats"
+        version = check_version(f.attrs.get("version"), readable, f"{path}: {kind}")
         head = {
             "path": str(path),
             "kind": KINDS[fmt],
             "format": fmt,
-            "version": int(f.attrs.get("version", -1)),
+            "version": version,
             "created_by": _text(f.attrs.get("created_by", "")) or None,
             "file_bytes": path.stat().st_size,
         }
         if fmt == store_io.FORMAT:
-            if head["version"] != store_io.VERSION:
-                raise InputError(
-                    f"{path}: logits store version {head['version']} is not supported "
-                    f"(need {store_io.VERSION})"
-                )
             return {**head, **_describe_store(f, path)}
         stored_fingerprint = _text(f.attrs.get("fingerprint", "")) or None
     stats = stats_io.read_stats(path)  # checks the version and reads the histograms

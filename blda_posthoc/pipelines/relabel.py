@@ -71,7 +71,8 @@ from blda_posthoc.core.relabel import (
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import WEIGHT_FORMATS, find_files, read_label, write_weight_map
 from blda_posthoc.io.jsonfiles import count_array, read_parts, write_json
-from blda_posthoc.io.store import LogitStore, Record
+from blda_posthoc.io.schema import MAX_COUNT_SUM, Node
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore, Record
 from blda_posthoc.outputs import (
     canonical,
     check_no_unsharded_run,
@@ -575,34 +576,39 @@ def merge_manifests(paths: list[Path]) -> dict[str, Any]:
     """
     parts = read_parts(paths, FORMAT)
     first_path, first = parts[0]
-    c = len(first.get("class_names") or [])
+    c = len(first["class_names"].strings(max_length=MAX_CLASSES, unique=True))
     tally = Tally(c)
     quality = True
     num_images = 0
+    flow_keys = set(first["partial"]["flows"].fields())
+    quality_keys = set(first["partial"]["quality"].fields()) or {"argmax"}
     for path, data in parts:
-        if not data.get("complete"):
+        if data.value.get("complete") is not True:
             raise InputError(f"{path}: unfinished shard (rerun it with --resume)")
-        if any(data.get(key) != first.get(key) for key in MERGE_SAME):
+        if any(data.value.get(key) != first.value.get(key) for key in MERGE_SAME):
             raise InputError(
                 f"{path}: not of the same run as {first_path} (other classes, stores, settings, "
                 "statistics or thresholds)"
             )
         part = data["partial"]
-        try:
-            num_images += int(part["num_images"])
-            after = count_array(part["after"], (c + 1,), path, "after")
-            flows = {
-                str(k): count_array(v, (c + 1, c + 1), path, f"flow {k}")
-                for k, v in part["flows"].items()
-            }
-            matrices = {
-                str(k): count_array(v, (c, c + 1), path, f"quality {k}")
-                for k, v in part["quality"].items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{path}: damaged partial block ({exc})") from exc
-        if set(flows) != set(first["partial"].get("flows") or {}):
+        num_images += part["num_images"].integer(low=0, high=MAX_COUNT_SUM)
+        after = count_array(part["after"], (c + 1,), path, "after")
+        flows = {
+            key: count_array(v, (c + 1, c + 1), path, f"flow {key}")
+            for key, v in part["flows"].fields().items()
+            if _known_set(v, key)
+        }
+        matrices = {
+            key: count_array(v, (c, c + 1), path, f"quality {key}")
+            for key, v in part["quality"].fields().items()
+            if _known_set(v, key, with_relabelled=True)
+        }
+        if set(flows) != flow_keys:
             raise InputError(f"{path}: damaged partial block (other flows than {first_path})")
+        if matrices and ("argmax" not in matrices or set(matrices) != quality_keys):
+            raise InputError(
+                f"{path}: damaged partial block (quality of other label sets than {first_path})"
+            )
         tally.after = after if tally.after is None else tally.after + after
         for key, flow in flows.items():
             tally.flows[key] = tally.flows.get(key, 0) + flow
@@ -614,11 +620,19 @@ def merge_manifests(paths: list[Path]) -> dict[str, Any]:
         tally.quality = {}
     head = ("format", "version", "class_names", "stores", "settings", "statistics", "thresholds")
     return {
-        **{key: first[key] for key in head},
+        **{key: first[key].value for key in head},
         "complete": True,
-        **_summary(tally, first["class_names"]),
+        **_summary(tally, first["class_names"].strings()),
         "num_images": num_images,
     }
+
+
+def _known_set(node: Node, key: str, *, with_relabelled: bool = False) -> bool:
+    """Whether ``key`` names a label set a manifest counts (else the part is refused)."""
+    known = ("argmax", "pseudo_dir", "relabelled") if with_relabelled else ("argmax", "pseudo_dir")
+    if key not in known:
+        raise node.error(f"unknown label set {key!r} (expected {', '.join(known)})")
+    return True
 
 
 def _no_progress(_: str) -> Progress | None:
