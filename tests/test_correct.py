@@ -184,3 +184,24 @@ def test_too_large_tau_is_refused(case):
     stats = fit(src_z, src_y)
     with pytest.raises(ValueError, match="too large"):
         corrected_log_scores(torch.from_numpy(tgt_z), build_maps(stats, stats), tau=1000.0)
+
+
+def test_logits_just_above_the_grid_top_match_reference_tightly(case):
+    """Within one grid step above the top, T is the constant at the top (no extrapolation).
+
+    A coarse grid and a large tau make a map clamped one step too high, or an exponential
+    interpolated past the top, visible; every channel lies in ``(hi, hi + step)``, where the
+    reference is exact, so the tolerance can be tight.
+    """
+    src_z, src_y, _, _ = case
+    stats = fit(src_z, src_y, bins=16)
+    hi, step = stats.grid.hi, (stats.grid.hi - stats.grid.lo) / stats.grid.bins
+    rng = np.random.default_rng(5)
+    above = (hi + step * rng.uniform(0.05, 0.95, (300, C))).astype(np.float32)
+    maps = build_maps(stats, stats, clamp=0.01)
+    for tau in (0.5, 1.0):
+        ours = corrected_log_scores(torch.from_numpy(above), maps, tau=tau).numpy()
+        ref = reference_scores_hist(
+            above, stats.grid.edges, stats.counts, stats.anchor_counts, tau=tau, clamp=0.01
+        )
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)

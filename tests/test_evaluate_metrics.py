@@ -248,3 +248,12 @@ def test_ignore_pred_ignore_equals_masking_the_label_where_the_prediction_is_255
     assert skipping.resized(5).ignored_pred_pixels == skipping.ignored_pred_pixels
     with pytest.raises(ValueError, match="ignore settings differ"):
         ConfusionMatrix(5).merge(skipping)
+
+
+def test_ece_confidence_on_an_inner_bin_edge_falls_in_the_lower_bin() -> None:
+    """Bins are ``((b-1)/B, b/B]``: 0.5 with 2 bins is in the lower bin, with 0.25."""
+    ece = CalibrationError(num_bins=2)
+    ece.update_confidence(np.array([0.25, 0.5, 0.75]), np.array([1, 0, 1]))
+    np.testing.assert_array_equal(ece.count, [2, 1])
+    # lower bin: accuracy 1/2, mean confidence 0.375; upper: accuracy 1, confidence 0.75.
+    assert ece.compute() == pytest.approx(100 * (2 * 0.125 + 1 * 0.25) / 3)
