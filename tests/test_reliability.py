@@ -705,6 +705,48 @@ def test_a_failing_hdf5_write_never_crashes_the_process(
     assert not out.exists()
 
 
+def test_an_image_whose_data_write_failed_is_not_complete_and_resume_rewrites_it(
+    tmp_path: Path, case: tuple[Path, Path]
+) -> None:
+    """The third image's label write fails after its group and logits exist.
+
+    The file is flushed just before the failure (HDF5 may write its metadata at any time), so
+    an image marked complete before all its data were written would be kept by ``--resume``.
+    """
+    code = (
+        "import sys, h5py\n"
+        "real = h5py.Group.create_dataset\n"
+        "calls = []\n"
+        "def create(self, name, *args, **kwargs):\n"
+        "    if name == 'label':\n"
+        "        calls.append(name)\n"
+        "        if len(calls) == 3:\n"
+        "            self.file.flush()\n"
+        "            raise OSError('simulated failure')\n"
+        "    return real(self, name, *args, **kwargs)\n"
+        "h5py.Group.create_dataset = create\n"
+        "from blda_posthoc.cli import main; main(sys.argv[1:])"
+    )
+    out, ref = tmp_path / "o.h5", tmp_path / "ref.h5"
+    args = ["import-logits", str(case[0]), "--labels", str(case[1])]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args, "--out", str(out)],
+        env=sub_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    one_line_error(result.stderr, f"{out}.partial", "simulated failure")
+    partial = Path(f"{out}.partial")
+    with h5py.File(partial, "r") as f:
+        flags = {key: bool(g.attrs.get("complete", False)) for key, g in f["images"].items()}
+    assert sorted(flags.values()) == [False, True, True], flags  # the third is not complete
+    invoke(*args, "--out", out, "--resume")
+    invoke(*args, "--out", ref)
+    assert out.read_bytes() == ref.read_bytes()
+
+
 # ------------------------------------------------------------- 13, 14. kill -9 and Ctrl-C
 
 
