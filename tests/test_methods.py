@@ -9,10 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import fitted_case
+from PIL import Image
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.align import build_maps, corrected_log_scores
-from blda_posthoc.core.correct import correct_image
+from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.methods import DEFAULT_TAUS, METHODS, Aligned, Plain
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore
@@ -327,3 +328,31 @@ def test_a_calibration_takes_anchors_alone_as_the_methods_table_says(case, tmp_p
     missing = run("correct", case["tgt"], "--method", method, "--out-dir", tmp_path / "x", ok=False)
     assert missing.exit_code == 2 and f"--method {method} needs --anchors" in missing.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("method", "kind"), [("vector-scaling", "vector"), ("bias", "bias")])
+def test_correct_with_an_affine_calibration_is_the_argmax_of_the_map_end_to_end(
+    case, tmp_path, method, kind
+):
+    """``blda correct`` writes ``argmax(scale * z + bias)`` of the logits at the image size."""
+    extras = read_stats(case["src_stats"]).extras
+    assert extras is not None
+    scale, bias = (np.asarray(v, np.float64) for v in extras.calibrations[kind])
+    out = tmp_path / "pred"
+    run("correct", case["tgt"], "--anchors", case["src_stats"], "--method", method,
+        "--out-dir", out)  # fmt: skip
+    agree = total = changed = 0
+    with LogitStore([case["tgt"]]) as store:
+        for name in store.names:
+            record = store.read(name)
+            z = resize_logits(torch.from_numpy(record.logits).float(), record.size).double()
+            mapped = (
+                z * torch.from_numpy(scale)[:, None, None] + torch.from_numpy(bias)[:, None, None]
+            )
+            want = mapped.argmax(0).numpy()
+            got = np.asarray(Image.open(out / f"{name}.png"))
+            agree += int((got == want).sum())
+            total += want.size
+            changed += int((want != z.argmax(0).numpy()).sum())
+    assert changed > 0  # the calibration moves some pixels off the plain argmax
+    assert agree / total > 0.9999  # float32 against float64 ties aside
