@@ -16,7 +16,7 @@ from blda_posthoc.core.align import build_maps, corrected_log_scores
 from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.methods import DEFAULT_TAUS, METHODS, Aligned, Plain
 from blda_posthoc.io.stats import read_stats, write_stats
-from blda_posthoc.io.store import LogitStore
+from blda_posthoc.io.store import LogitStore, StoreWriter
 from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction, read_statistics
 
 
@@ -356,3 +356,31 @@ def test_correct_with_an_affine_calibration_is_the_argmax_of_the_map_end_to_end(
             changed += int((want != z.argmax(0).numpy()).sum())
     assert changed > 0  # the calibration moves some pixels off the plain argmax
     assert agree / total > 0.9999  # float32 against float64 ties aside
+
+
+def test_cbst_gives_a_never_predicted_class_the_largest_boost(tmp_path):
+    """A class no pixel is predicted as has no median confidence: it gets the others' largest
+    shift ``-log k_c`` (the class most in need of a boost), not the smallest."""
+    rng = np.random.default_rng(7)
+    names = ["a", "b", "c", "d"]
+    store = tmp_path / "t.h5"
+    with StoreWriter(store, names, dtype="float32") as writer:
+        for i in range(4):
+            z = rng.normal(0, 2.0, (4, 20, 24)).astype(np.float32)
+            z[1] += 1.5  # confident on b, unsure elsewhere: shifts differ between classes
+            z[3] -= 30.0  # d is never the argmax
+            writer.write(f"img_{i}", z)
+    stats_path = tmp_path / "t_stats.h5"
+    run("fit-stats", store, "--label-source", "pseudo", "--out", stats_path)
+    with LogitStore([store]) as s:
+        ready = load_correction(CorrectionSpec("cbst", 1.0, False, stats_path), s.class_names)
+        z = np.concatenate([s.read(n).logits.reshape(4, -1).T for n in s.names]).astype(np.float64)
+    shift = ready.corrector.shift.numpy()  # type: ignore[attr-defined]
+    p = np.exp(log_softmax(z))
+    pred = p.argmax(1)
+    assert not (pred == 3).any()
+    median = np.array([np.median(p[pred == c, c]) for c in range(3)])
+    # Thresholds come from log-odds histograms: close to the exact medians, not equal.
+    np.testing.assert_allclose(shift[:3], -np.log(median), atol=0.02)
+    assert shift[:3].max() - shift[:3].min() > 0.05  # the largest and smallest differ
+    assert shift[3] == pytest.approx(shift[:3].max())
