@@ -11,6 +11,7 @@ from conftest import fitted_case
 
 from blda_posthoc.cli import main
 from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.compare import select_row
 
 
 def run(*args, ok: bool = True):
@@ -359,3 +360,25 @@ def test_a_store_without_labels_names_compare_options_only(case, tmp_path, monke
     monkeypatch.setattr(evaluate_module, "progress", recording)
     compare(case, out)
     assert bars == ["compare"]
+
+
+@pytest.mark.parametrize("metric", ["miou", "macc"])
+def test_the_choice_is_made_on_the_selection_images_not_the_held_out_ones(metric):
+    """Where the best row on the selection images and the best held-out row differ, the
+    selection images decide (choosing on held-out figures would inflate the reported gain)."""
+
+    def row(selection: float, held: float, excluded: object = None) -> dict:
+        return {
+            "excluded": excluded,
+            metric: held,
+            f"selection_{metric}": selection,
+            # The other metric points the other way: it must not decide either.
+            ("macc" if metric == "miou" else "miou"): -held,
+            "selection_" + ("macc" if metric == "miou" else "miou"): -selection,
+        }
+
+    rows = [row(50.0, 50.0), row(53.0, 51.0), row(52.0, 56.0), row(60.0, 40.0, {"class": "x"})]
+    assert select_row(rows, with_split=True, metric=metric) == 1  # not 2, the held-out best
+    assert select_row(rows, with_split=False, metric=metric) == 2  # no split: one set of images
+    # No row beats none on the selection images: none, whatever the held-out figures say.
+    assert select_row([row(50.0, 50.0), row(49.0, 70.0)], with_split=True, metric=metric) == 0
