@@ -382,3 +382,26 @@ def test_the_choice_is_made_on_the_selection_images_not_the_held_out_ones(metric
     assert select_row(rows, with_split=False, metric=metric) == 2  # no split: one set of images
     # No row beats none on the selection images: none, whatever the held-out figures say.
     assert select_row([row(50.0, 50.0), row(49.0, 70.0)], with_split=True, metric=metric) == 0
+
+
+def test_pixel_stride(case, tmp_path):
+    full = compare(case, tmp_path / "full.json")
+    one = compare(case, tmp_path / "one.json", "--pixel-stride", "1")
+    assert one["rows"] == full["rows"] and one["selected"] == full["selected"]
+    assert full["pixel_stride"] == 1 and full["pixels"] == "every pixel"
+    strided = compare(case, tmp_path / "s2.json", "--pixel-stride", "2")
+    assert strided["pixel_stride"] == 2 and strided["settings"]["pixel_stride"] == 2
+    assert strided["pixels"] == "every 2th pixel of each axis (1/4 of the pixels)"
+    assert [(r["method"], r["tau"]) for r in strided["rows"]] == [
+        (r["method"], r["tau"]) for r in full["rows"]
+    ]
+    assert strided["rows"] != full["rows"]  # a quarter of the pixels: other figures
+    assert strided["selected"]["method"] == full["selected"]["method"]
+    # Figures on a regular quarter of the pixels stay near the full ones (small images here).
+    for a, b in zip(strided["rows"], full["rows"], strict=True):
+        assert abs(a["miou"] - b["miou"]) < 3, (a["method"], a["tau"])
+    result = run(
+        "compare", case["tgt"], "--stats", case["tgt_stats"], "--pixel-stride", "0",
+        "--json", tmp_path / "bad.json", ok=False,
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--pixel-stride" in result.output

@@ -141,6 +141,16 @@ def parse_select_on(text: str | None) -> float | None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="mIoU against tau per method and the selected row's per-class gain.",
 )
+@click.option(
+    "--pixel-stride",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="S",
+    help="Evaluate every row on every S-th pixel of each axis of the full-size images (1/S² of "
+    "the pixels, the same per-pixel values): about S²/2 times faster for choosing a row on "
+    "large images; 1 evaluates every pixel.",
+)
 @shard_option
 @click.option(
     "--merge",
@@ -168,6 +178,7 @@ def command(
     bootstrap: int,
     json_path: Path,
     plot_path: Path | None,
+    pixel_stride: int,
     shard: tuple[int, int] | None,
     merge: bool,
     device: str,
@@ -248,7 +259,14 @@ def command(
             warn(f"{method} left out: {reason}")
         info(f"comparing {len(rows)} rows on {len(pairs.names)} images")
         compare_store(
-            store, pairs, label_files, rows, split=split, device=dev, per_image=rule.bootstrap > 0
+            store,
+            pairs,
+            label_files,
+            rows,
+            split=split,
+            device=dev,
+            per_image=rule.bootstrap > 0,
+            pixel_stride=pixel_stride,
         )
         settings = dict(statistics.settings())
         # Absolute: --from-compare finds them from any working directory.
@@ -264,6 +282,7 @@ def command(
             min_pixels=min_pixels,
             labels=str(labels_dir) if labels_dir is not None else "store",
             **rule.settings(),
+            pixel_stride=pixel_stride,
         )
         comparison = Comparison(rows, split, auto, skipped, pairs)
         report = build_report(comparison, store.class_names, settings, paths)

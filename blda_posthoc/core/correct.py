@@ -19,6 +19,58 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def sample_positions(length: int, stride: int) -> torch.Tensor:
+    """Indices ``stride // 2, stride // 2 + stride, ...`` below ``length``.
+
+    Every ``stride``-th pixel, from the middle of the first block; all of them at stride 1.
+    """
+    return torch.arange(stride // 2, length, stride)
+
+
+def _source_weights(
+    length_in: int, length_out: int, at: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear (``align_corners=False``) source indices and weights of output positions."""
+    # In float32, as torch computes them for float32 logits.
+    scale = torch.tensor(length_in, dtype=torch.float32) / length_out
+    src = (scale * (at.float() + 0.5) - 0.5).clamp(min=0.0)
+    low = src.floor().long().clamp(max=length_in - 1)
+    high = (low + 1).clamp(max=length_in - 1)
+    frac = src - low
+    return low, high, 1 - frac, frac
+
+
+def sample_logits(
+    logits: torch.Tensor, size: tuple[int, int], stride: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The resized logits at every ``stride``-th pixel of each axis, without resizing the rest.
+
+    Equals ``resize_logits(logits, size)[:, rows][:, :, cols]`` up to float rounding (the
+    same four neighbours and weights; only the order of the float operations may differ, by
+    a few units in the last place); with ``stride`` 1 it is :func:`resize_logits` itself.
+
+    Args:
+        logits: ``(C, h, w)`` float32 logits.
+        size: The full output ``(H, W)``.
+        stride: Keep every ``stride``-th row and column (see :func:`sample_positions`).
+
+    Returns:
+        ``(C, H', W')`` logits and the kept ``rows`` ``(H',)`` and ``cols`` ``(W',)``.
+    """
+    rows, cols = sample_positions(size[0], stride), sample_positions(size[1], stride)
+    if stride == 1:
+        return resize_logits(logits, size), rows, cols
+    if tuple(logits.shape[1:]) == tuple(size):
+        return logits[:, rows.to(logits.device)][:, :, cols.to(logits.device)], rows, cols
+    device = logits.device
+    h0, h1, a0, a1 = (t.to(device) for t in _source_weights(logits.shape[1], size[0], rows))
+    w0, w1, b0, b1 = (t.to(device) for t in _source_weights(logits.shape[2], size[1], cols))
+    upper, lower = logits[:, h0], logits[:, h1]
+    top = upper[:, :, w0] * b0 + upper[:, :, w1] * b1
+    bottom = lower[:, :, w0] * b0 + lower[:, :, w1] * b1
+    return top * a0[:, None] + bottom * a1[:, None], rows, cols
+
+
 def correct_image(
     logits: torch.Tensor,
     size: tuple[int, int],

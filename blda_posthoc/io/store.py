@@ -975,6 +975,7 @@ class LogitStore:
         device: torch.device | str = "cpu",
         with_label: bool = False,
         progress: Progress | None = None,
+        resize: bool = True,
     ) -> Iterator[tuple[Record, torch.Tensor]]:
         """The one store loop: read, move to ``device`` and resize each image's logits.
 
@@ -983,9 +984,12 @@ class LogitStore:
             device: Where the logits go.
             with_label: Also read the label maps (``record.label``).
             progress: Wraps the iteration over names (``progress(names, count)``).
+            resize: Resize to the image's size (False: as stored, for callers that resize
+                only parts of the image).
 
         Yields:
-            ``(record, z)`` with ``z`` the ``(C, H, W)`` float32 logits at the image's size.
+            ``(record, z)`` with ``z`` the ``(C, H, W)`` float32 logits at the image's size
+            (with ``resize=False``: the stored ``(C, h, w)``, as float32).
         """
         todo = list(self.names if names is None else names)
         iterable: Iterable[str] = todo if progress is None else progress(todo, len(todo))
@@ -1006,7 +1010,7 @@ class LogitStore:
         try:
             for _, record in zip(iterable, records, strict=True):
                 z = torch.from_numpy(record.logits).to(device)
-                yield record, resize_logits(z, record.size)
+                yield record, resize_logits(z, record.size) if resize else z.float()
         finally:
             records.close()
 

@@ -5,9 +5,10 @@ JSON report (format ``blda-compare``, version 1), percentages in percent, undefi
     {"format": "blda-compare", "version": 1, "class_names": [...], "stores": [...],
      "settings": {"stats", "anchors", "stats_fingerprint", "anchors_fingerprint", "methods",
                   "tau_grid", "select_on", "seed", "clamp", "min_pixels", "labels",
-                  "metric", "max_class_loss", "bootstrap"},
+                  "metric", "max_class_loss", "bootstrap", "pixel_stride"},
      "split": null | {"select": [names], "held_out": [names]},
      "evaluated_on": "all images" | "held-out images",
+     "pixel_stride": S, "pixels": "every pixel" | "every Sth pixel of each axis (1/S² ...)",
      "rows": [{"method", "tau", "auto", "miou", "macc", "pixel_acc", "selection_miou",
                "selection_macc", "gain", "gain_ci95": null | [lo, hi],
                "excluded": null | {"class", "iou_loss", "reason"},
@@ -44,16 +45,17 @@ from blda_posthoc.core.bootstrap import (
     includes_zero,
     metric_from_counts,
 )
-from blda_posthoc.core.correct import correct_image
+from blda_posthoc.core.correct import correct_image, sample_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
 from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_strength
+from blda_posthoc.core.rows import RowPredictor
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.schema import Node
 from blda_posthoc.io.store import MAX_CLASSES, LogitStore
 from blda_posthoc.pipelines.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
-from blda_posthoc.pipelines.evaluate import Pairs, add_pixels, iterate_store, label_source
+from blda_posthoc.pipelines.evaluate import Pairs, iterate_store, label_source
 from blda_posthoc.report.tables import round_or_none
 
 FORMAT = "blda-compare"
@@ -189,8 +191,13 @@ def compare_store(
     split: tuple[list[str], list[str]] | None = None,
     device: torch.device | str = "cpu",
     per_image: bool = True,
+    pixel_stride: int = 1,
 ) -> None:
     """Fill every row's confusion matrices in one pass over the labelled images.
+
+    Every row of an image is predicted by one :class:`~blda_posthoc.core.rows.RowPredictor`,
+    which shares the work rows have in common; each prediction equals the row's own
+    :meth:`Row.predict` (the tests compare them).
 
     Args:
         store: The logits.
@@ -200,6 +207,9 @@ def compare_store(
         split: ``(selection names, held-out names)`` from :func:`make_split`, or None.
         device: Where to compute.
         per_image: Keep every image's counts (:attr:`Row.images`) for the bootstrap.
+        pixel_stride: Evaluate every ``S``-th pixel of each axis of the full-size image (the
+            logits resized at those pixels only, see
+            :func:`~blda_posthoc.core.correct.sample_logits`); 1: every pixel.
     """
     selection = set(split[0]) if split is not None else set()
     c = store.num_classes
@@ -207,14 +217,22 @@ def compare_store(
         row.held = ConfusionMatrix(c)
         row.select = ConfusionMatrix(c) if split is not None else None
         row.images = {} if per_image else None
-    images = iterate_store(store, pairs, label_files, torch.device(device), command="compare")
+    predictor = RowPredictor([(row.corrector, row.tau or 0.0) for row in rows])
+    images = iterate_store(
+        store, pairs, label_files, torch.device(device), command="compare", resize=False
+    )
     for name, z, label in images:
         size = (int(label.shape[0]), int(label.shape[1]))
-        source = label_source(store, label_files, name)
-        for row in rows:
-            image = ConfusionMatrix(c)
-            add_pixels(image, row.predict(z, size), label, source)
-            row.add_image(name, image.matrix, selection=name in selection)
+        sampled, ys, xs = sample_logits(z, size, pixel_stride)
+        if pixel_stride > 1:
+            label = label[ys.to(label.device)][:, xs.to(label.device)]
+        flat = sampled.reshape(c, -1).T  # (N, C) view; the predictor copies it step by step
+        try:
+            counts = predictor.counts(flat, label.reshape(-1), c).cpu().numpy()
+        except ValueError as exc:
+            raise InputError(f"{label_source(store, label_files, name)}: {exc}") from exc
+        for row, count in zip(rows, counts, strict=True):
+            row.add_image(name, count, selection=name in selection)
 
 
 def make_split(
@@ -406,6 +424,7 @@ def build_report(
         mark_excluded(comparison, rows, rule.max_class_loss)
     best = rows[select_row(rows, comparison.split is not None, rule.metric)]
     assert comparison.pairs is not None
+    stride = int(settings.get("pixel_stride", 1))
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -417,6 +436,10 @@ def build_report(
         if comparison.split is None
         else {"select": comparison.split[0], "held_out": comparison.split[1]},
         "evaluated_on": "all images" if comparison.split is None else "held-out images",
+        "pixel_stride": stride,
+        "pixels": "every pixel"
+        if stride == 1
+        else f"every {stride}th pixel of each axis (1/{stride * stride} of the pixels)",
         "rows": rows,
         "selected": {
             "method": best["method"],
@@ -632,6 +655,9 @@ def format_table(report: dict[str, Any]) -> str:
         else f"all {report['num_images']} images (selection and figures on the same images: "
         "optimistic; use --select-on N for an honest figure)"
     )
+    stride = report.get("pixel_stride", 1)
+    if stride > 1:
+        where += f"; every {stride}th pixel of each axis (--pixel-stride {stride})"
     return "\n".join([f"figures on {where}", *render]) + "\n"
 
 

@@ -377,17 +377,21 @@ def iterate_store(
     device: torch.device,
     *,
     command: str = "evaluate",
+    resize: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(name, logits (C, H, W) at label size, label (H, W))`` on ``device``.
 
     Images without a label are skipped and moved from ``pairs.names`` to ``pairs.unlabelled``.
     ``command`` names the progress bar.
+    With ``resize=False`` the logits come as stored, ``(C, h, w)`` (resized to the image's own
+    size first only when the label has another size, as ``resize=True`` would do).
     """
     images = store.iter_images(
         list(pairs.names),
         device=device,
         with_label=not label_files,
         progress=lambda it, n: progress(it, n, command),
+        resize=resize,
     )
     for record, z in images:
         name = record.name
@@ -397,7 +401,11 @@ def iterate_store(
             pairs.unlabelled.append(name)
             continue
         size = (int(label.shape[0]), int(label.shape[1]))
-        yield name, resize_logits(z, size), torch.from_numpy(label).to(device)
+        if resize:
+            z = resize_logits(z, size)
+        elif size != tuple(record.size):  # a label of another size: as resize=True would
+            z = resize_logits(z, record.size)
+        yield name, z, torch.from_numpy(label).to(device)
 
 
 def evaluate_store(

@@ -1,0 +1,141 @@
+"""compare's shared-work row predictions equal the row-by-row evaluation they replace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from conftest import fitted_case
+
+from blda_posthoc.core.align import AlignmentMaps
+from blda_posthoc.core.correct import resize_logits, sample_logits, sample_positions
+from blda_posthoc.core.evaluate import ConfusionMatrix
+from blda_posthoc.core.methods import Aligned, Plain
+from blda_posthoc.core.rows import RowPredictor, pixel_counts
+from blda_posthoc.io.store import LogitStore
+from blda_posthoc.pipelines.compare import DEFAULT_TAU_GRID, Row, build_rows
+from blda_posthoc.pipelines.corrections import CorrectionSpec, read_statistics
+
+TAUS = (*DEFAULT_TAU_GRID, 1.5)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[list[Row], list[torch.Tensor]]:
+    """Every method's rows (default grid and tau 1.5) and three target images' logits."""
+    case = fitted_case(tmp_path_factory.mktemp("rows"), tgt_images=3, dtype="float32")
+    with LogitStore([case["tgt"]]) as store:
+        names = store.class_names
+        statistics = read_statistics(case["tgt_stats"], case["src_stats"], names)
+        spec = CorrectionSpec("blda", None, False, case["tgt_stats"], case["src_stats"], 0.01, None)
+        methods = ["none", "blda", "calibrated-blda", "filled-blda", "temperature"]
+        methods += ["vector-scaling", "bias", "cbst", "em-prior", "logit-adjust"]
+        rows, _, skipped = build_rows(methods, TAUS, spec, statistics, names, "cpu")
+        images = [z for _, z in store.iter_images()]
+    assert not skipped and len(rows) > 40
+    # BLDA maps with cells that get no shift (too few pixels), for the skipped-cell term.
+    maps = next(r.corrector.maps for r in rows if isinstance(r.corrector, Aligned))
+    valid = maps.valid.clone()
+    valid[0, 1] = valid[2, 2] = valid[3, 0] = False
+    holes = Aligned(AlignmentMaps(maps.lo, maps.step, maps.table, valid, maps.clamp, 100))
+    rows += [Row("blda", tau, holes) for tau in (0.2, 0.5, 1.0)]
+    return rows, images
+
+
+def row_by_row(rows: list[Row], z: torch.Tensor) -> torch.Tensor:
+    """``(R, N)``: each row's own ``correct_image`` prediction (what compare used to do)."""
+    size = (int(z.shape[1]), int(z.shape[2]))
+    return torch.stack([row.predict(z, size).reshape(-1) for row in rows])
+
+
+def flat(z: torch.Tensor) -> torch.Tensor:
+    return z.reshape(z.shape[0], -1).T
+
+
+def test_every_row_equals_its_own_evaluation(grid):
+    rows, images = grid
+    predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows])
+    kinds = {g.kind for g in predictor.groups}
+    assert kinds == {"plain", "aligned", "shift", "own"}, kinds
+    for z in images:
+        assert torch.equal(predictor.predict(flat(z)), row_by_row(rows, z))
+
+
+def test_logits_beyond_the_grid_and_chunk_sizes(grid):
+    rows, images = grid
+    z = images[0].clone()
+    maps = next(r.corrector.maps for r in rows if isinstance(r.corrector, Aligned))
+    top = maps.lo + maps.step * (maps.table.shape[-1] - 1)
+    z[0, :3, :] = top + 4.0  # far above the grid
+    z[1, 3:5, :] = maps.lo - 6.0  # far below it
+    z[2, 5, :7] = top + maps.step / 3  # just above the top grid point
+    expected = row_by_row(rows, z)
+    for chunk in (1, 37, 1 << 20):
+        predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows], chunk_pixels=chunk)
+        assert torch.equal(predictor.predict(flat(z)), expected), chunk
+
+
+@dataclass(frozen=True)
+class Reversed:
+    """A correction this module does not know: it must go through its own log_scores."""
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        return torch.log_softmax(-z * (1 + tau), dim=-1)
+
+    def is_identity(self, tau: float) -> bool:
+        return False
+
+    def to(self, device: torch.device | str) -> Reversed:
+        return self
+
+
+def test_unknown_corrections_use_their_own_scores():
+    z = torch.randn(500, 4, generator=torch.Generator().manual_seed(1))
+    predictor = RowPredictor([(Plain(), 0.0), (Reversed(), 0.5), (Reversed(), 2.0)])
+    assert [g.kind for g in predictor.groups] == ["plain", "own", "own"]
+    got = predictor.predict(z)
+    assert torch.equal(got[0], z.argmax(-1))
+    assert torch.equal(got[1], z.argmin(-1)) and torch.equal(got[2], z.argmin(-1))
+
+
+def test_counts_equal_a_confusion_matrix_per_row(grid):
+    rows, images = grid
+    predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows], chunk_pixels=100)
+    z = images[1]
+    c = z.shape[0]
+    rng = np.random.default_rng(0)
+    label = torch.from_numpy(rng.integers(0, c, z.shape[1:]).astype(np.uint8))
+    label[:2] = 255
+    counts = predictor.counts(flat(z), label.reshape(-1), c)
+    for row, count in zip(rows, counts, strict=True):
+        cm = ConfusionMatrix(c)
+        cm.update(row.predict(z, tuple(z.shape[1:])), label)
+        assert np.array_equal(cm.matrix, count.numpy())
+
+
+def test_counts_refuse_a_label_beyond_the_classes():
+    with pytest.raises(ValueError, match="label value 7 is outside 0..2"):
+        pixel_counts(torch.zeros((1, 3), dtype=torch.long), torch.tensor([0, 7, 255]), 3)
+
+
+@pytest.mark.parametrize("size", [(64, 128), (100, 90), (37, 203)])
+def test_sampled_logits_are_the_resized_logits_at_those_pixels(size):
+    z = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(2)) * 4
+    full = resize_logits(z, size)
+    same, rows, cols = sample_logits(z, size, 1)
+    assert torch.equal(same, full) and len(rows) == size[0] and len(cols) == size[1]
+    for stride in (2, 3, 4, 8):
+        sampled, rows, cols = sample_logits(z, size, stride)
+        assert torch.equal(rows, sample_positions(size[0], stride))
+        assert torch.equal(cols, torch.arange(stride // 2, size[1], stride))
+        expected = full[:, rows][:, :, cols]
+        # The same neighbours and weights; only float rounding may differ.
+        assert torch.allclose(sampled, expected, rtol=1e-5, atol=1e-5)
+        assert (sampled - expected).abs().max() < 1e-4
+
+
+def test_the_grid_covers_cells_without_a_shift(grid):
+    rows, _ = grid
+    valid = [bool(r.corrector.maps.valid.all()) for r in rows if isinstance(r.corrector, Aligned)]
+    assert False in valid  # the skipped-cell term of corrected_log_scores is exercised too
