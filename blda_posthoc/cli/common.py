@@ -9,30 +9,22 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import numpy as np
-import torch
 
-from blda_posthoc.core.align import DEFAULT_CLAMP
-from blda_posthoc.core.methods import METHODS, has_strength
+# Only light modules at the top: `blda CMD -h` and usage errors must not import torch, h5py or
+# numpy; the functions import what they use.
+from blda_posthoc.core.defaults import DEFAULT_CLAMP, METHODS, has_strength
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.jsonfiles import read_report, write_json
-from blda_posthoc.io.names import read_class_names
-from blda_posthoc.io.schema import MAX_PARTS
-from blda_posthoc.io.store import expand_store_paths
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
 from blda_posthoc.pipelines.console import info, progress, warn
-from blda_posthoc.pipelines.corrections import (
-    CALIBRATION_FOR,
-    CompareChoice,
-    Correction,
-    CorrectionSpec,
-    Provenance,
-    read_compare_choice,
-)
-from blda_posthoc.pipelines.dump_logits import torchrun_shard
+
+if TYPE_CHECKING:
+    import torch
+
+    from blda_posthoc.pipelines.corrections import CompareChoice, Correction, CorrectionSpec
+
 
 __all__ = ["info", "progress", "warn"]
 
@@ -132,6 +124,8 @@ def class_names_option(func: F) -> F:
 
 def parse_class_names(spec: str | None) -> list[str] | None:
     """Resolve ``--class-names`` (None stays None)."""
+    from blda_posthoc.io.names import read_class_names
+
     return None if spec is None else read_class_names(spec)
 
 
@@ -173,12 +167,16 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    import torch
+
     if value is not None:
         torch.set_num_threads(value)
 
 
 def resolve_device(spec: str) -> torch.device:
     """Turn a ``--device`` value into a torch device, checking CUDA is really there."""
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not _device_spelling_ok(spec):
@@ -236,6 +234,8 @@ class ShardType(click.ParamType):
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> tuple[int, int]:
+        from blda_posthoc.io.schema import MAX_PARTS
+
         if isinstance(value, tuple):
             return value
         parts = str(value).split("/")
@@ -268,6 +268,8 @@ def shard_option(func: F) -> F:
 
 def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     """``--shard``, else the shard from torchrun's environment; None for a single process."""
+    from blda_posthoc.pipelines.dump_logits import torchrun_shard
+
     from_env = torchrun_shard()
     if shard is not None and from_env is not None and shard != from_env:
         warn(f"--shard {shard[0]}/{shard[1]} overrides torchrun's {from_env[0]}/{from_env[1]}")
@@ -413,6 +415,8 @@ def build_spec(
     from_compare: Path | None,
 ) -> CorrectionSpec | None:
     """Check the correction options together and freeze them into one spec."""
+    from blda_posthoc.pipelines.corrections import CALIBRATION_FOR, CorrectionSpec, Provenance
+
     tau_value, auto = parse_tau(tau)
     expected = None
     if from_compare is not None:
@@ -454,6 +458,9 @@ def read_compare_selection(path: Path) -> CompareChoice:
 
     A shard's report is refused with the ``--merge`` command that makes the report of all images.
     """
+    from blda_posthoc.io.jsonfiles import read_report
+    from blda_posthoc.pipelines.corrections import read_compare_choice
+
     data = read_report(path, "blda-compare", "'blda compare' report")
     if "partial" in data:  # only a shard's report has raw counts to merge
         partial = data["partial"]
@@ -480,6 +487,9 @@ def merge_beside(
     Returns:
         The merged summary, where it was written, and how many parts it adds up.
     """
+    from blda_posthoc.io.jsonfiles import write_json
+    from blda_posthoc.io.store import expand_store_paths
+
     paths = expand_store_paths(list(parts))
     if len({p.resolve().parent for p in paths}) > 1:
         raise click.UsageError(f"--merge: give the {what} of one folder")
@@ -522,6 +532,8 @@ def report_changes(
         against: What the labels changed from.
         top: How many flows to name.
     """
+    import numpy as np
+
     counts = np.asarray(flow, dtype=np.int64)
     counts = counts - np.diag(np.diag(counts))
     changed = int(counts.sum())

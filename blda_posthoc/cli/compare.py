@@ -24,32 +24,7 @@ from blda_posthoc.cli.common import (
     statistics_options,
     warn,
 )
-from blda_posthoc.core.bootstrap import DEFAULT_BOOTSTRAP, METRICS
-from blda_posthoc.core.methods import METHODS
-from blda_posthoc.io.jsonfiles import write_json
-from blda_posthoc.io.store import LogitStore, expand_store_paths
-from blda_posthoc.pipelines.compare import (
-    BOOTSTRAP_MEMORY,
-    DEFAULT_TAU_GRID,
-    Comparison,
-    Rule,
-    bootstrap_bytes,
-    build_report,
-    build_rows,
-    check_methods,
-    compare_store,
-    format_table,
-    make_split,
-    merge_reports,
-    parse_grid,
-    partial_block,
-    plot_compare,
-    summary_lines,
-)
-from blda_posthoc.pipelines.corrections import CorrectionSpec, read_statistics
-from blda_posthoc.pipelines.dump_logits import shard_path
-from blda_posthoc.pipelines.evaluate import shard_pairs, store_labels
-from blda_posthoc.report.plots import require_matplotlib
+from blda_posthoc.core.defaults import DEFAULT_BOOTSTRAP, DEFAULT_TAU_GRID, METHODS, METRICS
 
 MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
 """Options a merge takes from the shards' settings (given to --merge they are refused)."""
@@ -200,6 +175,26 @@ def command(
     Example: blda compare tgt_val.h5 --stats tgt_stats.h5 --anchors src_stats.h5
     --select-on 10 --json compare.json --plot compare.png
     """
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.compare import (
+        BOOTSTRAP_MEMORY,
+        Comparison,
+        Rule,
+        bootstrap_bytes,
+        build_report,
+        build_rows,
+        check_methods,
+        compare_store,
+        make_split,
+        merge_reports,
+        parse_grid,
+        partial_block,
+    )
+    from blda_posthoc.pipelines.corrections import CorrectionSpec, read_statistics
+    from blda_posthoc.pipelines.dump_logits import shard_path
+    from blda_posthoc.pipelines.evaluate import shard_pairs, store_labels
+    from blda_posthoc.report.plots import require_matplotlib
+
     if merge:
         if shard is not None or stats is not None:
             raise click.UsageError(
@@ -294,6 +289,9 @@ def command(
 
 def finish(report: dict[str, Any], json_path: Path, plot_path: Path | None) -> None:
     """Print the table, write the JSON (and plot) and say how to apply the selection."""
+    from blda_posthoc.io.jsonfiles import write_json
+    from blda_posthoc.pipelines.compare import format_table, plot_compare, summary_lines
+
     click.echo(format_table(report), nl=False)
     write_json(json_path, report)
     info(f"wrote {json_path}")

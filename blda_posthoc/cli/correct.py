@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,17 +24,10 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     shard_option,
 )
-from blda_posthoc.io.jsonfiles import write_json
-from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.outputs import check_not_input, output_folder, shard_suffix
-from blda_posthoc.pipelines.correct import (
-    SUMMARY_FORMAT,
-    check_extras,
-    correct_store,
-    merge_summaries,
-)
-from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
-from blda_posthoc.pipelines.dump_logits import shard_path
+
+if TYPE_CHECKING:
+    from blda_posthoc.pipelines.corrections import CorrectionSpec
 
 
 @click.command("correct")
@@ -93,6 +87,12 @@ def command(
     Example: blda correct tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --tau 0.2
     --out-dir pred
     """
+    from blda_posthoc.io.jsonfiles import write_json
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.correct import SUMMARY_FORMAT, check_extras, correct_store
+    from blda_posthoc.pipelines.corrections import load_correction
+    from blda_posthoc.pipelines.dump_logits import shard_path
+
     if merge:
         if correction is not None or shard is not None or out_dir is not None or scores_out:
             raise click.UsageError(
@@ -171,6 +171,8 @@ def command(
 
 def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     """``correct --merge PARTS``: the shards' summaries added up into ``correct.json``."""
+    from blda_posthoc.pipelines.correct import merge_summaries
+
     summary, out, count = merge_beside(
         parts, "correct.json", "correct-K-of-N.json", merge_summaries, overwrite
     )

@@ -21,24 +21,7 @@ from blda_posthoc.cli.common import (
     shard_option,
     warn,
 )
-from blda_posthoc.core.diagnose import diagnose
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.jsonfiles import write_json
-from blda_posthoc.io.stats import read_stats
-from blda_posthoc.io.store import LogitStore, expand_store_paths
-from blda_posthoc.pipelines.diagnose import (
-    count_predictions,
-    estimated_priors,
-    format_table,
-    load_or_fit_stats,
-    merge_counts,
-    partial_block,
-    plot_scores,
-    report_dict,
-)
-from blda_posthoc.pipelines.dump_logits import shard_path
-from blda_posthoc.pipelines.evaluate import every_label
-from blda_posthoc.report.plots import require_matplotlib
 
 
 @click.command("diagnose")
@@ -99,6 +82,24 @@ def command(
 
     Example: blda diagnose tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json d.json
     """
+    from blda_posthoc.core.diagnose import diagnose
+    from blda_posthoc.io.jsonfiles import write_json
+    from blda_posthoc.io.stats import read_stats
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.diagnose import (
+        count_predictions,
+        estimated_priors,
+        format_table,
+        load_or_fit_stats,
+        merge_counts,
+        partial_block,
+        plot_scores,
+        report_dict,
+    )
+    from blda_posthoc.pipelines.dump_logits import shard_path
+    from blda_posthoc.pipelines.evaluate import every_label
+    from blda_posthoc.report.plots import require_matplotlib
+
     if merge and (
         shard is not None
         or stats_path is not None

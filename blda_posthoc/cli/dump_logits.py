@@ -23,24 +23,8 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     warn,
 )
-from blda_posthoc.core.infer import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PRECISIONS,
-    OutputKey,
-    Preprocess,
-)
+from blda_posthoc.core.defaults import IMAGENET_MEAN, IMAGENET_STD, PRECISION_NAMES
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.models import load_model, model_identity
-from blda_posthoc.io.store import MAX_SIDE
-from blda_posthoc.pipelines.dump_logits import (
-    DumpOptions,
-    check_output,
-    collect_items,
-    dump_logits,
-    shard_path,
-    torchrun_device,
-)
 
 
 class _Floats3(click.ParamType):
@@ -75,6 +59,8 @@ class _Size(click.ParamType):
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> tuple[int, int]:
+        from blda_posthoc.io.store import MAX_SIDE
+
         if isinstance(value, tuple):
             return value
         parts = str(value).lower().split("x")
@@ -191,7 +177,7 @@ def _fmt(values: tuple[float, ...]) -> str:
 )
 @click.option(
     "--precision",
-    type=click.Choice(list(PRECISIONS)),
+    type=click.Choice(list(PRECISION_NAMES)),
     default="fp32",
     show_default=True,
     help="Autocast precision (fp16 needs CUDA).",
@@ -255,6 +241,17 @@ def command(
     `frankfurt/frankfurt_000000_000294_leftImg8bit.png` is named
     `frankfurt/frankfurt_000000_000294`.
     """
+    from blda_posthoc.core.infer import OutputKey, Preprocess
+    from blda_posthoc.io.models import load_model, model_identity
+    from blda_posthoc.pipelines.dump_logits import (
+        DumpOptions,
+        check_output,
+        collect_items,
+        dump_logits,
+        shard_path,
+        torchrun_device,
+    )
+
     if scale is not None and size is not None:
         raise click.UsageError("give --scale or --size, not both")
     if stride is not None and window is None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
 from blda_posthoc.cli.common import (
     FILE,
@@ -28,29 +27,16 @@ from blda_posthoc.cli.common import (
     shard_option,
     warn,
 )
-from blda_posthoc.core.bootstrap import DEFAULT_BOOTSTRAP, includes_zero
-from blda_posthoc.core.evaluate import (
-    summarize,
-)
+from blda_posthoc.core.defaults import DEFAULT_BOOTSTRAP
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.jsonfiles import write_json
-from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.outputs import write_text
-from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
-from blda_posthoc.pipelines.dump_logits import shard_path
-from blda_posthoc.pipelines.evaluate import (
-    evaluate_pred_dir,
-    evaluate_store,
-    folder_class_names,
-    gain_interval,
-    merge_partials,
-    partial_block,
-    resolve_classes,
-    shard_pairs,
-    store_labels,
-)
-from blda_posthoc.report.plots import plot_confusion, plot_iou, require_matplotlib
-from blda_posthoc.report.tables import Result, build_report, format_markdown, format_table
+
+if TYPE_CHECKING:
+    import torch
+
+    from blda_posthoc.io.store import LogitStore
+    from blda_posthoc.pipelines.corrections import CorrectionSpec
+    from blda_posthoc.report.tables import Result
 
 
 def check_usage(
@@ -106,6 +92,11 @@ def write_outputs(
     A shard's JSON report also holds ``partial``: its raw accumulators, for ``--merge``.
     ``gain_ci95``: the interval of the mIoU gain of a before/after run (None: not computed).
     """
+    from blda_posthoc.core.bootstrap import includes_zero
+    from blda_posthoc.io.jsonfiles import write_json
+    from blda_posthoc.report.plots import plot_confusion, plot_iou
+    from blda_posthoc.report.tables import build_report, format_markdown, format_table
+
     click.echo(format_table(class_names, before, after, gain_ci95))
     if includes_zero(gain_ci95) and partial is None:
         info(
@@ -246,6 +237,9 @@ def command(
 
     Example: blda evaluate tgt.h5 --stats tgt_stats.h5 --anchors src_stats.h5 --json eval.json
     """
+    from blda_posthoc.pipelines.dump_logits import shard_path
+    from blda_posthoc.report.plots import require_matplotlib
+
     stores = stores + store_options  # --store: the spelling before 0.2, kept for one release
     outputs = {
         "json": json_path,
@@ -337,6 +331,14 @@ def run_pred_dir(
     ignore_pred_ignore: bool = False,
 ) -> None:
     """``evaluate --pred-dir``."""
+    from blda_posthoc.core.evaluate import summarize
+    from blda_posthoc.pipelines.evaluate import (
+        evaluate_pred_dir,
+        folder_class_names,
+        resolve_classes,
+    )
+    from blda_posthoc.report.tables import Result
+
     names = parse_class_names(class_spec)
     if names is None and num_classes is None:
         found = folder_class_names(pred_dir)  # correct.json / manifest.json name them
@@ -393,6 +395,16 @@ def run_store(
 
     ``bootstrap``: resamples and seed of the mIoU gain's interval (with a correction).
     """
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.corrections import load_correction
+    from blda_posthoc.pipelines.evaluate import (
+        evaluate_store,
+        gain_interval,
+        partial_block,
+        shard_pairs,
+        store_labels,
+    )
+
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
         class_names = store_class_names(store, class_spec)
@@ -434,6 +446,9 @@ def run_store(
 
 def run_merge(parts: tuple[str, ...], outputs: dict[str, Path | None]) -> None:
     """``evaluate --merge PARTS``: the shards' partial reports added up."""
+    from blda_posthoc.io.store import expand_store_paths
+    from blda_posthoc.pipelines.evaluate import gain_interval, merge_partials
+
     paths = expand_store_paths(parts)
     merged = merge_partials(paths)
     before = merged.before.result()

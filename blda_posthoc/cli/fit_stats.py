@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
 from blda_posthoc.cli.common import (
     FILE,
@@ -18,18 +18,18 @@ from blda_posthoc.cli.common import (
     resolve_device,
     warn,
 )
-from blda_posthoc.core.fit import ESTIMATORS, LogitStats
-from blda_posthoc.io.stats import read_stats, write_stats
-from blda_posthoc.io.store import LogitStore, expand_store_paths
-from blda_posthoc.outputs import Claim, check_not_input
-from blda_posthoc.pipelines.fit_stats import (
+from blda_posthoc.core.defaults import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_PIXELS,
+    ESTIMATORS,
     LABEL_SOURCES,
-    FitOptions,
-    fit_store,
-    vector_calibration,
 )
+from blda_posthoc.outputs import Claim, check_not_input
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from blda_posthoc.core.fit import LogitStats
 
 
 @click.command("fit-stats")
@@ -124,6 +124,10 @@ def command(
 
     Example: blda fit-stats src.h5 --label-source gt --out src_stats.h5
     """
+    from blda_posthoc.io.stats import write_stats
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
+
     if labels_alias is not None:
         if labels is not None and labels != labels_alias:
             raise click.UsageError("--labels is the old spelling of --label-source; give one")
@@ -165,11 +169,16 @@ def command(
 
 def read_calibration(path: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The vector-scaling calibration of a stats file fitted with ground truth."""
+    from blda_posthoc.io.stats import read_stats
+    from blda_posthoc.pipelines.fit_stats import vector_calibration
+
     return vector_calibration(read_stats(path), str(path), class_names, "--label-source gt")
 
 
 def report_cells(stats: LogitStats) -> None:
     """Say how many pixels the statistics hold and which cells are too small to use."""
+    import numpy as np
+
     pixels = stats.cell_pixels
     min_pixels = int(stats.settings["min_pixels"])
     info(

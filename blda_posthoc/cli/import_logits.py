@@ -17,9 +17,6 @@ from blda_posthoc.cli.common import (
     parse_class_names,
     progress,
 )
-from blda_posthoc.io.names import unnamed_classes_note
-from blda_posthoc.io.store import LogitStore
-from blda_posthoc.pipelines.import_logits import import_npy_folder
 
 
 @click.command("import-logits")
@@ -56,6 +53,10 @@ def command(
 
     Example: blda import-logits target/logits --labels target/labels --out tgt.h5
     """
+    from blda_posthoc.io.names import unnamed_classes_note
+    from blda_posthoc.io.store import LogitStore
+    from blda_posthoc.pipelines.import_logits import import_npy_folder
+
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
     count = import_npy_folder(

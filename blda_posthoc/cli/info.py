@@ -8,8 +8,6 @@ from pathlib import Path
 import click
 
 from blda_posthoc.cli.common import handle_errors, info
-from blda_posthoc.io.names import read_class_names
-from blda_posthoc.pipelines.info import describe_files, format_description, rename_classes
 
 
 @click.command("info")
@@ -33,6 +31,9 @@ def command(files: tuple[Path, ...], as_json: bool, rename: str | None) -> None:
 
     Example: blda info --rename-classes cityscapes tgt.h5 tgt_stats.h5
     """
+    from blda_posthoc.io.names import read_class_names
+    from blda_posthoc.pipelines.info import describe_files, format_description, rename_classes
+
     if rename is not None:
         names = read_class_names(rename)
         for path in files:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,25 +27,15 @@ from blda_posthoc.cli.common import (
     resolve_device,
     resolve_shard,
     shard_option,
-    torchrun_shard,
     warn,
 )
+from blda_posthoc.core.defaults import WEIGHT_FORMATS
 from blda_posthoc.errors import InputError
-from blda_posthoc.io.images import WEIGHT_FORMATS
-from blda_posthoc.io.store import LogitStore, expand_store_paths
 from blda_posthoc.outputs import check_name, output_folder
-from blda_posthoc.pipelines.correct import check_extras
-from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
-from blda_posthoc.pipelines.evaluate import every_label
-from blda_posthoc.pipelines.relabel import (
-    MANIFEST,
-    RelabelSettings,
-    count_shard,
-    manifest_name,
-    merge_manifests,
-    read_counts,
-    relabel_store,
-)
+
+if TYPE_CHECKING:
+    from blda_posthoc.pipelines.corrections import CorrectionSpec
+
 
 PORTION_TOLERANCE = 0.005
 """Warn when a class's kept fraction misses --keep-portion by more than this (ties)."""
@@ -162,6 +152,19 @@ def command(
     Example: blda relabel tgt.h5 --stats src_stats.h5 --tau 0.5 --keep-portion 0.6
     --out-dir pseudo_r2
     """
+    from blda_posthoc.io.store import LogitStore, expand_store_paths
+    from blda_posthoc.pipelines.correct import check_extras
+    from blda_posthoc.pipelines.corrections import load_correction
+    from blda_posthoc.pipelines.dump_logits import torchrun_shard
+    from blda_posthoc.pipelines.evaluate import every_label
+    from blda_posthoc.pipelines.relabel import (
+        RelabelSettings,
+        count_shard,
+        manifest_name,
+        read_counts,
+        relabel_store,
+    )
+
     if merge:
         if (
             correction is not None
@@ -319,6 +322,8 @@ def check_apart(out_dir: Path, weights_out: Path) -> None:
 
 def run_merge(parts: tuple[str, ...], overwrite: bool) -> None:
     """``relabel --merge PARTS``: the shards' manifests added up into ``manifest.json``."""
+    from blda_posthoc.pipelines.relabel import MANIFEST, merge_manifests
+
     manifest, out, count = merge_beside(parts, MANIFEST, "manifests", merge_manifests, overwrite)
     report(manifest, out, merged=count)
 

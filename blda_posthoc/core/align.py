@@ -22,12 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blda_posthoc.core import defaults
 from blda_posthoc.core.distributions import anchor_quantiles, cell_cdfs
 from blda_posthoc.core.fit import LogitStats
 
-DEFAULT_TAU = 0.2
-DEFAULT_CLAMP = 0.01
-DEFAULT_MIN_PIXELS = 100
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+DEFAULT_CLAMP = defaults.DEFAULT_CLAMP
+DEFAULT_MIN_PIXELS = defaults.DEFAULT_MIN_PIXELS
+DEFAULT_TAU = defaults.DEFAULT_TAU
 
 
 @dataclass

@@ -26,12 +26,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-METRICS = ("miou", "macc")
-"""Metrics a gain can be measured in."""
+from blda_posthoc.core import defaults
+
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+METRICS = defaults.METRICS
+DEFAULT_BOOTSTRAP = defaults.DEFAULT_BOOTSTRAP
+
 LEVEL = 0.95
 """Coverage of the interval."""
-DEFAULT_BOOTSTRAP = 1000
-"""Resamples ``compare`` and ``evaluate`` draw unless ``--bootstrap`` says otherwise."""
 BLOCK = 1000
 """Resamples drawn (and evaluated) at a time: memory stays at ``BLOCK × I`` draws."""
 

@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core import defaults
 from blda_posthoc.core.classes import IGNORE_INDEX
 
-ESTIMATORS = ("hist", "gmm")
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+ESTIMATORS = defaults.ESTIMATORS
+
 VARIANCE_FLOOR = 1e-4
 """Smallest mixture variance, as in the paper."""
 

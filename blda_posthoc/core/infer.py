@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-"""ImageNet channel means (RGB) on the 0-255 scale."""
+from blda_posthoc.core import defaults
 
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
-"""ImageNet channel standard deviations (RGB) on the 0-255 scale."""
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+IMAGENET_MEAN = defaults.IMAGENET_MEAN
+IMAGENET_STD = defaults.IMAGENET_STD
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,

@@ -28,36 +28,13 @@ from typing import Protocol
 
 import torch
 
+from blda_posthoc.core import defaults
 from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores
 
-METHODS = (
-    "none",
-    "blda",
-    "calibrated-blda",
-    "filled-blda",
-    "temperature",
-    "vector-scaling",
-    "bias",
-    "cbst",
-    "em-prior",
-    "logit-adjust",
-)
-"""Every method name ``--method`` takes."""
-
-DEFAULT_TAUS = {
-    "blda": 0.2,
-    "calibrated-blda": 0.2,
-    "filled-blda": 0.2,
-    "cbst": 1.0,
-    "em-prior": 1.0,
-    "logit-adjust": 1.0,
-}
-"""Methods with a strength, and the strength used when ``--tau`` is not given."""
-
-
-def has_strength(method: str) -> bool:
-    """Whether ``method`` takes ``tau``."""
-    return method in DEFAULT_TAUS
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+DEFAULT_TAUS = defaults.DEFAULT_TAUS
+METHODS = defaults.METHODS
+has_strength = defaults.has_strength
 
 
 class Corrector(Protocol):

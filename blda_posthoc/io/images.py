@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from blda_posthoc.core import defaults
 from blda_posthoc.errors import InputError
 from blda_posthoc.outputs import atomic_file, check_name, write_bytes
 
@@ -198,8 +199,8 @@ def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) 
         img.save(handle, format="PNG")
 
 
-WEIGHT_FORMATS = {"png": ".png", "npy": ".npy"}
-"""``relabel --weights-format``: the file extension of each per-pixel weight format."""
+# Defined where `blda CMD -h` reads it (no numpy there); re-exported here.
+WEIGHT_FORMATS = defaults.WEIGHT_FORMATS
 
 
 def write_weight_map(path: Path, weights: np.ndarray, fmt: str) -> None:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from blda_posthoc import __version__, outputs
+from blda_posthoc.core import defaults
 from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
@@ -59,6 +60,9 @@ from blda_posthoc.outputs import (
     kept_note,
 )
 
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+MAX_SIDE = defaults.MAX_SIDE
+
 Progress = Callable[[Iterable[str], int], Iterable[str]]
 """Wraps an iteration over image names: ``progress(names, count)``."""
 
@@ -70,8 +74,6 @@ MAX_CLASSES = 255
 LOGIT_LIMITS = {"float16": 65504.0, "float32": 1e9}
 """Largest logit magnitude a store holds, per storage dtype (float16: its whole range)."""
 LOGIT_LIMIT = LOGIT_LIMITS["float32"]
-MAX_SIDE = 1 << 16
-"""Largest image height or width."""
 MAX_VALUES = 1 << 30
 """Most logits of one image at its full size (``C * H * W``; 4 GiB as float32)."""
 RESERVE_MARGIN = 1 << 20

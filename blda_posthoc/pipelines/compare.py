@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core import defaults
 from blda_posthoc.core.align import lookup_tables
 from blda_posthoc.core.bootstrap import (
     DEFAULT_BOOTSTRAP,
@@ -58,11 +59,13 @@ from blda_posthoc.pipelines.corrections import ALIGNED, CorrectionSpec, Statisti
 from blda_posthoc.pipelines.evaluate import Pairs, iterate_store, label_source
 from blda_posthoc.report.tables import round_or_none
 
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+DEFAULT_TAU_GRID = defaults.DEFAULT_TAU_GRID
+
 FORMAT = "blda-compare"
 VERSION = 1
 PLAIN = Plain()
 """Stands in for the corrector of merged rows (a report needs none)."""
-DEFAULT_TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 BOOTSTRAP_MEMORY = 2 * 2**30
 """Bytes the per-image counts may take; above it the bootstrap is turned off with a warning."""
 

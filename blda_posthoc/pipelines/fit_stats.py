@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core import defaults
 from blda_posthoc.core.calibrate import CALIBRATIONS, fit_calibration, sample_pixels
 from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.fit import (
@@ -37,9 +38,11 @@ from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confiden
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.store import LogitStore, Progress
 
-LABEL_SOURCES = ("gt", "pseudo")
-DEFAULT_BINS = 4096
-DEFAULT_SAMPLE_PIXELS = 200_000
+# Defined where `blda CMD -h` reads them (no torch there); re-exported here.
+DEFAULT_BINS = defaults.DEFAULT_BINS
+DEFAULT_SAMPLE_PIXELS = defaults.DEFAULT_SAMPLE_PIXELS
+LABEL_SOURCES = defaults.LABEL_SOURCES
+
 CONFIDENCE_BINS = 4096
 CALIBRATION_PIXELS = 50_000
 """Labelled pixels the calibrations are fitted on (2C parameters at most: plenty)."""
