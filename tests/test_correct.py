@@ -205,3 +205,24 @@ def test_logits_just_above_the_grid_top_match_reference_tightly(case):
             above, stats.grid.edges, stats.counts, stats.anchor_counts, tau=tau, clamp=0.01
         )
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_background_writer_runs_every_write_in_order_and_raises_errors():
+    from blda_posthoc.pipelines.correct import BackgroundWriter
+
+    done: list[int] = []
+    with BackgroundWriter() as writer:
+        for i in range(5):
+            writer.submit(done.append, i)
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail(i: int) -> None:
+        if i == 1:
+            raise OSError("disk full")
+        done.append(i)
+
+    done.clear()
+    with pytest.raises(OSError, match="disk full"), BackgroundWriter() as writer:
+        for i in range(4):
+            writer.submit(fail, i)
+    assert done[:1] == [0] and 1 not in done  # writes after the failure may not all run

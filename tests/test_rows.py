@@ -10,7 +10,13 @@ import torch
 from conftest import fitted_case
 
 from blda_posthoc.core.align import AlignmentMaps
-from blda_posthoc.core.correct import resize_logits, sample_logits, sample_positions
+from blda_posthoc.core.correct import (
+    correct_image,
+    predict_image,
+    resize_logits,
+    sample_logits,
+    sample_positions,
+)
 from blda_posthoc.core.evaluate import ConfusionMatrix
 from blda_posthoc.core.methods import Aligned, Plain
 from blda_posthoc.core.rows import RowPredictor, pixel_counts
@@ -139,3 +145,29 @@ def test_the_grid_covers_cells_without_a_shift(grid):
     rows, _ = grid
     valid = [bool(r.corrector.maps.valid.all()) for r in rows if isinstance(r.corrector, Aligned)]
     assert False in valid  # the skipped-cell term of corrected_log_scores is exercised too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rows_on_cuda_equal_their_own_evaluation_there_and_nearly_cpu(grid):
+    rows, images = grid
+    on_gpu = [Row(r.method, r.tau, r.corrector.to("cuda"), r.auto) for r in rows]
+    predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in on_gpu])
+    for z in images:
+        got = predictor.predict(flat(z.cuda()))
+        assert torch.equal(got, row_by_row(on_gpu, z.cuda()))
+        assert (got.cpu() != row_by_row(rows, z)).float().mean() < 1e-3
+        sampled, _, _ = sample_logits(z.cuda(), (50, 70), 3)
+        expected, _, _ = sample_logits(z, (50, 70), 3)
+        assert torch.allclose(sampled.cpu(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_predict_image_equals_correct_image(grid, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rows, images = grid
+    z = images[2].to(device)
+    for row in rows[::5]:
+        corrector = row.corrector.to(device)
+        pred = predict_image(z, (40, 52), corrector, row.tau or 0.0, chunk_pixels=97)
+        assert torch.equal(pred, correct_image(z, (40, 52), corrector, row.tau or 0.0)[0])

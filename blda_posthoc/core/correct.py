@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.align import DEFAULT_TAU, default_chunk
+from blda_posthoc.core.fit import channel_argmax
 from blda_posthoc.core.methods import Corrector
 
 
@@ -103,3 +104,39 @@ def correct_image(
         )
         pred = scores.argmax(-1)
     return pred.reshape(size), scores.T.reshape(c, *size)
+
+
+def predict_image(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    corrector: Corrector,
+    tau: float = DEFAULT_TAU,
+    chunk_pixels: int | None = None,
+) -> torch.Tensor:
+    """The prediction of :func:`correct_image` alone, without its scores (less time, memory).
+
+    The plain argmax runs plane by plane over the channels (no pixel-major copy, no
+    log-softmax); a correction transposes and scores one chunk of pixels at a time (no copy of
+    the whole image, no score tensor kept). Equal to ``correct_image(...)[0]``.
+
+    Args:
+        logits: ``(C, h, w)`` float32 logits.
+        size: Output ``(H, W)``.
+        corrector: The correction, on the logits' device.
+        tau: Correction strength.
+        chunk_pixels: Pixels per step (memory bound; the result does not depend on it).
+
+    Returns:
+        ``(H, W)`` int64 prediction.
+    """
+    z = resize_logits(logits.float(), size)
+    c = z.shape[0]
+    if corrector.is_identity(tau):
+        return channel_argmax(z)
+    planes = z.reshape(c, -1)  # (C, N)
+    step = chunk_pixels or default_chunk(c)
+    pred = torch.empty(planes.shape[1], dtype=torch.long, device=z.device)
+    for start in range(0, planes.shape[1], step):
+        pixels = planes[:, start : start + step].T.contiguous()  # (n, C), as correct_image's
+        pred[start : start + pixels.shape[0]] = corrector.log_scores(pixels, tau).argmax(-1)
+    return pred.reshape(size)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.classes import cityscapes_label_ids, colorize, is_cityscapes, palette_for
-from blda_posthoc.core.correct import correct_image
+from blda_posthoc.core.correct import correct_image, predict_image
+from blda_posthoc.core.fit import channel_argmax
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
 from blda_posthoc.io.jsonfiles import count_array, read_parts
@@ -184,6 +187,58 @@ def corrected_images(
         yield CorrectedImage(record, z, pred, scores)
 
 
+def corrected_predictions(
+    store: LogitStore,
+    names: Sequence[str],
+    correction: Correction,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Iterator[tuple[Record, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """As :func:`corrected_images`, the predictions alone (see :func:`predict_image`).
+
+    Yields:
+        ``(record, logits (C, H, W), pred (H, W), None)`` per name: no scores are computed.
+    """
+    images = store.iter_images(names, device=device, progress=progress)
+    for record, z in images:
+        yield record, z, predict_image(z, record.size, correction.corrector, correction.tau), None
+
+
+class BackgroundWriter:
+    """Runs file writes in one thread, in order, at most ``ahead`` of them waiting.
+
+    The caller computes the next image while the last one is compressed (zlib releases the
+    GIL). An error of a write is raised by the next :meth:`submit` or on leaving the ``with``
+    block; on leaving, every submitted write has finished (none is left half-way).
+    """
+
+    def __init__(self, ahead: int = 1) -> None:
+        self.ahead = ahead
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="blda-write")
+        self.pending: collections.deque[Future[None]] = collections.deque()
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        """Queue ``write(*args)``; wait while more than ``ahead`` writes are pending."""
+        self.pending.append(self.pool.submit(write, *args))
+        while len(self.pending) > self.ahead:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            while self.pending:
+                future = self.pending.popleft()
+                if kind is None:
+                    future.result()
+                else:  # already failing: let the writes finish, keep the first error
+                    future.exception()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def write_label_map(
     files: list[Path],
     label_map: np.ndarray,
@@ -271,23 +326,35 @@ def correct_store(
                     settings=correction.settings,
                 )
             )
-        with_label = scores_store is not None
-        images = corrected_images(
-            store, todo, correction, with_label=with_label, device=device, progress=progress
-        )
-        for image in images:
-            label_map = image.pred.cpu().numpy().astype(np.uint8)
-            flow += _pairs(image.logits.argmax(0).cpu().numpy(), label_map, c)
-            write_label_map(paths[image.record.name], label_map, palette, cityscapes_ids)
-            if scores_store is not None:
-                record = image.record
-                scores = image.scores.cpu().numpy()
-                scores_store.write(record.name, scores, label=record.label, size=record.size)
+        # PNGs are compressed in a thread while the next image is computed (the same bytes).
+        writer = stack.enter_context(BackgroundWriter())
+        predictions: Iterator[tuple[Record, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+        if scores_store is None:
+            predictions = corrected_predictions(
+                store, todo, correction, device=device, progress=progress
+            )
+        else:
+            predictions = (
+                (image.record, image.logits, image.pred, image.scores)
+                for image in corrected_images(
+                    store, todo, correction, with_label=True, device=device, progress=progress
+                )
+            )
+        for record, logits, pred, scores in predictions:
+            label_map = pred.cpu().numpy().astype(np.uint8)
+            before = pred if correction.corrector.is_identity(correction.tau) else None
+            before = channel_argmax(logits) if before is None else before
+            flow += _pairs(before.cpu().numpy(), label_map, c)
+            writer.submit(write_label_map, paths[record.name], label_map, palette, cityscapes_ids)
+            if scores_store is not None and scores is not None:
+                scores_store.write(
+                    record.name, scores.cpu().numpy(), label=record.label, size=record.size
+                )
     done = set(todo)
     kept = [name for name in store.names if name not in done]
     for record, z in store.iter_images(kept, device=device):
         kept_map = _kept_prediction(paths[record.name][0], record.size, c)
-        flow += _pairs(z.argmax(0).cpu().numpy(), kept_map, c)
+        flow += _pairs(channel_argmax(z).cpu().numpy(), kept_map, c)
     square = flow.reshape(c, c)
     changed = square - np.diag(np.diag(square))
     return {
