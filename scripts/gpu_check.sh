@@ -18,6 +18,9 @@ echo "== correct: CPU baseline, then CUDA"
 "$PY" scripts/bench_correct.py --images 20 --direct-pixels 16384 --device cuda
 echo "== every compute command on CPU and CUDA, one table (and CUDA vs CPU predictions)"
 "$PY" scripts/bench_commands.py --images 8 --size 512x1024 --classes 19 --devices cpu,cuda
+echo "== Cityscapes size (19x256x512 logits, 1024x2048 labels): every command on CPU and CUDA, one table;"
+echo "   compare's figures on CUDA must agree with CPU's (exit 1 otherwise)"
+"$PY" scripts/bench_realsize.py --images 2 --devices cpu,cuda --check-agreement --json "$OUT_DIR/realsize.json"
 echo "== dump-logits on CUDA, fp32 and fp16 autocast"
 "$PY" scripts/bench_dump.py --device cuda --images 100 --batch-size 4 --repeat 1
 "$PY" scripts/bench_dump.py --device cuda --images 100 --batch-size 4 --repeat 1 --precision fp16
