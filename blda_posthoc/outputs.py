@@ -123,12 +123,35 @@ def path_inside(root: Path, relative: str) -> Path:
     return target
 
 
+def check_clashes(relatives: Iterable[str], where: str | Path) -> None:
+    """Refuse outputs of which one would be the folder of another (``x.png``, ``x.png/y.png``).
+
+    Checked on every name of a run before any work, so the run does not fail half-way.
+
+    Raises:
+        InputError: ``"WHERE: outputs 'x.png' and 'x.png/y.png' clash (...)"``.
+    """
+    files = set(relatives)
+    for relative in sorted(files):
+        parts = relative.split("/")
+        for end in range(1, len(parts)):
+            prefix = "/".join(parts[:end])
+            if prefix in files:
+                raise InputError(
+                    f"{where}: outputs '{prefix}' and '{relative}' clash ('{prefix}' would be "
+                    "both a file and a folder); rename one of the images"
+                )
+
+
 def paths_inside(root: Path, relatives: Iterable[str]) -> list[Path]:
     """:func:`path_inside` for many names (sub-folders resolved once each).
 
     Raises:
-        InputError: For the first unsafe or escaping name, or two equal names.
+        InputError: For the first unsafe or escaping name, two equal names, or a name that is
+            the folder of another (see :func:`check_clashes`).
     """
+    relatives = list(relatives)
+    check_clashes(relatives, root)
     base = Path(root).resolve()
     folders: dict[str, bool] = {}
     seen: set[str] = set()
@@ -215,9 +238,25 @@ def _open_exclusive(path: Path) -> int:
     return os.open(path, flags, 0o666)
 
 
+NAME_MAX = 255
+"""Longest file name (bytes) the usual file systems take."""
+
+
 def temporary_name(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` for writing it: ``.NAME.<random>.tmp``."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """A fresh hidden name beside ``path`` for writing it: ``.NAME.<random>.tmp``.
+
+    When that would be longer than :data:`NAME_MAX` bytes (a name of 242 bytes or more),
+    ``NAME`` is shortened to its start and a hash of the whole name (``.START~HASH.<random>.tmp``),
+    so any name the file system takes can be written.
+    """
+    random = secrets.token_hex(4)
+    name = path.name
+    raw = os.fsencode(name)
+    if len(raw) + len(f"..{random}.tmp") > NAME_MAX:
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        room = NAME_MAX - len(f".~{digest}.{random}.tmp")
+        name = f"{os.fsdecode(raw[:room])}~{digest}"
+    return path.with_name(f".{name}.{random}.tmp")
 
 
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
@@ -627,6 +666,7 @@ class OutputFolder(ClaimedOutput):
         self.partial = partial_path(self.final)
         self.written: set[str] = set()
         self.claim = Claim(self.final)
+        self.created = False
         try:
             self.root = self._prepare(overwrite, resume)
         except BaseException:
@@ -716,7 +756,17 @@ class OutputFolder(ClaimedOutput):
         except OSError as exc:
             raise _write_error(exc, self.partial) from exc
         self._write_marker(self.partial, complete=False)
+        self.created = True
         return self.partial
+
+    def _holds_nothing(self) -> bool:
+        """Whether this run created :attr:`root` and wrote no output into it yet."""
+        if not self.created:
+            return False
+        for _, _, filenames in os.walk(self.root):
+            if any(name != MARKER and not TEMPORARY.match(name) for name in filenames):
+                return False
+        return True
 
     # -- writing
 
@@ -758,8 +808,18 @@ class OutputFolder(ClaimedOutput):
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
 
+    def close(self, success: bool) -> None:
+        """Finish on success; a failed run that wrote nothing leaves no ``OUT.partial``."""
+        try:
+            if not success and self._holds_nothing():
+                shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            super().close(success)
+
     def note(self) -> str:
-        """What an interrupted run keeps, for the message."""
+        """What an interrupted run keeps, for the message (nothing when it wrote nothing)."""
+        if not self.in_place and self._holds_nothing():
+            return ""
         if self.in_place:
             return f"{self.path} keeps its finished outputs; rerun with --resume to complete it"
         return (

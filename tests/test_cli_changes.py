@@ -193,3 +193,42 @@ def test_name_and_name_color_with_color_are_refused_up_front(tmp_path, command):
     result = run(command, store, "--stats", stats, "--out-dir", out)
     assert result.exit_code == 0, result.output
     assert (out / "x.png").is_file() and (out / "x_color.png").is_file()
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel"])
+@pytest.mark.parametrize("shard", [[], ["--shard", "2/2"]])
+def test_a_name_that_is_the_folder_of_another_is_refused_before_any_work(tmp_path, command, shard):
+    """``x`` writes x.png, ``x.png/y`` needs x.png as a folder: refused up front, every shard."""
+    store = tmp_path / "s.h5"
+    _store_with_names(store, ["x", "x.png/y", "z"])
+    stats = tmp_path / "stats.h5"
+    fitted = run("fit-stats", store, "--out", stats, "--min-pixels", "1")
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "out"
+    result = run(command, store, "--stats", stats, "--out-dir", out, *shard)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {store}: ")
+    assert "outputs 'x.png' and 'x.png/y.png' clash" in result.stderr
+    assert "--resume" not in result.stderr
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_name_of_245_characters_is_written_despite_the_temporary_file(tmp_path):
+    """The hidden temporary name is shortened (start + hash) to fit the file system's limit."""
+    from blda_posthoc.outputs import NAME_MAX, TEMPORARY, temporary_name
+
+    long = "n" * 245
+    store = tmp_path / "s.h5"
+    _store_with_names(store, [long, "y"])
+    stats = tmp_path / "stats.h5"
+    fitted = run("fit-stats", store, "--out", stats, "--min-pixels", "1")
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "out"
+    result = run("correct", store, "--stats", stats, "--out-dir", out, "--color")
+    assert result.exit_code == 0, result.output
+    assert (out / f"{long}.png").is_file() and (out / f"{long}_color.png").is_file()
+    assert not [p for p in out.iterdir() if TEMPORARY.match(p.name)]
+    for name in (long + "_color.png", "é" * 127 + ".png", "short.png"):
+        tmp = temporary_name(tmp_path / name)
+        assert len(tmp.name.encode()) <= NAME_MAX and TEMPORARY.match(tmp.name), tmp.name
+    assert temporary_name(tmp_path / "short.png").name.startswith(".short.png.")

@@ -498,8 +498,11 @@ def test_torchrun_environment_selects_the_shard(
         ]
     )
     assert code == 0, err
-    with LogitStore([tmp_path / "t-2-of-2.h5"]) as store:
-        assert store.names == ["city_a/img_002", "city_b/img_001", "city_b/img_005"]
+    with h5py.File(tmp_path / "t-2-of-2.h5", "r") as f:  # one shard alone: not a whole run
+        names = sorted(str(group.attrs["name"]) for group in f["images"].values())
+        assert names == ["city_a/img_002", "city_b/img_001", "city_b/img_005"]
+    described = CliRunner().invoke(main, ["info", str(tmp_path / "t-2-of-2.h5")])
+    assert described.exit_code == 0, described.output  # info describes one shard
 
 
 # ------------------------------------------------------------------------------------ resume

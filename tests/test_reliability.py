@@ -432,6 +432,77 @@ def test_import_resume_refuses_other_sources(tmp_path: Path, case: tuple[Path, P
     one_line_error(err, "other settings (labels_dir")
 
 
+def _swap_logits_external(group: h5py.Group, other: Path) -> None:
+    data = group["logits"][()]
+    raw = other.with_suffix(".bin")
+    raw.write_bytes(data.tobytes())
+    del group["logits"]
+    group.create_dataset("logits", data.shape, data.dtype, external=[(str(raw), 0, data.nbytes)])
+
+
+def _swap_logits_virtual(group: h5py.Group, other: Path) -> None:
+    data = group["logits"][()]
+    with h5py.File(other, "w") as f:
+        f["x"] = data
+    del group["logits"]
+    layout = h5py.VirtualLayout(data.shape, data.dtype)
+    layout[:] = h5py.VirtualSource(str(other), "x", data.shape)
+    group.create_virtual_dataset("logits", layout)
+
+
+def _swap_label_soft(group: h5py.Group, other: Path) -> None:
+    del group["label"]
+    group["label"] = h5py.SoftLink(group["logits"].name)
+
+
+def _swap_label_external_link(group: h5py.Group, other: Path) -> None:
+    data = group["label"][()]
+    with h5py.File(other, "w") as f:
+        f["y"] = data
+    del group["label"]
+    group["label"] = h5py.ExternalLink(str(other), "/y")
+
+
+def _swap_label_transposed(group: h5py.Group, other: Path) -> None:
+    data = group["label"][()]
+    del group["label"]
+    group["label"] = np.ascontiguousarray(data.T)
+
+
+def _extra_link(group: h5py.Group, other: Path) -> None:
+    with h5py.File(other, "w") as f:
+        f["z"] = np.zeros(3)
+    group["extra"] = h5py.ExternalLink(str(other), "/z")
+
+
+@pytest.mark.parametrize(
+    ("swap", "fragment"),
+    [
+        (_swap_logits_external, "uses external storage"),
+        (_swap_logits_virtual, "uses virtual storage"),
+        (_swap_label_soft, "is a SoftLink"),
+        (_swap_label_external_link, "is a ExternalLink"),
+        (_swap_label_transposed, "label is uint8"),
+        (_extra_link, "holds 'extra'"),
+    ],
+)
+def test_import_resume_refuses_links_and_foreign_data_in_the_partial_store(
+    tmp_path: Path, case: tuple[Path, Path], swap, fragment: str
+) -> None:
+    """Nothing reached through a link or stored elsewhere is copied into the final store."""
+    out = tmp_path / "i.h5"
+    args = ["import-logits", case[0], "--labels", case[1], "--out", out]
+    invoke(*args)
+    partial = tmp_path / "i.h5.partial"
+    out.rename(partial)
+    with h5py.File(partial, "a") as f:
+        group = f["images"][sorted(f["images"])[0]]
+        swap(group, tmp_path / "elsewhere.h5")
+    _, err = invoke(*args, "--resume", exit_code=1)
+    one_line_error(err, "i.h5.partial", fragment)
+    assert not out.exists() and partial.exists()
+
+
 # ----------------------------------------------------------- 7. float16 overflow, huge values
 
 
@@ -874,6 +945,26 @@ def test_failed_correct_overwrite_keeps_the_old_folder_whole_then_resumes(
     assert not (tmp_path / "pred.partial").exists()
 
 
+@pytest.mark.parametrize("where", ["import", "parse"])
+def test_ctrl_c_during_start_up_exits_130_not_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Ctrl-C while the command module (torch) imports or options parse: 130, no 'Aborted!'."""
+    from blda_posthoc import cli
+    from blda_posthoc.cli import common
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if where == "import":
+        monkeypatch.setattr(cli.LazyGroup, "_module", stop)
+    else:
+        monkeypatch.setattr(common.ShardType, "convert", stop)
+    result = CliRunner().invoke(main, ["evaluate", "x.h5", "--shard", "1/2"])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "interrupted" and "Aborted" not in result.output
+
+
 def test_ctrl_c_in_correct_exits_130_and_resume_completes(
     tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -890,6 +981,104 @@ def test_ctrl_c_in_correct_exits_130_and_resume_completes(
     monkeypatch.setattr(correct_module, "write_label_map", real)
     invoke(*args, "--resume")
     assert folder_bytes(out) == folder_bytes(corrected["out"])
+
+
+def _rewrite_store(path: Path, scale: float) -> None:
+    """Replace the store at ``path`` by one with the same names and classes, logits scaled."""
+    fresh = path.with_name("fresh-" + path.name)
+    with LogitStore([path]) as old, StoreWriter(fresh, old.class_names, dtype="float32") as new:
+        for record in old:
+            new.write(record.name, record.logits * scale, record.label, record.size)
+    os.replace(fresh, path)
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel"])
+def test_resume_refuses_a_store_replaced_at_the_same_path(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The run record holds the stores' content fingerprints, not only their paths."""
+    from blda_posthoc.pipelines import correct as correct_module
+    from blda_posthoc.pipelines import relabel as relabel_module
+
+    stats = tmp_path / "st.h5"
+    invoke("fit-stats", store, "--out", stats)
+    with LogitStore([store]) as s:
+        before = s.fingerprints[0]
+    out = tmp_path / "out"
+    args = [command, store, "--stats", stats, "--tau", "0.5", "--out-dir", out]
+    module = correct_module if command == "correct" else relabel_module
+    real = module.write_label_map
+    monkeypatch.setattr(module, "write_label_map", FailAfter(real, 1, KeyboardInterrupt()))
+    invoke(*args, exit_code=130)
+    monkeypatch.setattr(module, "write_label_map", real)
+    original = store.read_bytes()
+    _rewrite_store(store, 1.5)
+    with LogitStore([store]) as s:
+        after = s.fingerprints[0]
+    assert after != before
+    _, err = invoke(*args, "--resume", exit_code=1)
+    one_line_error(err, "store_fingerprints", before, after, "cannot resume")
+    store.write_bytes(original)  # the same content again: the same fingerprint, resumable
+    with LogitStore([store]) as s:
+        assert s.fingerprints[0] == before
+    invoke(*args, "--resume")
+
+
+def test_store_fingerprints_follow_the_content(tmp_path: Path) -> None:
+    """Per image and per store; equal content gives equal prints; old stores get meta- ones."""
+    rng = np.random.default_rng(0)
+    logits = {n: rng.normal(size=(2, 4, 5)).astype(np.float32) for n in ("a", "b/c")}
+
+    def write(path: Path, data: dict[str, np.ndarray]) -> str:
+        with StoreWriter(path, ["x", "y"], dtype="float32", settings={"model": "m"}) as w:
+            for name in sorted(data):
+                w.write(name, data[name])
+        with LogitStore([path]) as s:
+            return s.fingerprints[0]
+
+    first, again = write(tmp_path / "1.h5", logits), write(tmp_path / "2.h5", logits)
+    assert first == again and len(first) == 16
+    with h5py.File(tmp_path / "1.h5", "r") as f:
+        prints = [f["images"][k].attrs["fingerprint"] for k in f["images"]]
+    assert len(set(prints)) == 2 and all(len(p) == 16 for p in prints)
+    changed = dict(logits, a=logits["a"] + 1)
+    assert write(tmp_path / "3.h5", changed) != first
+    assert write(tmp_path / "4.h5", {"a": logits["a"]}) != first
+    # A store written before fingerprints: a metadata fingerprint, stable, prefixed meta-.
+    for name in ("1.h5", "3.h5"):
+        with h5py.File(tmp_path / name, "a") as f:
+            del f.attrs["fingerprint"]
+    with LogitStore([tmp_path / "1.h5"]) as s, LogitStore([tmp_path / "3.h5"]) as t:
+        assert s.fingerprints[0].startswith("meta-") and t.fingerprints[0].startswith("meta-")
+        assert s.fingerprints[0] != t.fingerprints[0]  # other logit ranges
+    with h5py.File(tmp_path / "2.h5", "a") as f:
+        f.attrs["fingerprint"] = "not hex"
+    with pytest.raises(InputError, match="fingerprint 'not hex' is not 16 hex digits"):
+        LogitStore([tmp_path / "2.h5"])
+
+
+def test_a_run_that_wrote_nothing_leaves_no_partial_folder_and_claims_nothing(
+    tmp_path: Path, corrected: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blda_posthoc.pipelines import correct as correct_module
+
+    out = tmp_path / "nothing"
+    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+    scores = tmp_path / "sc.h5"
+    (tmp_path / "sc.h5.partial").write_bytes(b"left by a killed run")
+    _, err = invoke(*args, "--scores-out", scores, exit_code=1)
+    line = one_line_error(err, "sc.h5.partial: an unfinished --scores-out store", "--overwrite")
+    assert "kept" not in line and "rerun with --resume" not in line
+    assert not out.exists() and not (tmp_path / "nothing.partial").exists()
+    real = correct_module.write_label_map
+    monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 0, InputError("boom")))
+    _, err = invoke(*args, exit_code=1)
+    assert err.strip() == "error: boom"  # no "finished outputs are kept" when there are none
+    assert not out.exists() and not (tmp_path / "nothing.partial").exists()
+    monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 1, InputError("boom")))
+    _, err = invoke(*args, exit_code=1)
+    one_line_error(err, "boom", "kept in", "nothing.partial")  # one finished image: kept
+    assert (tmp_path / "nothing.partial").is_dir()
 
 
 def test_resume_cannot_be_led_outside_the_folder(

@@ -610,3 +610,55 @@ def test_merge_refuses_nan_and_huge_shard_counts(
     data["partial"]["shard"] = [10**9, 10**9]
     nan.write_text(json.dumps(data))
     assert_error(invoke(command, "--merge", nan, other, *outputs), "is above 1024")
+
+
+# ---------------------------------------------------------------- shard sets of stores
+
+
+def _shard_store(path: Path, shard: str, names: list[str], model: str = "m") -> Path:
+    import numpy as np
+
+    from blda_posthoc.io.store import StoreWriter
+
+    rng = np.random.default_rng(len(names))
+    with StoreWriter(
+        path, ["a", "b"], dtype="float32", attrs={"shard": shard}, settings={"model": model}
+    ) as w:
+        for name in names:
+            label = rng.integers(0, 2, (4, 4)).astype(np.uint8)
+            w.write(name, rng.normal(size=(2, 4, 4)).astype(np.float32), label)
+    return path
+
+
+def test_store_shards_must_form_one_complete_run(tmp_path: Path) -> None:
+    """``x-*-of-N.h5``: every K of one N exactly once, of one run; else one error line."""
+    one = _shard_store(tmp_path / "x-1-of-2.h5", "1/2", ["i0", "i2"])
+    two = _shard_store(tmp_path / "x-2-of-2.h5", "2/2", ["i1", "i3"])
+    with LogitStore([one, two]) as store:
+        assert store.names == ["i0", "i1", "i2", "i3"] and len(store.fingerprints) == 2
+    stats = ["--out", tmp_path / "s.h5"]
+    done = invoke("fit-stats", str(tmp_path / "x-*-of-2.h5"), *stats)
+    assert done.exit_code == 0, done.output
+    two.rename(tmp_path / "gone.h5")
+    missing = invoke("fit-stats", str(tmp_path / "x-*-of-2.h5"), *stats, "--overwrite")
+    assert_error(missing, "x-1-of-2.h5: shard 2/2 of its run is missing (1 of 2 given)", "x-*-of-2")
+    odd = _shard_store(tmp_path / "y-1-of-3.h5", "1/3", ["i1"])
+    assert_error(
+        invoke("fit-stats", one, odd, *stats, "--overwrite"),
+        "y-1-of-3.h5: shard 1/3 is not of the same run as",
+    )
+    other_model = _shard_store(tmp_path / "z-2-of-2.h5", "2/2", ["i1", "i3"], model="other")
+    assert_error(
+        invoke("fit-stats", one, other_model, *stats, "--overwrite"),
+        "z-2-of-2.h5: shard 2/2 is not of the same run",
+        "other run settings",
+    )
+    again = _shard_store(tmp_path / "w-1-of-2.h5", "1/2", ["i5"])
+    assert_error(
+        invoke("evaluate", one, again, "--json", tmp_path / "e.json"),
+        "w-1-of-2.h5: shard 1/2 given twice (also",
+    )
+    with h5py.File(again, "a") as f:
+        f.attrs["shard"] = "1/1000000000"
+    assert_error(invoke("evaluate", again, "--json", tmp_path / "e.json"), "shard '1/1000000000'")
+    assert not (tmp_path / "e.json").exists()

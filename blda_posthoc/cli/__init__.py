@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -67,12 +68,41 @@ class LazyGroup(click.Group):
                 return None
             raise
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        """Parse the arguments; Ctrl-C meanwhile exits 130 (see :func:`_interrupted`)."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; Ctrl-C before it handles it (importing torch, parsing) exits 130."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         """Import and return one command."""
         if cmd_name not in COMMANDS:
             return None
         module = self._module(cmd_name)
         return getattr(module, "command", None)
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C before a command started work: one line, exit 130 (as during its work).
+
+    Without this click would print ``Aborted!`` and exit 1 (a failure, not an interruption).
+    """
+    click.echo("interrupted", err=True)
+    raise SystemExit(130)
 
 
 def _source(name: str) -> Path | None:

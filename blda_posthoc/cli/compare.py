@@ -276,6 +276,7 @@ def command(
             clamp=clamp,
             min_pixels=min_pixels,
             labels=str(labels_dir) if labels_dir is not None else "store",
+            store_fingerprints=store.fingerprints,
             **rule.settings(),
             pixel_stride=pixel_stride,
         )

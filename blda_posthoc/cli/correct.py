@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,8 @@ from blda_posthoc.cli.common import (
     resolve_shard,
     shard_option,
 )
-from blda_posthoc.outputs import check_not_input, output_folder, shard_suffix
+from blda_posthoc.errors import InputError
+from blda_posthoc.outputs import check_not_input, output_folder, partial_path, shard_suffix
 
 if TYPE_CHECKING:
     from blda_posthoc.pipelines.corrections import CorrectionSpec
@@ -114,6 +116,12 @@ def command(
         scores_out = shard_path(scores_out, run_shard)
         inputs = [*stores, correction.stats, correction.anchors]
         check_output_file(scores_out, overwrite, inputs, option="--scores-out")
+        if not overwrite and os.path.lexists(partial_path(scores_out)):
+            raise InputError(
+                f"{partial_path(scores_out)}: an unfinished --scores-out store is there "
+                "(--scores-out writes every image, it does not resume: use --overwrite to start "
+                "over)"
+            )
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
@@ -124,7 +132,11 @@ def command(
             if scores_out.resolve().is_relative_to(out_dir.resolve()):
                 raise click.UsageError("--scores-out must lie outside --out-dir")
         ready = load_correction(correction, store.class_names, dev)
-        settings = dict(ready.settings, stores=[str(p) for p in store.paths])
+        settings = dict(
+            ready.settings,
+            stores=[str(p) for p in store.paths],
+            store_fingerprints=store.fingerprints,  # --resume refuses a store changed in place
+        )
         inputs = [*store.paths, correction.stats, correction.anchors]
         with output_folder(
             out_dir,

@@ -229,6 +229,7 @@ def command(
             "settings": settings.as_dict(),
             "statistics": ready.settings,
             "stores": [str(p) for p in store.paths],
+            "store_fingerprints": store.fingerprints,  # --resume refuses a changed store
             "class_names": store.class_names,
         }
         inputs = [*store.paths, pseudo_dir, labels_dir, correction.stats, correction.anchors]

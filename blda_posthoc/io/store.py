@@ -4,9 +4,10 @@ Layout::
 
     /                      attrs: format="blda-logits", version=1, class_names (JSON list),
                                   num_classes, dtype, created_by, [shard "K/N"],
-                                  [run_settings (JSON: what --resume checks)]
+                                  [run_settings (JSON: what --resume checks)],
+                                  [fingerprint (content of the whole store)]
     /images/<quoted name>  group, attrs: name, height, width (original image size),
-                                  logit_min, logit_max, has_label, complete
+                                  logit_min, logit_max, has_label, [fingerprint], complete
         logits             (C, h, w) float16|float32, chunked, gzip + shuffle
         label              (H, W) uint8 trainIds, 255 = ignore (optional)
 
@@ -16,6 +17,17 @@ once its ``complete`` attribute is true; it is set after its data is written and
 A store being written lives at ``STORE.partial`` and is renamed to ``STORE`` when the writer
 closes without error, so a killed run leaves either the old file or a resumable partial one.
 Several stores (shards) read together through :class:`LogitStore` behave as one dataset.
+Stores written with ``--shard K/N`` (root attribute ``shard``) must be read as one complete run:
+every K of N exactly once, one N, the same ``run_settings``.
+
+Fingerprints (provenance): each image's ``fingerprint`` is the first 16 hex digits of the
+sha256 of its name, logits shape and dtype, original size, stored (compressed) logit chunks and
+label bytes, computed while it is written; the root ``fingerprint`` hashes the name-sorted image
+fingerprints with the class names, dtype and run settings, written when the store is finished.
+Files derived from a store record it (:attr:`LogitStore.fingerprints`). A store written before
+fingerprints existed has none; readers then use ``meta-`` plus a hash of its metadata (names,
+sizes, logit ranges, the logits' stored byte counts): it changes when the store is replaced by
+another, but not when logits are edited in place keeping all of those.
 
 Limits that readers and writers enforce (a store breaking them is refused with an error naming
 it): image names follow :func:`blda_posthoc.outputs.check_name`; 1 to :data:`MAX_CLASSES`
@@ -27,6 +39,7 @@ other files, no external storage, no virtual datasets.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import threading
@@ -49,7 +62,7 @@ from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
 from blda_posthoc.io.prefetch import prefetch
-from blda_posthoc.io.schema import check_version
+from blda_posthoc.io.schema import MAX_PARTS, check_version
 from blda_posthoc.outputs import (
     Claim,
     canonical,
@@ -365,6 +378,9 @@ class StoreWriter:
             if self.settings is not None:
                 recorded = meta.run_settings
                 check_settings(self.tmp, recorded, self.settings)
+            odd = sorted(set(f) - {"images"})
+            if odd:
+                raise InputError(f"{self.tmp}: holds {odd[0]!r}, not a store's; cannot resume")
             self._drop_incomplete(f)
         except InputError:
             f.close()
@@ -378,11 +394,71 @@ class StoreWriter:
         return f
 
     def _drop_incomplete(self, f: h5py.File) -> None:
+        """Drop unfinished images; check every finished one as :class:`LogitStore` would."""
         images = _group(f, "images", self.tmp)
         for key in list(images):
-            if _image_group(images, key, self.tmp) is None:
+            group = _image_group(images, key, self.tmp)
+            if group is None:
                 del images[key]
                 self.changed = True
+            else:
+                self._check_kept(group, key)
+
+    def _check_kept(self, group: h5py.Group, key: str) -> None:
+        """Refuse a kept image that is not plain data as this writer stores it.
+
+        Its datasets must be hard links inside the file (no external, virtual or linked
+        storage: the rule of every reader), its logits ``(C, h, w)`` of the store's dtype,
+        chunked as :func:`chunk_shape`, its label ``(H, W)`` uint8 of the recorded size, its
+        attributes of the right types; else nothing is copied into the final store.
+        """
+        where = f"kept image {key!r}"
+        odd = sorted(set(group) - {"logits", "label"})
+        if odd:
+            raise InputError(f"{self.tmp}: {where}: holds {odd[0]!r}, not a store's; cannot resume")
+        if bool(group.attrs.get("has_label", False)) != ("label" in group):
+            raise InputError(f"{self.tmp}: {where}: has_label disagrees with its data")
+        name = check_name(_text(group.attrs.get("name")), self.tmp)
+        if quote(name, safe="") != key:
+            raise InputError(f"{self.tmp}: images/{key} holds the name {name!r}; cannot resume")
+        attrs = group.attrs
+        height, width = attrs.get("height"), attrs.get("width")
+        if not all(
+            isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+            for v in (height, width)
+        ):
+            raise InputError(f"{self.tmp}: {where}: size {height!r}x{width!r}; cannot resume")
+        size = (int(height), int(width))
+        _check_size(size, len(self.class_names), f"{self.tmp}: {where}")
+        for bound in ("logit_min", "logit_max"):
+            value = attrs.get(bound)
+            if not isinstance(value, float | int | np.floating | np.integer) or not np.isfinite(
+                value
+            ):
+                raise InputError(f"{self.tmp}: {where}: {bound} is {value!r}; cannot resume")
+        logits = check_dataset(group, "logits", self.tmp, f"{where} logits")
+        shape = tuple(logits.shape)
+        if (
+            logits.dtype != np.dtype(self.dtype)
+            or len(shape) != 3
+            or shape[0] != len(self.class_names)
+            or min(shape) < 1
+            or max(shape[1:]) > MAX_SIDE
+            or logits.chunks != chunk_shape(shape)
+            or logits.compression != "gzip"
+            or not logits.shuffle
+        ):
+            raise InputError(
+                f"{self.tmp}: {where}: logits are {logits.dtype} {shape} chunked {logits.chunks}, "
+                f"not as this writer stores them; cannot resume (use --overwrite)"
+            )
+        if "label" in group:
+            label = check_dataset(group, "label", self.tmp, f"{where} label")
+            if label.dtype != np.uint8 or tuple(label.shape) != size:
+                raise InputError(
+                    f"{self.tmp}: {where}: label is {label.dtype} {tuple(label.shape)}, expected "
+                    f"uint8 {size}; cannot resume (use --overwrite)"
+                )
 
     # -- writing
 
@@ -462,8 +538,11 @@ class StoreWriter:
         need = sum(len(chunk) for _, chunk in encoded) + RESERVE_MARGIN + 2 * self._name_bytes
         need += label.nbytes if label is not None else 0
         outputs.reserve(self.file.id.get_vfd_handle(), self.file.id.get_filesize(), need, path)
+        fingerprint = image_fingerprint(name, shape, self.dtype, encoded, label, size)
         try:
-            _write_group(self.file, name, shape, self.dtype, encoded, label, size, value_range)
+            _write_group(
+                self.file, name, shape, self.dtype, encoded, label, size, value_range, fingerprint
+            )
         except Exception as exc:  # noqa: BLE001 - HDF5 failed half-way: never touch it again
             self._abandon()
             raise _store_error(exc, path, "cannot write") from exc
@@ -503,9 +582,20 @@ class StoreWriter:
         finally:
             self.claim.release()
 
+    def _fingerprint(self) -> str:
+        """The store's content fingerprint, from its complete images' fingerprints."""
+        images = self.file["images"]
+        prints = {}
+        for key in images:
+            attrs = images[key].attrs
+            if attrs.get("complete", False):
+                prints[str(attrs["name"])] = _text(attrs.get("fingerprint")) or ""
+        return store_fingerprint(prints, self.class_names, self.dtype, self.settings)
+
     def _close_file(self) -> None:
-        """Flush, drop reserved space beyond the data, close."""
+        """Record the fingerprint, flush, drop reserved space beyond the data, close."""
         try:
+            self.file.attrs["fingerprint"] = self._fingerprint()
             self.file.flush()
             size = self.file.id.get_filesize()
             os.ftruncate(self.file.id.get_vfd_handle(), size)
@@ -583,6 +673,7 @@ def _write_group(
     label: np.ndarray | None,
     size: tuple[int, int],
     value_range: tuple[float, float],
+    fingerprint: str,
 ) -> None:
     """Write one image's group: data, flush, then ``complete``, flush."""
     key = quote(name, safe="")
@@ -606,9 +697,143 @@ def _write_group(
     group.attrs["logit_min"] = float(value_range[0])
     group.attrs["logit_max"] = float(value_range[1])
     group.attrs["has_label"] = label is not None
+    group.attrs["fingerprint"] = fingerprint
     file.flush()
     group.attrs["complete"] = True
     file.flush()
+
+
+FINGERPRINT_DIGITS = 16
+
+
+def image_fingerprint(
+    name: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    encoded: Sequence[tuple[tuple[int, int, int], bytes]],
+    label: np.ndarray | None,
+    size: tuple[int, int],
+) -> str:
+    """An image's content fingerprint: its name, shape, dtype, size, stored chunks and label."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([name, list(shape), dtype, list(size)]).encode())
+    for offset, chunk in encoded:
+        digest.update(repr(tuple(offset)).encode())
+        digest.update(len(chunk).to_bytes(8, "little"))
+        digest.update(chunk)
+    if label is not None:
+        digest.update(b"label" + repr(tuple(label.shape)).encode())
+        digest.update(np.ascontiguousarray(label).tobytes())
+    return digest.hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def store_fingerprint(
+    images: Mapping[str, str],
+    class_names: Sequence[str],
+    dtype: str,
+    settings: Mapping[str, Any] | None,
+) -> str:
+    """A store's content fingerprint: its images' fingerprints (by name), classes, settings."""
+    body = {
+        "images": sorted(images.items()),
+        "class_names": list(class_names),
+        "dtype": dtype,
+        "settings": None if settings is None else canonical(settings),
+    }
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def _recorded_fingerprint(f: h5py.File, path: Path) -> str | None:
+    """The root ``fingerprint`` a store records (None for a store written before them)."""
+    if "fingerprint" not in f.attrs:
+        return None
+    value = _text(f.attrs.get("fingerprint"))
+    if (
+        value is None
+        or len(value) != FINGERPRINT_DIGITS
+        or any(ch not in "0123456789abcdef" for ch in value)
+    ):
+        raise InputError(
+            f"{path}: damaged logits store (fingerprint {value!r} is not 16 hex digits)"
+        )
+    return value
+
+
+def _metadata_fingerprint(images: h5py.Group, keys: Iterable[str]) -> str:
+    """``meta-`` and a hash of the metadata of a store without a fingerprint (see module doc)."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        group = images[key]
+        attrs = group.attrs
+        fields = [key] + [
+            str(attrs.get(k)) for k in ("height", "width", "logit_min", "logit_max", "has_label")
+        ]
+        for part in ("logits", "label"):
+            link = group.get(part, getlink=True)
+            if isinstance(link, h5py.HardLink) and isinstance(group.get(part), h5py.Dataset):
+                fields.append(f"{part}:{group[part].shape}:{group[part].id.get_storage_size()}")
+        digest.update(json.dumps(fields).encode())
+    return "meta-" + digest.hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def _shard_of(f: h5py.File, path: Path) -> tuple[int, int] | None:
+    """The ``shard`` attribute ``"K/N"`` of a store, checked (None when it has none)."""
+    if "shard" not in f.attrs:
+        return None
+    text = _text(f.attrs.get("shard")) or ""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n) <= MAX_PARTS):
+        raise InputError(f"{path}: damaged logits store (shard {text!r} is not K/N)")
+    return int(k), int(n)
+
+
+def check_shard_set(
+    paths: Sequence[Path],
+    shards: Sequence[tuple[int, int] | None],
+    settings: Sequence[dict[str, Any] | None],
+) -> None:
+    """Stores written with ``--shard K/N`` must be given as one complete run.
+
+    Every K of one N exactly once, all with the same run settings; stores without a ``shard``
+    attribute may be read beside them.
+
+    Raises:
+        InputError: One line naming the odd, repeated or missing shard.
+    """
+    sharded = [i for i, shard in enumerate(shards) if shard is not None]
+    if not sharded:
+        return
+    first = sharded[0]
+    k0, n0 = shards[first] or (0, 0)
+    seen: dict[int, Path] = {}
+    for i in sharded:
+        k, n = shards[i] or (0, 0)
+        if n != n0:
+            raise InputError(
+                f"{paths[i]}: shard {k}/{n} is not of the same run as {paths[first]} "
+                f"(shard {k0}/{n0})"
+            )
+        if canonical(settings[i] or {}) != canonical(settings[first] or {}):
+            raise InputError(
+                f"{paths[i]}: shard {k}/{n} is not of the same run as {paths[first]} "
+                "(other run settings: another model, preprocessing or correction)"
+            )
+        if k in seen:
+            raise InputError(f"{paths[i]}: shard {k}/{n} given twice (also {seen[k]})")
+        seen[k] = paths[i]
+    if len(seen) != n0:
+        missing = next(k for k in range(1, n0 + 1) if k not in seen)
+        raise InputError(
+            f"{paths[first]}: shard {missing}/{n0} of its run is missing ({len(seen)} of {n0} "
+            f"given); give every shard, e.g. {_shard_pattern(paths[first], (k0, n0))}"
+        )
+
+
+def _shard_pattern(path: Path, shard: tuple[int, int]) -> str:
+    suffix = f"-{shard[0]}-of-{shard[1]}"
+    stem = path.stem[: -len(suffix)] if path.stem.endswith(suffix) else path.stem
+    return f"'{path.with_name(f'{stem}-*-of-{shard[1]}{path.suffix}')}'"
 
 
 def _store_error(exc: BaseException, path: Path, doing: str) -> InputError:
@@ -783,9 +1008,16 @@ class LogitStore:
         self._pool_lock = threading.Lock()
         self._reading = threading.local()
         self.class_names: list[str] = []
+        self.fingerprints: list[str] = []
+        """Each store's content fingerprint (``meta-...`` for a store written without one)."""
+        shards: list[tuple[int, int] | None] = []
+        settings: list[dict[str, Any] | None] = []
         try:
             for index, path in enumerate(self.paths):
-                self._open_one(index, path)
+                root = self._open_one(index, path)
+                shards.append(_shard_of(self._files[index], path))
+                settings.append(root.run_settings)
+            check_shard_set(self.paths, shards, settings)
         except BaseException:
             self.close()
             raise
@@ -793,7 +1025,7 @@ class LogitStore:
         if not self.names:
             raise InputError(f"{self.paths[0]}: the store holds no complete image")
 
-    def _open_one(self, index: int, path: Path) -> None:
+    def _open_one(self, index: int, path: Path) -> _Root:
         if not path.exists():
             hint = (
                 " (an unfinished run left a .partial file: rerun the command that writes it "
@@ -810,7 +1042,8 @@ class LogitStore:
             raise InputError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from exc
         self._files.append(f)
         try:
-            names = _check_root(path, f).class_names
+            root = _check_root(path, f)
+            names = root.class_names
             if index == 0:
                 self.class_names = names
             elif names != self.class_names:
@@ -827,6 +1060,12 @@ class LogitStore:
                     other = self.paths[self._where[name][0]]
                     raise InputError(f"{path}: image {name!r} is also in {other}")
                 self._where[name] = (index, key)
+            recorded = _recorded_fingerprint(f, path)
+            if recorded is None:
+                mine = [key for n, (i, key) in self._where.items() if i == index]
+                recorded = _metadata_fingerprint(images, mine)
+            self.fingerprints.append(recorded)
+            return root
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file is bad input

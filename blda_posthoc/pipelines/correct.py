@@ -21,7 +21,7 @@ from blda_posthoc.io.images import read_label, write_png
 from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.schema import MAX_COUNT_SUM
 from blda_posthoc.io.store import MAX_CLASSES, LogitStore, Progress, Record, StoreWriter
-from blda_posthoc.outputs import paths_inside
+from blda_posthoc.outputs import check_clashes, paths_inside
 from blda_posthoc.pipelines.corrections import Correction
 
 COLOR_SUFFIX = "_color"
@@ -40,7 +40,9 @@ def extra_options(color: bool, cityscapes_ids: bool) -> list[str]:
 
 
 def check_extra_names(names: Iterable[str], where: Path | str, options: Iterable[str]) -> None:
-    """Refuse images ``NAME`` and ``NAME<suffix>`` together when that extra file is written.
+    """Refuse images whose outputs clash, checked on every name before any work.
+
+    Images ``x`` and ``x.png/y`` would need ``x.png`` as a file and as a folder.
 
     With ``--color`` images ``x`` and ``x_color`` would both write ``x_color.png`` (the preview
     of one, the prediction of the other); likewise ``x_labelIds`` with ``--cityscapes-ids``.
@@ -54,6 +56,9 @@ def check_extra_names(names: Iterable[str], where: Path | str, options: Iterable
         InputError: Naming the first such pair.
     """
     names = set(names)
+    options = list(options)
+    suffixes = [".png", *(f"{EXTRA_OUTPUTS[o]}.png" for o in options)]
+    check_clashes((f"{name}{suffix}" for name in names for suffix in suffixes), where)
     for option in options:
         suffix = EXTRA_OUTPUTS[option]
         for name in sorted(names):

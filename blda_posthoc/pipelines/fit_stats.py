@@ -209,9 +209,11 @@ def fit_store(
             yield record.name, z, _labels(record, z, options.labels, device)
 
     sources = [str(p) for p in store.paths]
-    return fit_images(
+    stats = fit_images(
         images, store.names, store.class_names, (lo, hi), options, device=device, sources=sources
     )
+    stats.settings["source_fingerprints"] = list(store.fingerprints)
+    return stats
 
 
 def fit_images(
