@@ -469,8 +469,10 @@ def test_sharded_scores_stores_evaluate_as_one(case: dict[str, Path], tmp_path: 
             *correct_args(case, tmp_path / "three"), "--scores-out", scores, "--shard", f"{k}/3"
         )
         assert part.exit_code == 0, part.output
-    with LogitStore([tmp_path / "scores-2-of-3.h5"]) as store:
-        assert len(store.names) == 2 and store.has_labels()
+    with h5py.File(tmp_path / "scores-2-of-3.h5", "r") as f:
+        assert len(f["images"]) == 2 and all(g.attrs["has_label"] for g in f["images"].values())
+    alone = invoke("evaluate", tmp_path / "scores-2-of-3.h5", "--json", tmp_path / "x.json")
+    assert_error(alone, "shard 1/3 of its run is missing")  # one shard is not the dataset
     figures = []
     for given in (scores, tmp_path / "scores-*-of-3.h5"):
         done = invoke("evaluate", given, "--json", tmp_path / "e.json", "--overwrite")
