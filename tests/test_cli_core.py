@@ -119,6 +119,69 @@ def test_bad_label_value_is_reported(tmp_path, npy_case):
     assert_error(result, "img_003.png", "label value 9")
 
 
+@pytest.mark.parametrize(
+    ("logits_size", "label_size"),
+    [
+        ((24, 32), (32, 24)),  # transposed
+        ((24, 32), (240, 32)),  # ten times taller
+        ((24, 32), (12, 16)),  # smaller than the logits
+        ((12, 16), (24, 40)),  # stretched along one axis
+    ],
+)
+def test_import_refuses_a_label_of_another_shape(tmp_path, logits_size, label_size):
+    rng = np.random.default_rng(0)
+    (tmp_path / "logits").mkdir()
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "logits" / "x.npy", rng.normal(size=(3, *logits_size)).astype(np.float32))
+    label = rng.integers(0, 3, label_size).astype(np.uint8)
+    Image.fromarray(label).save(tmp_path / "labels" / "x.png")
+    out = tmp_path / "s.h5"
+    result = run("import-logits", tmp_path / "logits", "--labels", tmp_path / "labels", "--out",
+                 out, ok=False)  # fmt: skip
+    assert_error(
+        result,
+        f"{tmp_path / 'labels' / 'x.png'}: label is {label_size[0]}x{label_size[1]}",
+        f"{logits_size[0]}x{logits_size[1]}",
+        "aspect ratio",
+    )
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("logits_size", "label_size"), [((24, 32), (96, 128)), ((9, 13), (65, 97))]
+)
+def test_import_accepts_logits_at_a_reduced_stride(tmp_path, logits_size, label_size):
+    rng = np.random.default_rng(0)
+    (tmp_path / "logits").mkdir()
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "logits" / "x.npy", rng.normal(size=(3, *logits_size)).astype(np.float32))
+    Image.fromarray(rng.integers(0, 3, label_size).astype(np.uint8)).save(
+        tmp_path / "labels" / "x.png"
+    )
+    run("import-logits", tmp_path / "logits", "--labels", tmp_path / "labels", "--out",
+        tmp_path / "s.h5")  # fmt: skip
+    with LogitStore([tmp_path / "s.h5"]) as store:
+        assert store.size("x") == label_size
+
+
+def test_store_labels_beyond_the_classes_are_refused_by_every_reader(tmp_path, stores):
+    with h5py.File(stores["src"], "a") as f:
+        label = f["images/city_b%2Fimg_003/label"]
+        values = label[()]
+        values[0, :3] = [4, 7, 255]
+        label[...] = values
+    for args in (
+        ("fit-stats", stores["src"], "--label-source", "gt", "--out", tmp_path / "s.h5"),
+        ("evaluate", stores["src"]),
+    ):
+        assert_error(
+            run(*args, ok=False),
+            f"{stores['src']}: image 'city_b/img_003': label value 7 is neither a class id "
+            "(0..3) nor the ignore value 255 (2 pixels)",
+        )
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_existing_outputs_are_not_damaged(tmp_path, stores):
     before = stores["src"].read_bytes()
     result = run("import-logits", stores["tgt_logits"], "--out", stores["src"], ok=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import Pointwise, TinyNet, save_scripted
+from tiny_models import Asserting, Pointwise, Raising, TinyNet, Transposed, save_scripted
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.infer import Preprocess, normalize, select_output
@@ -313,6 +313,67 @@ def test_channel_count_mismatch(tmp_path: Path, images_dir: Path, script_model: 
         ]
     )
     assert code == 1 and "19 classes" in err
+
+
+def onnx_transposed(path: Path) -> Path:
+    """An ONNX 1x1 conv whose output is transposed to ``(N, C, W, H)``."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = Pointwise(3)
+    weight = model.conv.weight.detach().numpy()
+    bias = model.conv.bias.detach().numpy()
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["y"]),
+            helper.make_node("Transpose", ["y"], ["t"], perm=[0, 1, 3, 2]),
+        ],
+        "transposed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 3, "W", "H"])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript"])
+def test_transposed_output_is_refused(tmp_path: Path, images_dir: Path, kind: str) -> None:
+    if kind == "onnx":
+        pytest.importorskip("onnxruntime")
+        model = onnx_transposed(tmp_path / "t.onnx")
+    else:
+        model = save_scripted(Transposed(3).eval(), tmp_path / "t.pt")
+    out = tmp_path / "x.h5"
+    code, err = run(
+        ["--model", str(model), "--images", str(images_dir), "--out", str(out), "--workers", "0"]
+    )
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"error: {model}: "), err
+    assert "32x24 pixels for a 24x32 input" in err and "transposed" in err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (Asserting, "AssertionError: input smaller than this model accepts"),
+        (Raising, "RuntimeError: this model wants 4 input channels"),
+    ],
+)
+def test_failing_torchscript_model_is_a_one_line_error(
+    tmp_path: Path, images_dir: Path, module: type, reason: str
+) -> None:
+    model = save_scripted(module(3).eval(), tmp_path / "bad.pt")
+    out = tmp_path / "x.h5"
+    code, err = run(
+        ["--model", str(model), "--images", str(images_dir), "--out", str(out), "--workers", "0"]
+    )
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {model}: failed on ") and reason in err, err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
 # ------------------------------------------------------------------------------------ inputs

@@ -51,8 +51,10 @@ def _valid_store() -> bytes:
     rng = np.random.default_rng(0)
     with StoreWriter(path, ["road", "car", "sky"], dtype="float16") as writer:
         for index in range(3):
-            logits = rng.normal(0, 3, (3, 6, 8)).astype(np.float32)
             label = rng.integers(0, 3, (12, 16)).astype(np.uint8)
+            # Logits that carry the labels, so that the calibrations fit (positive scales).
+            onehot = np.eye(3, dtype=np.float32)[label[::2, ::2]].transpose(2, 0, 1)
+            logits = (4 * onehot + rng.normal(0, 3, (3, 6, 8))).astype(np.float32)
             writer.write(f"city/img_{index}", logits, label)
     return path.read_bytes()
 
@@ -242,6 +244,24 @@ STATS_DATA = ["cells/counts", "anchors/counts", "cells/gmm/weights", "cells/gmm/
               "calibration/vector/scale", "calibrated/cells/counts"]  # fmt: skip
 
 
+stats_values = values | st.sampled_from(
+    [
+        '{"min_pixels": "100"}',
+        '{"min_pixels": -3}',
+        '{"labels": 3}',
+        '{"calibration": 5}',
+        '{"calibration": {"kind": "vector"}}',
+        '{"sources": "a.h5"}',
+        '{"components": 0}',
+        '["road", "car"]',
+        '["road", "car", "car"]',
+        '["road", "", "sky"]',
+        '["road"]',
+        "road,car,sky",
+    ]
+)
+
+
 @FUZZ
 @given(
     st.sampled_from(sorted(VALID_STATS)),
@@ -249,7 +269,7 @@ STATS_DATA = ["cells/counts", "anchors/counts", "cells/gmm/weights", "cells/gmm/
         st.tuples(
             st.sampled_from(["/", "/confidence/counts", "/calibrated"]),
             st.sampled_from(STATS_ATTRS),
-            values,
+            stats_values,
         ),
         max_size=3,
     ),
@@ -309,6 +329,120 @@ def test_stats_with_valid_shapes_and_hostile_values(
         del f[key]
         f[key] = new
     read_stats_fully(path, method)
+
+
+def _edited_stats(tmp_path: Path, edit) -> Path:
+    path = tmp_path / "edited.h5"
+    path.write_bytes(VALID_STATS["hist"])
+    with h5py.File(path, "a") as f:
+        edit(f)
+    return path
+
+
+def _replace(f: h5py.File, key: str, value: np.ndarray) -> None:
+    del f[key]
+    f[key] = value
+
+
+STATS_CASES = {
+    "settings of the wrong type": (
+        lambda f: f.attrs.__setitem__("settings", '{"min_pixels": "100", "labels": "gt"}'),
+        'settings: min_pixels is "100", expected a whole number >= 0',
+    ),
+    "calibration record of the wrong type": (
+        lambda f: f["calibrated"].attrs.__setitem__("settings", '{"calibration": 5}'),
+        "calibrated settings: calibration is 5",
+    ),
+    "calibrated class names differ": (
+        lambda f: f["calibrated"].attrs.__setitem__("class_names", '["road", "car", "bus"]'),
+        "calibrated statistics name other classes",
+    ),
+    "calibrated class count differs": (
+        lambda f: (
+            f["calibrated"].attrs.__setitem__("class_names", '["road", "car"]'),
+            _replace(f, "calibrated/cells/counts", np.zeros((2, 2, 64), np.int64)),
+        ),
+        "calibrated statistics name other classes",
+    ),
+    "one class": (
+        lambda f: f.attrs.__setitem__("class_names", '["road"]'),
+        "needs at least 2 classes",
+    ),
+    "repeated class names": (
+        lambda f: f.attrs.__setitem__("class_names", '["road", "car", "car"]'),
+        "not unique",
+    ),
+    "empty class name": (
+        lambda f: f.attrs.__setitem__("class_names", '["road", "", "sky"]'),
+        "empty name",
+    ),
+    "grid too fine for float32": (
+        lambda f: (f.attrs.__setitem__("grid_lo", 1e6), f.attrs.__setitem__("grid_hi", 1e6 + 1)),
+        "logit grid [1e+06, 1e+06] with 64 bins is out of range",
+    ),
+    "grid beyond the logit limit": (
+        lambda f: f.attrs.__setitem__("grid_hi", 1e300),
+        "out of range",
+    ),
+    "absurd confidence grid": (
+        lambda f: f["confidence/counts"].attrs.__setitem__("hi", 1e308),
+        "confidence grid",
+    ),
+    "calibration scale 0": (
+        lambda f: _replace(f, "calibration/temperature/scale", np.zeros(3)),
+        "calibration/temperature/scale holds 0; scales lie in (0, 10000]",
+    ),
+    "negative calibration scale": (
+        lambda f: _replace(f, "calibration/vector/scale", np.array([1.0, -2.0, 1.0])),
+        "calibration/vector/scale holds -2",
+    ),
+    "unknown calibration": (
+        lambda f: (
+            f.create_dataset("calibration/platt/scale", data=np.ones(3)),
+            f.create_dataset("calibration/platt/bias", data=np.zeros(3)),
+        ),
+        "unknown calibration 'platt'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATS_CASES))
+def test_stats_reader_refuses(tmp_path: Path, case: str) -> None:
+    edit, fragment = STATS_CASES[case]
+    path = _edited_stats(tmp_path, edit)
+    with pytest.raises(InputError) as caught:
+        read_stats(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and fragment in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("names", "fragment"),
+    [
+        (["road", "car", "car"], "not unique"),
+        (["road", "", "sky"], "empty name"),
+        (["road"], "needs at least 2 classes"),
+    ],
+)
+def test_write_stats_refuses_what_read_stats_refuses(
+    tmp_path: Path, names: list[str], fragment: str
+) -> None:
+    stats = read_stats(write_bytes("valid-copy.h5", VALID_STATS["hist"]))
+    stats.class_names = names
+    with pytest.raises(InputError, match=fragment):
+        write_stats(tmp_path / "out.h5", stats)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_stats_scale_refused_in_writing_too(tmp_path: Path) -> None:
+    stats = read_stats(write_bytes("valid-copy.h5", VALID_STATS["hist"]))
+    assert stats.extras is not None and "vector" in stats.extras.calibrations
+    scale, bias = stats.extras.calibrations["vector"]
+    stats.extras.calibrations["vector"] = (np.zeros_like(scale), bias)
+    with pytest.raises(InputError, match="cannot write these statistics .*scales lie in"):
+        write_stats(tmp_path / "out.h5", stats)
+    assert not (tmp_path / "out.h5").exists()
 
 
 # ------------------------------------------------------------------------ images and arrays

@@ -360,6 +360,30 @@ def test_rename_classes_refuses_another_count_and_leaves_the_file(tmp_path, file
         assert store.class_names[0] == "class_0"
 
 
+@pytest.mark.parametrize("kind", ["store", "stats"])
+@pytest.mark.parametrize("names", ["road,sky", '["road", 3]', '["road"]', "{}"])
+def test_rename_classes_of_a_file_whose_names_are_damaged(files, kind, names) -> None:
+    with h5py.File(files[kind], "a") as f:
+        f.attrs["class_names"] = names
+    before = files[kind].read_bytes()
+    line = one_line_error(run("info", "--rename-classes", "a,b,c,d", files[kind], exit_code=1))
+    assert line.startswith(f"error: {files[kind]}: "), line
+    assert "class names" in line or "damaged" in line, line
+    assert files[kind].read_bytes() == before
+
+
+def test_one_class_is_refused_wherever_names_are_given(tmp_path, npy_case) -> None:
+    (tmp_path / "one.txt").write_text("road\n")
+    with pytest.raises(InputError, match="class names give only 1 name: 'road'; a segmentation"):
+        read_class_names(str(tmp_path / "one.txt"))
+    logits = tmp_path / "one"
+    logits.mkdir()
+    np.save(logits / "x.npy", np.zeros((1, 4, 4), np.float32))
+    line = one_line_error(run("import-logits", logits, "--out", tmp_path / "o.h5", exit_code=1))
+    assert "x.npy" in line and "2 to 255 classes" in line
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+
+
 def test_rename_classes_failure_leaves_the_original(tmp_path, files, monkeypatch) -> None:
     import blda_posthoc.pipelines.info as info_module
 

@@ -85,3 +85,39 @@ def build_tuple() -> TinyNet:
 def build_tensor() -> TinyNet:
     """Factory whose model returns the logits tensor."""
     return TinyNet(num_classes=4, output="tensor")
+
+
+class Transposed(nn.Module):
+    """A 1x1 conv whose logits come out ``(N, C, W, H)``: the layout mistake an export can make."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).transpose(2, 3)
+
+
+class Asserting(nn.Module):
+    """A scripted model whose ``assert`` fails on every input (``torch.jit.Error`` when run)."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[2] > 100000, "input smaller than this model accepts"
+        return self.conv(x)
+
+
+class Raising(nn.Module):
+    """A scripted model that raises a ``RuntimeError`` of its own on every input."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3:
+            raise RuntimeError("this model wants 4 input channels")
+        return self.conv(x)

@@ -200,12 +200,22 @@ def report_cells(stats: LogitStats) -> None:
             )
         )
     extras = stats.extras
-    if extras is not None and extras.calibrations:
+    if extras is not None and "calibration_pixels" in stats.settings:
+        from blda_posthoc.core.calibrate import CALIBRATIONS
+
+        fitted = extras.calibrations
+        missing = [kind for kind in CALIBRATIONS if kind not in fitted]
+        if missing:
+            warn(
+                f"no {' or '.join(missing)} calibration: its fitted scale was 0 or below (the "
+                "logits rank the classes against their labels)"
+            )
+    if extras is not None and "vector" in extras.calibrations:
         vector = extras.calibrations["vector"]
         info(
             f"calibrations fitted on {stats.settings['calibration_pixels']} labelled pixels "
-            "(temperature, "
-            f"vector scaling: scale {vector[0].min():.3g}..{vector[0].max():.3g}, bias); "
+            f"({', '.join(extras.calibrations)}; "
+            f"vector scaling: scale {vector[0].min():.3g}..{vector[0].max():.3g}); "
             "statistics of calibrated logits included"
         )
     elif extras is not None and extras.calibrated is not None:

@@ -72,6 +72,25 @@ def sample_logits(
     return top * a0[:, None] + bottom * a1[:, None], rows, cols
 
 
+def same_aspect(small: tuple[int, int], large: tuple[int, int]) -> bool:
+    """Whether ``small = (h, w)`` is ``large = (H, W)`` scaled by one factor, up to rounding.
+
+    The rule every resize of logits onto an image obeys: a model's output (or an imported
+    array) is its input scaled by a common factor ``s`` with each side rounded, ``h = H / s +
+    e_h`` and ``w = W / s + e_w`` with ``|e| < 1`` output pixel, which is exactly
+    ``|h * W - w * H| < H + W``. A transposed ``(w, h)`` output, or one stretched along one
+    axis, breaks it (square images cannot show a transposition).
+
+    Example:
+        >>> same_aspect((128, 256), (1024, 2048)), same_aspect((33, 65), (1025, 2049))
+        (True, True)
+        >>> same_aspect((256, 128), (1024, 2048)), same_aspect((640, 64), (64, 64))
+        (False, False)
+    """
+    (h, w), (big_h, big_w) = small, large
+    return abs(h * big_w - w * big_h) < big_h + big_w
+
+
 def correct_image(
     logits: torch.Tensor,
     size: tuple[int, int],

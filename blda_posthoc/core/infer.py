@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from blda_posthoc.core import defaults
+from blda_posthoc.core.correct import same_aspect
 
 # Defined where `blda CMD -h` reads them (no torch there); re-exported here.
 IMAGENET_MEAN = defaults.IMAGENET_MEAN
@@ -261,8 +262,21 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def forward_whole(model: Model, x: torch.Tensor) -> torch.Tensor:
-    """Run the model once on ``(N, 3, h, w)``; return its ``(N, C, h', w')`` float32 logits."""
-    return select_output(model(x)).float()
+    """Run the model once on ``(N, 3, h, w)``; return its ``(N, C, h', w')`` float32 logits.
+
+    Raises:
+        ValueError: The output is not the input's shape scaled by one factor (a transposed
+            ``(N, C, w', h')`` or a stretched output; see
+            :func:`blda_posthoc.core.correct.same_aspect`): resizing it would mix up pixels.
+    """
+    logits = select_output(model(x)).float()
+    size, got = (int(x.shape[2]), int(x.shape[3])), (int(logits.shape[2]), int(logits.shape[3]))
+    if not same_aspect(got, size):
+        raise ValueError(
+            f"the model returned logits of {got[0]}x{got[1]} pixels for a {size[0]}x{size[1]} "
+            "input: not the input's aspect ratio (transposed (N, C, W, H) output?)"
+        )
+    return logits
 
 
 def forward_slide(

@@ -12,6 +12,8 @@ from blda_posthoc.errors import InputError
 
 MAX_CLASSES = 255
 """Class ids are uint8 trainIds and 255 is ignore."""
+MIN_CLASSES = 2
+"""A segmentation needs two classes at least (one class leaves nothing to decide or correct)."""
 
 JSON_KEYS = ("classes", "class_names")
 """Keys of a JSON object that hold the list of names (``{"classes": [...]}``, as many datasets
@@ -73,8 +75,21 @@ def read_class_names(spec: str) -> list[str]:
     return check_class_names(names, source)
 
 
-def check_class_names(names: list[str], source: str) -> list[str]:
-    """Refuse empty, repeated or too many names; ``source`` names where they came from."""
+def check_class_names(names: object, source: str | Path) -> list[str]:
+    """The one rule for class names, wherever they come from (an option, a store, a stats file).
+
+    Args:
+        names: The parsed names.
+        source: Where they came from, for messages.
+
+    Returns:
+        ``names``: a list of 2 to 255 unique, non-empty strings.
+
+    Raises:
+        InputError: Anything else; the message shows what was parsed.
+    """
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{source}: class names must be a list of strings")
     if not names:
         raise InputError(f"{source}: no class names found")
     empty = [k for k, n in enumerate(names) if not n]
@@ -92,6 +107,11 @@ def check_class_names(names: list[str], source: str) -> list[str]:
         raise InputError(
             f"{source}: at most {MAX_CLASSES} classes fit in uint8 trainIds "
             f"(parsed {len(names)} names)"
+        )
+    if len(names) < MIN_CLASSES:
+        raise InputError(
+            f"{source}: class names give only {describe_names(names)}; a segmentation needs at "
+            f"least {MIN_CLASSES} classes"
         )
     return names
 

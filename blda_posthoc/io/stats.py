@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ import numpy as np
 from blda_posthoc import __version__
 from blda_posthoc.core.fit import Grid, LogitStats, Mixture, PixelSample, StatsExtras
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.names import check_class_names, describe_names
 from blda_posthoc.io.schema import check_version
-from blda_posthoc.io.store import LOGIT_LIMIT, check_class_names, check_dataset, check_group
+from blda_posthoc.io.store import LOGIT_LIMIT, check_dataset, check_group
 from blda_posthoc.outputs import write_bytes
 
 FORMAT = "blda-stats"
@@ -59,6 +61,7 @@ def write_stats(path: Path, stats: LogitStats, overwrite: bool = False) -> None:
         overwrite: Replace an existing file.
     """
     path = Path(path)
+    check_stats(stats, path)
     if path.exists() and not overwrite:
         raise InputError(f"{path}: already exists (use --overwrite to replace it)")
     buffer = io.BytesIO()
@@ -121,6 +124,10 @@ MAX_TOTAL_COUNT = 2.0**53
 def read_stats(path: Path) -> LogitStats:
     """Read a stats file (version 1 or 2), checking its format, version, shapes and values.
 
+    Every shape is checked before its dataset is read (see the ``MAX_*`` budgets), and the
+    statistics read are then checked by :func:`check_stats`, the rule :func:`write_stats` also
+    applies before writing.
+
     Raises:
         InputError: Naming the file, for anything missing, malformed, out of range or stored
             outside the file (external storage, virtual datasets, links).
@@ -147,6 +154,7 @@ def read_stats(path: Path) -> LogitStats:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
             raise InputError(f"{path}: damaged stats file ({_first_line(exc)})") from exc
+    check_stats(stats, path, damaged=True)
     return stats
 
 
@@ -212,24 +220,23 @@ def _read_group(f: h5py.Group, path: Path) -> LogitStats:
         settings = json.loads(_text(a.get("settings")) or "")
     except ValueError as exc:
         raise _bad(path, f"{f.name}: attributes are not valid JSON") from exc
-    names = check_class_names(names, path)
+    names = check_class_names(names, path if f.name == "/" else f"{path}: {f.name.lstrip('/')}")
     if not isinstance(settings, dict):
         raise _bad(path, "settings are not a JSON object")
     c = len(names)
     lo, hi = _number(a, "grid_lo", path), _number(a, "grid_hi", path)
     bins = _number(a, "grid_bins", path, int)
-    if not (lo < hi and max(-lo, hi) <= LOGIT_LIMIT and 2 <= bins <= MAX_BINS):
-        raise _bad(path, f"logit grid [{lo:g}, {hi:g}] with {bins} bins is out of range")
-    if c * c * bins > MAX_CELL_VALUES:
-        raise _bad(path, f"{c} classes x {bins} bins is too large")
+    _check_grid(lo, hi, bins, c, _bad_in(path))
     estimator = _text(a.get("estimator"))
     if estimator not in ("hist", "gmm"):
         raise _bad(path, f"unknown estimator {estimator!r}")
     stats = LogitStats(
         class_names=names,
         grid=Grid(lo, hi, bins),
-        counts=_array(f, "cells/counts", path, (c, c, bins), "iu").astype(np.int64),
-        anchor_counts=_array(f, "anchors/counts", path, (2, bins), "iu").astype(np.int64),
+        counts=_array(f, "cells/counts", path, (c, c, bins), "iu").astype(np.int64, copy=False),
+        anchor_counts=_array(f, "anchors/counts", path, (2, bins), "iu").astype(
+            np.int64, copy=False
+        ),
         estimator=estimator,
         settings=settings,
     )
@@ -243,12 +250,9 @@ def _read_extras(f: h5py.File, path: Path, c: int) -> StatsExtras:
     conf = check_dataset(f, "confidence/counts", path, "confidence/counts")
     lo, hi = _number(conf.attrs, "lo", path), _number(conf.attrs, "hi", path)
     bins = _number(conf.attrs, "bins", path, int)
-    if not (lo < hi and 1 <= bins <= MAX_BINS):
-        raise _bad(path, f"confidence grid [{lo:g}, {hi:g}] with {bins} bins is out of range")
+    _check_confidence_grid(lo, hi, bins, c, _bad_in(path))
     logits = _array(f, "sample/logits", path, (None, c), "f", limit=MAX_SAMPLE * c)
     labels = _array(f, "sample/labels", path, (logits.shape[0],), "u", limit=MAX_SAMPLE)
-    if labels.size and ((labels >= c) & (labels != 255)).any():
-        raise _bad(path, "sample labels are neither classes nor 255")
     calibrations = {}
     if "calibration" in f:
         group = check_group(f, "calibration", path)
@@ -268,6 +272,186 @@ def _read_extras(f: h5py.File, path: Path, c: int) -> StatsExtras:
         if "calibrated" in f
         else None,
     )
+
+
+MIN_RELATIVE_STEP = 1e-6
+"""Smallest grid step relative to the grid's largest magnitude (float32 logits resolve about
+1.2e-7 of their magnitude: a finer grid cannot tell its bins apart)."""
+CONFIDENCE_LIMIT = 1e3
+"""Largest magnitude of the confidence log-odds grid (float64 probabilities end near ±745)."""
+MAX_CALIBRATION_SCALE = 1e4
+"""Largest calibration scale (temperatures below 1e-4); a scale of 0 or below is never valid."""
+LABEL_SOURCES = ("gt", "pseudo")
+ESTIMATORS = ("hist", "gmm")
+CALIBRATION_KINDS = ("temperature", "vector", "bias")
+
+Fail = Callable[[str], InputError]
+
+
+def _bad_in(path: Path | str, damaged: bool = True) -> Fail:
+    """How a check reports a problem: a damaged file (reading) or bad statistics (writing)."""
+    if damaged:
+        return lambda what: InputError(f"{path}: damaged stats file ({what})")
+    return lambda what: InputError(f"{path}: cannot write these statistics ({what})")
+
+
+def _check_grid(lo: float, hi: float, bins: int, c: int, fail: Fail) -> None:
+    """The logit grid: finite, ordered, within the logit limit, resolvable, and not too large."""
+    top = max(abs(lo), abs(hi), 1.0)
+    if not (
+        np.isfinite(lo)
+        and np.isfinite(hi)
+        and lo < hi
+        and top <= LOGIT_LIMIT
+        and 2 <= bins <= MAX_BINS
+        and (hi - lo) / bins >= MIN_RELATIVE_STEP * top
+    ):
+        raise fail(
+            f"logit grid [{lo:g}, {hi:g}] with {bins} bins is out of range (2 to {MAX_BINS} "
+            f"bins within ±{LOGIT_LIMIT:g}, steps of at least {MIN_RELATIVE_STEP:g} of the "
+            "largest edge)"
+        )
+    if c * c * bins > MAX_CELL_VALUES:
+        raise fail(f"{c} classes x {bins} bins is too large (at most {MAX_CELL_VALUES} counts)")
+
+
+def _check_confidence_grid(lo: float, hi: float, bins: int, c: int, fail: Fail) -> None:
+    if not (
+        np.isfinite(lo)
+        and np.isfinite(hi)
+        and lo < hi
+        and max(abs(lo), abs(hi)) <= CONFIDENCE_LIMIT
+        and 1 <= bins <= MAX_BINS
+    ):
+        raise fail(
+            f"confidence grid [{lo:g}, {hi:g}] with {bins} bins is out of range (1 to "
+            f"{MAX_BINS} bins within ±{CONFIDENCE_LIMIT:g})"
+        )
+
+
+def _whole(value: object, low: int = 0, high: int = 1 << 62) -> bool:
+    return (
+        isinstance(value, int | np.integer)
+        and not isinstance(value, bool | np.bool_)
+        and low <= int(value) <= high
+    )
+
+
+def _check_settings(settings: object, fail: Fail, where: str = "settings") -> None:
+    """The recorded settings: each known key of its type and range (unknown keys are kept)."""
+    if not isinstance(settings, dict):
+        raise fail(f"{where} are not a JSON object")
+    rules: dict[str, tuple[str, Callable[[object], bool]]] = {
+        "labels": ("'gt' or 'pseudo'", lambda v: v in LABEL_SOURCES),
+        "min_pixels": ("a whole number >= 0", _whole),
+        "bins": ("a whole number of bins", lambda v: _whole(v, 2, MAX_BINS)),
+        "components": ("null or 1 to 64", lambda v: v is None or _whole(v, 1, 64)),
+        "num_images": ("a whole number >= 0", _whole),
+        "num_pixels": ("a whole number >= 0", _whole),
+        "sample_pixels": ("a whole number >= 0", _whole),
+        "calibration_pixels": ("a whole number >= 0", _whole),
+        "seed": ("a whole number", lambda v: _whole(v, -(1 << 63))),
+        "resolution": ("text", lambda v: isinstance(v, str)),
+        "sources": (
+            "a list of paths",
+            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        ),
+        "calibration": ("null or a calibration record", _calibration_record),
+    }
+    for key, (want, ok) in rules.items():
+        if key in settings and not ok(settings[key]):
+            raise fail(f"{where}: {key} is {json.dumps(settings[key])[:40]}, expected {want}")
+
+
+def _calibration_record(value: object) -> bool:
+    if value is None:
+        return True
+    return (
+        isinstance(value, dict)
+        and value.get("kind") in CALIBRATION_KINDS
+        and isinstance(value.get("fingerprint"), str)
+        and isinstance(value.get("source"), str | None)
+    )
+
+
+def check_stats(stats: LogitStats, path: Path | str, *, damaged: bool = False) -> None:
+    """Check the rules every stats file obeys (what is written can always be read back).
+
+    :func:`read_stats` applies them after reading, :func:`write_stats` before writing.
+
+    Args:
+        stats: The statistics.
+        path: The file, for messages.
+        damaged: Word the message as a damaged file (reading) rather than bad statistics.
+
+    Raises:
+        InputError: Class names (2 to 255 unique, non-empty), settings (types and ranges of
+            the known keys), the logit and confidence grids, array shapes, calibrations (known
+            kinds; scales in ``(0, 1e4]``), sample labels, and the ``calibrated`` statistics (the
+            same class names and estimator, a calibration record).
+    """
+    fail = _bad_in(path, damaged)
+    _check_group(stats, path, fail, "")
+    extras = stats.extras
+    if extras is None:
+        return
+    c = stats.num_classes
+    lo, hi, bins = extras.confidence_grid
+    _check_confidence_grid(lo, hi, bins, c, fail)
+    _check_shape(extras.predicted, (c,), "predicted", fail)
+    _check_shape(extras.confidence, (c, bins), "confidence/counts", fail)
+    logits, labels = extras.sample.logits, extras.sample.labels
+    if logits.ndim != 2 or logits.shape[1] != c or labels.shape != (logits.shape[0],):
+        raise fail(f"sample is {logits.shape} logits and {labels.shape} labels for {c} classes")
+    if labels.size and ((labels >= c) & (labels != 255)).any():
+        raise fail("sample labels are neither classes nor 255")
+    for kind, (scale, bias) in extras.calibrations.items():
+        if kind not in CALIBRATION_KINDS:
+            raise fail(f"unknown calibration {kind!r} (known: {', '.join(CALIBRATION_KINDS)})")
+        _check_shape(scale, (c,), f"calibration/{kind}/scale", fail)
+        _check_shape(bias, (c,), f"calibration/{kind}/bias", fail)
+        scale = np.asarray(scale, np.float64)
+        if not (np.isfinite(scale).all() and np.isfinite(bias).all()):
+            raise fail(f"calibration/{kind} holds NaN or infinite values")
+        if not ((scale > 0) & (scale <= MAX_CALIBRATION_SCALE)).all():
+            raise fail(
+                f"calibration/{kind}/scale holds {float(scale.min()):g}; scales lie in "
+                f"(0, {MAX_CALIBRATION_SCALE:g}]"
+            )
+    calibrated = extras.calibrated
+    if calibrated is not None:
+        _check_group(calibrated, path, fail, "calibrated ")
+        if calibrated.class_names != stats.class_names:
+            raise fail(
+                "calibrated statistics name other classes "
+                f"({describe_names(calibrated.class_names)}) than the file "
+                f"({describe_names(stats.class_names)})"
+            )
+        if calibrated.estimator != stats.estimator:
+            raise fail(
+                f"calibrated statistics use the {calibrated.estimator} estimator, the file "
+                f"{stats.estimator}"
+            )
+        if not isinstance(calibrated.settings.get("calibration"), dict):
+            raise fail("calibrated statistics record no calibration")
+
+
+def _check_group(stats: LogitStats, path: Path | str, fail: Fail, where: str) -> None:
+    check_class_names(stats.class_names, f"{path}: {where}class names")
+    c, grid = stats.num_classes, stats.grid
+    _check_grid(grid.lo, grid.hi, grid.bins, c, fail)
+    _check_settings(stats.settings, fail, f"{where}settings")
+    if stats.estimator not in ESTIMATORS:
+        raise fail(f"unknown estimator {stats.estimator!r}")
+    _check_shape(stats.counts, (c, c, grid.bins), f"{where}cells/counts", fail)
+    _check_shape(stats.anchor_counts, (2, grid.bins), f"{where}anchors/counts", fail)
+    if stats.estimator == "gmm" and (stats.mixtures is None or stats.anchor_mixtures is None):
+        raise fail(f"{where}gmm statistics without mixtures")
+
+
+def _check_shape(array: np.ndarray, shape: tuple[int, ...], key: str, fail: Fail) -> None:
+    if tuple(np.shape(array)) != shape:
+        raise fail(f"{key} has shape {tuple(np.shape(array))}, expected {shape}")
 
 
 def _read_mixture(f: h5py.Group, key: str, path: Path, lead: tuple[int, ...]) -> Mixture:

@@ -30,10 +30,11 @@ sizes, logit ranges, the logits' stored byte counts): it changes when the store 
 another, but not when logits are edited in place keeping all of those.
 
 Limits that readers and writers enforce (a store breaking them is refused with an error naming
-it): image names follow :func:`blda_posthoc.outputs.check_name`; 1 to :data:`MAX_CLASSES`
-classes; logits finite and within :data:`LOGIT_LIMITS` of the storage dtype; image sides up to
-:data:`MAX_SIDE` and at most :data:`MAX_VALUES` logits per image at its full size; no links to
-other files, no external storage, no virtual datasets.
+it): image names follow :func:`blda_posthoc.outputs.check_name`; class names follow
+:func:`blda_posthoc.io.names.check_class_names` (2 to 255 unique, non-empty names); logits
+finite and within :data:`LOGIT_LIMITS` of the storage dtype; label values class ids or 255;
+image sides up to :data:`MAX_SIDE` and at most :data:`MAX_VALUES` logits per image at its full
+size; no links to other files, no external storage, no virtual datasets.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ import torch
 
 from blda_posthoc import __version__, outputs
 from blda_posthoc.core import defaults
+from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
+from blda_posthoc.io.names import check_class_names
 from blda_posthoc.io.prefetch import prefetch
 from blda_posthoc.io.schema import MAX_PARTS, check_version
 from blda_posthoc.outputs import (
@@ -82,8 +85,6 @@ Progress = Callable[[Iterable[str], int], Iterable[str]]
 FORMAT = "blda-logits"
 VERSION = 1
 DTYPES = ("float16", "float32")
-MAX_CLASSES = 255
-"""Class ids must fit in uint8 PNGs beside 255 = ignore."""
 LOGIT_LIMITS = {"float16": 65504.0, "float32": 1e9}
 """Largest logit magnitude a store holds, per storage dtype (float16: its whole range)."""
 LOGIT_LIMIT = LOGIT_LIMITS["float32"]
@@ -186,18 +187,23 @@ def expand_store_paths(specs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def check_class_names(names: object, source: str | Path) -> list[str]:
-    """Class names as stores hold them: 1 to 255 unique, non-empty strings."""
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise InputError(f"{source}: class names must be a list of non-empty strings")
-    if not 1 <= len(names) <= MAX_CLASSES:
+def check_label_values(label: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuse a uint8 label map holding a value that is neither a class id nor 255 (ignore).
+
+    Every command reads labels through the store, so a label no class can match is refused
+    once, here, instead of being dropped by one command and refused by another.
+    """
+    if num_classes >= IGNORE_INDEX or not label.size:
+        return
+    top = label.max()
+    if top < num_classes:
+        return
+    bad = label[(label >= num_classes) & (label != IGNORE_INDEX)]
+    if bad.size:
         raise InputError(
-            f"{source}: {len(names)} classes; between 1 and {MAX_CLASSES} fit in uint8 trainIds "
-            "(255 = ignore)"
+            f"{where}: label value {int(bad.max())} is neither a class id (0..{num_classes - 1})"
+            f" nor the ignore value {IGNORE_INDEX} ({bad.size} pixels)"
         )
-    if len(set(names)) != len(names):
-        raise InputError(f"{source}: class names are not unique")
-    return names
 
 
 def check_logit_values(
@@ -517,6 +523,8 @@ class StoreWriter:
         _check_size(size, c, name)
         if label is not None and tuple(label.shape) != tuple(size):
             raise InputError(f"{name}: label is {label.shape}, the image {tuple(size)}")
+        if label is not None:
+            check_label_values(label, c, f"{self.path}: {name}")
         if encoded is None:
             encoded = encode_logits(logits, self.dtype)
         if self.broken:
@@ -901,6 +909,21 @@ def _check_root(path: Path, f: h5py.File) -> _Root:
     return _Root(names, dtype, settings)
 
 
+def store_class_names(path: Path) -> list[str]:
+    """A store's class names, through the same root checks as :class:`LogitStore`."""
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:  # noqa: BLE001 - h5py raises several types for bad files
+        raise InputError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from exc
+    with f:
+        try:
+            return _check_root(path, f).class_names
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file is bad input
+            raise InputError(f"{path}: damaged logits store ({_first_line(exc)})") from exc
+
+
 def _link_ok(parent: h5py.Group, key: str, path: Path) -> None:
     """Refuse an entry that is a link (to another file or elsewhere in this one)."""
     link = parent.get(key, getlink=True)
@@ -1190,6 +1213,7 @@ class LogitStore:
                         f"{size}"
                     )
                 label = lset[()]
+                check_label_values(label, self.num_classes, f"{path}: {where}")
             elif with_label and self._attr(name, "has_label", bool):
                 raise InputError(f"{path}: {where}: its label is missing")
         except InputError:

@@ -435,6 +435,21 @@ def _class_names(
     return default_names(channels)
 
 
+def _model_error(exc: BaseException) -> str:
+    """One line saying why a model failed.
+
+    TorchScript errors (``torch.jit.Error``) start with an interpreter preamble and a traceback
+    of the scripted code and end with the Python exception the model raised; that last line is
+    the reason.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "TorchScript" in lines[0]:
+        return lines[-1].removeprefix("builtins.")
+    return lines[0]
+
+
 def _forward(
     model: Model, images: torch.Tensor, options: DumpOptions, model_name: str, first: str
 ) -> torch.Tensor:
@@ -442,8 +457,8 @@ def _forward(
     images = images.to(options.device, non_blocking=True)
     try:
         logits = predict_logits(model, images, options.preprocess, options.precision)
-    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a failing model (torch.jit.Error, assert) is bad input
+        text = _model_error(exc)
         hint = " (try a smaller --batch-size)" if "out of memory" in text else ""
         raise InputError(f"{model_name}: failed on {first}: {text}{hint}") from exc
     if logits.shape[0] != images.shape[0] or min(logits.shape) < 1:

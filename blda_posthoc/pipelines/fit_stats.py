@@ -36,6 +36,7 @@ from blda_posthoc.core.fit import (
 from blda_posthoc.core.methods import Affine
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.stats import MAX_CALIBRATION_SCALE
 from blda_posthoc.io.store import LogitStore, Progress
 
 # Defined where `blda CMD -h` reads them (no torch there); re-exported here.
@@ -250,7 +251,7 @@ def fit_images(
     if options.labels == "gt" and options.calibrate:
         labelled = calibration_sample(images, names, c, options.seed)
         calibrations = fit_calibrations(labelled)
-        if known is None and calibrations:
+        if known is None and CALIBRATED_WITH in calibrations:
             known, source = calibrations[CALIBRATED_WITH], "self"
     grid = Grid.covering(lo, hi, options.bins)
     first = Pass(c, grid, device, options, _affine(known, device), (lo, hi))
@@ -426,13 +427,20 @@ def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> 
 
 
 def fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Temperature, vector scaling and bias fitted on labelled pixels."""
+    """Temperature, vector scaling and bias fitted on labelled pixels.
+
+    A fit whose scale is 0 or below (logits that rank the classes against their labels) is
+    no calibration: it is left out, as stats files refuse it (the methods that need it then
+    say the file holds none).
+    """
     if sample.labels.size == 0:
         return {}
     fits = {}
     for kind in CALIBRATIONS:
         fit = fit_calibration(sample.logits, sample.labels.astype(np.int64), kind)
-        fits[kind] = (np.asarray(fit.scale, np.float64), np.asarray(fit.bias, np.float64))
+        scale = np.asarray(fit.scale, np.float64)
+        if (scale > 0).all() and (scale <= MAX_CALIBRATION_SCALE).all():
+            fits[kind] = (scale, np.asarray(fit.bias, np.float64))
     return fits
 
 

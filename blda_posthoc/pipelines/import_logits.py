@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from blda_posthoc.core.classes import IGNORE_INDEX, default_names
+from blda_posthoc.core.correct import same_aspect
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import find_files, read_label, suffix_hint
+from blda_posthoc.io.names import MAX_CLASSES, MIN_CLASSES
 from blda_posthoc.io.store import (
-    MAX_CLASSES,
     MAX_SIDE,
     MAX_VALUES,
     StoreWriter,
@@ -90,6 +91,7 @@ def import_npy_folder(
             if name in labels:
                 label = read_label(labels[name])
                 _check_label(labels[name], label, len(names))
+                _check_label_size(labels[name], label.shape, logits.shape[1:], arrays[name])
             value_range = check_logit_values(logits, str(arrays[name]), dtype)
             writer.write(name, logits, label, value_range=value_range)
     return len(todo)
@@ -108,10 +110,10 @@ def _load(path: Path) -> np.ndarray:
             f"{path}: expected float logits of shape (C, h, w), got {array.dtype} {array.shape}"
         )
     c, h, w = array.shape
-    if not (1 <= c <= MAX_CLASSES and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+    if not (MIN_CLASSES <= c <= MAX_CLASSES and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
         raise InputError(
-            f"{path}: shape {array.shape} is out of range (1 to {MAX_CLASSES} classes, sides 1 "
-            f"to {MAX_SIDE})"
+            f"{path}: shape {array.shape} is out of range ({MIN_CLASSES} to {MAX_CLASSES} "
+            f"classes, sides 1 to {MAX_SIDE})"
         )
     if c * h * w > MAX_VALUES:
         raise InputError(f"{path}: {c * h * w} logits in one image; at most {MAX_VALUES}")
@@ -132,4 +134,24 @@ def _check_label(path: Path, label: np.ndarray, num_classes: int) -> None:
         raise InputError(
             f"{path}: label value {int(label[bad].max())} is not a class id (0..{num_classes - 1})"
             " or 255"
+        )
+
+
+def _check_label_size(
+    path: Path, label: tuple[int, ...], logits: tuple[int, ...], array: Path
+) -> None:
+    """Refuse a label the logits cannot be resized onto without distorting the image.
+
+    The label's size becomes the image's size and the logits are resized bilinearly onto it,
+    so they must be the label's image scaled down (or not at all) by one factor: no side
+    larger than the label's, and the same aspect ratio up to one logit pixel of rounding per
+    side (:func:`blda_posthoc.core.correct.same_aspect`). A transposed, stretched or smaller
+    label belongs to another image, or the logits are laid out ``(C, w, h)``.
+    """
+    (big_h, big_w), (h, w) = label[:2], logits
+    if h > big_h or w > big_w or not same_aspect((h, w), (big_h, big_w)):
+        raise InputError(
+            f"{path}: label is {big_h}x{big_w} but the logits in {array} are {h}x{w}; logits "
+            "must be their label's image scaled by one factor (no side larger, the same aspect "
+            "ratio up to rounding): another image's label, or logits laid out (C, w, h)?"
         )

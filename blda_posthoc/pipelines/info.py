@@ -303,8 +303,10 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
     """
     path = Path(path)
     with _open(path) as f:
-        old = json.loads(f.attrs["class_names"])
         fmt = _text(f.attrs["format"])
+    # The names are read by the format's validating reader: a damaged file is refused here.
+    stats = stats_io.read_stats(path) if fmt == stats_io.FORMAT else None
+    old = stats.class_names if stats is not None else store_io.store_class_names(path)
     if len(names) != len(old):
         raise InputError(
             f"{path}: --rename-classes gives {describe_names(list(names))}, but the file has "
@@ -312,8 +314,7 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
         )
     if list(names) == old:
         return old
-    if fmt == stats_io.FORMAT:
-        stats = stats_io.read_stats(path)
+    if stats is not None:
         stats.class_names = list(names)
         if stats.extras is not None and stats.extras.calibrated is not None:
             stats.extras.calibrated.class_names = list(names)

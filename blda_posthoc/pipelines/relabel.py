@@ -72,7 +72,7 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import WEIGHT_FORMATS, find_files, read_label, write_weight_map
 from blda_posthoc.io.jsonfiles import count_array, read_parts, write_json
 from blda_posthoc.io.schema import MAX_COUNT_SUM, Node
-from blda_posthoc.io.store import MAX_CLASSES, LogitStore, Record
+from blda_posthoc.io.store import MAX_CLASSES, LogitStore, Record, check_dataset
 from blda_posthoc.outputs import (
     canonical,
     check_no_unsharded_run,
@@ -347,6 +347,10 @@ def read_counts(
     return total
 
 
+MAX_COUNTED_NAMES = 1 << 24
+"""Most image names one count file may list (checked before they are read)."""
+
+
 def _read_count_file(
     path: Path, shard: tuple[int, int], run: Mapping[str, Any], grid: LogOddsGrid
 ) -> tuple[list[str], np.ndarray]:
@@ -360,11 +364,29 @@ def _read_count_file(
                 raise InputError(f"{path}: {COUNTS_FORMAT} version {f.attrs['version']}")
             recorded = str(f.attrs["shard"])
             digest = str(f.attrs["digest"])
-            theirs = json.loads(f["run"][()])
             grid_of = (float(f.attrs["grid_lo"]), float(f.attrs["grid_hi"]))
             bins = int(f.attrs["grid_bins"])
-            names = [str(name) for name in f["names"].asstr()[()]]
-            counts = np.asarray(f["counts"][()], dtype=np.int64)
+            # Every shape is checked before its data is read (no allocation a file dictates).
+            want = (len(run["class_names"]), grid.bins)
+            if (grid_of, bins) != ((grid.lo, grid.hi), grid.bins):
+                raise InputError(f"{path}: damaged count file (another log-odds grid)")
+            counts_set = check_dataset(f, "counts", path, "counts")
+            if counts_set.shape != want or counts_set.dtype.kind not in "iu":
+                raise InputError(
+                    f"{path}: damaged count file (counts are {counts_set.dtype} "
+                    f"{counts_set.shape}, expected integers {want})"
+                )
+            names_set = check_dataset(f, "names", path, "names")
+            run_set = check_dataset(f, "run", path, "run")
+            if names_set.ndim != 1 or names_set.shape[0] > MAX_COUNTED_NAMES or run_set.ndim:
+                raise InputError(
+                    f"{path}: damaged count file (names {names_set.shape}, run {run_set.shape})"
+                )
+            theirs = json.loads(run_set[()])
+            if not isinstance(theirs, dict):
+                raise InputError(f"{path}: damaged count file (run settings not a JSON object)")
+            names = [str(name) for name in names_set.asstr()[()]]
+            counts = np.asarray(counts_set[()], dtype=np.int64)
     except InputError:
         raise
     except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -378,11 +400,6 @@ def _read_count_file(
             f"{path}: counts of another run (other {differ[0]}); count again with this "
             f"command and --count-only --shard {k}/{n} --overwrite"
         )
-    if (grid_of, bins) != ((grid.lo, grid.hi), grid.bins) or counts.shape != (
-        len(run["class_names"]),
-        bins,
-    ):
-        raise InputError(f"{path}: damaged count file (another log-odds grid)")
     return names, counts
 
 
