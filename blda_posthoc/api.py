@@ -72,10 +72,12 @@ from blda_posthoc.core.fit import (
     channel_argmax,
     make_stats,
 )
-from blda_posthoc.core.methods import METHODS
+from blda_posthoc.core.methods import METHODS, Affine, Aligned, Shift
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.names import MAX_CLASSES, MIN_CLASSES, check_class_names
 from blda_posthoc.io.stats import read_stats, write_stats
+from blda_posthoc.io.store import MAX_SIDE
 from blda_posthoc.pipelines.corrections import (
     API_TERMS,
     CALIBRATION_FOR,
@@ -186,7 +188,9 @@ def fit_stats(
     _check_range("min_pixels", min_pixels, 1, None)
     _check_range("sample_pixels", sample_pixels, 0, 10_000_000)
     source = _reader(images)
-    names_ = list(class_names)
+    if isinstance(class_names, str):
+        raise InputError(f"class_names must be a sequence of names, got the string {class_names!r}")
+    names_ = check_class_names(list(class_names), "class_names")
     c = len(names_)
     check_memory(c, bins)
     known = (
@@ -233,7 +237,16 @@ def fit_stats(
     )
 
 
-def _check_range(name: str, value: int, low: int, high: int | None) -> None:
+def _is_number(value: object) -> bool:
+    """A real number (Python or numpy), not a bool, a string or a container."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _check_range(name: str, value: object, low: int, high: int | None) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
     if not low <= value <= (value if high is None else high):
         bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
         raise InputError(f"{name} must be {bound}, got {value}")
@@ -535,12 +548,27 @@ def load(
     auto = isinstance(tau, str) and tau.strip().lower() == "auto"
     value: float | None = None
     if tau is not None and not auto:
-        if isinstance(tau, str) or not math.isfinite(float(tau)) or float(tau) < 0:
+        if not _is_number(tau) or not math.isfinite(float(tau)) or float(tau) < 0:
             raise InputError(f"tau must be 'auto' or a finite number >= 0, got {tau!r}")
         value = float(tau)
-    spec = CorrectionSpec(method, value, auto, None, None, clamp, min_pixels)
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not _is_number(clamp) or not 0.0 <= float(clamp) < 0.5:
+        raise InputError(f"clamp must be a number in [0, 0.5), got {clamp!r}")
+    if min_pixels is not None:
+        _check_range("min_pixels", min_pixels, 1, None)
+    for name, given in (("stats", stats), ("anchors", anchors)):
+        if given is not None and not isinstance(given, LogitStats):
+            hint = (
+                f"; read the file first: {name}=api.read_stats({str(given)!r})"
+                if isinstance(given, str | Path)
+                else ""
+            )
+            raise InputError(
+                f"{name} must be statistics (a LogitStats from fit_stats or read_stats), got "
+                f"{type(given).__name__} {str(given)[:60]!r}{hint}"
+            )
+    spec = CorrectionSpec(method, value, auto, None, None, float(clamp), min_pixels)
     if method == "none":
         return load_correction(spec, [], device)
     if stats is None and method in CALIBRATION_FOR:
@@ -585,19 +613,58 @@ def correct(
         ``(B, C, H, W)`` float32 log-scores (their softmax gives probabilities).
 
     Raises:
-        InputError: The logits are not 3- or 4-dimensional.
+        InputError: The logits are not 3- or 4-dimensional, empty, not finite, or have another
+            class count than the correction; ``size`` is not two positive whole numbers;
+            ``correction`` is not from :func:`load`.
     """
-    z = torch.as_tensor(logits)
-    if z.ndim not in (3, 4):
+    if not isinstance(correction, Correction):
+        raise InputError(f"correction must come from load(), got {type(correction).__name__}")
+    try:
+        z = torch.as_tensor(logits)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"logits must be a numeric array or tensor ({exc})") from None
+    if z.ndim not in (3, 4) or min(z.shape) < 1:
         raise InputError(f"logits must be (C, H, W) or (B, C, H, W), got {tuple(z.shape)}")
-    h, w = z.shape[-2:] if size is None else size
-    out = (int(h), int(w))
+    if not z.is_floating_point():
+        raise InputError(f"logits must be floating point, got {z.dtype}")
+    expected = _num_classes(correction.corrector)
+    if expected is not None and z.shape[-3] != expected:
+        raise InputError(
+            f"logits have {z.shape[-3]} classes (shape {tuple(z.shape)}), the correction {expected}"
+        )
+    if not bool(torch.isfinite(z).all()):
+        raise InputError("logits hold NaN or infinite values")
+    out = _output_size(z, size)
     correction.corrector = correction.corrector.to(z.device)
     batch = z if z.ndim == 4 else z[None]
     results = [correct_image(image, out, correction.corrector, correction.tau) for image in batch]
     pred = torch.stack([p for p, _ in results])
     scores = torch.stack([s for _, s in results])
     return (pred, scores) if z.ndim == 4 else (pred[0], scores[0])
+
+
+def _num_classes(corrector: object) -> int | None:
+    """The class count a corrector was built for (None for ``none``, which takes any)."""
+    if isinstance(corrector, Aligned):
+        return int(corrector.maps.valid.shape[0])
+    if isinstance(corrector, Affine):
+        return int(corrector.scale.shape[0])
+    if isinstance(corrector, Shift):
+        return int(corrector.shift.shape[0])
+    return None
+
+
+def _output_size(z: torch.Tensor, size: object) -> tuple[int, int]:
+    """``size`` (default the logits' own) checked: two whole numbers in 1 .. 65536."""
+    if size is None:
+        return int(z.shape[-2]), int(z.shape[-1])
+    if (
+        not isinstance(size, tuple | list)
+        or len(size) != 2
+        or not all(_is_number(v) and float(v) == int(v) and 1 <= v <= MAX_SIDE for v in size)
+    ):
+        raise InputError(f"size must be (H, W), two whole numbers in 1..{MAX_SIDE}, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def evaluate(
@@ -622,8 +689,10 @@ def evaluate(
         :class:`blda_posthoc.core.evaluate.Summary`).
 
     Raises:
-        InputError: Shapes differ, or a label outside ``0 .. C-1`` is not 255.
+        InputError: ``num_classes`` is not 2 to 255, shapes differ, or a label outside
+            ``0 .. C-1`` is not 255.
     """
+    _check_range("num_classes", num_classes, MIN_CLASSES, MAX_CLASSES)
     pairs: Iterable[tuple[Any, Any]]
     if isinstance(preds, np.ndarray | torch.Tensor):
         pairs = [(preds, labels)]

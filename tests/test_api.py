@@ -342,7 +342,7 @@ def test_errors(case):
         api.load("blda", stats=stats, tau=-1.0)
     with pytest.raises(api.InputError, match="needs stats"):
         api.load("blda")
-    with pytest.raises(api.InputError, match="method must be one of"):
+    with pytest.raises(api.InputError, match="^method must be one of"):
         api.load("magic", stats=stats)
     # Pseudo-label statistics hold no calibration: the command's message, naming "<stats>".
     with pytest.raises(api.InputError, match="<stats>: holds no vector calibration"):
@@ -351,6 +351,69 @@ def test_errors(case):
         api.evaluate(np.zeros((2, 2), np.int64), np.zeros((2, 3), np.int64), 4)
     with pytest.raises(api.InputError, match=r"\(C, H, W\)"):
         api.correct(np.zeros((4, 5)), api.load("none"))
+
+
+def test_every_bad_argument_is_an_input_error_in_api_terms(case, tmp_path):
+    """Each bad argument: an InputError naming the parameter, never a CLI flag or a traceback."""
+    stats = api.read_stats(case["tgt_stats"])
+    blda = api.load("blda", stats=stats)
+    z = np.random.default_rng(0).normal(size=(4, 6, 8)).astype(np.float32)
+    bad_calls = {
+        "NaN logits": (lambda: api.correct(np.where(z > 1, np.nan, z), blda), "NaN"),
+        "wrong class count": (
+            lambda: api.correct(z[:3], blda),
+            r"logits have 3 classes \(shape \(3, 6, 8\)\), the correction 4",
+        ),
+        "size (0, 0)": (lambda: api.correct(z, blda, size=(0, 0)), r"size must be \(H, W\)"),
+        "size of floats": (lambda: api.correct(z, blda, size=(2.5, 3)), "size must be"),
+        "integer logits": (lambda: api.correct(z.astype(np.int64), blda), "floating point"),
+        "empty logits": (lambda: api.correct(z[:, :0], blda), r"\(C, H, W\)"),
+        "not a correction": (lambda: api.correct(z, "blda"), "correction must come from load"),
+        "tau=[1]": (lambda: api.load("blda", stats=stats, tau=[1]), "tau must be"),
+        "tau=True": (lambda: api.load("blda", stats=stats, tau=True), "tau must be"),
+        "tau=nan": (lambda: api.load("blda", stats=stats, tau=float("nan")), "tau must be"),
+        "stats as a path": (
+            lambda: api.load("blda", stats=str(case["tgt_stats"])),
+            r"stats must be statistics .*api.read_stats\(",
+        ),
+        "anchors as a Path": (
+            lambda: api.load("blda", stats=stats, anchors=case["tgt_stats"]),
+            "anchors must be statistics",
+        ),
+        "min_pixels=-3": (lambda: api.load("blda", stats=stats, min_pixels=-3), "min_pixels"),
+        "min_pixels=2.5": (lambda: api.load("blda", stats=stats, min_pixels=2.5), "min_pixels"),
+        "clamp=0.5": (lambda: api.load("blda", stats=stats, clamp=0.5), r"clamp must be"),
+        "method=None": (lambda: api.load(None, stats=stats), "method must be"),
+        "num_classes=0": (
+            lambda: api.evaluate(np.zeros(3, np.int64), np.zeros(3, np.int64), 0),
+            "num_classes must be in",
+        ),
+        "num_classes='4'": (
+            lambda: api.evaluate(np.zeros(3, np.int64), np.zeros(3, np.int64), "4"),
+            "num_classes must be a whole number",
+        ),
+        "duplicate class names": (
+            lambda: api.fit_stats([], class_names=["a", "a"]),
+            "class_names: class names are not unique",
+        ),
+        "empty class name": (
+            lambda: api.fit_stats([], class_names=["a", ""]),
+            "class_names: class 1 has an empty name",
+        ),
+        "class names as a string": (
+            lambda: api.fit_stats([], class_names="abc"),
+            "class_names must be a sequence",
+        ),
+        "bins as a float": (
+            lambda: api.fit_stats([], class_names=CLASSES, bins=64.0),
+            "bins must be a whole number",
+        ),
+    }
+    for what, (call, match) in bad_calls.items():
+        with pytest.raises(api.InputError, match=match) as caught:
+            call()
+        assert isinstance(caught.value, api.InputError), what
+        assert "--" not in str(caught.value), (what, str(caught.value))
 
 
 def test_module_example_runs():

@@ -441,6 +441,16 @@ def test_keep_portion_shards_refuse_missing_or_foreign_counts(
         tampered = invoke(*portion_args(case, out), "--shard", "1/2")
         assert_error(tampered, "relabel-counts-2-of-2.h5: damaged count file", "do not add up")
         (out / "relabel-counts-2-of-2.h5").write_bytes(good)
+    # A few KB declaring (40000, 65536) counts (19.5 GiB): refused by its shape, before reading.
+    for key, shape in (("counts", (40000, 65536)), ("names", (1 << 30,))):
+        with h5py.File(out / "relabel-counts-2-of-2.h5", "a") as f:
+            dtype = h5py.string_dtype() if key == "names" else "int64"
+            del f[key]
+            f.create_dataset(key, shape, dtype, chunks=(1, 4096)[-len(shape) :], compression="gzip")
+        assert (out / "relabel-counts-2-of-2.h5").stat().st_size < 64 * 1024
+        huge = invoke(*portion_args(case, out), "--shard", "1/2")
+        assert_error(huge, "relabel-counts-2-of-2.h5: damaged count file", str(shape[0]))
+        (out / "relabel-counts-2-of-2.h5").write_bytes(good)
     assert not list(out.glob("*.png"))
     for k in (1, 2):
         done = invoke(*portion_args(case, out), "--shard", f"{k}/2")
