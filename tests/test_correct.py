@@ -9,6 +9,7 @@ from reference_blda import (
     reference_scores_raw,
 )
 
+from blda_posthoc.core import align
 from blda_posthoc.core.align import build_maps, corrected_log_scores
 from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.fit import Grid, LogitHistogram, LogitStats, make_stats
@@ -226,3 +227,84 @@ def test_background_writer_runs_every_write_in_order_and_raises_errors():
         for i in range(4):
             writer.submit(fail, i)
     assert done[:1] == [0] and 1 not in done  # writes after the failure may not all run
+
+
+# --------------------------------------------------------------------- memory of the tables
+
+
+@pytest.mark.parametrize("estimator", ["hist", "gmm"])
+def test_tables_do_not_depend_on_the_build_chunks(case, monkeypatch, estimator):
+    src_z, src_y, tgt_z, _ = case
+    cond = fit(tgt_z, tgt_z.argmax(1), bins=256, estimator=estimator)
+    anchors = fit(src_z, src_y, bins=256, estimator=estimator)
+    tables = {}
+    for chunk in (1, 1 << 30):  # one hypothesis row per step, or the whole table at once
+        monkeypatch.setattr(align, "BUILD_CHUNK_VALUES", chunk)
+        maps = build_maps(cond, anchors, min_pixels=400, fallback=anchors)
+        tables[chunk] = (maps.table, align.lookup_tables(maps, 0.7))
+    (t1, l1), (t2, l2) = tables[1], tables[1 << 30]
+    assert torch.equal(t1, t2)
+    assert torch.equal(l1.exp_shift, l2.exp_shift) and torch.equal(l1.own, l2.own)
+    assert l1.offset == l2.offset and torch.equal(l1.skipped, l2.skipped)
+
+
+def test_coarser_table_is_the_same_maps_at_fewer_points(case):
+    src_z, src_y, tgt_z, _ = case
+    cond, anchors = fit(tgt_z, tgt_z.argmax(1), bins=512), fit(src_z, src_y, bins=512)
+    full = build_maps(cond, anchors)
+    assert torch.equal(build_maps(cond, anchors, points=513).table, full.table)
+    coarse = build_maps(cond, anchors, points=257)  # every other edge of the full grid
+    assert coarse.table.shape == (C, C, 257) and coarse.lo == full.lo
+    assert coarse.step == pytest.approx(2 * full.step)
+    np.testing.assert_allclose(coarse.table, full.table[..., ::2], atol=1e-4)
+    z = torch.from_numpy(tgt_z)
+    close = corrected_log_scores(z, coarse, 0.5).argmax(1) == corrected_log_scores(
+        z, full, 0.5
+    ).argmax(1)
+    assert float(close.float().mean()) > 0.995
+
+
+def test_table_memory_estimate_and_the_largest_grid_that_fits():
+    # 128 classes at 4096 bins: 8 bytes per value held (0.5 GiB) plus one build step.
+    assert align.table_memory(128, 4097) == 8 * 128 * 128 * 4097 + 160 * align.BUILD_CHUNK_VALUES
+    assert align.table_points(128, 4097, 4 * 2**30) == 4097
+    fits = align.table_points(255, 4097, 1 * 2**30)
+    assert fits is not None and align.MIN_TABLE_POINTS <= fits < 4097
+    assert align.table_memory(255, fits) <= 2**30 < align.table_memory(255, fits + 1)
+    assert align.table_points(255, 4097, 10 * 2**20) is None
+
+
+MEASURE = """
+import resource, sys
+import numpy as np
+from blda_posthoc.core import align
+from blda_posthoc.core.fit import Grid, LogitStats, pool_anchors
+c, b = int(sys.argv[1]), int(sys.argv[2])
+counts = np.full((c, c, b), 0, np.int64)  # written: resident before the baseline
+for i in range(c):
+    counts[i, :, (b // 3 + 7 * i) % b : (b // 3 + 7 * i) % b + 40] = 3
+    counts[i, i, b // 2 : b // 2 + 80] = 5
+stats = LogitStats([f"k{i}" for i in range(c)], Grid(-8.0, 8.0, b), counts, pool_anchors(counts))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+maps = align.build_maps(stats, stats, min_pixels=1)
+align.lookup_tables(maps, 0.5)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, align.table_memory(c, b + 1))
+"""
+
+
+def test_building_the_tables_stays_within_the_estimate():
+    """Peak memory of building 48-class tables at 4096 bins, measured in a fresh process.
+
+    Whole-array temporaries (the previous way) took about 190 bytes per grid value, 1.7 GiB
+    here; the estimate is 8 bytes per value plus one build step (0.11 GiB).
+    """
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, "48", "4096"], capture_output=True, text=True, check=True
+    )
+    grown, estimate = map(int, out.stdout.split())
+    assert estimate < 0.12 * 2**30
+    assert grown <= 1.2 * estimate, (grown, estimate)

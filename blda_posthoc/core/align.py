@@ -16,6 +16,7 @@ K mixture components, M rows, Q queries per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,14 +74,85 @@ class AlignmentMaps:
         )
 
 
+BUILD_CHUNK_VALUES = 1 << 18
+"""Grid values (cells x points) tabulated per step of :func:`build_maps` and
+:func:`lookup_tables` (at least one cell, or one hypothesis row of ``C x G`` values)."""
+BUILD_BYTES_PER_VALUE = 160
+"""Bytes of float64/int64 temporaries per grid value of one :func:`build_maps` step (CDFs,
+levels, the quantile search through one anchor), measured by peak RSS (about 150)."""
+LOOKUP_BYTES_PER_VALUE = 48
+"""Bytes of temporaries per grid value of one :func:`lookup_tables` step."""
+TABLE_BYTES_PER_VALUE = 8
+"""Bytes per grid value held once a correction is ready: the float32 maps and one float32
+lookup table (:func:`lookup_tables`)."""
+MIN_TABLE_POINTS = 257
+"""Fewest grid points a table is resampled to when the full grid does not fit the memory."""
+CACHE_BYTES = 1 << 28
+"""Lookup tables of several strengths are cached up to this many bytes (at least one)."""
+
+
+def table_memory(num_classes: int, points: int) -> int:
+    """Peak bytes of building and holding one correction's tables (see :func:`build_maps`).
+
+    Args:
+        num_classes: ``C``.
+        points: Grid points ``G`` of the tables.
+
+    Returns:
+        ``8 C^2 G`` bytes held (float32 maps and one lookup table) plus the temporaries of
+        the larger build step (about :data:`BUILD_CHUNK_VALUES` values). The statistics
+        themselves are not counted.
+
+    Example:
+        >>> round(table_memory(128, 4097) / 2**30, 2)
+        0.54
+    """
+    values = num_classes * num_classes * points
+    build = BUILD_BYTES_PER_VALUE * min(values, max(points, BUILD_CHUNK_VALUES))
+    lookup = LOOKUP_BYTES_PER_VALUE * min(values, max(num_classes * points, BUILD_CHUNK_VALUES))
+    return TABLE_BYTES_PER_VALUE * values + max(build, lookup)
+
+
+def table_points(num_classes: int, points: int, budget: float) -> int | None:
+    """The most grid points, at most ``points``, whose tables fit ``budget`` bytes.
+
+    Returns:
+        ``points`` when the full grid fits; else the largest count of at least
+        :data:`MIN_TABLE_POINTS` that fits (a coarser resampling of the same maps); None when
+        not even that fits.
+    """
+    if table_memory(num_classes, points) <= budget:
+        return points
+    low, high = MIN_TABLE_POINTS, points
+    if table_memory(num_classes, low) > budget:
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if table_memory(num_classes, mid) <= budget else (low, mid - 1)
+    return low
+
+
+def _chunks(count: int, size: int) -> list[slice]:
+    """Slices of ``count`` items of ``size`` values each, about BUILD_CHUNK_VALUES per slice."""
+    step = max(1, BUILD_CHUNK_VALUES // size)
+    return [slice(i, min(i + step, count)) for i in range(0, count, step)]
+
+
 def build_maps(
     cond: LogitStats,
     anchors: LogitStats,
     clamp: float = DEFAULT_CLAMP,
     min_pixels: int | None = None,
     fallback: LogitStats | None = None,
+    *,
+    points: int | None = None,
 ) -> AlignmentMaps:
     """Tabulate ``T_ij = A_ij^{-1}(clamp(F_ij(z), r, 1 - r))`` on ``cond``'s grid.
+
+    The table is filled a few cells at a time (each cell's map depends on its own CDF and one
+    anchor only), so the float64 temporaries stay near :data:`BUILD_CHUNK_VALUES` values
+    whatever ``C``; memory is :func:`table_memory`. The values are those of one whole-array
+    pass.
 
     Args:
         cond: Statistics of the conditionals ``F_ij``.
@@ -89,6 +161,8 @@ def build_maps(
         min_pixels: Cells with fewer pixels get no shift; default ``cond``'s own setting.
         fallback: Statistics whose cells stand in where ``cond``'s are too small (e.g. source
             ground truth for classes that target pseudo-labels never predict).
+        points: Tabulate on this many evenly spaced points over ``cond``'s grid instead of its
+            ``B + 1`` edges (a coarser table for large ``C``; see :func:`table_points`).
 
     Returns:
         The maps, on the CPU.
@@ -102,23 +176,36 @@ def build_maps(
     anchor_pixels = anchors.anchor_counts.sum(-1)
     if (anchor_pixels < max(min_pixels, 1)).any():
         raise ValueError(f"anchors hold too few pixels ({anchor_pixels.tolist()})")
-    c, g = cond.num_classes, cond.grid.bins + 1
-    cdf = cell_cdfs(cond)
+    c = cond.num_classes
+    full = points is None or points >= cond.grid.bins + 1
+    at = cond.grid.edges if full else np.linspace(cond.grid.lo, cond.grid.hi, int(points or 0))
+    g = len(at)
     valid = cond.cell_pixels >= max(min_pixels, 1)
+    borrow = np.zeros_like(valid)
     if fallback is not None:
         if fallback.class_names != cond.class_names:
             raise ValueError("conditionals and fallback have different class names")
         borrow = ~valid & (fallback.cell_pixels >= max(min_pixels, 1))
-        cdf = np.where(borrow[..., None], cell_cdfs(fallback, at=cond.grid.edges), cdf)
-        valid = valid | borrow
-    u = np.clip(cdf, clamp, 1.0 - clamp)
-    through = anchor_quantiles(anchors, u.reshape(-1)).reshape(2, c, c, g)
-    table = np.where(np.eye(c, dtype=bool)[..., None], through[0], through[1])
+    table = torch.empty((c, c, g), dtype=torch.float32)
+    flat, own = table.view(c * c, g), np.eye(c, dtype=bool).reshape(-1)
+    for cells in _chunks(c * c, g):
+        cdf = cell_cdfs(cond, None if full else at, cells)  # (R, G)
+        if fallback is not None:
+            cdf = np.where(borrow.reshape(-1)[cells, None], cell_cdfs(fallback, at, cells), cdf)
+        u = np.clip(cdf, clamp, 1.0 - clamp)
+        # Off-diagonal cells go through the negative anchor, diagonal ones the positive.
+        part = anchor_quantiles(anchors, u.reshape(-1), which=1).reshape(u.shape)
+        diagonal = own[cells]
+        if diagonal.any():
+            part[diagonal] = anchor_quantiles(anchors, u[diagonal].reshape(-1), which=0).reshape(
+                -1, g
+            )
+        flat[cells] = torch.as_tensor(part, dtype=torch.float32)
     return AlignmentMaps(
         lo=cond.grid.lo,
-        step=cond.grid.step,
-        table=torch.as_tensor(table, dtype=torch.float32),
-        valid=torch.as_tensor(valid),
+        step=cond.grid.step if full else (cond.grid.hi - cond.grid.lo) / (g - 1),
+        table=table,
+        valid=torch.as_tensor(valid | borrow),
         clamp=clamp,
         min_pixels=min_pixels,
     )
@@ -164,26 +251,39 @@ def lookup_tables(maps: AlignmentMaps, tau: float) -> LookupTables:
     """
     key = (float(tau), str(maps.table.device))
     if key not in maps.cache:
-        table = maps.table.double()
-        c, _, g = table.shape
-        x = maps.lo + maps.step * torch.arange(g, dtype=torch.float64, device=table.device)
+        c, _, g = maps.table.shape
+        x = maps.lo + maps.step * torch.arange(g, dtype=torch.float64, device=maps.table.device)
         valid = maps.valid.double()
-        exponent = tau * (table - x)  # (C_i, C_j, G)
-        used = exponent[maps.valid]
-        low, high = (float(used.min()), float(used.max())) if used.numel() else (0.0, 0.0)
+        # Two passes over row chunks (the exponent range first), so that no (C, C, G) float64
+        # temporary exists; every value is the one a whole-array pass gives.
+        chunks = _chunks(c, c * g)
+        low, high = math.inf, -math.inf
+        for rows in chunks:
+            used = (tau * (maps.table[rows].double() - x))[maps.valid[rows]]
+            if used.numel():
+                low, high = min(low, float(used.min())), max(high, float(used.max()))
+        low, high = (0.0, 0.0) if low > high else (low, high)
         if high - low > MAX_EXPONENT_SPREAD:
             raise ValueError(
                 f"tau={tau} is too large for these statistics: tau * shift spans "
                 f"{high - low:.0f} (at most {MAX_EXPONENT_SPREAD:.0f})"
             )
         offset = (low + high) / 2
-        exp_shift = valid[..., None] * torch.exp(exponent - offset)
-        maps.cache[key] = LookupTables(
-            exp_shift=exp_shift.permute(1, 2, 0).reshape(c * g, c).float().contiguous(),
+        exp_shift = torch.empty((c, g, c), dtype=torch.float32, device=maps.table.device)
+        for rows in chunks:
+            exponent = tau * (maps.table[rows].double() - x)  # (R_i, C_j, G)
+            part = valid[rows, :, None] * torch.exp(exponent - offset)
+            exp_shift[:, :, rows] = part.permute(1, 2, 0).float()
+        tables = LookupTables(
+            exp_shift=exp_shift.reshape(c * g, c),
             skipped=(1.0 - valid).T.float().contiguous(),
-            own=table.diagonal(dim1=0, dim2=1).T.float().contiguous(),
+            own=maps.table.diagonal(dim1=0, dim2=1).T.contiguous(),
             offset=offset,
         )
+        keep = max(1, CACHE_BYTES // max(1, tables.exp_shift.numel() * 4))
+        while len(maps.cache) >= keep:  # large tables: drop the oldest strength
+            maps.cache.pop(next(iter(maps.cache)))
+        maps.cache[key] = tables
     return maps.cache[key]
 
 

@@ -92,20 +92,32 @@ def _mixture_cdf_rows(mix: Mixture, x: np.ndarray) -> np.ndarray:
     return (mix.weights[:, None, :] * phi).sum(-1)
 
 
-def cell_cdfs(stats: LogitStats, at: np.ndarray | None = None) -> np.ndarray:
+def cell_cdfs(
+    stats: LogitStats, at: np.ndarray | None = None, cells: slice | None = None
+) -> np.ndarray:
     """Every cell's CDF at the statistics' grid edges (or at the points ``at``).
 
     Args:
         stats: The statistics.
         at: ``(G,)`` points; default ``stats.grid.edges``.
+        cells: Only these cells of the flattened ``C * C`` (row-major ``i * C + j``), as
+            ``(R, G)``; each cell's CDF does not depend on the others. Default all.
 
     Returns:
-        ``(C, C, G)`` float64.
+        ``(C, C, G)`` float64, or ``(R, G)`` with ``cells``.
     """
+    c = stats.num_classes
     if stats.estimator == "gmm":
         assert stats.mixtures is not None
-        return mixture_cdf(stats.mixtures, stats.grid.edges if at is None else at)
-    cdf = hist_cdf(stats.counts)
+        mix = stats.mixtures
+        if cells is not None:
+            k = mix.weights.shape[-1]
+            mix = Mixture(
+                *(a.reshape(c * c, k)[cells] for a in (mix.weights, mix.means, mix.sigmas))
+            )
+        return mixture_cdf(mix, stats.grid.edges if at is None else at)
+    counts = stats.counts if cells is None else stats.counts.reshape(c * c, -1)[cells]
+    cdf = hist_cdf(counts)
     if at is None:
         return cdf
     pos = np.clip((at - stats.grid.lo) / stats.grid.step, 0, stats.grid.bins)
@@ -114,18 +126,22 @@ def cell_cdfs(stats: LogitStats, at: np.ndarray | None = None) -> np.ndarray:
     return cdf[..., k] + frac * (cdf[..., k + 1] - cdf[..., k])
 
 
-def anchor_quantiles(stats: LogitStats, u: np.ndarray) -> np.ndarray:
+def anchor_quantiles(stats: LogitStats, u: np.ndarray, which: int | None = None) -> np.ndarray:
     """Inverse anchor CDFs.
 
     Args:
         stats: Statistics whose anchors are used.
         u: ``(Q,)`` levels.
+        which: Only through the positive (0) or the negative (1) anchor; default both.
 
     Returns:
-        ``(2, Q)``: row 0 through the positive anchor, row 1 through the negative one.
+        ``(2, Q)``: row 0 through the positive anchor, row 1 through the negative one; ``(1,
+        Q)`` with ``which`` (the values of that row of ``(2, Q)``).
     """
-    uu = np.tile(u.reshape(1, -1), (2, 1))
+    rows = slice(None) if which is None else slice(which, which + 1)
+    uu = np.tile(u.reshape(1, -1), (2 if which is None else 1, 1))
     if stats.estimator == "gmm":
         assert stats.anchor_mixtures is not None
-        return mixture_quantile(stats.anchor_mixtures, uu)
-    return hist_quantile(stats.grid.edges, stats.anchor_counts, uu)
+        mix = stats.anchor_mixtures
+        return mixture_quantile(Mixture(mix.weights[rows], mix.means[rows], mix.sigmas[rows]), uu)
+    return hist_quantile(stats.grid.edges, stats.anchor_counts[rows], uu)

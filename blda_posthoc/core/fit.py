@@ -380,7 +380,7 @@ class LogitStats:
     def fingerprint(self) -> str:
         """A short content hash identifying these statistics."""
         digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.counts).tobytes())
+        digest.update(np.ascontiguousarray(self.counts).data)  # the buffer itself: no copy
         digest.update(repr((self.grid, self.estimator, self.class_names)).encode())
         if self.mixtures is not None:
             for arr in (self.mixtures.weights, self.mixtures.means, self.mixtures.sigmas):
