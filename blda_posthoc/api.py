@@ -554,7 +554,7 @@ def load(
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not _is_number(clamp) or not 0.0 <= float(clamp) < 0.5:
-        raise InputError(f"clamp must be a number in [0, 0.5), got {clamp!r}")
+        raise InputError(f"clamp must lie in [0, 0.5), got {clamp!r}")
     if min_pixels is not None:
         _check_range("min_pixels", min_pixels, 1, None)
     for name, given in (("stats", stats), ("anchors", anchors)):

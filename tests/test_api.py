@@ -382,7 +382,7 @@ def test_every_bad_argument_is_an_input_error_in_api_terms(case, tmp_path):
         ),
         "min_pixels=-3": (lambda: api.load("blda", stats=stats, min_pixels=-3), "min_pixels"),
         "min_pixels=2.5": (lambda: api.load("blda", stats=stats, min_pixels=2.5), "min_pixels"),
-        "clamp=0.5": (lambda: api.load("blda", stats=stats, clamp=0.5), r"clamp must be"),
+        "clamp=0.5": (lambda: api.load("blda", stats=stats, clamp=0.5), r"clamp must lie in"),
         "method=None": (lambda: api.load(None, stats=stats), "method must be"),
         "num_classes=0": (
             lambda: api.evaluate(np.zeros(3, np.int64), np.zeros(3, np.int64), 0),
