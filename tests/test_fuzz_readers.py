@@ -197,6 +197,22 @@ def test_random_small_arrays_through_the_writer(array: np.ndarray, dtype: str) -
     np.testing.assert_array_equal(got, array.astype(dtype).astype(np.float32))
 
 
+@pytest.mark.parametrize("size", [(16384, 16384), (65536, 65536), (8192, 1 << 20)])
+def test_store_declaring_a_huge_image_is_refused_before_allocating(size) -> None:
+    """A few KB declaring an image of billions of logits: refused by its declared size."""
+    path = write_bytes("huge.h5", VALID_STORE)
+    with h5py.File(path, "a") as f:
+        group = f["images/city%2Fimg_0"]
+        group.attrs["height"], group.attrs["width"] = size
+        del group["label"]
+    with LogitStore([path]) as store, pytest.raises(InputError) as caught:
+        for _ in store.iter_images(with_label=True):
+            pass
+    message = str(caught.value)
+    assert message.startswith(f"{path}: image 'city/img_0': image size {size[0]}x{size[1]}")
+    assert "GiB" in message or "out of range" in message, message
+
+
 # ------------------------------------------------------------------------------------- stats
 
 

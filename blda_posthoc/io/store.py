@@ -88,8 +88,11 @@ DTYPES = ("float16", "float32")
 LOGIT_LIMITS = {"float16": 65504.0, "float32": 1e9}
 """Largest logit magnitude a store holds, per storage dtype (float16: its whole range)."""
 LOGIT_LIMIT = LOGIT_LIMITS["float32"]
-MAX_VALUES = 1 << 30
-"""Most logits of one image at its full size (``C * H * W``; 4 GiB as float32)."""
+MAX_VALUES = 1 << 28
+"""Most logits of one image at its full size (``C * H * W``; 1 GiB as float32): the budget
+every shape a store declares is checked against before anything is allocated. Commands hold an
+image's logits at its full size with their scores and temporaries (docs/safety.md gives the
+measured peak at this limit)."""
 RESERVE_MARGIN = 1 << 20
 """Bytes reserved beyond an image's data for HDF5 metadata (see :meth:`StoreWriter.write`)."""
 
@@ -870,10 +873,14 @@ def _text(value: object) -> str | None:
 
 def _check_size(size: tuple[int, int], num_classes: int, where: str | Path) -> None:
     h, w = size
-    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE) or num_classes * h * w > MAX_VALUES:
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise InputError(f"{where}: image size {h}x{w} is out of range (sides 1 to {MAX_SIDE})")
+    if num_classes * h * w > MAX_VALUES:
         raise InputError(
-            f"{where}: image size {h}x{w} with {num_classes} classes is out of range (sides 1 to "
-            f"{MAX_SIDE}, at most {MAX_VALUES} logits per image)"
+            f"{where}: image size {h}x{w} with {num_classes} classes needs "
+            f"{num_classes * h * w * 4 / 2**30:.1f} GiB of float32 logits at its full size; at "
+            f"most {MAX_VALUES * 4 / 2**30:.0f} GiB ({MAX_VALUES} logits) per image: record it "
+            "at a smaller size"
         )
 
 
