@@ -63,6 +63,7 @@ from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.correct import resize_logits
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.chunks import read_chunked
+from blda_posthoc.io.names import MAX_CLASSES as MAX_CLASSES  # re-exported (stores hold at most)
 from blda_posthoc.io.names import check_class_names
 from blda_posthoc.io.prefetch import prefetch
 from blda_posthoc.io.schema import MAX_PARTS, check_version
