@@ -420,6 +420,9 @@ def test_dump_resume_refuses_another_model_or_preprocessing(tmp_path: Path) -> N
     one_line_error(err, "other settings (model", "cannot resume")
     _, err = invoke(*base, "--model", models[0], "--resume", "--mean", "1,2,3", exit_code=1)
     one_line_error(err, "other settings (preprocess")
+    # Another autocast precision gives other logits: refused too (fp32 before, bf16 now).
+    _, err = invoke(*base, "--model", models[0], "--resume", "--precision", "bf16", exit_code=1)
+    one_line_error(err, "other settings (precision", "cannot resume")
     assert out.read_bytes() == before and not (tmp_path / "d.h5.partial").exists()
     _, err = invoke(*base, "--model", models[0], "--resume")
     assert "3 of 3 images already done" in err
