@@ -1255,3 +1255,15 @@ def test_kill9_of_correct_and_relabel_then_resume_is_byte_identical(
     assert resumed.returncode == 0, resumed.stderr
     invoke(*args, "--out-dir", ref)
     assert folder_bytes(out) == folder_bytes(ref)
+
+
+def test_resume_settings_with_a_key_on_one_side_only_are_refused(tmp_path: Path) -> None:
+    """A setting only the recorded run has (or only this run has) is a difference too."""
+    out = tmp_path / "o.h5.partial"
+    outputs.check_settings(out, {"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1})  # same: no error
+    for recorded, current, key in (
+        ({"a": 1, "b": 2}, {"a": 1}, "b"),
+        ({"a": 1}, {"a": 1, "new": 0}, "new"),
+    ):
+        with pytest.raises(InputError, match=rf"other settings \({key}: .*cannot resume"):
+            outputs.check_settings(out, recorded, current)
