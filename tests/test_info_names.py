@@ -97,6 +97,9 @@ def test_bad_class_names_specs() -> None:
         read_class_names("a,b,a")
     with pytest.raises(InputError, match="at most 255 classes"):
         read_class_names(",".join(f"c{i}" for i in range(256)))
+    # 255 classes (ids 0..254, 255 = ignore) fit in uint8 trainIds: the limit itself is fine.
+    most = [f"c{i}" for i in range(255)]
+    assert read_class_names(",".join(most)) == most
 
 
 def test_class_names_json_file_on_the_command_line(tmp_path, npy_case) -> None:
