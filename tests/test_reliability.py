@@ -875,13 +875,18 @@ def test_ctrl_c_exits_130_saying_what_is_kept_and_how_to_resume(tmp_path: Path) 
     images = write_images(tmp_path / "images", 30)
     out = tmp_path / "c.h5"
     args = ["dump-logits", "--model", "slow_models:build", "--images", images, "--out", out]
+    ready = tmp_path / "ready"
     victim = subprocess.Popen(
         blda_cmd(*args, "--workers", "0"),
-        env=sub_env(BLDA_TEST_DELAY="0.3"),
+        env=sub_env(BLDA_TEST_READY=str(ready), BLDA_TEST_HOLD_AFTER="3"),
         stderr=subprocess.PIPE,
         text=True,
     )
+    # The victim says when it is mid-run (its model holds its 4th image until interrupted),
+    # so no guessed delay: wait for that, then for its first images to be written.
+    wait_for(ready.exists)
     wait_for(lambda: complete_count_safe(out) >= 2)
+    assert victim.poll() is None  # still held, however slow the machine
     victim.send_signal(signal.SIGINT)
     _, err = victim.communicate(timeout=60)
     assert victim.returncode == 130, err
