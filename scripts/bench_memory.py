@@ -95,16 +95,8 @@ def write_stats(path: Path, c: int, bins: int, with_extras: bool) -> None:
         write_group(f.create_group("calibrated"), c, bins, calibrated=True)
 
 
-def run(
-    args: list[str], limit_gb: float | None, code: str | None = None
-) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GiB) and the last stderr line of one fresh process.
-
-    ``code``: a checkout whose ``blda_posthoc`` the process imports instead (``PYTHONPATH``).
-    """
-    env = dict(os.environ)
-    if code is not None:
-        env["PYTHONPATH"] = code
+def run(args: list[str], limit_gb: float | None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB) and the last stderr line of one fresh process."""
 
     def limit() -> None:
         if limit_gb is not None:
@@ -117,7 +109,6 @@ def run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         preexec_fn=limit,
-        env=env,
     )
     assert proc.stderr is not None
     err = proc.stderr.read().decode()
@@ -136,11 +127,6 @@ def main() -> None:
     parser.add_argument("--bins", type=int, nargs="+", default=[4096])
     parser.add_argument("--limit-gb", type=float, default=None)
     parser.add_argument("--extra", nargs="*", default=[], help="more options for the blda run")
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        help="a checkout (e.g. /work/main) whose blda runs the same commands too, for comparison",
-    )
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="blda-bench-memory-"))
     print(f"# {os.cpu_count()} CPUs; peak RSS per fresh process (ru_maxrss)")
@@ -157,17 +143,12 @@ def main() -> None:
             _, plain, _ = run(["evaluate", str(store)], None)
             blda = ["evaluate", str(store), "--method", "blda", "--stats", str(tgt)]
             blda += ["--anchors", str(src)]
-            for label, code in (("", None), ("baseline ", options.baseline)):
-                if label and code is None:
-                    continue
-                wall, peak, tag = run(
-                    blda + (options.extra if not label else []), options.limit_gb, code
-                )
-                print(
-                    f"{c:<4} {bins:<6} {stats_gib:9.2f}  {tables_gib:17.2f}  {plain:13.2f}  "
-                    f"{peak:12.2f}  {wall:6.1f}  {label}{tag}",
-                    flush=True,
-                )
+            wall, peak, tag = run(blda + options.extra, options.limit_gb)
+            print(
+                f"{c:<4} {bins:<6} {stats_gib:9.2f}  {tables_gib:17.2f}  {plain:13.2f}  "
+                f"{peak:12.2f}  {wall:6.1f}  {tag}",
+                flush=True,
+            )
             src.unlink()
             tgt.unlink()
         store.unlink()
