@@ -515,7 +515,7 @@ ACCUMULATOR = "<accumulator>"
 
 
 def load(
-    method: str,
+    method: str | None = None,
     *,
     stats: LogitStats | None = None,
     anchors: LogitStats | None = None,
@@ -527,9 +527,9 @@ def load(
     """Build a correction, as ``blda correct --method METHOD --stats ... --anchors ...`` does.
 
     Args:
-        method: A method of ``blda correct --method`` (``blda``, ``calibrated-blda``,
-            ``filled-blda``, ``temperature``, ``vector-scaling``, ``bias``, ``cbst``,
-            ``logit-adjust``, ``em-prior`` or ``none``).
+        method: A method of ``blda correct --method`` (``blda``, ``calibrated-blda``, ...,
+            ``none``), or None for the label-free default of ``blda correct`` without
+            ``--method`` (``settings["default"]`` says which method and strength, and why).
         stats: Statistics of the data being corrected (usually pseudo-labels); not needed for
             ``none``.
         anchors: Labelled statistics (usually source ground truth); default ``stats``.
@@ -575,7 +575,7 @@ def load(
         stats, anchors = anchors, None  # a calibration reads the labelled statistics only
     if stats is None:
         needs = "anchors" if method in CALIBRATION_FOR else "stats"
-        raise InputError(f"method {method} needs {needs}")
+        raise InputError(f"method {method or 'default'} needs {needs}")
     if anchors is not None and anchors.class_names != stats.class_names:
         raise InputError(
             f"{ANCHORS_NAME}: class names {anchors.class_names} differ from the stats' "

@@ -379,7 +379,8 @@ def correction_options(func: F) -> F:
             "--method",
             type=click.Choice(METHODS),
             default=None,
-            help="Correction to apply [default: blda]; see docs/methods.md. "
+            help="Correction to apply [default: the label-free default, calibrated-blda τ 0.5 "
+            "when the stats hold calibrated statistics, else blda τ 0.2; see docs/methods.md]. "
             "'blda compare' measures them all.",
         ),
         click.option(
@@ -438,7 +439,6 @@ def build_spec(
         if tau is not None:
             raise click.UsageError("--tau needs --stats")
         return None
-    method = method or "blda"
     if stats is None and method in CALIBRATION_FOR:
         if anchors is None:  # a calibration reads the labelled file only
             raise click.UsageError(
@@ -446,7 +446,7 @@ def build_spec(
             )
     elif stats is None and method != "none":
         raise click.UsageError(f"--method {method} needs --stats")
-    if auto and not has_strength(method):
+    if auto and method is not None and not has_strength(method):
         raise click.UsageError(f"--tau auto: --method {method} has no strength")
     return CorrectionSpec(
         method, tau_value, auto, stats, anchors, clamp, min_pixels, expected=expected
@@ -550,6 +550,9 @@ def report_changes(
 
 def report_notes(correction: Correction) -> None:
     """Show what the user should know about a correction (on stderr)."""
+    default = correction.settings.get("default")
+    if default is not None:
+        info(f"default: {default['reason']}")
     for note in correction.notes:
         warn(note)
     tau = correction.settings.get("tau_auto")

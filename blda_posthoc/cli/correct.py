@@ -131,7 +131,7 @@ def command(
             check_not_input(scores_out, store.paths, option="--scores-out")
             if scores_out.resolve().is_relative_to(out_dir.resolve()):
                 raise click.UsageError("--scores-out must lie outside --out-dir")
-        ready = load_correction(correction, store.class_names, dev)
+        ready = load_correction(correction, store.class_names, dev, check_shares=True)
         settings = dict(
             ready.settings,
             stores=[str(p) for p in store.paths],

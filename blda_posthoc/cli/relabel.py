@@ -212,7 +212,7 @@ def command(
         label_files = every_label(store, labels_dir, label_suffix) if labels_dir else None
         every_name = list(store.names)
         store.select_shard(run_shard)
-        ready = load_correction(correction, store.class_names, dev)
+        ready = load_correction(correction, store.class_names, dev, check_shares=True)
         settings = RelabelSettings(
             ready.tau,
             correction.clamp,

@@ -49,6 +49,10 @@ OVER, UNDER, BALANCED, UNKNOWN = "over-predicted", "under-predicted", "balanced"
 UNCERTAIN = "uncertain"
 NEAR_CUT = 0.1
 """An estimated ratio within 10 % of a cut (0.7 or 1.3) is too close to call without labels."""
+COLLAPSED_RATIO = 20.0
+"""An estimated ratio above this means EM's prior for the class has collapsed towards 0 (a model
+over-predicting a class 20-fold is not what the estimate can tell apart from a collapse); the
+ratio is then not reported (``n/a (EM collapsed)``, JSON null with ``em_collapsed``)."""
 
 
 @dataclass
@@ -68,7 +72,10 @@ class ClassDiagnosis:
             ``unknown``.
         decided_by: ``labels``, ``label-free`` or None (unknown).
         estimated_ratio: Label-free predicted / estimated-true ratio (predicted share over the
-            EM estimate of the class prior), or None without an estimate.
+            EM estimate of the class prior), or None without an estimate or when EM's prior
+            for the class has collapsed.
+        em_collapsed: EM's prior for the class has collapsed (a predicted class got a prior
+            :data:`COLLAPSED_RATIO` times smaller than its share, or 0): no estimated ratio.
         label_free_verdict: The verdict without labels (also when labels decide ``verdict``,
             so that the two can be compared).
     """
@@ -85,6 +92,7 @@ class ClassDiagnosis:
     decided_by: str | None
     estimated_ratio: float | None = None
     label_free_verdict: str = UNKNOWN
+    em_collapsed: bool = False
 
 
 @dataclass
@@ -240,9 +248,13 @@ def diagnose(
     for k, name in enumerate(stats.class_names):
         score = float(scores[k]) if usable[k] else None
         ratio = summary["pred_true_ratio"][k] if summary else None
-        estimated = None
-        if target_priors is not None and target_priors[k] > 0:
-            estimated = float(predicted[k] / total / target_priors[k])
+        estimated, collapsed = None, False
+        if target_priors is not None and predicted[k] > 0:
+            share = predicted[k] / total
+            collapsed = bool(target_priors[k] * COLLAPSED_RATIO < share)
+            estimated = None if collapsed else float(share / target_priors[k])
+        elif target_priors is not None and target_priors[k] > 0:
+            estimated = 0.0
         label_free = (
             estimate_verdict(estimated, score)
             if target_priors is not None
@@ -266,6 +278,7 @@ def diagnose(
                 decided_by=None if verdict == UNKNOWN else decided_by,
                 estimated_ratio=estimated,
                 label_free_verdict=label_free,
+                em_collapsed=collapsed,
             )
         )
     return Diagnosis(classes, anchor_median, _score_bias_correlation(classes), summary is not None)

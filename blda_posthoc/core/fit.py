@@ -303,10 +303,16 @@ def fit_mixture(
 
 @dataclass
 class PixelSample:
-    """A seeded sample of pixels: ``logits`` ``(S, C)`` float32, ``labels`` ``(S,)`` uint8."""
+    """A seeded sample of pixels: ``logits`` ``(S, C)`` float32, ``labels`` ``(S,)`` uint8.
+
+    ``image_counts`` ``(M,)`` int64: pixels drawn from each image, in the sample's (name) order,
+    so that ``logits[:image_counts[0]]`` are the first image's; None in files written before it
+    was recorded.
+    """
 
     logits: np.ndarray
     labels: np.ndarray
+    image_counts: np.ndarray | None = None
 
 
 @dataclass

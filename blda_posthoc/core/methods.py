@@ -10,9 +10,13 @@ prediction. They differ in what they know:
   target pseudo-labels leave a cell empty.
 - ``temperature`` / ``vector-scaling`` / ``bias``: an affine map ``a * z + b`` fitted by
   cross-entropy on labelled (source) logits.
-- ``cbst``, ``em-prior``, ``logit-adjust``: a per-class additive shift of the (possibly
-  calibrated) logits, ``z + tau * shift``, from class-balanced confidence thresholds, an EM
-  estimate of the target class priors, or the predicted class shares.
+- ``cbst``, ``em-prior``, ``em-map``, ``ot-prior``, ``occurrence-adjust``, ``logit-adjust``: a
+  per-class additive shift of the (possibly calibrated) logits, ``z + tau * shift``, from
+  class-balanced confidence thresholds, an EM estimate of the target class priors (plain or
+  with a Dirichlet hyper-prior), optimal-transport offsets to such an estimate, per-image class
+  occurrence (Liu et al. 2022), or the predicted class shares.
+- ``self-calibrate``: a per-class affine map fitted on target logits against class-balanced
+  confident pseudo-labels of a corrected prediction, applied ``tau`` of the way.
 
 A correction's strength is ``tau``; every correction with a strength is the identity at
 ``tau = 0``. Corrections are immutable; one object serves every ``tau`` (``compare`` evaluates a
@@ -97,6 +101,31 @@ class Affine:
     def to(self, device: torch.device | str) -> Affine:
         """On ``device``."""
         return Affine(self.scale.to(device), self.bias.to(device))
+
+
+@dataclass(frozen=True)
+class Blended:
+    """An affine map applied ``tau`` of the way: ``z' = (1 + tau (scale - 1)) z + tau bias``.
+
+    Attributes:
+        scale: ``(C,)`` float32 per-class scale at ``tau = 1``.
+        bias: ``(C,)`` float32 per-class bias at ``tau = 1``.
+    """
+
+    scale: torch.Tensor
+    bias: torch.Tensor
+
+    def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
+        """``log_softmax`` of the blended map of ``z``."""
+        return torch.log_softmax(z * (1 + tau * (self.scale - 1)) + tau * self.bias, dim=-1)
+
+    def is_identity(self, tau: float) -> bool:
+        """At ``tau = 0``."""
+        return tau == 0
+
+    def to(self, device: torch.device | str) -> Blended:
+        """On ``device``."""
+        return Blended(self.scale.to(device), self.bias.to(device))
 
 
 @dataclass(frozen=True)

@@ -281,3 +281,152 @@ def bbse_priors(source_confusion: ArrayLike, target_pred_shares: ArrayLike) -> n
     weights = bbse_weights(source_confusion, target_pred_shares)
     conf = _float64(source_confusion)
     return _priors(weights * conf.sum(0), "BBSE target prior", positive=False)
+
+
+def em_map_priors(
+    probs: ArrayLike,
+    source_priors: ArrayLike,
+    *,
+    weight: float = 0.1,
+    max_iter: int = 1000,
+    tol: float = 1e-8,
+) -> tuple[np.ndarray, int]:
+    """Target priors by EM with a Dirichlet hyper-prior centred on the source priors (MAP).
+
+    The M-step of :func:`em_priors` becomes ``π̂ ∝ Σ_x p'(x) + κ N π_src`` (a Dirichlet with
+    concentration ``1 + κ N π_src``): every class keeps at least ``κ / (1 + κ)`` of its source
+    prior, so a class cannot collapse to 0, and ``κ = 0`` is plain EM. The sums are those of
+    :func:`em_step` (chunk-additive), so the loop runs over any pass with
+    :func:`em_map_iterate`.
+
+    Args:
+        probs: ``(N, C)`` posteriors under the source prior.
+        source_priors: ``(C,)`` positive source priors.
+        weight: ``κ``, the hyper-prior's pseudo-pixels as a fraction of ``N``.
+        max_iter: Iterations at most.
+        tol: Stop once the estimate moves by less than ``tol`` in every class.
+
+    Returns:
+        ``(C,)`` float64 estimate summing to 1, and the number of iterations.
+
+    Raises:
+        ValueError: As :func:`em_priors`, or ``weight < 0``.
+    """
+    src = _priors(source_priors, "source prior", positive=True)
+    p = _probs(probs, src.size)
+    return em_map_iterate(
+        lambda current: em_step(p, src, current),
+        src,
+        int(p.shape[0]),
+        weight=weight,
+        max_iter=max_iter,
+        tol=tol,
+    )
+
+
+def em_map_iterate(
+    one_pass: Callable[[np.ndarray], np.ndarray],
+    source_priors: ArrayLike,
+    num_pixels: int,
+    *,
+    weight: float = 0.1,
+    max_iter: int = 1000,
+    tol: float = 1e-8,
+) -> tuple[np.ndarray, int]:
+    """:func:`em_iterate` with the Dirichlet pseudo-counts ``κ N π_src`` added to each pass."""
+    if not weight >= 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    src = _priors(source_priors, "source prior", positive=True)
+    pseudo = weight * max(num_pixels, 1) * src
+    return em_iterate(lambda current: one_pass(current) + pseudo, src, max_iter=max_iter, tol=tol)
+
+
+def sinkhorn_offsets(
+    log_probs: ArrayLike,
+    target_shares: ArrayLike,
+    *,
+    epsilon: float = 0.1,
+    max_iter: int = 500,
+    tol: float = 1e-4,
+) -> np.ndarray:
+    """Per-class offsets that move the predicted class shares to ``target_shares`` (OT).
+
+    Entropic optimal transport of the pixels (uniform mass) onto the classes (mass
+    ``target_shares``) with cost ``-log p_c(x)``: the column duals ``g`` of Sinkhorn's
+    iteration ``g_c ← g_c + ε (log π_c − log mean_x softmax((log p(x) + g) / ε)_c)``. As
+    ``ε → 0`` the assignment becomes the hard one, so ``argmax_c log p_c(x) + g_c`` gives each
+    class about its target share; ``g`` is a logit bias (centred, mean 0).
+
+    Args:
+        log_probs: ``(N, C)`` log-posteriors (or logits: a per-pixel constant changes nothing).
+        target_shares: ``(C,)`` positive target class shares.
+        epsilon: Entropic regularisation on the log-probability scale.
+        max_iter: Iterations at most.
+        tol: Stop once no class's soft share differs from its target by more than ``tol``
+            (relative).
+
+    Returns:
+        ``(C,)`` float64 offsets, mean 0.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    target = _priors(target_shares, "target shares", positive=True)
+    s = _probs(log_probs, target.size) / epsilon
+    g = torch.zeros(target.size, dtype=torch.float64, device=s.device)
+    log_target = torch.as_tensor(np.log(target), device=s.device)
+    for _ in range(max_iter):
+        soft = torch.softmax(s + g, dim=1).mean(0).clamp_min(1e-300)
+        step = log_target - torch.log(soft)
+        g = g + step
+        if float(step.abs().max()) < tol:
+            break
+    offsets = (epsilon * g).cpu().numpy()
+    return offsets - offsets.mean()
+
+
+def occurrence_priors(
+    mean_probs: ArrayLike, pixel_priors: ArrayLike, *, pseudo: float = 1.0
+) -> np.ndarray:
+    """Image-level class occurrence, label-free (the priors of Liu et al., CVPR 2022).
+
+    A class occurs in an image when the image's mean predicted probability of that class
+    exceeds the class's pixel prior; its occurrence prior is the share of images where it
+    occurs, smoothed as ``(count + pseudo) / (M + 2 pseudo)`` (never 0 or 1).
+
+    Args:
+        mean_probs: ``(M, C)`` mean predicted probabilities per image.
+        pixel_priors: ``(C,)`` pixel priors (the threshold per class).
+        pseudo: Smoothing pseudo-count.
+
+    Returns:
+        ``(C,)`` float64 occurrence frequencies in ``(0, 1)`` (not normalised: a class can
+        occur in every image).
+    """
+    m = _float64(mean_probs)
+    prior = _priors(pixel_priors, "pixel priors", positive=False)
+    if m.ndim != 2 or m.shape[1] != prior.size or m.shape[0] == 0:
+        raise ValueError(f"mean_probs must have shape (M, {prior.size}), got {m.shape}")
+    if not pseudo > 0:
+        raise ValueError(f"pseudo must be > 0, got {pseudo}")
+    present = (m > prior).sum(0)
+    return (present + pseudo) / (m.shape[0] + 2 * pseudo)
+
+
+def smooth_towards(counts: ArrayLike, prior: ArrayLike, weight: float) -> np.ndarray:
+    """Shares from counts, smoothed towards ``prior`` (a Dirichlet centred on it).
+
+    Args:
+        counts: ``(C,)`` non-negative counts.
+        prior: ``(C,)`` positive prior (or counts).
+        weight: Pseudo-counts ``weight * sum(counts)`` spread as ``prior``; must be > 0.
+
+    Returns:
+        ``(C,)`` float64 ``(counts + weight N prior) / (N (1 + weight))``: every class keeps at
+        least ``weight / (1 + weight)`` of its prior.
+    """
+    c = _vector(counts, "counts")
+    p = _priors(prior, "prior", positive=True)
+    if not weight > 0 or c.shape != p.shape:
+        raise ValueError(f"need weight > 0 and matching shapes, got {weight}, {c.shape}, {p.shape}")
+    n = c.sum()
+    return (c + weight * n * p) / (n * (1 + weight))

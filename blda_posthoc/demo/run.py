@@ -266,6 +266,8 @@ def run_demo(
             "--stats",
             s.stats,
             *anchors,
+            "--method",
+            "blda",
             "--tau",
             str(TAU),
             "--out-dir",

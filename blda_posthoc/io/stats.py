@@ -19,6 +19,9 @@ Layout::
     /confidence/counts   (C, B') int64 top-1 confidence log-odds per predicted class,
                          attrs lo, hi, bins
     /sample/logits       (S, C) float32 seeded pixel sample;  /sample/labels (S,) uint8
+    /sample/image_counts (M,) int64 pixels drawn per image, in the sample's order (optional:
+                         files written before it was added have none; occurrence-adjust
+                         needs it)
     /calibration/<kind>/{scale,bias}  (C,) float64, kind in temperature|vector|bias
     /calibrated/...      the same layout as the root (attrs, edges, cells, anchors) for
                          the statistics of calibrated logits
@@ -104,6 +107,8 @@ def _write_extras(f: h5py.File, extras: StatsExtras) -> None:
     conf.attrs["lo"], conf.attrs["hi"], conf.attrs["bins"] = lo, hi, bins
     f.create_dataset("sample/logits", data=extras.sample.logits, **COMPRESSED)
     f.create_dataset("sample/labels", data=extras.sample.labels, **COMPRESSED)
+    if extras.sample.image_counts is not None:
+        f.create_dataset("sample/image_counts", data=extras.sample.image_counts, **COMPRESSED)
     for kind, (scale, bias) in extras.calibrations.items():
         f.create_dataset(f"calibration/{kind}/scale", data=scale)
         f.create_dataset(f"calibration/{kind}/bias", data=bias)
@@ -253,6 +258,12 @@ def _read_extras(f: h5py.File, path: Path, c: int) -> StatsExtras:
     _check_confidence_grid(lo, hi, bins, c, _bad_in(path))
     logits = _array(f, "sample/logits", path, (None, c), "f", limit=MAX_SAMPLE * c)
     labels = _array(f, "sample/labels", path, (logits.shape[0],), "u", limit=MAX_SAMPLE)
+    image_counts = None
+    if "sample/image_counts" in f:  # written since the per-image sample counts exist
+        image_counts = _array(f, "sample/image_counts", path, (None,), "iu", limit=MAX_SAMPLE)
+        if image_counts.sum() != labels.size:
+            raise _bad(path, "sample/image_counts do not add up to the sample's pixels")
+        image_counts = image_counts.astype(np.int64)
     calibrations = {}
     if "calibration" in f:
         group = check_group(f, "calibration", path)
@@ -266,7 +277,7 @@ def _read_extras(f: h5py.File, path: Path, c: int) -> StatsExtras:
         predicted=_array(f, "predicted", path, (c,), "iu").astype(np.int64),
         confidence=_array(f, "confidence/counts", path, (c, bins), "iu").astype(np.int64),
         confidence_grid=(lo, hi, bins),
-        sample=PixelSample(logits.astype(np.float32), labels.astype(np.uint8)),
+        sample=PixelSample(logits.astype(np.float32), labels.astype(np.uint8), image_counts),
         calibrations=calibrations,
         calibrated=_read_group(check_group(f, "calibrated", path), path)
         if "calibrated" in f

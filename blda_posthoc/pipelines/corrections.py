@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from blda_posthoc.core.adapt import (
+    MAX_SHARE_FACTOR,
+    predicted_counts,
+    self_calibration,
+    share_factors,
+)
 from blda_posthoc.core.align import (
     DEFAULT_CLAMP,
     DEFAULT_MIN_PIXELS,
@@ -28,12 +34,22 @@ from blda_posthoc.core.methods import (
     METHODS,
     Affine,
     Aligned,
+    Blended,
     Corrector,
     Plain,
     Shift,
     has_strength,
 )
-from blda_posthoc.core.priors import em_priors, logit_adjustment, prior_shift, smooth_counts
+from blda_posthoc.core.priors import (
+    em_map_priors,
+    em_priors,
+    logit_adjustment,
+    occurrence_priors,
+    prior_shift,
+    sinkhorn_offsets,
+    smooth_counts,
+    smooth_towards,
+)
 from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
 from blda_posthoc.core.select import AUTO_GRID, auto_tau
 from blda_posthoc.errors import InputError
@@ -195,8 +211,9 @@ class CorrectionSpec:
     """What the user asked for: method, strength and statistics (one frozen object per run).
 
     Attributes:
-        method: One of :data:`METHODS`.
-        tau: Strength; None for the method's default.
+        method: One of :data:`METHODS`, or None for the label-free default
+            (:func:`choose_default`: the first of :data:`LABEL_FREE_DEFAULTS` the files support).
+        tau: Strength; None for the method's (or the default's) strength.
         tau_auto: Choose ``tau`` label-free on the ``--stats`` pixel sample.
         stats: Stats file of the data being corrected (None only for ``none``).
         anchors: Labelled stats file (default ``stats``).
@@ -205,7 +222,7 @@ class CorrectionSpec:
         expected: Fingerprints the statistics must have (``--from-compare``), or None.
     """
 
-    method: str = "blda"
+    method: str | None = "blda"
     tau: float | None = None
     tau_auto: bool = False
     stats: Path | None = None
@@ -293,6 +310,8 @@ def load_correction(
     class_names: list[str],
     device: torch.device | str = "cpu",
     statistics: Statistics | None = None,
+    *,
+    check_shares: bool = False,
 ) -> Correction:
     """Read the statistics (unless given) and build the correction ``spec`` asks for.
 
@@ -301,13 +320,15 @@ def load_correction(
         class_names: The store's class names.
         device: Where the correction runs.
         statistics: Already read statistics (``compare`` builds many corrections from one read).
+        check_shares: Add a note naming the classes whose predicted share the correction
+            changes more than 10-fold on the ``--stats`` pixel sample (:func:`share_change`).
 
     Returns:
         The correction; a strength the statistics cannot take is an :class:`InputError` here,
         before any output is written.
     """
     terms = CLI_TERMS if statistics is None else statistics.terms
-    if spec.method not in METHODS:
+    if spec.method is not None and spec.method not in METHODS:
         raise InputError(f"{terms.method} must be one of {', '.join(METHODS)}, got {spec.method!r}")
     notes = []
     if spec.method == "none":
@@ -318,10 +339,18 @@ def load_correction(
             stats, anchors = anchors, None  # a calibration reads the labelled file only
         if stats is None:
             needs = "--anchors" if spec.method in CALIBRATION_FOR else "--stats"
-            raise InputError(f"--method {spec.method} needs {needs}")
+            raise InputError(f"--method {spec.method or 'default'} needs {needs}")
         statistics = read_statistics(stats, anchors, class_names)
     check_provenance(statistics, spec.expected)
-    corrector, details = build_corrector(spec.method, statistics, spec.clamp, spec.min_pixels)
+    default = None
+    if spec.method is None:
+        default, (corrector, details) = choose_default(
+            statistics, spec.clamp, spec.min_pixels, spec.tau, spec.tau_auto
+        )
+        spec = replace(spec, method=default["method"], tau=default["tau"])
+    else:
+        corrector, details = build_corrector(spec.method, statistics, spec.clamp, spec.min_pixels)
+    assert spec.method is not None
     notes.extend(details.pop("notes", []))
     if not has_strength(spec.method):
         if spec.tau is not None or spec.tau_auto:
@@ -338,10 +367,68 @@ def load_correction(
             lookup_tables(corrector.maps, tau)
         except ValueError as exc:
             raise InputError(f"{statistics.cond_path}: {exc}") from exc
-    settings = {"method": spec.method, "tau": tau if has_strength(spec.method) else None}
+    settings: dict[str, Any] = {
+        "method": spec.method,
+        "tau": tau if has_strength(spec.method) else None,
+    }
+    if default is not None:
+        settings["default"] = default
     settings.update(statistics.settings())
     settings.update(details)
-    return Correction(spec.method, tau, corrector.to(device), settings, notes)
+    ready = Correction(spec.method, tau, corrector.to(device), settings, notes)
+    if check_shares:
+        changed = share_change(ready, statistics)
+        if changed:
+            listed = ", ".join(f"{name} {factor:.0f}x" for name, factor in changed)
+            notes.append(
+                f"the correction changes the predicted share of {listed} on the --stats pixel "
+                f"sample (more than {MAX_SHARE_FACTOR:g}x: the signature of a collapse)"
+            )
+    return ready
+
+
+LABEL_FREE_DEFAULTS: tuple[tuple[str, float], ...] = (("calibrated-blda", 0.5), ("blda", 0.2))
+"""Without ``--method``: the first of these the statistics support, in this order (chosen by
+the rule of docs/methods.md, "How the label-free default is chosen", on the benchmark)."""
+
+
+def choose_default(
+    statistics: Statistics,
+    clamp: float,
+    min_pixels: int | None,
+    tau: float | None = None,
+    tau_auto: bool = False,
+) -> tuple[dict[str, Any], tuple[Corrector, dict[str, Any]]]:
+    """The label-free default for these files, and why.
+
+    Args:
+        statistics: The two stats files.
+        clamp: CDF clamp of the alignment methods.
+        min_pixels: Smallest usable cell.
+        tau: A strength the user gave without a method (kept), or None.
+        tau_auto: ``--tau auto`` was given without a method.
+
+    Returns:
+        ``{"method", "tau", "reason"}``: the first of :data:`LABEL_FREE_DEFAULTS` the files
+        support (``tau`` None with ``tau_auto``) and one line saying why (what the preferred
+        default lacked when it falls back); and its corrector with details, as
+        :func:`build_corrector` returns them.
+    """
+    missing = []
+    for method, strength in LABEL_FREE_DEFAULTS:
+        try:
+            built = build_corrector(method, statistics, clamp, min_pixels)
+        except InputError as exc:
+            missing.append(f"{method} τ {strength:g} needs what the files lack: {exc}")
+            continue
+        used = None if tau_auto else (strength if tau is None else tau)
+        strength_text = "auto" if tau_auto else f"{used:g}"
+        source = " (--tau given)" if tau is not None else ""
+        reason = f"{method} τ {strength_text}{source}: the label-free default (docs/methods.md)"
+        if missing:
+            reason += "; fallback: " + "; ".join(missing)
+        return {"method": method, "tau": used, "reason": reason}, built
+    raise InputError("; ".join(missing))
 
 
 def build_corrector(
@@ -367,13 +454,17 @@ def build_corrector(
     if method == "cbst":
         return Shift(_cbst_shift(statistics)), {"cbst_portion": CBST_PORTION}
     if method == "logit-adjust":
-        source = smooth_counts(statistics.anchors.label_pixels)
-        extras = _extras(statistics.cond, statistics.cond_path, method, statistics.terms)
-        target = smooth_counts(extras.predicted)
-        shift = logit_adjustment(source, target, 1.0)
-        return Shift(torch.as_tensor(shift, dtype=torch.float32)), {}
+        return _logit_adjust(statistics)
     if method == "em-prior":
         return _em_prior(statistics)
+    if method == "em-map":
+        return _em_map(statistics)
+    if method == "ot-prior":
+        return _ot_prior(statistics)
+    if method == "occurrence-adjust":
+        return _occurrence_adjust(statistics)
+    if method == "self-calibrate":
+        return _self_calibrate(statistics, clamp, min_pixels)
     raise InputError(f"unknown method {method!r}")
 
 
@@ -561,3 +652,165 @@ AUTO_PIXELS = 50_000
 
 def _stride(count: int) -> int:
     return max(1, -(-count // AUTO_PIXELS))
+
+
+LOGIT_ADJUST_WEIGHT = 0.1
+"""``logit-adjust`` smooths the predicted shares towards the source prior with this many
+pseudo-pixels per pixel: a class never predicted keeps ``0.1 / 1.1`` of its source prior."""
+LOGIT_ADJUST_BOUND = 1.0
+"""``logit-adjust``'s shift at ``tau = 1`` is clipped to ``[-1, 1]`` per class."""
+
+
+def _logit_adjust(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    source = smooth_counts(statistics.anchors.label_pixels)
+    extras = _extras(statistics.cond, statistics.cond_path, "logit-adjust", statistics.terms)
+    predicted = extras.predicted
+    target = smooth_towards(predicted, source, LOGIT_ADJUST_WEIGHT)
+    shift = np.clip(logit_adjustment(source, target, 1.0), -LOGIT_ADJUST_BOUND, LOGIT_ADJUST_BOUND)
+    details = {"smoothing": LOGIT_ADJUST_WEIGHT, "bound": LOGIT_ADJUST_BOUND}
+    return Shift(torch.as_tensor(shift, dtype=torch.float32)), details
+
+
+EM_MAP_WEIGHT = 0.1
+"""``em-map``: the Dirichlet hyper-prior's pseudo-pixels, as a fraction of the sample."""
+OT_EPSILON = 0.1
+"""``ot-prior``: Sinkhorn's entropic regularisation (log-probability scale)."""
+
+
+def _calibrated_sample(statistics: Statistics, method: str) -> tuple[torch.Tensor, Affine | None]:
+    """The ``--stats`` pixel sample's logits, calibrated by the anchors' vector scaling if any."""
+    extras = _extras(statistics.cond, statistics.cond_path, method, statistics.terms)
+    pre = None
+    anchor_extras = statistics.anchors.extras
+    if anchor_extras is not None and "vector" in anchor_extras.calibrations:
+        pre = Affine(*_calibration(statistics, "vector"))
+    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
+    return (z if pre is None else pre.apply(z)), pre
+
+
+def map_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
+    """The EM-MAP estimate of the target priors (Dirichlet hyper-prior), computed once.
+
+    Returns:
+        ``(target priors (C,), source priors (C,), calibration or None)``.
+    """
+    if "map_priors" not in statistics.cache:
+        z, pre = _calibrated_sample(statistics, "em-map")
+        source = smooth_counts(statistics.anchors.label_pixels)
+        probs = torch.softmax(z.double(), dim=-1).numpy()
+        target, _ = em_map_priors(probs, source, weight=EM_MAP_WEIGHT)
+        statistics.cache["map_priors"] = (target, source, pre)
+    result: tuple[np.ndarray, np.ndarray, Affine | None] = statistics.cache["map_priors"]
+    return result
+
+
+def _em_map(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    target, source, pre = map_priors(statistics)
+    details: dict[str, Any] = {
+        "calibration": "vector" if pre is not None else None,
+        "dirichlet_weight": EM_MAP_WEIGHT,
+        "target_priors": [round(float(p), 6) for p in target],
+    }
+    return Shift(torch.as_tensor(prior_shift(source, target), dtype=torch.float32), pre), details
+
+
+def _ot_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    target, _, _ = map_priors(statistics)
+    extras = _extras(statistics.cond, statistics.cond_path, "ot-prior", statistics.terms)
+    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
+    offsets = sinkhorn_offsets(torch.log_softmax(z.double(), -1), target, epsilon=OT_EPSILON)
+    details: dict[str, Any] = {
+        "epsilon": OT_EPSILON,
+        "target_priors": [round(float(p), 6) for p in target],
+    }
+    return Shift(torch.as_tensor(offsets, dtype=torch.float32)), details
+
+
+def image_mean_probs(
+    stats: LogitStats, path: Path, method: str, terms: Terms = CLI_TERMS
+) -> np.ndarray:
+    """``(M, C)`` mean softmax probability per image of a stats file's pixel sample."""
+    sample = _extras(stats, path, method, terms).sample
+    if sample.image_counts is None or not len(sample.image_counts):
+        raise InputError(
+            f"{path}: its pixel sample does not record which image each pixel came from "
+            f"(needed by {terms.method} {method}; fit it again with {terms.refit})"
+        )
+    probs = torch.softmax(torch.as_tensor(sample.logits).double(), dim=-1)
+    counts = torch.as_tensor(sample.image_counts)
+    keep = counts > 0
+    image = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    sums = torch.zeros(len(counts), probs.shape[1], dtype=torch.float64)
+    sums.index_add_(0, image, probs)
+    return (sums[keep] / counts[keep, None]).numpy()
+
+
+def _occurrence_adjust(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    method = "occurrence-adjust"
+    pixel_prior = smooth_counts(statistics.anchors.label_pixels)
+    target = occurrence_priors(
+        image_mean_probs(statistics.cond, statistics.cond_path, method, statistics.terms),
+        pixel_prior,
+    )
+    source = occurrence_priors(
+        image_mean_probs(statistics.anchors, statistics.anchors_path, method, statistics.terms),
+        pixel_prior,
+    )
+    shift = np.log(target) - np.log(source)
+    details: dict[str, Any] = {
+        "target_occurrence": [round(float(p), 6) for p in target],
+        "source_occurrence": [round(float(p), 6) for p in source],
+    }
+    return Shift(torch.as_tensor(shift, dtype=torch.float32)), details
+
+
+SELF_CALIBRATION_FROM = ("calibrated-blda", 0.5)
+"""``self-calibrate`` takes its pseudo-labels from this correction (``blda`` τ 0.5 when the
+files hold no calibrated statistics)."""
+SELF_CALIBRATION_KEEP = 0.5
+"""``self-calibrate`` keeps this portion of each predicted class as pseudo-labels."""
+
+
+def _self_calibrate(
+    statistics: Statistics, clamp: float, min_pixels: int | None
+) -> tuple[Corrector, dict[str, Any]]:
+    method, tau = SELF_CALIBRATION_FROM
+    notes = []
+    try:
+        teacher, _ = _aligned(method, statistics, clamp, min_pixels)
+    except InputError as exc:
+        notes.append(f"self-calibrate: pseudo-labels from blda τ {tau:g} ({exc})")
+        method = "blda"
+        teacher, _ = _aligned(method, statistics, clamp, min_pixels)
+    extras = _extras(statistics.cond, statistics.cond_path, "self-calibrate", statistics.terms)
+    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))]).float()
+    scores = teacher.log_scores(z, tau)
+    scale, bias, shrink = self_calibration(z, scores, keep=SELF_CALIBRATION_KEEP)
+    details: dict[str, Any] = {
+        "pseudo_labels": {"method": method, "tau": tau, "keep_portion": SELF_CALIBRATION_KEEP},
+        "guard_shrink": shrink,
+        "notes": notes,
+    }
+    corrector = Blended(
+        torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+    )
+    return corrector, details
+
+
+def share_change(correction: Correction, statistics: Statistics) -> list[tuple[str, float]]:
+    """Classes whose predicted share the correction changes more than 10-fold, with the factor.
+
+    Measured on (up to :data:`AUTO_PIXELS` pixels of) the ``--stats`` pixel sample, so it
+    costs one correction of a small sample; the limit is
+    :data:`~blda_posthoc.core.adapt.MAX_SHARE_FACTOR`.
+    """
+    extras = statistics.cond.extras
+    if extras is None or not len(extras.sample.labels) or correction.method == "none":
+        return []
+    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))]).float()
+    corrector = correction.corrector.to("cpu")
+    before = predicted_counts(z)
+    after = predicted_counts(corrector.log_scores(z, correction.tau))
+    factors = share_factors(before, after)
+    names = statistics.cond.class_names
+    return [(names[c], float(factors[c])) for c in np.flatnonzero(factors > MAX_SHARE_FACTOR)]

@@ -233,19 +233,25 @@ def report_dict(
     }
 
 
+COLLAPSED_TEXT = "n/a (EM collapsed)"
+"""Shown instead of an estimated ratio whose EM prior has collapsed."""
+
+
 def format_table(result: Diagnosis) -> str:
     """A fixed-width per-class table (and the rank correlation) for the terminal."""
     width = max(8, *(len(d.name) for d in result.classes))
-    estimated = any(d.estimated_ratio is not None for d in result.classes)
+    estimated = any(d.estimated_ratio is not None or d.em_collapsed for d in result.classes)
+    est_width = 18 if any(d.em_collapsed for d in result.classes) else 9
     head = f"{'class':<{width}}  {'share%':>7}  {'score':>6}"
-    head += f"  {'est.ratio':>9}" if estimated else ""
+    head += f"  {'est.ratio':>{est_width}}" if estimated else ""
     head += f"  {'verdict':<15}  {'by':<10}"
     if result.has_labels:
         head += f"  {'bias':>7}  {'ratio':>6}  {'label-free':<15}"
     lines = [head, "-" * len(head)]
     for d in result.classes:
         line = f"{d.name:<{width}}  {100 * d.pred_share:>7.2f}  {fmt_or_dash(d.score, '+.3f'):>6}"
-        line += f"  {fmt_or_dash(d.estimated_ratio, '.2f'):>9}" if estimated else ""
+        ratio_text = COLLAPSED_TEXT if d.em_collapsed else fmt_or_dash(d.estimated_ratio, ".2f")
+        line += f"  {ratio_text:>{est_width}}" if estimated else ""
         line += f"  {d.verdict:<15}  {d.decided_by or '-':<10}"
         if result.has_labels:
             line += (

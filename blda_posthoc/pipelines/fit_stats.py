@@ -344,6 +344,7 @@ def join_samples(parts: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -
     return PixelSample(
         np.concatenate([p[0] for p in parts]).astype(np.float32),
         np.concatenate([p[1] for p in parts]),
+        np.array([len(p[1]) for p in parts], dtype=np.int64),
     )
 
 
