@@ -68,6 +68,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refit", action="store_true", help="fit statistics again")
     parser.add_argument("--build-only", action="store_true", help="build the cases, no compare")
     parser.add_argument("--no-demo", action="store_true", help="leave the demo case out")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a case's compare.json when it is newer than its statistics (score only)",
+    )
     return parser.parse_args()
 
 
@@ -303,15 +308,23 @@ def main() -> None:
     compare_start = time.perf_counter()
     for name, files in built.items():
         case_start = time.perf_counter()
-        report_path = run_compare(
-            files,
-            select_on=args.select_on,
-            seed=args.seed,
-            taus=args.tau,
-            methods=args.methods,
-            device=args.device,
-            plot=args.plot,
-        )
+        cached = files.folder / "compare.json"
+        if (
+            args.reuse
+            and cached.is_file()
+            and all(cached.stat().st_mtime > files.stats[k].stat().st_mtime for k in ("src", "tgt"))
+        ):
+            report_path = cached
+        else:
+            report_path = run_compare(
+                files,
+                select_on=args.select_on,
+                seed=args.seed,
+                taus=args.tau,
+                methods=args.methods,
+                device=args.device,
+                plot=args.plot,
+            )
         report = json.loads(report_path.read_text())
         results[name] = {
             "note": known[name].note if name in known else "blda demo: shipped network",

@@ -266,6 +266,8 @@ def test_correct_tau_zero_is_plain_argmax(tmp_path, stores):
         stores["tgt"],
         "--stats",
         tmp_path / "s.h5",
+        "--method",
+        "blda",
         "--tau",
         "0",
         "--out-dir",

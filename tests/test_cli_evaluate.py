@@ -302,7 +302,9 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
         write_stats(stats, fit_store(s, FitOptions(labels="gt", min_pixels=10)))
     plain, both = tmp_path / "plain.json", tmp_path / "both.json"
     assert run("--store", store, "--json", plain)[0] == 0
-    code, stdout, stderr = run("--store", store, "--stats", stats, "--tau", 0.5, "--json", both)
+    code, stdout, stderr = run(
+        "--store", store, "--stats", stats, "--method", "blda", "--tau", 0.5, "--json", both
+    )
     assert code == 0, stderr
     report = json.loads(both.read_text())
     assert set(report) >= {"before", "after", "settings", "num_images"}

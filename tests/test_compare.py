@@ -68,6 +68,10 @@ def test_rows_equal_separate_evaluate_runs(case, tmp_path):
         "bias",
         "cbst",
         "em-prior",
+        "em-map",
+        "ot-prior",
+        "occurrence-adjust",
+        "self-calibrate",
         "logit-adjust",
     }
     assert report["skipped_methods"] == {}

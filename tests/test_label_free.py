@@ -227,7 +227,9 @@ def test_occurrence_adjust_matches_numpy(case):
         sample = stats.extras.sample
         bounds = np.concatenate([[0], np.cumsum(sample.image_counts)])
         probs = softmax(sample.logits.astype(np.float64))
-        means = np.array([probs[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+        means = np.array(
+            [probs[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        )
         return ((means > pixel).sum(0) + 1) / (len(means) + 2)
 
     shift = np.log(occurrence(tgt)) - np.log(occurrence(src))
@@ -362,3 +364,15 @@ def test_a_collapsed_em_prior_is_shown_as_such_never_as_a_number(case):
     assert "n/a (EM collapsed)" in row and "e+" not in row
     entry = report_dict(result, stats, case["tgt_stats"], 6)["per_class"]["class_4"]
     assert entry["estimated_ratio"] is None and entry["em_collapsed"] is True
+
+
+def test_api_load_without_a_method_uses_the_default(case):
+    from blda_posthoc import api
+
+    ready = api.load(stats=read_stats(case["tgt_stats"]), anchors=read_stats(case["src_stats"]))
+    assert (ready.method, ready.tau) == ("calibrated-blda", 0.5)
+    assert ready.settings["default"]["method"] == "calibrated-blda"
+    alone = api.load(stats=read_stats(case["tgt_stats"]))  # no calibration: the fallback
+    assert (alone.method, alone.tau) == ("blda", 0.2) and "fallback" in alone.settings["default"][
+        "reason"
+    ]
