@@ -551,7 +551,7 @@ def load(
         if not _is_number(tau) or not math.isfinite(float(tau)) or float(tau) < 0:
             raise InputError(f"tau must be 'auto' or a finite number >= 0, got {tau!r}")
         value = float(tau)
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not _is_number(clamp) or not 0.0 <= float(clamp) < 0.5:
         raise InputError(f"clamp must lie in [0, 0.5), got {clamp!r}")

@@ -70,7 +70,6 @@ def test_rows_equal_separate_evaluate_runs(case, tmp_path):
         "em-prior",
         "em-map",
         "ot-prior",
-        "occurrence-adjust",
         "self-calibrate",
         "logit-adjust",
     }

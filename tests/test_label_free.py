@@ -290,28 +290,28 @@ def test_image_counts_are_written_and_old_files_are_still_read(case, tmp_path):
 # --- the default ------------------------------------------------------------------------------
 
 
-def test_default_is_calibrated_blda_and_says_so(case, tmp_path):
+def test_default_is_self_calibrate_and_says_so(case, tmp_path):
     ready = load(case, None)
-    assert (ready.method, ready.tau) == ("calibrated-blda", 0.5)
+    assert (ready.method, ready.tau) == ("self-calibrate", 1.0)
     assert "label-free default" in ready.settings["default"]["reason"]
     out = tmp_path / "pred"
     result = run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors",
                  case["src_stats"], "--out-dir", out)  # fmt: skip
-    assert "default: calibrated-blda τ 0.5" in result.output
+    assert "default: self-calibrate τ 1" in result.output
     explicit = tmp_path / "explicit"
     run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--method", "calibrated-blda", "--tau", "0.5", "--out-dir", explicit)  # fmt: skip
+        "--method", "self-calibrate", "--tau", "1", "--out-dir", explicit)  # fmt: skip
     for png in sorted(out.rglob("*.png")):
         assert png.read_bytes() == (explicit / png.relative_to(out)).read_bytes()
 
 
-def test_default_falls_back_to_blda_without_calibrated_statistics(case, tmp_path):
+def test_default_falls_back_to_cbst_without_calibrated_statistics(case, tmp_path):
     report = tmp_path / "eval.json"
     result = run("evaluate", case["tgt"], "--stats", case["tgt_stats"], "--json", report)
-    # --stats alone (pseudo-labels) holds no calibration: the default falls back to blda 0.2
-    assert "default: blda τ 0.2" in result.output and "fallback" in result.output
+    # --stats alone (pseudo-labels) holds no calibration: the default falls back to cbst 1
+    assert "default: cbst τ 1" in result.output and "fallback" in result.output
     settings = json.loads(report.read_text())["settings"]
-    assert settings["method"] == "blda" and settings["default"]["method"] == "blda"
+    assert settings["method"] == "cbst" and settings["default"]["method"] == "cbst"
 
 
 def test_blda_at_tau_0_2_is_unchanged_by_the_default(case, tmp_path):
@@ -370,9 +370,9 @@ def test_api_load_without_a_method_uses_the_default(case):
     from blda_posthoc import api
 
     ready = api.load(stats=read_stats(case["tgt_stats"]), anchors=read_stats(case["src_stats"]))
-    assert (ready.method, ready.tau) == ("calibrated-blda", 0.5)
-    assert ready.settings["default"]["method"] == "calibrated-blda"
+    assert (ready.method, ready.tau) == ("self-calibrate", 1.0)
+    assert ready.settings["default"]["method"] == "self-calibrate"
     alone = api.load(stats=read_stats(case["tgt_stats"]))  # no calibration: the fallback
-    assert (alone.method, alone.tau) == ("blda", 0.2) and "fallback" in alone.settings["default"][
+    assert (alone.method, alone.tau) == ("cbst", 1.0) and "fallback" in alone.settings["default"][
         "reason"
     ]

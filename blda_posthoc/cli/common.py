@@ -379,8 +379,9 @@ def correction_options(func: F) -> F:
             "--method",
             type=click.Choice(METHODS),
             default=None,
-            help="Correction to apply [default: the label-free default, calibrated-blda τ 0.5 "
-            "when the stats hold calibrated statistics, else blda τ 0.2; see docs/methods.md]. "
+            help="Correction to apply [default: the label-free default: self-calibrate τ 1 when "
+            "the files hold calibrated statistics, else cbst τ 1, else blda τ 0.2; see "
+            "docs/methods.md]. "
             "'blda compare' measures them all.",
         ),
         click.option(
@@ -388,8 +389,8 @@ def correction_options(func: F) -> F:
             default=None,
             metavar="T|auto",
             help="Strength of the correction (0 = plain argmax; 'auto': chosen label-free on "
-            "--stats' pixel sample) [default: 0.2 for the BLDA methods, 1 for cbst, em-prior "
-            "and logit-adjust; ignored by the calibrations].",
+            "--stats' pixel sample) [default: per method, see docs/methods.md; ignored by the "
+            "calibrations].",
         ),
         click.option(
             "--from-compare",

@@ -24,7 +24,13 @@ from blda_posthoc.cli.common import (
     statistics_options,
     warn,
 )
-from blda_posthoc.core.defaults import DEFAULT_BOOTSTRAP, DEFAULT_TAU_GRID, METHODS, METRICS
+from blda_posthoc.core.defaults import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_TAU_GRID,
+    METHODS,
+    METRICS,
+    NOT_IN_COMPARE_DEFAULT,
+)
 
 MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
 """Options a merge takes from the shards' settings (given to --merge they are refused)."""
@@ -53,7 +59,8 @@ def parse_select_on(text: str | None) -> float | None:
     "--methods",
     default="all",
     show_default=True,
-    help=f"Comma-separated methods to compare, or all ({', '.join(METHODS)}).",
+    help=f"Comma-separated methods to compare (any of {', '.join(METHODS)}), or all: every "
+    f"method but {', '.join(NOT_IN_COMPARE_DEFAULT)} (never worth it on the benchmark).",
 )
 @click.option(
     "--tau",

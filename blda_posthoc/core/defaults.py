@@ -24,6 +24,12 @@ METHODS = (
 )
 """Every method name ``--method`` takes."""
 
+NOT_IN_COMPARE_DEFAULT = ("occurrence-adjust",)
+"""Methods ``compare --methods all`` leaves out: measured on the benchmark, they never beat
+``none`` by a useful margin on any case (docs/methods.md); name them to compare them."""
+COMPARE_DEFAULT = tuple(m for m in METHODS if m not in NOT_IN_COMPARE_DEFAULT)
+"""What ``compare --methods all`` (its default) compares."""
+
 DEFAULT_TAUS = {
     "blda": 0.2,
     "calibrated-blda": 0.2,

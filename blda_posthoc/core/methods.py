@@ -39,6 +39,8 @@ from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores
 DEFAULT_TAUS = defaults.DEFAULT_TAUS
 METHODS = defaults.METHODS
 has_strength = defaults.has_strength
+COMPARE_DEFAULT = defaults.COMPARE_DEFAULT
+NOT_IN_COMPARE_DEFAULT = defaults.NOT_IN_COMPARE_DEFAULT
 
 
 class Corrector(Protocol):

@@ -48,7 +48,14 @@ from blda_posthoc.core.bootstrap import (
 )
 from blda_posthoc.core.correct import correct_image, sample_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, Summary, summarize
-from blda_posthoc.core.methods import METHODS, Aligned, Corrector, Plain, has_strength
+from blda_posthoc.core.methods import (
+    COMPARE_DEFAULT,
+    METHODS,
+    Aligned,
+    Corrector,
+    Plain,
+    has_strength,
+)
 from blda_posthoc.core.rows import RowPredictor
 from blda_posthoc.core.select import pick_best, split_names
 from blda_posthoc.errors import InputError
@@ -769,8 +776,12 @@ def plot_compare(path: Path, report: dict[str, Any]) -> None:
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
-    """``--methods`` values (``all`` or names), in the canonical order."""
-    wanted = set(METHODS) if "all" in names else set(names)
+    """``--methods`` values (``all`` or names), in the canonical order.
+
+    ``all`` is :data:`~blda_posthoc.core.methods.COMPARE_DEFAULT` (every method but those the
+    benchmark found never worth it); names add any method.
+    """
+    wanted = set(names).difference({"all"}) | (set(COMPARE_DEFAULT) if "all" in names else set())
     unknown = sorted(wanted.difference(METHODS))
     if unknown:
         raise InputError(

@@ -387,7 +387,11 @@ def load_correction(
     return ready
 
 
-LABEL_FREE_DEFAULTS: tuple[tuple[str, float], ...] = (("calibrated-blda", 0.5), ("blda", 0.2))
+LABEL_FREE_DEFAULTS: tuple[tuple[str, float], ...] = (
+    ("self-calibrate", 1.0),
+    ("cbst", 1.0),
+    ("blda", 0.2),
+)
 """Without ``--method``: the first of these the statistics support, in this order (chosen by
 the rule of docs/methods.md, "How the label-free default is chosen", on the benchmark)."""
 
@@ -420,6 +424,11 @@ def choose_default(
             built = build_corrector(method, statistics, clamp, min_pixels)
         except InputError as exc:
             missing.append(f"{method} τ {strength:g} needs what the files lack: {exc}")
+            continue
+        teacher = built[1].get("pseudo_labels", {}).get("method")
+        if method == "self-calibrate" and teacher != "calibrated-blda":
+            # measured only with calibrated-blda pseudo-labels: not the default without them
+            missing.append(f"{method} τ {strength:g} needs calibrated-blda statistics")
             continue
         used = None if tau_auto else (strength if tau is None else tau)
         strength_text = "auto" if tau_auto else f"{used:g}"
