@@ -226,7 +226,7 @@ def checks(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, 
     # leave one case out
     lines.append("### Leave-one-case-out choice of the default (max-min gain on the others)\n")
     rows, loco = [], {}
-    for held in names:
+    for held in names if len(names) > 1 else []:
         others = [n for n in names if n != held]
         chosen = max_min(cases, others)
         gain = cases[held][chosen]["gain"]

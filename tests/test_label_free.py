@@ -290,17 +290,17 @@ def test_image_counts_are_written_and_old_files_are_still_read(case, tmp_path):
 # --- the default ------------------------------------------------------------------------------
 
 
-def test_default_is_self_calibrate_and_says_so(case, tmp_path):
+def test_default_is_calibrated_blda_and_says_so(case, tmp_path):
     ready = load(case, None)
-    assert (ready.method, ready.tau) == ("self-calibrate", 1.0)
+    assert (ready.method, ready.tau) == ("calibrated-blda", 0.7)
     assert "label-free default" in ready.settings["default"]["reason"]
     out = tmp_path / "pred"
     result = run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors",
                  case["src_stats"], "--out-dir", out)  # fmt: skip
-    assert "default: self-calibrate τ 1" in result.output
+    assert "default: calibrated-blda τ 0.7" in result.output
     explicit = tmp_path / "explicit"
     run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--method", "self-calibrate", "--tau", "1", "--out-dir", explicit)  # fmt: skip
+        "--method", "calibrated-blda", "--tau", "0.7", "--out-dir", explicit)  # fmt: skip
     for png in sorted(out.rglob("*.png")):
         assert png.read_bytes() == (explicit / png.relative_to(out)).read_bytes()
 
@@ -370,8 +370,8 @@ def test_api_load_without_a_method_uses_the_default(case):
     from blda_posthoc import api
 
     ready = api.load(stats=read_stats(case["tgt_stats"]), anchors=read_stats(case["src_stats"]))
-    assert (ready.method, ready.tau) == ("self-calibrate", 1.0)
-    assert ready.settings["default"]["method"] == "self-calibrate"
+    assert (ready.method, ready.tau) == ("calibrated-blda", 0.7)
+    assert ready.settings["default"]["method"] == "calibrated-blda"
     alone = api.load(stats=read_stats(case["tgt_stats"]))  # no calibration: the fallback
     assert (alone.method, alone.tau) == ("cbst", 1.0) and "fallback" in alone.settings["default"][
         "reason"

@@ -379,7 +379,7 @@ def correction_options(func: F) -> F:
             "--method",
             type=click.Choice(METHODS),
             default=None,
-            help="Correction to apply [default: the label-free default: self-calibrate τ 1 when "
+            help="Correction to apply [default: the label-free default: calibrated-blda τ 0.7 when "
             "the files hold calibrated statistics, else cbst τ 1, else blda τ 0.2; see "
             "docs/methods.md]. "
             "'blda compare' measures them all.",

@@ -388,7 +388,7 @@ def load_correction(
 
 
 LABEL_FREE_DEFAULTS: tuple[tuple[str, float], ...] = (
-    ("self-calibrate", 1.0),
+    ("calibrated-blda", 0.7),
     ("cbst", 1.0),
     ("blda", 0.2),
 )
