@@ -303,7 +303,7 @@ def test_evaluate_bootstrap_usage_errors(case, tmp_path):
 
 
 def test_bootstrap_over_the_memory_budget_is_turned_off_with_a_warning(case, tmp_path, monkeypatch):
-    import blda_posthoc.cli.compare as command
+    import blda_posthoc.pipelines.compare as command  # the command imports it when it runs
 
     # 2 rows x 12 images x 3 x 5 classes x 8 bytes = 2880 bytes of per-image counts.
     monkeypatch.setattr(command, "BOOTSTRAP_MEMORY", 2000)
