@@ -77,10 +77,12 @@ def assert_same_stats(got: LogitStats, want: LogitStats) -> None:
     assert (got.grid.lo, got.grid.hi, got.grid.bins) == (want.grid.lo, want.grid.hi, want.grid.bins)
     np.testing.assert_array_equal(got.counts, want.counts)
     np.testing.assert_array_equal(got.anchor_counts, want.anchor_counts)
-    assert {k: v for k, v in got.settings.items() if k != "sources"} == {
-        k: v for k, v in want.settings.items() if k != "sources"
+    # Where the images came from differs: a store (and its fingerprints) or memory.
+    where = ("sources", "source_fingerprints")
+    assert {k: v for k, v in got.settings.items() if k not in where} == {
+        k: v for k, v in want.settings.items() if k not in where
     }
-    assert got.settings["sources"] == ["<memory>"]
+    assert got.settings["sources"] == ["<memory>"] and "source_fingerprints" not in got.settings
     assert got.extras is not None and want.extras is not None
     np.testing.assert_array_equal(got.extras.predicted, want.extras.predicted)
     np.testing.assert_array_equal(got.extras.confidence, want.extras.confidence)
@@ -272,7 +274,7 @@ def test_correct_equals_the_command_pngs(case, tmp_path, method, tau):
 def test_evaluate_equals_the_command(case, tmp_path):
     out = tmp_path / "e.json"
     run("evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--json", out)  # fmt: skip
+        "--method", "blda", "--json", out)  # fmt: skip
     report = json.loads(out.read_text())
     correction = api.load(
         "blda", stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
