@@ -276,8 +276,8 @@ def test_evaluate_equals_the_command(case, tmp_path):
     run("evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
         "--method", "blda", "--json", out)  # fmt: skip
     report = json.loads(out.read_text())
-    correction = api.load(
-        "blda", stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
+    correction = api.load(  # no method on either side: the same label-free default
+        stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
     )
     plain, corrected, labels = [], [], []
     for _, z, label in triples(case["tgt_logits"], case["tgt_labels"]):
@@ -385,7 +385,7 @@ def test_every_bad_argument_is_an_input_error_in_api_terms(case, tmp_path):
         "min_pixels=-3": (lambda: api.load("blda", stats=stats, min_pixels=-3), "min_pixels"),
         "min_pixels=2.5": (lambda: api.load("blda", stats=stats, min_pixels=2.5), "min_pixels"),
         "clamp=0.5": (lambda: api.load("blda", stats=stats, clamp=0.5), r"clamp must lie in"),
-        "method=None": (lambda: api.load(None, stats=stats), "method must be"),
+        "method=7": (lambda: api.load(7, stats=stats), "method must be"),  # type: ignore[arg-type]
         "num_classes=0": (
             lambda: api.evaluate(np.zeros(3, np.int64), np.zeros(3, np.int64), 0),
             "num_classes must be in",

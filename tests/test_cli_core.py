@@ -393,6 +393,8 @@ def test_correct_reports_small_cells_and_class_mismatch(tmp_path, stores):
         stores["tgt"],
         "--stats",
         tmp_path / "s.h5",
+        "--method",
+        "blda",
         "--out-dir",
         tmp_path / "p",
         ok=False,
@@ -435,6 +437,8 @@ def test_correct_warns_about_skipped_cells(tmp_path, stores):
         tmp_path / "t.h5",
         "--anchors",
         tmp_path / "s.h5",
+        "--method",
+        "blda",
         "--out-dir",
         tmp_path / "p",
     )

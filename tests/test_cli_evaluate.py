@@ -333,7 +333,10 @@ def test_stats_before_after(tmp_path: Path, npy_case: tuple[Path, Path]) -> None
     assert report["before"]["miou"] == pytest.approx(reference(pairs, 4)["miou"], abs=0.01)
     # tau = 0 gives the plain argmax after as well
     zero = tmp_path / "zero.json"
-    assert run("--store", store, "--stats", stats, "--tau", 0, "--json", zero)[0] == 0
+    assert (
+        run("--store", store, "--stats", stats, "--method", "blda", "--tau", 0, "--json", zero)[0]
+        == 0
+    )
     z = json.loads(zero.read_text())
     assert z["after"]["per_class"] == z["before"]["per_class"]
 
