@@ -274,7 +274,7 @@ def test_correct_equals_the_command_pngs(case, tmp_path, method, tau):
 def test_evaluate_equals_the_command(case, tmp_path):
     out = tmp_path / "e.json"
     run("evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--method", "blda", "--json", out)  # fmt: skip
+        "--json", out)  # fmt: skip
     report = json.loads(out.read_text())
     correction = api.load(  # no method on either side: the same label-free default
         stats=api.read_stats(case["tgt_stats"]), anchors=api.read_stats(case["src_stats"])
