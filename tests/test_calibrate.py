@@ -255,3 +255,22 @@ def test_label_255_is_ignored_even_with_more_than_255_classes():
     keep = y != 255
     assert cal.bias[255] == cal.bias.min()  # class 255 is absent from the fit
     assert cal.loss == pytest.approx(cross_entropy(z[keep], y[keep], cal.scale, cal.bias))
+
+
+def test_a_fit_with_a_negative_scale_is_fitted_again_with_a_pull_to_the_identity():
+    """Class 1's logit ranks it against its labels: the plain vector fit's scale for it is
+    below 0, which stats files refuse; fit-stats refits with a pull and keeps every scale > 0."""
+    from blda_posthoc.core.fit import PixelSample
+    from blda_posthoc.pipelines.fit_stats import fit_calibrations
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=3000)
+    logits = rng.normal(size=(3000, 3)).astype(np.float32)
+    logits[np.arange(3000), labels] += 2.0
+    logits[:, 1] -= 3.0 * (labels == 1)  # anti-correlated with its own class
+    plain = fit_calibration(logits, labels, "vector")
+    assert (plain.scale <= 0).any()  # the case the refit is for
+    fits = fit_calibrations(PixelSample(logits, labels.astype(np.uint8)))
+    assert "vector" in fits
+    scale, _ = fits["vector"]
+    assert (scale > 0).all()

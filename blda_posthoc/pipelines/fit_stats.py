@@ -430,19 +430,28 @@ def _calibrated_range(calibration: Affine, logit_range: tuple[float, float]) -> 
 def fit_calibrations(sample: PixelSample) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Temperature, vector scaling and bias fitted on labelled pixels.
 
-    A fit whose scale is 0 or below (logits that rank the classes against their labels) is
-    no calibration: it is left out, as stats files refuse it (the methods that need it then
-    say the file holds none).
+    A fit whose scale is 0 or below (logits that rank a class against its labels, e.g. a rare
+    class on a small sample) or above the stats files' bound is fitted again with a growing pull
+    towards the identity (:data:`CALIBRATION_PULLS`), which keeps every scale positive; if no
+    pull gives a valid scale the calibration is left out, as stats files refuse it (the methods
+    that need it then say the file holds none).
     """
     if sample.labels.size == 0:
         return {}
+    labels = sample.labels.astype(np.int64)
     fits = {}
     for kind in CALIBRATIONS:
-        fit = fit_calibration(sample.logits, sample.labels.astype(np.int64), kind)
-        scale = np.asarray(fit.scale, np.float64)
-        if (scale > 0).all() and (scale <= MAX_CALIBRATION_SCALE).all():
-            fits[kind] = (scale, np.asarray(fit.bias, np.float64))
+        for pull in CALIBRATION_PULLS:
+            fit = fit_calibration(sample.logits, labels, kind, weight_decay=pull)
+            scale = np.asarray(fit.scale, np.float64)
+            if (scale > 0).all() and (scale <= MAX_CALIBRATION_SCALE).all():
+                fits[kind] = (scale, np.asarray(fit.bias, np.float64))
+                break
     return fits
+
+
+# Weight decays tried in turn when a calibration fit has a scale of 0 or below (0: the plain fit).
+CALIBRATION_PULLS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def calibration_fingerprint(cal: tuple[np.ndarray, np.ndarray]) -> str:
