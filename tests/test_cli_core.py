@@ -552,3 +552,34 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, stores):
         out = locked / "s.h5"
     result = run("fit-stats", stores["src"], "--labels", "gt", "--out", out, ok=False)
     assert_error(result, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "exc, oom",
+    [
+        (MemoryError(), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("an unrelated bug"), False),
+    ],
+)
+def test_a_failed_allocation_is_one_line_with_what_lowers_it(
+    tmp_path, stores, monkeypatch, exc, oom
+):
+    """Building the correction's tables runs out of memory: one line, exit 1, the remedy named;
+    any other RuntimeError is not disguised as one."""
+    from blda_posthoc.pipelines import corrections
+
+    stats = tmp_path / "s.h5"
+    run("fit-stats", stores["src"], "--out", stats)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(corrections, "build_maps", fail)
+    result = run("evaluate", stores["tgt"], "--stats", stats, "--method", "blda", ok=False)
+    if oom:
+        assert_error(result, "out of memory", "--bins")
+    else:
+        assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+        assert "an unrelated bug" in str(result.exception)

@@ -58,6 +58,8 @@ def handle_errors(func: F) -> F:
     - A file that cannot be read or written: ``error: FILE: reason``, exit 1; a full disk
       (or quota, or file size limit) reads ``error: FILE: disk full``.
     - Ctrl-C: ``interrupted; what is kept; how to resume`` on one line, exit 130.
+    - A failed allocation (``MemoryError``, torch's "can't allocate memory" or CUDA out of
+      memory): ``error: out of memory: ...`` with what lowers it, exit 1. Other errors propagate.
 
     Outputs claimed by the command record what they keep as notes on the exception.
     """
@@ -79,8 +81,27 @@ def handle_errors(func: F) -> F:
                 where = f"{exc.filename}: " if exc.filename else ""
                 message = f"{where}{exc.strerror or exc}"
             fail(_with_notes(message, exc))
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            fail(_with_notes(OUT_OF_MEMORY, exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+#: What a command says when an allocation fails (see docs/safety.md for what memory costs).
+OUT_OF_MEMORY = (
+    "out of memory: the correction's tables and statistics cost about 16 * C^2 * bins bytes; "
+    "fit the statistics with fewer --bins, or run on a machine with more memory"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation (Python's, or torch's on the CPU or a GPU)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 #: An output or input file: a folder is refused while the options parse.
