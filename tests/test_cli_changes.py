@@ -41,7 +41,7 @@ def _maps(folder: Path) -> dict[str, np.ndarray]:
 def _correct(case, out: Path, tau: str, *extra: object):
     result = run(
         "correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--tau", tau, "--out-dir", out, *extra,
+        "--method", "blda", "--tau", tau, "--out-dir", out, *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return result
@@ -82,7 +82,7 @@ def test_relabel_prints_the_changed_pixels_and_largest_flows(case, tmp_path):
     out = tmp_path / "pseudo"
     result = run(
         "relabel", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--tau", "0.5", "--min-confidence", "0.5", "--out-dir", out,
+        "--method", "blda", "--tau", "0.5", "--min-confidence", "0.5", "--out-dir", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -114,7 +114,7 @@ def test_evaluate_json_holds_the_confusion_matrix_and_plots_it(case, tmp_path):
     report_path, picture = tmp_path / "e.json", tmp_path / "cm.png"
     result = run(
         "evaluate", case["tgt"], "--stats", case["tgt_stats"], "--anchors", case["src_stats"],
-        "--tau", "0.5", "--json", report_path, "--confusion-plot", picture,
+        "--method", "blda", "--tau", "0.5", "--json", report_path, "--confusion-plot", picture,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
