@@ -224,7 +224,7 @@ def command(
     """Per-class IoU, accuracy, Bias and pred/true ratio; mIoU, mAcc, IoU std, ECE.
 
     Predictions come from STORES (argmax of the logits, upsampled bilinearly to the label size)
-    or from --pred-dir (PNGs); labels from --labels or the store. With --stats (and --method) the
+    or from --pred-dir (PNGs); labels from --labels or the store. With --stats (and --anchors) the
     stores are evaluated before and after the correction in one run. The table goes to stdout.
     Metrics are defined in docs/metrics.md.
 

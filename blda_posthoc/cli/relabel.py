@@ -184,7 +184,7 @@ def command(
     if out_dir is None:
         raise click.UsageError("Missing option '--out-dir'.")
     if correction is None:
-        raise click.UsageError("give --stats (and --method), or --from-compare")
+        raise click.UsageError("give --stats (and --anchors), or --from-compare")
     if resume and overwrite:
         raise click.UsageError("give --resume or --overwrite, not both")
     if weights_format is not None and weights_out is None:
