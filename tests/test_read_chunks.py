@@ -64,7 +64,7 @@ def decoded_here(path: Path) -> bool:
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1), (1, 5, 7), (3, 600, 530), (2, 512, 1024), (4, 513, 37)]
+    "shape", [(2, 1, 1), (2, 5, 7), (3, 600, 530), (2, 512, 1024), (4, 513, 37)]
 )
 def test_writer_stores_read_bit_identical_to_h5py(
     tmp_path: Path, threads: int, dtype: str, shape: tuple[int, int, int]

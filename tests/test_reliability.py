@@ -212,15 +212,15 @@ UNSAFE = ["../x", "/abs/x", "a//b", "a/./b", "a/..", "a\nb", "a\x00b", "", "a\\b
 def test_unsafe_names_are_refused_by_writer_and_reader(tmp_path: Path, name: str) -> None:
     with pytest.raises(InputError, match="unsafe"):
         check_name(name, "x")
-    with pytest.raises(InputError, match="unsafe"), StoreWriter(tmp_path / "w.h5", ["a"]) as w:
-        w.write(name, np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(InputError, match="unsafe"), StoreWriter(tmp_path / "w.h5", ["a", "b"]) as w:
+        w.write(name, np.zeros((2, 2, 2), np.float32))
     assert not (tmp_path / "w.h5").exists()
     if "\x00" in name:
         return  # HDF5 strings cannot hold it
     # a hand-made store holding the name: every reader refuses it, naming the store
     path = tmp_path / "evil.h5"
-    with StoreWriter(path, ["a"]) as w:
-        w.write("ok", np.zeros((1, 2, 2), np.float32))
+    with StoreWriter(path, ["a", "b"]) as w:
+        w.write("ok", np.zeros((2, 2, 2), np.float32))
     with h5py.File(path, "a") as f:
         f["images"].move("ok", "evil")
         f["images/evil"].attrs["name"] = name
@@ -281,17 +281,17 @@ def add_image(path: Path, key: str, make) -> None:
 
 def test_external_storage_virtual_datasets_and_links_are_refused(tmp_path: Path) -> None:
     secret = tmp_path / "secret.bin"
-    secret.write_bytes(np.zeros(4, np.float32).tobytes())
+    secret.write_bytes(np.zeros(8, np.float32).tobytes())
     base = tmp_path / "base.h5"
-    with StoreWriter(base, ["a"], dtype="float32") as w:
-        w.write("ok", np.zeros((1, 2, 2), np.float32))
+    with StoreWriter(base, ["a", "b"], dtype="float32") as w:
+        w.write("ok", np.zeros((2, 2, 2), np.float32))
 
     def external(group: h5py.Group) -> None:
-        group.create_dataset("logits", (1, 2, 2), "f4", external=[(str(secret), 0, 16)])
+        group.create_dataset("logits", (2, 2, 2), "f4", external=[(str(secret), 0, 32)])
 
     def virtual(group: h5py.Group) -> None:
-        layout = h5py.VirtualLayout((1, 2, 2), "f4")
-        layout[:] = h5py.VirtualSource(str(base), "images/ok/logits", (1, 2, 2))
+        layout = h5py.VirtualLayout((2, 2, 2), "f4")
+        layout[:] = h5py.VirtualSource(str(base), "images/ok/logits", (2, 2, 2))
         group.create_virtual_dataset("logits", layout)
 
     def soft(group: h5py.Group) -> None:
@@ -582,11 +582,11 @@ def test_more_than_255_classes_are_refused(tmp_path: Path) -> None:
     _, err = invoke("import-logits", folder, "--out", tmp_path / "x.h5", exit_code=1)
     one_line_error(err, "256", "255")
     path = tmp_path / "many.h5"
-    with StoreWriter(path, ["a"]) as w:
-        w.write("x", np.zeros((1, 2, 2), np.float32))
+    with StoreWriter(path, ["a", "b"]) as w:
+        w.write("x", np.zeros((2, 2, 2), np.float32))
     with h5py.File(path, "a") as f:
         f.attrs["class_names"] = str([f"c{i}" for i in range(300)]).replace("'", '"')
-    with pytest.raises(InputError, match="300 classes"):
+    with pytest.raises(InputError, match="at most 255 classes .*300 names"):
         LogitStore([path])
 
 
@@ -665,8 +665,8 @@ def test_corrupt_chunk_and_flipped_bytes_name_the_store(tmp_path: Path, store: P
 
 def test_empty_store_and_empty_arrays_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.h5"
-    with StoreWriter(path, ["a"]) as w:
-        w.write("x", np.zeros((1, 2, 2), np.float32))
+    with StoreWriter(path, ["a", "b"]) as w:
+        w.write("x", np.zeros((2, 2, 2), np.float32))
     with h5py.File(path, "a") as f:
         f["images/x"].attrs["complete"] = False
     with pytest.raises(InputError, match="no complete image"):
@@ -906,7 +906,19 @@ def corrected(tmp_path: Path, store: Path) -> dict[str, Path]:
     stats = tmp_path / "st.h5"
     invoke("fit-stats", store, "--out", stats)
     out = tmp_path / "pred"
-    invoke("correct", store, "--stats", stats, "--tau", "0.5", "--out-dir", out, "--color")
+    invoke(
+        "correct",
+        store,
+        "--stats",
+        stats,
+        "--method",
+        "blda",
+        "--tau",
+        "0.5",
+        "--out-dir",
+        out,
+        "--color",
+    )
     return {"store": store, "stats": stats, "out": out}
 
 
@@ -935,7 +947,15 @@ def test_failed_correct_overwrite_keeps_the_old_folder_whole_then_resumes(
     from blda_posthoc.pipelines import correct as correct_module
 
     old = folder_bytes(corrected["out"])
-    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--color"]
+    args = [
+        "correct",
+        corrected["store"],
+        "--stats",
+        corrected["stats"],
+        "--method",
+        "blda",
+        "--color",
+    ]
     args += ["--out-dir", corrected["out"], "--tau", "0.1"]
     real = correct_module.write_label_map
     monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 2, OSError(5, "EIO")))
@@ -979,7 +999,16 @@ def test_ctrl_c_in_correct_exits_130_and_resume_completes(
     from blda_posthoc.pipelines import correct as correct_module
 
     out = tmp_path / "ctrl"
-    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--tau", "0.5"]
+    args = [
+        "correct",
+        corrected["store"],
+        "--stats",
+        corrected["stats"],
+        "--method",
+        "blda",
+        "--tau",
+        "0.5",
+    ]
     args += ["--out-dir", out, "--color"]
     real = correct_module.write_label_map
     monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 3, KeyboardInterrupt()))
@@ -1071,7 +1100,16 @@ def test_a_run_that_wrote_nothing_leaves_no_partial_folder_and_claims_nothing(
     from blda_posthoc.pipelines import correct as correct_module
 
     out = tmp_path / "nothing"
-    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+    args = [
+        "correct",
+        corrected["store"],
+        "--stats",
+        corrected["stats"],
+        "--method",
+        "blda",
+        "--out-dir",
+        out,
+    ]
     scores = tmp_path / "sc.h5"
     (tmp_path / "sc.h5.partial").write_bytes(b"left by a killed run")
     _, err = invoke(*args, "--scores-out", scores, exit_code=1)
@@ -1095,7 +1133,16 @@ def test_resume_cannot_be_led_outside_the_folder(
     from blda_posthoc.pipelines import correct as correct_module
 
     out = tmp_path / "esc"
-    args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+    args = [
+        "correct",
+        corrected["store"],
+        "--stats",
+        corrected["stats"],
+        "--method",
+        "blda",
+        "--out-dir",
+        out,
+    ]
     real = correct_module.write_label_map
     monkeypatch.setattr(correct_module, "write_label_map", FailAfter(real, 1, KeyboardInterrupt()))
     invoke(*args, exit_code=130)
@@ -1209,7 +1256,16 @@ def test_disk_full_in_fit_stats_and_correct_leaves_nothing_under_the_final_name(
         args = ["fit-stats", corrected["store"], "--out", out]
     else:
         out = tmp_path / "full"
-        args = ["correct", corrected["store"], "--stats", corrected["stats"], "--out-dir", out]
+        args = [
+            "correct",
+            corrected["store"],
+            "--stats",
+            corrected["stats"],
+            "--method",
+            "blda",
+            "--out-dir",
+            out,
+        ]
     limited = run_sub(*args, limit=600)
     assert limited.returncode == 1, limited.stderr
     last_error(limited.stderr, "file too large")
