@@ -15,7 +15,7 @@ import click
 
 # Only light modules at the top: `blda CMD -h` and usage errors must not import torch, h5py or
 # numpy; the functions import what they use.
-from blda_posthoc.core.defaults import DEFAULT_CLAMP, METHODS, has_strength
+from blda_posthoc.core.defaults import DEFAULT_BOOTSTRAP, DEFAULT_CLAMP, METHODS, has_strength
 from blda_posthoc.errors import InputError
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
 from blda_posthoc.pipelines.console import info, progress, warn
@@ -108,6 +108,19 @@ def out_of_memory(exc: BaseException) -> bool:
 FILE = click.Path(path_type=Path, dir_okay=False)
 #: An input folder: a file is refused while the options parse.
 FOLDER = click.Path(path_type=Path, file_okay=False)
+
+
+def bootstrap_option(gain: str) -> Callable[[F], F]:
+    """``--bootstrap N``: resamples of the 95% paired bootstrap interval of ``gain`` (0: off)."""
+    return click.option(
+        "--bootstrap",
+        type=click.IntRange(min=0),
+        default=DEFAULT_BOOTSTRAP,
+        show_default=True,
+        metavar="N",
+        help=f"Resamples of the 95% paired bootstrap interval (over images) of {gain}; "
+        "0 turns it off.",
+    )
 
 
 def labels_dir_option(func: F) -> F:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from blda_posthoc.cli.common import (
+    bootstrap_option,
     check_output_file,
     compare_merge_hint,
     device_option,
@@ -25,7 +26,6 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.defaults import (
-    DEFAULT_BOOTSTRAP,
     DEFAULT_TAU_GRID,
     METHODS,
     METRICS,
@@ -101,15 +101,7 @@ def parse_select_on(text: str | None) -> float | None:
     "POINTS against none (on the selection images, or all images without --select-on). "
     "Default: off.",
 )
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=0),
-    default=DEFAULT_BOOTSTRAP,
-    show_default=True,
-    metavar="N",
-    help="Resamples of the 95% paired bootstrap interval (over images) of every row's gain "
-    "over none; 0 turns it off.",
-)
+@bootstrap_option("every row's gain over none")
 @click.option(
     "--json",
     "json_path",

@@ -10,6 +10,7 @@ import click
 from blda_posthoc.cli.common import (
     FILE,
     FOLDER,
+    bootstrap_option,
     check_output_file,
     class_names_option,
     correction_options,
@@ -173,15 +174,7 @@ IN_FILE = click.Path(path_type=Path, dir_okay=False)
     type=FILE,
     help="Row-normalised confusion matrix (before and after with a correction; needs matplotlib).",
 )
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=0),
-    default=DEFAULT_BOOTSTRAP,
-    show_default=True,
-    metavar="N",
-    help="With a correction: resamples of the 95% paired bootstrap interval (over images) of "
-    "the mIoU gain; 0 turns it off.",
-)
+@bootstrap_option("the mIoU gain (with a correction)")
 @click.option(
     "--seed",
     type=int,
