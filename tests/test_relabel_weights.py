@@ -9,34 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import make_labels, make_logits
 from PIL import Image
+from test_relabel import C, write_store  # the same labelled stores as the relabel tests
 
 from blda_posthoc.cli import main
 from blda_posthoc.core.correct import correct_image
 from blda_posthoc.io.stats import write_stats
-from blda_posthoc.io.store import LogitStore, StoreWriter
+from blda_posthoc.io.store import LogitStore
 from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction
 from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
 
-C = 5
-NAMES = ["road", "wall", "pole", "sky", "car"]
-BIAS = np.array([-1.5, -0.5, 0.0, 0.8, 1.5], dtype=np.float32)
 ARGS = ("--method", "blda", "--tau", "0.5", "--keep-portion", "0.6")
-
-
-def write_store(path: Path, seed: int, n: int = 6, size: tuple[int, int] = (32, 48)) -> None:
-    """A labelled store whose logits favour the last classes; one image at half resolution."""
-    rng = np.random.default_rng(seed)
-    with StoreWriter(path, NAMES, dtype="float32") as writer:
-        for i in range(n):
-            label = make_labels(rng, C, *size)
-            logits = make_logits(rng, label, C, BIAS)
-            if i == 0:  # logits at half the image size: weights must come back at full size
-                logits = F.avg_pool2d(torch.from_numpy(logits)[None], 2)[0].numpy()
-            writer.write(f"city_{'ab'[i % 2]}/img_{i:03d}", logits, label, size)
 
 
 @pytest.fixture(scope="module")
