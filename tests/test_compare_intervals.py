@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -27,19 +28,14 @@ def case(tmp_path_factory) -> dict[str, Path]:
     return fitted_case(tmp_path_factory.mktemp("intervals"), tgt_images=12, dtype="float16")
 
 
-def compare(case, out: Path, *extra: object, code: int = 0):
-    return run(
-        "compare",
-        case["tgt"],
-        "--stats",
-        case["tgt_stats"],
-        "--anchors",
-        case["src_stats"],
-        "--json",
-        out,
-        *extra,
-        code=code,
-    )
+def run_on_case(command: str, case, out: Path, *extra: object, code: int = 0):
+    """``blda COMMAND`` on the case's target store with its statistics, JSON to ``out``."""
+    args = ("--stats", case["tgt_stats"], "--anchors", case["src_stats"], "--json", out)
+    return run(command, case["tgt"], *args, *extra, code=code)
+
+
+compare = functools.partial(run_on_case, "compare")
+evaluate = functools.partial(run_on_case, "evaluate")
 
 
 def report_names(parts: list[dict]) -> list[str]:
@@ -238,21 +234,6 @@ def test_shards_merged_give_the_intervals_of_one_pass(case, tmp_path):
     refused = run("compare", "--merge", broken, parts[1], "--json", tmp_path / "z.json", code=1)
     assert "row 1 images do not add up" in refused.output
     assert not (tmp_path / "z.json").exists()
-
-
-def evaluate(case, out: Path, *extra: object, code: int = 0):
-    return run(
-        "evaluate",
-        case["tgt"],
-        "--stats",
-        case["tgt_stats"],
-        "--anchors",
-        case["src_stats"],
-        "--json",
-        out,
-        *extra,
-        code=code,
-    )
 
 
 def test_evaluate_before_after_has_the_interval_compare_gives(case, tmp_path):
