@@ -15,8 +15,10 @@ statistics of calibrated logits: two groups). It then runs, each in a fresh proc
 - ``blda``: ``blda evaluate STORE --method blda --stats TGT --anchors SRC``;
 
 and prints each process's peak resident set size (``ru_maxrss`` of the child, from ``wait4``),
-with :func:`blda_posthoc.core.align.table_memory` and the statistics' size for comparison. A run
-that the command refuses prints its one-line error instead. ``--limit-gb`` also runs the
+with :func:`blda_posthoc.core.align.table_memory`, the statistics' size and the whole estimate
+the commands check against their memory budget before reading
+(:func:`blda_posthoc.core.align.correction_memory`) for comparison. A run that the command
+refuses prints its one-line error instead. ``--limit-gb`` also runs the
 ``blda`` process under ``RLIMIT_AS`` (address space) of that size.
 """
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from blda_posthoc.core.align import table_memory
+from blda_posthoc.core.align import correction_memory, table_memory
 from blda_posthoc.io.store import StoreWriter
 
 
@@ -130,7 +132,10 @@ def main() -> None:
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="blda-bench-memory-"))
     print(f"# {os.cpu_count()} CPUs; peak RSS per fresh process (ru_maxrss)")
-    print("C    B      stats GiB  tables GiB (est.)  plain RSS GiB  blda RSS GiB  blda s  result")
+    print(
+        "C    B      stats GiB  tables GiB (est.)  estimate GiB  plain RSS GiB  blda RSS GiB  "
+        "blda s  result"
+    )
     for c in options.classes:
         store = work / f"store-{c}.h5"
         write_store(store, c)
@@ -140,12 +145,14 @@ def main() -> None:
             write_stats(tgt, c, bins, with_extras=False)
             stats_gib = 3 * 8 * c * c * bins / 2**30  # target: one group, source: two
             tables_gib = table_memory(c, bins + 1) / 2**30
+            estimate_gib = correction_memory(c, bins, groups=3, tables=1) / 2**30
             _, plain, _ = run(["evaluate", str(store)], None)
             blda = ["evaluate", str(store), "--method", "blda", "--stats", str(tgt)]
             blda += ["--anchors", str(src)]
             wall, peak, tag = run(blda + options.extra, options.limit_gb)
             print(
-                f"{c:<4} {bins:<6} {stats_gib:9.2f}  {tables_gib:17.2f}  {plain:13.2f}  "
+                f"{c:<4} {bins:<6} {stats_gib:9.2f}  {tables_gib:17.2f}  {estimate_gib:12.2f}  "
+                f"{plain:13.2f}  "
                 f"{peak:12.2f}  {wall:6.1f}  {tag}",
                 flush=True,
             )

@@ -236,6 +236,20 @@ def test_errors_name_the_api_arguments_not_cli_flags(case, api_fitted):
     assert note == ["tau is ignored: temperature has no strength"]
 
 
+def test_load_refuses_a_correction_over_the_memory_budget(api_fitted, monkeypatch):
+    """The statistics held plus the tables to build, against the budget, in API terms."""
+    from blda_posthoc.core.align import correction_memory
+
+    source, target = api_fitted["source"], api_fitted["target"]
+    groups = 4  # both files hold statistics of calibrated logits
+    need = correction_memory(4, target.grid.bins, groups=groups, tables=1)
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need - 4096) / 2**30))
+    with pytest.raises(api.InputError, match=r"api.fit_stats\(\.\.\., bins=\d+\) fits"):
+        api.load("blda", stats=target, anchors=source)
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need + 4096) / 2**30))
+    assert api.load("blda", stats=target, anchors=source).method == "blda"
+
+
 def test_write_and_read_stats_round_trip(case, tmp_path):
     stats = api.fit_stats(
         triples(case["src_logits"], case["src_labels"]), class_names=CLASSES, min_pixels=10

@@ -13,7 +13,7 @@ from conftest import write_case
 from PIL import Image
 
 from blda_posthoc.cli import main
-from blda_posthoc.io.stats import read_stats
+from blda_posthoc.io.stats import read_stats, stats_size
 from blda_posthoc.io.store import LogitStore
 
 
@@ -552,6 +552,72 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, stores):
         out = locked / "s.h5"
     result = run("fit-stats", stores["src"], "--labels", "gt", "--out", out, ok=False)
     assert_error(result, str(tmp_path))
+
+
+def declared_stats(path: Path, num_classes: int, bins: int) -> Path:
+    """A few-KB stats file declaring ``(C, C, B)`` counts (chunks never written: no data)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"], f.attrs["version"] = "blda-stats", 2
+        f.create_dataset(
+            "cells/counts", (num_classes, num_classes, bins), np.int64, chunks=(1, 1, bins)
+        )
+    return path
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("evaluate", []),
+        ("correct", ["--out-dir", "out"]),
+        ("relabel", ["--out-dir", "out"]),
+        ("compare", ["--json", "out.json"]),
+    ],
+)
+def test_statistics_over_the_memory_budget_are_refused_before_they_are_read(
+    tmp_path, stores, monkeypatch, command, extra
+):
+    """200 classes x 4096 bins: 1.2 GiB of counts and as much of tables, more than a 2 GiB
+    budget; refused from the file's declared shape, with the bin count that fits."""
+    from blda_posthoc.pipelines import corrections
+
+    def never(*args, **kwargs):
+        raise AssertionError("the statistics were read")
+
+    monkeypatch.setattr(corrections, "read_stats", never)
+    monkeypatch.setenv("BLDA_MEMORY_GIB", "2")
+    monkeypatch.chdir(tmp_path)
+    big = declared_stats(tmp_path / "big.h5", 200, 4096)
+    args = [command, stores["tgt"], "--stats", big, "--method", "blda", *extra]
+    if command == "compare":
+        args = args[:4] + ["--methods", "blda", *extra]
+    result = run(*args, ok=False)
+    assert_error(result, "big.h5", "200 classes x 4096 bins", "2.00 GiB (BLDA_MEMORY_GIB)")
+    assert "fit-stats --bins" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("below", [True, False])
+def test_the_memory_estimate_decides_at_the_budget(tmp_path, stores, monkeypatch, below):
+    """A real file just over the budget is refused (naming --bins that fits), just under runs."""
+    from blda_posthoc.core.align import correction_memory
+
+    stats = tmp_path / "s.h5"
+    run("fit-stats", stores["src"], "--label-source", "gt", "--out", stats)
+    c, bins, groups = stats_size(stats)
+    need = correction_memory(c, bins, groups=groups, tables=1)
+    budget = need - 4096 if below else need + 4096
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr(budget / 2**30))
+    result = run("evaluate", stores["tgt"], "--stats", stats, "--method", "blda", ok=not below)
+    if below:
+        assert_error(result, str(stats), f"{c} classes x {bins} bins", "fit-stats --bins")
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-1", "nan", "inf"])
+def test_a_bad_memory_budget_is_one_line(tmp_path, stores, monkeypatch, value):
+    monkeypatch.setenv("BLDA_MEMORY_GIB", value)
+    stats = declared_stats(tmp_path / "s.h5", 4, 64)
+    result = run("evaluate", stores["tgt"], "--stats", stats, ok=False)
+    assert_error(result, "BLDA_MEMORY_GIB must be a number of GiB above 0")
 
 
 @pytest.mark.parametrize(

@@ -274,6 +274,31 @@ def test_table_memory_estimate_and_the_largest_grid_that_fits():
     assert align.table_points(255, 4097, 10 * 2**20) is None
 
 
+def test_correction_memory_counts_statistics_tables_and_the_process():
+    c, b = 160, 4096
+    tables = 8 * c * c * (b + 1)
+    stats = 8 * c * c * b
+    assert align.correction_memory(c, b, groups=0, tables=0) == align.PROCESS_BYTES
+    assert align.correction_memory(c, b, groups=3, tables=0) == align.PROCESS_BYTES + 3 * stats
+    one = align.correction_memory(c, b, groups=3, tables=1)
+    assert one == align.PROCESS_BYTES + 3 * stats + align.table_memory(c, b + 1)
+    # more tables add their arrays, not another build step
+    assert align.correction_memory(c, b, groups=3, tables=3) == one + 2 * tables
+
+
+@pytest.mark.parametrize("c, groups, tables", [(176, 3, 1), (255, 2, 5), (19, 1, 1)])
+def test_the_suggested_bins_are_the_most_that_fit(c, groups, tables):
+    budget = 4 * 2**30
+    bins = align.fitting_bins(c, groups=groups, tables=tables, budget=budget)
+    assert bins is not None and bins % align.BINS_STEP == 0
+    assert align.correction_memory(c, bins, groups=groups, tables=tables) <= budget
+    bigger = bins + align.BINS_STEP
+    assert bigger > 1 << 16 or (
+        align.correction_memory(c, bigger, groups=groups, tables=tables) > budget
+    )
+    assert align.fitting_bins(c, groups=groups, tables=tables, budget=align.PROCESS_BYTES) is None
+
+
 MEASURE = """
 import resource, sys
 import numpy as np

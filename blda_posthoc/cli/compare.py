@@ -184,6 +184,7 @@ def command(
         build_rows,
         check_methods,
         compare_store,
+        compare_tables,
         make_split,
         merge_reports,
         parse_grid,
@@ -231,7 +232,9 @@ def command(
     spec = CorrectionSpec("blda", None, False, stats, anchors, clamp, min_pixels)
     paths = expand_store_paths(stores)
     with LogitStore(paths) as store:
-        statistics = read_statistics(stats, anchors, store.class_names)
+        statistics = read_statistics(
+            stats, anchors, store.class_names, tables=compare_tables(wanted, taus)
+        )
         pairs, label_files = store_labels(
             store, labels_dir, label_suffix, allow_missing=False, command="compare"
         )

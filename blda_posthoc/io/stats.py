@@ -163,6 +163,27 @@ def read_stats(path: Path) -> LogitStats:
     return stats
 
 
+def stats_size(path: Path) -> tuple[int, int, int] | None:
+    """``(C, B, groups)`` of a stats file from its dataset shapes, without reading any data.
+
+    ``groups`` counts the ``(C, C, B)`` count arrays :func:`read_stats` would hold (the root's
+    and ``/calibrated``'s). For a memory estimate before reading: a file whose shapes cannot be
+    read this way gives None (:func:`read_stats` then says what is wrong with it).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            shapes = [
+                check_dataset(f, key, Path(path), key).shape
+                for key in ("cells/counts", "calibrated/cells/counts")
+                if key == "cells/counts" or "calibrated" in f
+            ]
+    except Exception:  # noqa: BLE001 - read_stats reports a bad file
+        return None
+    if any(len(shape) != 3 for shape in shapes):
+        return None
+    return int(shapes[0][0]), max(int(shape[2]) for shape in shapes), len(shapes)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

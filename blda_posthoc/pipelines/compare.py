@@ -62,7 +62,13 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.schema import Node
 from blda_posthoc.io.store import MAX_CLASSES, LogitStore
-from blda_posthoc.pipelines.corrections import ALIGNED, CorrectionSpec, Statistics, load_correction
+from blda_posthoc.pipelines.corrections import (
+    ALIGNED,
+    WITH_TABLES,
+    CorrectionSpec,
+    Statistics,
+    load_correction,
+)
 from blda_posthoc.pipelines.evaluate import Pairs, iterate_store, label_source
 from blda_posthoc.report.tables import round_or_none
 
@@ -619,6 +625,18 @@ def _matrix(values: Any, num_classes: int, path: Path, key: str) -> ConfusionMat
 
 
 METRIC_LABELS = {"miou": "mIoU", "macc": "mAcc"}
+
+
+def compare_tables(methods: Sequence[str], taus: Sequence[float]) -> int:
+    """Correction tables compare holds at once, in units of one correction's (two arrays).
+
+    Each BLDA method holds its maps twice (the grid's rows and the ``tau auto`` row, built
+    apart), one lookup table per non-zero strength side by side, the auto row's and one
+    cached: ``T + 4`` float32 ``(C, C, G)`` arrays; ``self-calibrate`` one correction.
+    """
+    strengths = sum(1 for tau in taus if tau)
+    arrays = sum(strengths + 4 if m in ALIGNED else 2 if m in WITH_TABLES else 0 for m in methods)
+    return -(-arrays // 2)
 
 
 def bootstrap_bytes(rows: int, images: int, num_classes: int) -> int:

@@ -54,13 +54,21 @@ from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
 from blda_posthoc.core.select import AUTO_GRID, auto_tau
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.schema import Node
-from blda_posthoc.io.stats import read_stats
+from blda_posthoc.io.stats import read_stats, stats_size
+from blda_posthoc.pipelines.memory import check_correction_memory
 
 CBST_PORTION = 0.5
 """``cbst`` divides each class's probability by the median confidence of its predicted pixels."""
 CALIBRATION_FOR = {"temperature": "temperature", "vector-scaling": "vector", "bias": "bias"}
 """Affine methods and the calibration of the stats file each one uses."""
 ALIGNED = ("blda", "calibrated-blda", "filled-blda")
+WITH_TABLES = (*ALIGNED, "self-calibrate")
+"""Methods that build BLDA tables (the label-free default may be one of them)."""
+
+
+def correction_tables(method: str | None) -> int:
+    """Tables a correction by ``method`` holds (None: the label-free default, which may)."""
+    return 1 if method is None or method in WITH_TABLES else 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class Terms:
         fit_gt: How labelled statistics with calibrations are fitted.
         fit_calibrated: How statistics of calibrated logits are fitted, given ``{anchors}``.
         refit: How a version-1 file is fitted again.
+        fit_bins: How statistics are fitted with fewer bins (``{bins}`` is filled in).
     """
 
     method: str = "--method"
@@ -86,6 +95,7 @@ class Terms:
     fit_gt: str = "blda fit-stats --label-source gt"
     fit_calibrated: str = "blda fit-stats --calibration {anchors}"
     refit: str = "this version of blda fit-stats"
+    fit_bins: str = "blda fit-stats --bins {bins}"
 
 
 CLI_TERMS = Terms()
@@ -99,6 +109,7 @@ API_TERMS = Terms(
     fit_gt="api.fit_stats(labels='gt')",
     fit_calibrated="api.fit_stats(..., calibration=anchors)",
     refit="this version's api.fit_stats",
+    fit_bins="api.fit_stats(..., bins={bins})",
 )
 """The names of :mod:`blda_posthoc.api`'s arguments."""
 
@@ -267,8 +278,24 @@ class Statistics:
         }
 
 
-def read_statistics(stats: Path, anchors: Path | None, class_names: list[str]) -> Statistics:
-    """Read ``--stats`` and ``--anchors``, which must share the store's class names."""
+def read_statistics(
+    stats: Path, anchors: Path | None, class_names: list[str], *, tables: int = 0
+) -> Statistics:
+    """Read ``--stats`` and ``--anchors``, which must share the store's class names.
+
+    Their memory, with ``tables`` corrections' tables on them, is checked against the budget
+    (:func:`~blda_posthoc.pipelines.memory.check_correction_memory`) before anything is read.
+    """
+    sizes = [stats_size(path) for path in {stats, anchors or stats}]
+    if None not in sizes:  # else read_stats names what is wrong
+        known = [size for size in sizes if size is not None]
+        check_correction_memory(
+            stats,
+            max(size[0] for size in known),
+            max(size[1] for size in known),
+            groups=sum(size[2] for size in known),
+            tables=tables,
+        )
     cond = read_stats(stats)
     anchor_stats = cond if anchors is None else read_stats(anchors)
     for path, read in ((stats, cond), (anchors or stats, anchor_stats)):
@@ -340,7 +367,9 @@ def load_correction(
         if stats is None:
             needs = "--anchors" if spec.method in CALIBRATION_FOR else "--stats"
             raise InputError(f"--method {spec.method or 'default'} needs {needs}")
-        statistics = read_statistics(stats, anchors, class_names)
+        statistics = read_statistics(
+            stats, anchors, class_names, tables=correction_tables(spec.method)
+        )
     check_provenance(statistics, spec.expected)
     default = None
     if spec.method is None:
@@ -534,6 +563,14 @@ def _aligned(
     if not 0.0 <= clamp < 0.5:
         raise InputError(f"{terms.clamp} must lie in [0, 0.5), got {clamp}")
     fallback = anchors if method == "filled-blda" else None
+    check_correction_memory(
+        statistics.cond_path,
+        cond.num_classes,
+        max(held.grid.bins for held in held_groups(statistics)),
+        groups=len(held_groups(statistics)),
+        tables=1,
+        fit_bins=terms.fit_bins,
+    )
     maps = build_maps(cond, anchors, clamp, min_px, fallback=fallback)
     details: dict[str, Any] = {
         "clamp": clamp,
@@ -544,6 +581,19 @@ def _aligned(
     if pre is not None:
         details["calibration"] = "vector"
     return Aligned(maps, pre), details
+
+
+def held_groups(statistics: Statistics) -> list[LogitStats]:
+    """The histogram groups the two files hold in memory (each file once)."""
+    files = [statistics.cond]
+    if statistics.anchors is not statistics.cond:
+        files.append(statistics.anchors)
+    groups = []
+    for stats in files:
+        groups.append(stats)
+        if stats.extras is not None and stats.extras.calibrated is not None:
+            groups.append(stats.extras.calibrated)
+    return groups
 
 
 def _calibration_id(stats: LogitStats) -> str | None:

@@ -1,0 +1,86 @@
+"""The memory budget of a command, and the check of a correction against it before it is read.
+
+The budget is set in one place: the environment variable ``BLDA_MEMORY_GIB`` (GiB, ``2**30``
+bytes); without it, the smallest of this machine's memory, the process's address-space limit
+(``ulimit -v``) and its control group's limit (containers, Slurm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+from pathlib import Path
+
+from blda_posthoc.core.align import correction_memory, fitting_bins
+from blda_posthoc.errors import InputError
+
+MEMORY_ENV = "BLDA_MEMORY_GIB"
+"""Environment variable that sets the memory budget in GiB."""
+CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
+"""The control group's memory limit (cgroup v2), when there is one."""
+
+
+def memory_budget() -> tuple[int, str]:
+    """Bytes a command may use, and where that figure comes from (for messages).
+
+    Raises:
+        InputError: ``BLDA_MEMORY_GIB`` is not a finite number above 0.
+    """
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib > 0):
+            raise InputError(f"{MEMORY_ENV} must be a number of GiB above 0, got {text!r}")
+        return int(gib * 2**30), MEMORY_ENV
+    limits = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "the address-space limit, ulimit -v"))
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 file, or "max"
+        limits.append((int(CGROUP_LIMIT.read_text().strip()), "the control group's limit"))
+    return min(limits)
+
+
+def check_correction_memory(
+    where: str | Path,
+    num_classes: int,
+    bins: int,
+    *,
+    groups: int,
+    tables: int,
+    fit_bins: str = "blda fit-stats --bins {bins}",
+) -> None:
+    """Refuse, before anything is read or allocated, a correction that needs more than the budget.
+
+    Args:
+        where: The statistics (for the message).
+        num_classes: ``C``.
+        bins: Histogram bins of the statistics.
+        groups: ``(C, C, B)`` count arrays held (see
+            :func:`~blda_posthoc.core.align.correction_memory`).
+        tables: Corrections' tables held at once.
+        fit_bins: How the message names fitting with fewer bins (``{bins}`` is filled in).
+
+    Raises:
+        InputError: One line with the estimate, the budget and the bin count that fits.
+    """
+    budget, source = memory_budget()
+    need = correction_memory(num_classes, bins, groups=groups, tables=tables)
+    if need <= budget:
+        return
+    fits = fitting_bins(num_classes, groups=groups, tables=tables, budget=budget)
+    remedy = (
+        f"fit the statistics with fewer bins ({fit_bins.format(bins=fits)} fits)"
+        if fits
+        else "use a machine with more memory"
+    )
+    raise InputError(
+        f"{where}: the correction needs about {need / 2**30:.2f} GiB ({num_classes} classes x "
+        f"{bins} bins), more than the memory budget of {budget / 2**30:.2f} GiB ({source}); "
+        f"{remedy}, or set {MEMORY_ENV} if more is free"
+    )
