@@ -72,7 +72,7 @@ from blda_posthoc.core.fit import (
     channel_argmax,
     make_stats,
 )
-from blda_posthoc.core.methods import METHODS, Affine, Aligned, Shift
+from blda_posthoc.core.methods import METHODS, Affine, Aligned, Blended, Shift
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.names import MAX_CLASSES, MIN_CLASSES, check_class_names
@@ -647,7 +647,7 @@ def _num_classes(corrector: object) -> int | None:
     """The class count a corrector was built for (None for ``none``, which takes any)."""
     if isinstance(corrector, Aligned):
         return int(corrector.maps.valid.shape[0])
-    if isinstance(corrector, Affine):
+    if isinstance(corrector, (Affine, Blended)):
         return int(corrector.scale.shape[0])
     if isinstance(corrector, Shift):
         return int(corrector.shift.shape[0])

@@ -327,7 +327,7 @@ def test_option_errors_on_correct(case, tmp_path):
         "correct",
         case["tgt"],
         "--method",
-        "vector-scaling",
+        "temperature",
         "--tau",
         "0.3",
         "--stats",
@@ -337,7 +337,7 @@ def test_option_errors_on_correct(case, tmp_path):
         "--out-dir",
         out,
     )
-    assert "--tau is ignored" in result.stderr
+    assert "--tau is ignored: temperature has no strength" in result.stderr
 
 
 def test_a_store_without_labels_names_compare_options_only(case, tmp_path, monkeypatch):

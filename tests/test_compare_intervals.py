@@ -247,7 +247,7 @@ def test_evaluate_before_after_has_the_interval_compare_gives(case, tmp_path):
     assert "mIoU gain 95%" in result.stdout and "includes 0" not in result.stderr
     assert "mIoU gain 95%" in (tmp_path / "e.md").read_text()
     # The same images, resamples and seed as compare's row of the same correction.
-    compare(case, tmp_path / "c.json", "--methods", "bias")
+    compare(case, tmp_path / "c.json", "--methods", "bias", "--tau", "1")
     row = load(tmp_path / "c.json")["rows"][1]
     assert row["method"] == "bias" and row["gain_ci95"] == report["gain_ci95"]
     # Another seed, other resamples; --bootstrap 0 turns it off.
@@ -288,11 +288,11 @@ def test_bootstrap_over_the_memory_budget_is_turned_off_with_a_warning(case, tmp
 
     # 2 rows x 12 images x 3 x 5 classes x 8 bytes = 2880 bytes of per-image counts.
     monkeypatch.setattr(command, "BOOTSTRAP_MEMORY", 2000)
-    result = compare(case, tmp_path / "m.json", "--methods", "bias")
+    result = compare(case, tmp_path / "m.json", "--methods", "bias", "--tau", "1")
     report = load(tmp_path / "m.json")
     assert "--bootstrap turned off: the per-image counts of 2 rows x 12 images" in result.stderr
     assert report["settings"]["bootstrap"] == 0
     assert all(r["gain_ci95"] is None for r in report["rows"])
     monkeypatch.setattr(command, "BOOTSTRAP_MEMORY", 2880)  # just fits
-    compare(case, tmp_path / "k.json", "--methods", "bias")
+    compare(case, tmp_path / "k.json", "--methods", "bias", "--tau", "1")
     assert load(tmp_path / "k.json")["rows"][1]["gain_ci95"] is not None

@@ -63,7 +63,7 @@ def test_every_row_equals_its_own_evaluation(grid):
     rows, images = grid
     predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows])
     kinds = {g.kind for g in predictor.groups}
-    assert kinds == {"plain", "aligned", "shift", "own"}, kinds
+    assert kinds == {"plain", "aligned", "own"}, kinds
     for z in images:
         assert torch.equal(predictor.predict(flat(z)), row_by_row(rows, z))
 

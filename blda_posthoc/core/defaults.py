@@ -34,6 +34,8 @@ DEFAULT_TAUS = {
     "blda": 0.2,
     "calibrated-blda": 0.2,
     "filled-blda": 0.2,
+    "vector-scaling": 1.0,
+    "bias": 1.0,
     "cbst": 1.0,
     "em-prior": 0.1,
     "em-map": 0.3,

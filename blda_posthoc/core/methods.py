@@ -9,12 +9,14 @@ prediction. They differ in what they know:
   logits with statistics fitted on calibrated logits; ``filled-blda`` borrows source cells where
   target pseudo-labels leave a cell empty.
 - ``temperature`` / ``vector-scaling`` / ``bias``: an affine map ``a * z + b`` fitted by
-  cross-entropy on labelled (source) logits.
+  cross-entropy on labelled (source) logits; ``vector-scaling`` and ``bias`` are applied ``tau``
+  of the way (``temperature`` has no strength).
 - ``cbst``, ``em-prior``, ``em-map``, ``ot-prior``, ``occurrence-adjust``, ``logit-adjust``: a
-  per-class additive shift of the (possibly calibrated) logits, ``z + tau * shift``, from
-  class-balanced confidence thresholds, an EM estimate of the target class priors (plain or
-  with a Dirichlet hyper-prior), optimal-transport offsets to such an estimate, per-image class
-  occurrence (Liu et al. 2022), or the predicted class shares.
+  per-class additive shift ``z + tau * shift``, from class-balanced confidence thresholds, an EM
+  estimate of the target class priors (plain or with a Dirichlet hyper-prior), optimal-transport
+  offsets to such an estimate, per-image class occurrence (Liu et al. 2022), or the predicted
+  class shares; ``em-prior`` and ``em-map`` estimate on calibrated logits and apply calibration
+  and shift together ``tau`` of the way.
 - ``self-calibrate``: a per-class affine map fitted on target logits against class-balanced
   confident pseudo-labels of a corrected prediction, applied ``tau`` of the way.
 
@@ -109,6 +111,9 @@ class Affine:
 class Blended:
     """An affine map applied ``tau`` of the way: ``z' = (1 + tau (scale - 1)) z + tau bias``.
 
+    That is the log-linear blend ``(1 - tau) z + tau (scale z + bias)`` of the raw logits and the
+    fully mapped ones: the identity at ``tau = 0``, the whole map at ``tau = 1``.
+
     Attributes:
         scale: ``(C,)`` float32 per-class scale at ``tau = 1``.
         bias: ``(C,)`` float32 per-class bias at ``tau = 1``.
@@ -132,28 +137,25 @@ class Blended:
 
 @dataclass(frozen=True)
 class Shift:
-    """``z' = pre(z) + tau * shift``: one additive term per class.
+    """``z' = z + tau * shift``: one additive term per class.
 
     Attributes:
         shift: ``(C,)`` float32 per-class shift at ``tau = 1``.
-        pre: A calibration applied first, or None.
     """
 
     shift: torch.Tensor
-    pre: Affine | None = None
 
     def log_scores(self, z: torch.Tensor, tau: float) -> torch.Tensor:
-        """``log_softmax(pre(z) + tau * shift)``."""
-        base = z if self.pre is None else self.pre.apply(z)
-        return torch.log_softmax(base + tau * self.shift, dim=-1)
+        """``log_softmax(z + tau * shift)``."""
+        return torch.log_softmax(z + tau * self.shift, dim=-1)
 
     def is_identity(self, tau: float) -> bool:
-        """At ``tau = 0`` without a calibration."""
-        return tau == 0 and self.pre is None
+        """At ``tau = 0``."""
+        return tau == 0
 
     def to(self, device: torch.device | str) -> Shift:
         """On ``device``."""
-        return Shift(self.shift.to(device), None if self.pre is None else self.pre.to(device))
+        return Shift(self.shift.to(device))
 
 
 @dataclass(frozen=True)

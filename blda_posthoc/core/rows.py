@@ -10,7 +10,6 @@ each row repeats what does not depend on it; here the rows are grouped:
   strengths sit side by side in one wide table, so one embedding-bag pass gathers every
   strength's sums (the same rows of the same table as one strength alone reads, each column
   summed in the same order, so every value is bit for bit the one-row value);
-- the rows of one :class:`~blda_posthoc.core.methods.Shift` correction share its calibration;
 - every other correction (including ones this module does not know) is evaluated by its own
   ``log_scores``, as a single row is.
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores, lookup_tables
-from blda_posthoc.core.methods import Aligned, Corrector, Shift
+from blda_posthoc.core.methods import Aligned, Corrector
 
 DEFAULT_ROW_CHUNK = 1 << 15
 """Pixels per step: the wide BLDA bags are ``(N, T * C)``, about 20 MB at 19 classes, 8 taus."""
@@ -41,7 +40,7 @@ DEFAULT_ROW_CHUNK = 1 << 15
 class _Group:
     """Rows that share work: their indices in the row list and their strengths."""
 
-    kind: str  # "plain", "aligned", "shift" or "own"
+    kind: str  # "plain", "aligned" or "own"
     corrector: Corrector
     rows: list[int] = field(default_factory=list)
     taus: list[float] = field(default_factory=list)
@@ -77,8 +76,6 @@ class RowPredictor:
                 key = ("plain", 0)
             elif isinstance(corrector, Aligned) and tau != 0:
                 key = ("aligned", id(corrector))
-            elif isinstance(corrector, Shift):
-                key = ("shift", id(corrector))
             else:
                 key = ("own", index)
             group = by_key.get(key)
@@ -144,13 +141,6 @@ class RowPredictor:
         if group.kind == "aligned":
             assert isinstance(group.corrector, Aligned)
             return self._aligned(group, group.corrector, z)
-        if group.kind == "shift":
-            assert isinstance(group.corrector, Shift)
-            shift = group.corrector
-            base = z if shift.pre is None else shift.pre.apply(z)
-            return [
-                torch.log_softmax(base + t * shift.shift, dim=-1).argmax(-1) for t in group.taus
-            ]
         return [group.corrector.log_scores(z, t).argmax(-1) for t in group.taus]
 
     def _wide_table(self, group: _Group, maps: AlignmentMaps) -> torch.Tensor:

@@ -488,7 +488,8 @@ def build_corrector(
         return _aligned(method, statistics, clamp, min_pixels)
     if method in CALIBRATION_FOR:
         scale, bias = _calibration(statistics, CALIBRATION_FOR[method])
-        return Affine(scale, bias), {"calibration": CALIBRATION_FOR[method]}
+        affine = Affine if method == "temperature" else Blended
+        return affine(scale, bias), {"calibration": CALIBRATION_FOR[method]}
     if method == "cbst":
         return Shift(_cbst_shift(statistics)), {"cbst_portion": CBST_PORTION}
     if method == "logit-adjust":
@@ -658,15 +659,8 @@ def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affin
 
 
 def _target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
-    extras = _extras(statistics.cond, statistics.cond_path, "em-prior", statistics.terms)
+    z, pre = _calibrated_sample(statistics, "em-prior")
     source = smooth_counts(statistics.anchors.label_pixels)
-    pre = None
-    anchor_extras = statistics.anchors.extras
-    if anchor_extras is not None and "vector" in anchor_extras.calibrations:
-        pre = Affine(*_calibration(statistics, "vector"))
-    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
-    if pre is not None:
-        z = pre.apply(z)
     probs = torch.softmax(z.double(), dim=-1).numpy()
     target, _ = em_priors(probs, source)
     return target, source, pre
@@ -684,7 +678,23 @@ def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
             f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
             f"which tends to collapse (fit the anchors with {statistics.terms.fit_gt})"
         ]
-    return Shift(torch.as_tensor(shift, dtype=torch.float32), pre), details
+    return _prior_correction(shift, pre), details
+
+
+def _prior_correction(shift: np.ndarray, pre: Affine | None) -> Corrector:
+    """A prior shift, on calibrated logits when ``pre`` is given, applied ``tau`` of the way.
+
+    With a calibration the whole map ``a z + b + shift`` is blended with the raw logits
+    (:class:`Blended`), so ``tau = 0`` is the plain argmax and ``tau = 1`` the full correction.
+
+    Args:
+        shift: ``(C,)`` per-class shift ``log target prior - log source prior``.
+        pre: The calibration the priors were estimated with, or None.
+    """
+    delta = torch.as_tensor(shift, dtype=torch.float32)
+    if pre is None:
+        return Shift(delta)
+    return Blended(pre.scale, pre.bias + delta)
 
 
 def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) -> dict[str, Any]:
@@ -770,7 +780,7 @@ def _em_map(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
         "dirichlet_weight": EM_MAP_WEIGHT,
         "target_priors": [round(float(p), 6) for p in target],
     }
-    return Shift(torch.as_tensor(prior_shift(source, target), dtype=torch.float32), pre), details
+    return _prior_correction(prior_shift(source, target), pre), details
 
 
 def _ot_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
