@@ -245,6 +245,11 @@ def checks(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, 
     figures["leave_one_case_out"] = loco
     figures["rule_on_all_cases"] = row_name(everywhere)
 
+    strength_text, figures["strength_rule"] = strength_rule(cases)
+    lines.append(strength_text)
+    regret_text, figures["regret"] = regrets(cases)
+    lines.append(regret_text)
+
     # the default now
     lines.append("### The default now, against the best label-free fixed row\n")
     rows, acceptance = [], {}
@@ -270,6 +275,73 @@ def checks(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, 
         lines.append("(compare reports no `gain_ci95` in this version: point gains only.)\n")
     figures["default"] = acceptance
     return "\n".join(lines), figures
+
+
+def fixed_rows(cases: dict[str, dict[Key, dict[str, Any]]]) -> list[Key]:
+    """The fixed rows every case has (``--tau auto`` and τ 0 left out)."""
+    common = set.intersection(*(set(c) for c in cases.values()))
+    return sorted((k for k in common if not k[2] and k[1] != 0), key=lambda k: (k[0], k[1] or 0))
+
+
+def strength_rule(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Each method's default τ by docs/methods.md's second-round rule, and its leave-one-out.
+
+    Per method with a strength (``blda`` keeps the paper's 0.2): the grid τ with the best worst
+    gain over the cases, ties within 0.1 to the larger mean, then the smaller τ.
+    """
+    names = list(cases)
+    lines = ["### Each method's default τ by the rule (max-min over the cases)\n"]
+    head = "| method | default now | rule's τ | worst | mean | leave-one-out: τ → held-out gain |"
+    lines.append(head)
+    lines.append("|---|---|---|---|---|---|")
+    out: dict[str, Any] = {}
+    rows = fixed_rows(cases)
+    for method in sorted({k[0] for k in rows if k[1] is not None and k[0] != "blda"}):
+        own = {n: {k: v for k, v in cases[n].items() if k in rows and k[0] == method}
+               for n in names}  # fmt: skip
+        chosen = max_min(own, names)
+        worst = min(own[n][chosen]["gain"] for n in names)
+        mean = sum(own[n][chosen]["gain"] for n in names) / len(names)
+        folds = {}
+        for held in names if len(names) > 1 else []:
+            pick = max_min(own, [n for n in names if n != held])
+            folds[held] = {"tau": pick[1], "held_out_gain": round(own[held][pick]["gain"], 2)}
+        loco = ", ".join(f"{n}: {f['tau']:g} → {f['held_out_gain']:+.1f}" for n, f in folds.items())
+        now = DEFAULT_TAUS.get(method)
+        out[method] = {"default_now": now, "rule_tau": chosen[1], "worst": round(worst, 2),
+                       "mean": round(mean, 2), "leave_one_out": folds}  # fmt: skip
+        flag = "" if now == chosen[1] else " (differs)"
+        now_text = "-" if now is None else f"{now:g}"
+        lines.append(f"| {method} | {now_text} | {chosen[1]:g}{flag} | {worst:+.1f} | {mean:+.1f} "
+                     f"| {loco} |")  # fmt: skip
+    lines.append("")
+    return "\n".join(lines), out
+
+
+def regrets(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Every fixed row's largest shortfall to the best fixed row of each case.
+
+    A fixed default can be within 0.5 mIoU of the best label-free row on every case only if
+    some row's regret is at most 0.5.
+    """
+    names = list(cases)
+    rows = fixed_rows(cases)
+    best = {n: max(cases[n][k]["gain"] for k in rows) for n in names}
+    regret = {k: max(best[n] - cases[n][k]["gain"] for n in names) for k in rows}
+    ranked = sorted(rows, key=lambda k: regret[k])[:10]
+    lines = ["### Regret: each row's largest shortfall to the best fixed row of a case\n"]
+    heads = " | ".join(f"{n} (best {best[n]:+.1f})" for n in names)
+    lines.append(f"| row | regret | {heads} |")
+    lines.append("|---|---|" + "---|" * len(names))
+    for k in ranked:
+        cells = " | ".join(f"{cases[n][k]['gain'] - best[n]:+.1f}" for n in names)
+        lines.append(f"| {row_name(k)} | {regret[k]:.1f} | {cells} |")
+    top = ranked[0]
+    verdict = "meets" if regret[top] <= 0.5 else "no fixed row meets"
+    lines.append(f"\nSmallest regret: {row_name(top)} ({regret[top]:.1f}); {verdict} "
+                 "'within 0.5 of the best label-free row on every case'.\n")  # fmt: skip
+    out = {row_name(k): round(regret[k], 2) for k in ranked}
+    return "\n".join(lines), {"smallest": row_name(top), "rows": out}
 
 
 def log(message: str) -> None:
