@@ -408,3 +408,26 @@ def test_pixel_stride(case, tmp_path):
         "--json", tmp_path / "bad.json", ok=False,
     )  # fmt: skip
     assert result.exit_code == 2 and "--pixel-stride" in result.output
+
+
+def test_plot_draws_the_selection_metric(monkeypatch):
+    import blda_posthoc.report.plots as plots
+    from blda_posthoc.pipelines.compare import plot_compare
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    per_class = {"a": {"iou": 50.0}, "b": {"iou": 40.0}}
+    rows = [
+        {"method": "none", "tau": None, "auto": False, "miou": 45.0, "macc": 60.0,
+         "per_class": per_class},
+        *({"method": "blda", "tau": t, "auto": False, "miou": 46.0 + t, "macc": 70.0 + t,
+           "per_class": per_class} for t in (0.2, 0.5)),
+    ]  # fmt: skip
+    selected = {"method": "blda", "tau": 0.5, "auto": False, "metric": "macc"}
+    plot_compare(Path("unused.png"), {"rows": rows, "selected": selected, "evaluated_on": "x"})
+    left = figures[0].axes[0]
+    assert left.get_ylabel().startswith("mAcc") and left.get_title() == "mAcc against strength"
+    blda = next(line for line in left.get_lines() if line.get_label() == "blda")
+    assert list(blda.get_ydata()) == [70.2, 70.5]
+    none = next(line for line in left.get_lines() if line.get_label() == "none")
+    assert list(none.get_ydata()) == [60.0, 60.0]

@@ -739,7 +739,7 @@ def _interval(value: Sequence[float] | None) -> str:
 
 
 def plot_compare(path: Path, report: dict[str, Any]) -> None:
-    """MIoU against tau per method, and the per-class IoU gain of the selected row."""
+    """The selection metric against tau per method; the per-class IoU gain of the selected row."""
     from blda_posthoc.report.plots import require_matplotlib, save_figure
 
     require_matplotlib()
@@ -749,8 +749,10 @@ def plot_compare(path: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
+    metric = report["selected"].get("metric", "miou")
+    label = {"miou": "mIoU", "macc": "mAcc"}[metric]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    none = rows[0]["miou"]
+    none = rows[0][metric]
     for k, method in enumerate(METHODS):
         mine = [r for r in rows if r["method"] == method and not r["auto"]]
         if not mine or method == "none":
@@ -758,18 +760,18 @@ def plot_compare(path: Path, report: dict[str, Any]) -> None:
         colour = f"C{k % 10}"
         if mine[0]["tau"] is None:
             left.axhline(
-                mine[0]["miou"] or 0, color=colour, linestyle="--", linewidth=1, label=method
+                mine[0][metric] or 0, color=colour, linestyle="--", linewidth=1, label=method
             )
             continue
         # A method whose tau = 0 is the plain argmax has no tau = 0 row: the none line is it.
-        taus, values = [r["tau"] for r in mine], [r["miou"] for r in mine]
+        taus, values = [r["tau"] for r in mine], [r[metric] for r in mine]
         left.plot(taus, values, marker="o", color=colour, label=method)
     if none is not None:
         left.axhline(none, color="black", linewidth=1, label="none")
     left.set_xlabel("tau (strength)")
-    left.set_ylabel(f"mIoU (%) on {report['evaluated_on']}")
+    left.set_ylabel(f"{label} (%) on {report['evaluated_on']}")
     left.legend(fontsize="small", ncol=2)
-    left.set_title("mIoU against strength")
+    left.set_title(f"{label} against strength")
     selected = report["selected"]
     best = next(
         r
