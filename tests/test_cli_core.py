@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -612,12 +613,45 @@ def test_the_memory_estimate_decides_at_the_budget(tmp_path, stores, monkeypatch
         assert_error(result, str(stats), f"{c} classes x {bins} bins", "fit-stats --bins")
 
 
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_fit_stats_warns_when_its_file_would_not_fit_the_budget(
+    tmp_path, stores, monkeypatch, calibrated
+):
+    """One warning line naming the file, the estimate and the --bins that fits; the file is
+    written all the same, and applying it is then refused with the same figure."""
+    from blda_posthoc.core.align import correction_memory
+
+    groups = 2 if calibrated else 1
+    need = correction_memory(4, 4096, groups=groups, tables=1)
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need - 4096) / 2**30))
+    out = tmp_path / "s.h5"
+    labels = "gt" if calibrated else "pseudo"
+    result = run("fit-stats", stores["src"], "--label-source", labels, "--out", out)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert (
+        f"{out}: applying it with a BLDA method needs at least {need / 2**30:.2f} GiB"
+        in (warnings[0])
+    )
+    fits = int(re.search(r"--bins (\d+) or fewer", warnings[0]).group(1))
+    assert correction_memory(4, fits, groups=groups, tables=1) < need - 4096
+    assert read_stats(out).grid.bins == 4096
+    refused = run("evaluate", stores["tgt"], "--stats", out, "--method", "blda", ok=False)
+    assert_error(refused, f"needs about {need / 2**30:.2f} GiB")
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need + 4096) / 2**30))
+    result = run("fit-stats", stores["src"], "--label-source", labels, "--out", out, "--overwrite")
+    assert "warning:" not in result.stderr
+
+
 @pytest.mark.parametrize("value", ["x", "0", "-1", "nan", "inf"])
 def test_a_bad_memory_budget_is_one_line(tmp_path, stores, monkeypatch, value):
     monkeypatch.setenv("BLDA_MEMORY_GIB", value)
     stats = declared_stats(tmp_path / "s.h5", 4, 64)
     result = run("evaluate", stores["tgt"], "--stats", stats, ok=False)
     assert_error(result, "BLDA_MEMORY_GIB must be a number of GiB above 0")
+    result = run("fit-stats", stores["src"], "--out", tmp_path / "new.h5", ok=False)
+    assert_error(result, "BLDA_MEMORY_GIB must be a number of GiB above 0")
+    assert not (tmp_path / "new.h5").exists()
 
 
 @pytest.mark.parametrize(

@@ -127,12 +127,14 @@ def command(
     from blda_posthoc.io.stats import write_stats
     from blda_posthoc.io.store import LogitStore, expand_store_paths
     from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
+    from blda_posthoc.pipelines.memory import applying_warning, memory_budget
 
     if labels_alias is not None:
         if labels is not None and labels != labels_alias:
             raise click.UsageError("--labels is the old spelling of --label-source; give one")
         labels = labels_alias
     check_output_file(out, overwrite)
+    memory_budget()  # a bad BLDA_MEMORY_GIB is said before any work
     dev = resolve_device(device)  # before any work: a bad --device is the first thing said
     paths = expand_store_paths(stores)
     check_not_input(out, [*paths, calibration_path], option="--out")
@@ -164,6 +166,12 @@ def command(
             )
         write_stats(out, stats, overwrite=overwrite)
     report_cells(stats)
+    calibrated = stats.extras is not None and stats.extras.calibrated is not None
+    too_large = applying_warning(
+        out, stats.num_classes, stats.grid.bins, groups=2 if calibrated else 1
+    )
+    if too_large is not None:
+        warn(too_large)
     info(f"wrote {out} (fingerprint {stats.fingerprint})")
 
 

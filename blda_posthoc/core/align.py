@@ -134,9 +134,10 @@ def table_points(num_classes: int, points: int, budget: float) -> int | None:
 
 STATS_BYTES_PER_VALUE = 8
 """Bytes per histogram count held while a correction runs (int64 ``(C, C, B)`` per group)."""
-PROCESS_BYTES = 640 * 2**20
-"""Address space of a command before it reads statistics (torch, h5py and numpy imported:
-0.64 GiB measured, of which 0.3 GiB resident)."""
+PROCESS_BYTES = 800 * 2**20
+"""Address space of a command beyond its statistics and tables: 0.64 GiB once torch, h5py and
+numpy are imported (0.3 GiB of it resident), and 0.12 GiB more during a BLDA run (VmPeak over
+the arrays, measured at 128 and 160 classes), with a little margin."""
 
 
 def correction_memory(num_classes: int, bins: int, *, groups: int, tables: int = 1) -> int:
@@ -156,7 +157,7 @@ def correction_memory(num_classes: int, bins: int, *, groups: int, tables: int =
 
     Example:
         >>> round(correction_memory(160, 4096, groups=3) / 2**30, 2)
-        3.79
+        3.95
     """
     values = num_classes * num_classes * bins
     held = STATS_BYTES_PER_VALUE * groups * values
@@ -180,7 +181,7 @@ def fitting_bins(num_classes: int, *, groups: int, tables: int, budget: float) -
 
     Example:
         >>> fitting_bins(176, groups=3, tables=1, budget=4 * 2**30)
-        3584
+        3392
     """
     low, high = 0, (1 << 16) // BINS_STEP  # up to 65536 bins, the stats files' limit
     while low < high:

@@ -69,11 +69,10 @@ def check_correction_memory(
     Raises:
         InputError: One line with the estimate, the budget and the bin count that fits.
     """
-    budget, source = memory_budget()
-    need = correction_memory(num_classes, bins, groups=groups, tables=tables)
-    if need <= budget:
+    over = over_budget(num_classes, bins, groups=groups, tables=tables)
+    if over is None:
         return
-    fits = fitting_bins(num_classes, groups=groups, tables=tables, budget=budget)
+    need, budget, source, fits = over
     remedy = (
         f"fit the statistics with fewer bins ({fit_bins.format(bins=fits)} fits)"
         if fits
@@ -84,3 +83,37 @@ def check_correction_memory(
         f"{bins} bins), more than the memory budget of {budget / 2**30:.2f} GiB ({source}); "
         f"{remedy}, or set {MEMORY_ENV} if more is free"
     )
+
+
+def applying_warning(path: Path, num_classes: int, bins: int, *, groups: int) -> str | None:
+    """What ``fit-stats`` says when the file it wrote is too large to apply within the budget.
+
+    The estimate is the file alone with one correction's tables (``--anchors``, when another
+    file, adds its own groups), so it is the least that applying it needs.
+
+    Returns:
+        One line naming the file, the estimate and the ``--bins`` that fits; None when it fits.
+    """
+    over = over_budget(num_classes, bins, groups=groups, tables=1)
+    if over is None:
+        return None
+    need, budget, source, fits = over
+    remedy = f"fit it with --bins {fits} or fewer" if fits else "no bin count fits"
+    return (
+        f"{path}: applying it with a BLDA method needs at least {need / 2**30:.2f} GiB "
+        f"({num_classes} classes x {bins} bins), more than the memory budget of "
+        f"{budget / 2**30:.2f} GiB ({source}): correct, relabel, evaluate and compare will "
+        f"refuse it; {remedy}, or set {MEMORY_ENV} if more is free"
+    )
+
+
+def over_budget(
+    num_classes: int, bins: int, *, groups: int, tables: int
+) -> tuple[int, int, str, int | None] | None:
+    """``(estimate, budget, where the budget comes from, bins that fit)``, or None when it fits."""
+    budget, source = memory_budget()
+    need = correction_memory(num_classes, bins, groups=groups, tables=tables)
+    if need <= budget:
+        return None
+    fits = fitting_bins(num_classes, groups=groups, tables=tables, budget=budget)
+    return need, budget, source, fits
