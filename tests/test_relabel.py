@@ -285,6 +285,22 @@ def test_manifest_numbers_match_a_direct_count(case, tmp_path):
     assert manifest["statistics"]["anchors"] == str(case["stats"])
 
 
+def test_pseudo_suffix_reads_a_previous_round_named_with_out_suffix(case, tmp_path):
+    ref = images(case["store"])
+    suffix = "_gtFine_labelTrainIds"
+    relabel(case, tmp_path / "r1", "--tau", "0.5", "--out-suffix", suffix)
+    plain = ("--tau", "0.5", "--pseudo-dir", tmp_path / "r1")
+    code, err = run(case["store"], "--stats", case["stats"], "--out-dir", tmp_path / "x", *plain)
+    assert code == 1 and f"{ref[0][0]}.png: no pseudo-label" in err and err.count("\n") == 1
+    manifest = relabel(case, tmp_path / "r2", *plain, "--pseudo-suffix", suffix)
+    # The same correction twice: nothing changes against the previous round.
+    assert manifest["changes"]["pseudo_dir"]["changed_pixels"] == 0
+    assert manifest["settings"]["pseudo_suffix"] == suffix
+    code, err = run(case["store"], "--stats", case["stats"], "--out-dir", tmp_path / "y",
+                    "--pseudo-suffix", suffix)  # fmt: skip
+    assert code == 2 and "--pseudo-suffix" in err and not (tmp_path / "y").exists()
+
+
 def test_min_confidence_keeps_exactly_the_confident_pixels(case, tmp_path):
     relabel(case, tmp_path / "c", "--tau", "0.5", "--min-confidence", "0.7")
     ref = images(case["store"])

@@ -423,8 +423,8 @@ def correction_options(func: F) -> F:
             default=None,
             metavar="T|auto",
             help="Strength of the correction (0 = plain argmax; 'auto': chosen label-free on "
-            "--stats' pixel sample) [default: per method, see docs/methods.md; ignored by the "
-            "calibrations].",
+            "--stats' pixel sample) [default: per method, see docs/methods.md; ignored by "
+            "temperature].",
         ),
         click.option(
             "--from-compare",

@@ -76,6 +76,13 @@ PORTION_TOLERANCE = 0.005
     help="Folder of current NAME.png pseudo-labels; the manifest reports what changes.",
 )
 @click.option(
+    "--pseudo-suffix",
+    default="",
+    callback=lambda ctx, param, value: check_out_suffix(value),
+    help="Stem ending of the --pseudo-dir files: NAME<SUFFIX>.png (e.g. _gtFine_labelTrainIds, "
+    "as a previous round's --out-suffix named them).",
+)
+@click.option(
     "--weights-out",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
@@ -125,6 +132,7 @@ def command(
     keep_portion: float | None,
     count_only: bool,
     pseudo_dir: Path | None,
+    pseudo_suffix: str,
     weights_out: Path | None,
     weights_format: str | None,
     out_suffix: str,
@@ -174,6 +182,7 @@ def command(
             or labels_dir is not None
             or weights_out is not None
             or out_suffix
+            or pseudo_suffix
         ):
             raise click.UsageError(
                 "--merge takes the shards' manifests as arguments, without --stats, --out-dir, "
@@ -206,6 +215,8 @@ def command(
         if run_shard is None:
             info("one shard: the relabel step counts its images itself; nothing to count first")
             return
+    if pseudo_suffix and pseudo_dir is None:
+        raise click.UsageError("--pseudo-suffix names the files of --pseudo-dir; give both")
     dev = resolve_device(device)
     with LogitStore(expand_store_paths(stores)) as store:
         check_extras(store, color, cityscapes_ids)
@@ -224,6 +235,7 @@ def command(
             cityscapes_ids,
             weights_format,
             out_suffix,
+            pseudo_suffix,
         )
         run = {
             "settings": settings.as_dict(),

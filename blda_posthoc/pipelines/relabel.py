@@ -21,7 +21,8 @@ undefined values ``null``::
     {"format": "blda-relabel", "version": 1, "complete": true,
      "class_names": [...], "stores": [...], "num_images": n, "num_pixels": N,
      "settings": {"method", "tau", "clamp", "min_confidence", "keep_portion", "pseudo_dir",
-                  "color", "cityscapes_ids", "weights_format", "out_suffix"},
+                  "color", "cityscapes_ids", "weights_format", "out_suffix",
+                  "pseudo_suffix"},
      "statistics": {"method", "tau", "stats", "stats_fingerprint", "stats_labels", "anchors",
                     "anchors_fingerprint", "estimator", ...},  (io.corrections.Correction)
      "pixels": {"argmax": {<class>: n, ..., "ignore": n}, "relabelled": {...},
@@ -118,6 +119,8 @@ class RelabelSettings:
             recorded (a moved pair of folders can still be resumed).
         out_suffix: Stem ending of the written label (and weight) files: ``NAME<out_suffix>``,
             e.g. ``_gtFine_labelTrainIds`` for mmsegmentation's ``CityscapesDataset``.
+        pseudo_suffix: Stem ending of the files under ``pseudo_dir``: ``NAME<pseudo_suffix>.png``
+            (a previous round written with ``out_suffix``).
     """
 
     tau: float
@@ -130,6 +133,7 @@ class RelabelSettings:
     cityscapes_ids: bool = False
     weights_format: str | None = None
     out_suffix: str = ""
+    pseudo_suffix: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -144,6 +148,7 @@ class RelabelSettings:
             "cityscapes_ids": self.cityscapes_ids,
             "weights_format": self.weights_format,
             "out_suffix": self.out_suffix,
+            "pseudo_suffix": self.pseudo_suffix,
         }
 
 
@@ -187,14 +192,14 @@ class Tally:
             matrix.update(pred.long().cpu(), label.cpu())
 
 
-def pseudo_label_files(pseudo_dir: Path, names: Sequence[str]) -> dict[str, Path]:
-    """The ``NAME.png`` of every image under ``pseudo_dir``; refuse when one is missing."""
-    found = find_files(pseudo_dir, (".png",))
+def pseudo_label_files(pseudo_dir: Path, names: Sequence[str], suffix: str = "") -> dict[str, Path]:
+    """The ``NAME<suffix>.png`` of every image under ``pseudo_dir``; refuse when one is missing."""
+    found = find_files(pseudo_dir, (".png",), suffix)
     missing = [n for n in names if n not in found]
     if missing:
         raise InputError(
-            f"{pseudo_dir / (missing[0] + '.png')}: no pseudo-label for image {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{pseudo_dir / (missing[0] + suffix + '.png')}: no pseudo-label for image "
+            f"{missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     return {n: found[n] for n in names}
 
@@ -503,7 +508,11 @@ def relabel_store(
         weights=weights,
     )
     todo = set(check_outputs(paths, overwrite, resume))
-    pseudo = pseudo_label_files(settings.pseudo_dir, store.names) if settings.pseudo_dir else None
+    pseudo = (
+        pseudo_label_files(settings.pseudo_dir, store.names, settings.pseudo_suffix)
+        if settings.pseudo_dir
+        else None
+    )
     label_files = label_files or {}
     with_label = not label_files and store.has_labels()  # read from the store
     wrap = progress or _no_progress
