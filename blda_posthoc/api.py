@@ -15,7 +15,8 @@ tensors in, statistics, predictions and metrics out, no files needed (:func:`rea
 - :class:`StatsAccumulator` gathers statistics batch by batch inside a training loop (one
   pass, on a logit grid fixed up front), mergeable across processes like the stats files.
 
-Bad data raises :class:`InputError` with the message the command would print.
+Bad data raises :class:`InputError` (a :class:`ValueError`) with the message the command would
+print.
 
 Shape legend: ``B`` images in a batch, ``C`` classes, ``H, W`` image size.
 

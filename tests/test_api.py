@@ -250,6 +250,14 @@ def test_load_refuses_a_correction_over_the_memory_budget(api_fitted, monkeypatc
     assert api.load("blda", stats=target, anchors=source).method == "blda"
 
 
+def test_input_error_is_a_value_error(api_fitted):
+    """Library users who catch ValueError for bad arguments keep working."""
+    assert issubclass(api.InputError, ValueError)
+    with pytest.raises(ValueError, match="tau must be 'auto' or a finite number") as caught:
+        api.load("blda", stats=api_fitted["target"], tau=-1)
+    assert isinstance(caught.value, api.InputError)
+
+
 def test_write_and_read_stats_round_trip(case, tmp_path):
     stats = api.fit_stats(
         triples(case["src_logits"], case["src_labels"]), class_names=CLASSES, min_pixels=10

@@ -431,3 +431,23 @@ def test_plot_draws_the_selection_metric(monkeypatch):
     assert list(blda.get_ydata()) == [70.2, 70.5]
     none = next(line for line in left.get_lines() if line.get_label() == "none")
     assert list(none.get_ydata()) == [60.0, 60.0]
+
+
+def test_a_plot_the_disk_refuses_is_reported_as_it_is(monkeypatch, tmp_path):
+    """The atomic write's own error (an InputError, so a ValueError) is not wrapped again."""
+    import contextlib
+
+    import blda_posthoc.report.plots as plots
+    from blda_posthoc import outputs
+    from blda_posthoc.errors import InputError
+
+    @contextlib.contextmanager
+    def full(path):
+        raise InputError(f"{path}: disk full")
+        yield
+
+    monkeypatch.setattr(outputs, "atomic_file", full)
+    path = tmp_path / "p.png"
+    with pytest.raises(InputError) as caught:
+        plots.plot_iou_series(path, ["a", "b"], [("IoU", [50.0, 40.0], 45.0)])
+    assert str(caught.value) == f"{path}: disk full"

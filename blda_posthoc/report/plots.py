@@ -137,6 +137,8 @@ def save_figure(fig: Any, path: Path) -> None:
                 metadata=metadata,
                 bbox_inches="tight",
             )
+    except InputError:  # already names the file (disk full)
+        raise
     except ValueError as exc:
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
@@ -325,6 +327,8 @@ def plot_panels(
                 bbox_inches="tight",
                 pad_inches=0.05,
             )
+    except InputError:  # already names the file (disk full)
+        raise
     except ValueError as exc:
         raise InputError(f"{path}: cannot write the plot ({exc})") from exc
     finally:
