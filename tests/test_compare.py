@@ -190,6 +190,7 @@ def test_from_compare_applies_the_selection(case, tmp_path):
         ("selected.tau", True, "selected.tau: must be a number, not a boolean"),
         ("selected.tau", "0.5", "selected.tau: must be a number, not a string"),
         ("selected.tau", 1e400, "not JSON"),  # json.dumps writes Infinity
+        ("selected.tau", float("nan"), "not JSON"),  # json.dumps writes NaN
         ("selected.method", "rm -rf", 'selected.method: "rm -rf" is not one of'),
         ("version", "2", "version must be an integer, not a string"),
         ("settings.stats", 3, "settings.stats: must be a string"),

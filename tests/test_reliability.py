@@ -478,9 +478,23 @@ def _extra_link(group: h5py.Group, other: Path) -> None:
     group["extra"] = h5py.ExternalLink(str(other), "/z")
 
 
+def _swap_label_dtype(group: h5py.Group, other: Path) -> None:
+    data = group["label"][()]
+    del group["label"]
+    group["label"] = data.astype(np.float32)
+
+
+def _swap_logits_dtype(group: h5py.Group, other: Path) -> None:
+    data = group["logits"][()]
+    del group["logits"]
+    group["logits"] = data.astype(np.float64)
+
+
 @pytest.mark.parametrize(
     ("swap", "fragment"),
     [
+        (_swap_label_dtype, "label is float32"),
+        (_swap_logits_dtype, "float64"),
         (_swap_logits_external, "uses external storage"),
         (_swap_logits_virtual, "uses virtual storage"),
         (_swap_label_soft, "is a SoftLink"),
