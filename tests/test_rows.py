@@ -18,7 +18,7 @@ from blda_posthoc.core.correct import (
     sample_positions,
 )
 from blda_posthoc.core.evaluate import ConfusionMatrix
-from blda_posthoc.core.methods import Aligned, Plain
+from blda_posthoc.core.methods import Aligned, Blended, Plain, Shift
 from blda_posthoc.core.rows import RowPredictor, pixel_counts
 from blda_posthoc.io.store import LogitStore
 from blda_posthoc.pipelines.compare import DEFAULT_TAU_GRID, Row, build_rows
@@ -63,7 +63,7 @@ def test_every_row_equals_its_own_evaluation(grid):
     rows, images = grid
     predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows])
     kinds = {g.kind for g in predictor.groups}
-    assert kinds == {"plain", "aligned", "own"}, kinds
+    assert kinds == {"plain", "aligned", "linear", "own"}, kinds
     for z in images:
         assert torch.equal(predictor.predict(flat(z)), row_by_row(rows, z))
 
@@ -80,6 +80,39 @@ def test_logits_beyond_the_grid_and_chunk_sizes(grid):
     for chunk in (1, 37, 1 << 20):
         predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows], chunk_pixels=chunk)
         assert torch.equal(predictor.predict(flat(z)), expected), chunk
+
+
+def test_equal_corrections_and_strengths_are_evaluated_once(grid):
+    rows, images = grid
+    aligned = next(r for r in rows if isinstance(r.corrector, Aligned) and r.tau)
+    maps = aligned.corrector.maps
+    twin = Aligned(
+        AlignmentMaps(maps.lo, maps.step, maps.table.clone(), maps.valid.clone(), 0.01, 100),
+        aligned.corrector.pre,
+    )
+    linear = [r for r in rows if isinstance(r.corrector, (Shift, Blended))]
+    assert {type(r.corrector) for r in linear} == {Shift, Blended}
+    copies = [
+        Row(r.method, r.tau, Shift(r.corrector.shift.clone()))
+        if isinstance(r.corrector, Shift)
+        else Row(r.method, r.tau, Blended(r.corrector.scale.clone(), r.corrector.bias.clone()))
+        for r in linear[:: max(1, len(linear) // 4)]
+    ]
+    extra = [Row(aligned.method, aligned.tau, twin), Row(aligned.method, 0.45, twin), *copies]
+    mine = rows + extra
+    predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in mine])
+    group_of = {row: g for g in predictor.groups for row in g.rows}
+    assert group_of[len(rows)] is group_of[rows.index(aligned)]  # the twin joins the group
+    assert group_of[len(rows) + 1] is group_of[rows.index(aligned)]
+    for k, copy in enumerate(copies):
+        original = next(
+            i for i, r in enumerate(rows) if r.tau == copy.tau and r.method == copy.method
+        )
+        assert group_of[len(rows) + 2 + k] is group_of[original]
+    for group in predictor.groups:
+        assert len(set(group.taus)) == len(group.taus)  # each strength evaluated once
+    for z in images[:2]:
+        assert torch.equal(predictor.predict(flat(z)), row_by_row(mine, z))
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,23 @@ each row repeats what does not depend on it; here the rows are grouped:
   and the diagonal maps are computed once, and the tabulated ``exp(tau * D_ij)`` of all their
   strengths sit side by side in one wide table, so one embedding-bag pass gathers every
   strength's sums (the same rows of the same table as one strength alone reads, each column
-  summed in the same order, so every value is bit for bit the one-row value);
+  summed in the same order, so every value is bit for bit the one-row value); the logarithm
+  of those sums, the scores and the argmax of every strength are then one operation each over
+  all strengths;
+- the strengths of one :class:`~blda_posthoc.core.methods.Shift` or
+  :class:`~blda_posthoc.core.methods.Blended` correction (a per-class map ``a_t * z + b_t``
+  followed by ``log_softmax``) are scored and their argmax taken in one operation each;
+- corrections with the same content share one group (``filled-blda`` is ``blda`` when no cell
+  is borrowed; a ``--tau auto`` row joins the rows of its method), and a strength asked twice
+  in a group is evaluated once;
 - every other correction (including ones this module does not know) is evaluated by its own
   ``log_scores``, as a single row is.
 
 Each row's prediction is therefore exactly the argmax of
-:func:`blda_posthoc.core.correct.correct_image` for that row (the tests compare them); pixels
-that a shared path cannot treat exactly (a logit outside the statistics' grid, where the BLDA
-weight depends on ``tau``) go through the row's own ``log_scores``.
+:func:`blda_posthoc.core.correct.correct_image` for that row (the tests compare them): the
+shared paths do the same float operations on the same values, only batched. Pixels that a
+shared path cannot treat exactly (a logit outside the statistics' grid, where the BLDA weight
+depends on ``tau``) go through the row's own ``log_scores``.
 
 Shape legend: N pixels, C classes, R rows, T strengths of one group, G grid points.
 """
@@ -30,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores, lookup_tables
-from blda_posthoc.core.methods import Aligned, Corrector
+from blda_posthoc.core.methods import Aligned, Blended, Corrector, Shift
 
 DEFAULT_ROW_CHUNK = 1 << 15
 """Pixels per step: the wide BLDA bags are ``(N, T * C)``, about 20 MB at 19 classes, 8 taus."""
@@ -38,12 +47,69 @@ DEFAULT_ROW_CHUNK = 1 << 15
 
 @dataclass
 class _Group:
-    """Rows that share work: their indices in the row list and their strengths."""
+    """Rows that share work: their indices in the row list and their strengths.
 
-    kind: str  # "plain", "aligned" or "own"
+    ``taus`` holds each strength once; ``slots[k]`` is the position in ``taus`` of the
+    strength of row ``rows[k]``.
+    """
+
+    kind: str  # "plain", "aligned", "linear" or "own"
     corrector: Corrector
     rows: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
     taus: list[float] = field(default_factory=list)
+
+    def add(self, row: int, tau: float) -> None:
+        """Add row ``row`` of strength ``tau`` (a strength already here is evaluated once)."""
+        if tau not in self.taus:
+            self.taus.append(tau)
+        self.rows.append(row)
+        self.slots.append(self.taus.index(tau))
+
+
+def _kind(corrector: Corrector, tau: float) -> str:
+    """Which shared path evaluates ``corrector`` at ``tau`` (see the module docstring)."""
+    if corrector.is_identity(tau):
+        return "plain"
+    if isinstance(corrector, Aligned) and tau != 0:
+        return "aligned"
+    if isinstance(corrector, (Shift, Blended)):
+        return "linear"
+    return "own"
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+
+
+def same_content(a: Corrector, b: Corrector) -> bool:
+    """Whether two corrections of a shared path compute the same scores (equal tensors).
+
+    ``compare`` builds a correction per method and another one for each ``--tau auto`` row;
+    ``filled-blda`` borrows no cell when the target statistics have enough pixels everywhere,
+    and is then ``blda``. Such rows share one group.
+    """
+    if a is b:
+        return True
+    if isinstance(a, Aligned) and isinstance(b, Aligned):
+        ma, mb = a.maps, b.maps
+        same_pre = (a.pre is None and b.pre is None) or (
+            a.pre is not None
+            and b.pre is not None
+            and _equal(a.pre.scale, b.pre.scale)
+            and _equal(a.pre.bias, b.pre.bias)
+        )
+        return (
+            (ma.lo, ma.step) == (mb.lo, mb.step)
+            and _equal(ma.valid, mb.valid)
+            and _equal(ma.table, mb.table)
+            and same_pre
+        )
+    if isinstance(a, Shift) and isinstance(b, Shift):
+        return _equal(a.shift, b.shift)
+    if isinstance(a, Blended) and isinstance(b, Blended):
+        return _equal(a.scale, b.scale) and _equal(a.bias, b.bias)
+    return False
 
 
 class RowPredictor:
@@ -69,21 +135,25 @@ class RowPredictor:
         self.num_rows = len(rows)
         self.chunk_pixels = max(1, int(chunk_pixels))
         self.groups: list[_Group] = []
-        by_key: dict[tuple[str, int], _Group] = {}
         for index, (corrector, tau) in enumerate(rows):
             tau = float(tau)
-            if corrector.is_identity(tau):
-                key = ("plain", 0)
-            elif isinstance(corrector, Aligned) and tau != 0:
-                key = ("aligned", id(corrector))
-            else:
-                key = ("own", index)
-            group = by_key.get(key)
+            kind = _kind(corrector, tau)
+            group = next(
+                (
+                    g
+                    for g in self.groups
+                    if g.kind == kind == "plain"
+                    or (
+                        g.kind == kind in ("aligned", "linear")
+                        and same_content(g.corrector, corrector)
+                    )
+                ),
+                None,
+            )
             if group is None:
-                group = by_key[key] = _Group(key[0], corrector)
+                group = _Group(kind, corrector)
                 self.groups.append(group)
-            group.rows.append(index)
-            group.taus.append(tau)
+            group.add(index, tau)
         self._wide: dict[int, torch.Tensor] = {}
 
     def predict(self, z: torch.Tensor) -> torch.Tensor:
@@ -130,18 +200,21 @@ class RowPredictor:
         """``(R, n)`` predictions of one contiguous ``(n, C)`` step."""
         out = torch.empty((self.num_rows, z.shape[0]), dtype=torch.long, device=z.device)
         for group in self.groups:
-            for row, pred in zip(group.rows, self._group(group, z), strict=True):
-                out[row] = pred
+            preds = self._group(group, z)
+            for row, slot in zip(group.rows, group.slots, strict=True):
+                out[row] = preds[slot]
         return out
 
-    def _group(self, group: _Group, z: torch.Tensor) -> list[torch.Tensor]:
+    def _group(self, group: _Group, z: torch.Tensor) -> torch.Tensor:
+        """``(T, n)``: one prediction per strength of the group, in the order of ``group.taus``."""
         if group.kind == "plain":
-            plain = z.argmax(-1)  # what correct_image predicts for an identity
-            return [plain] * len(group.rows)
+            return z.argmax(-1)[None]  # what correct_image predicts for an identity
         if group.kind == "aligned":
             assert isinstance(group.corrector, Aligned)
             return self._aligned(group, group.corrector, z)
-        return [group.corrector.log_scores(z, t).argmax(-1) for t in group.taus]
+        if group.kind == "linear":
+            return _linear(group, z)
+        return torch.stack([group.corrector.log_scores(z, t).argmax(-1) for t in group.taus])
 
     def _wide_table(self, group: _Group, maps: AlignmentMaps) -> torch.Tensor:
         """``(C_j * G, T * C_i)``: every strength's ``exp_shift`` table side by side."""
@@ -151,13 +224,18 @@ class RowPredictor:
             self._wide[key] = torch.cat(tables, dim=1).contiguous()
         return self._wide[key]
 
-    def _aligned(self, group: _Group, corrector: Aligned, z: torch.Tensor) -> list[torch.Tensor]:
-        """Every strength of one BLDA correction, computed as corrected_log_scores does."""
+    def _aligned(self, group: _Group, corrector: Aligned, z: torch.Tensor) -> torch.Tensor:
+        """``(T, n)``: every strength of one BLDA correction, as corrected_log_scores does.
+
+        The operations are those of :func:`~blda_posthoc.core.align.corrected_log_scores` on
+        ``(n, T, C)`` tensors (strength ``t`` in slice ``[:, t]``): the same values, batched.
+        """
         maps = corrector.maps
         base = z if corrector.pre is None else corrector.pre.apply(z)
         n, c = base.shape
         wide = self._wide_table(group, maps)
         g = wide.shape[0] // c
+        t = len(group.taus)
         inside = base.clamp(maps.lo, maps.lo + maps.step * (g - 1))
         pos = (inside - maps.lo) / maps.step
         k = pos.floor().clamp_(max=g - 2)
@@ -169,23 +247,49 @@ class RowPredictor:
         bag = F.embedding_bag(
             rows, wide, per_sample_weights=weight * (1 - frac), mode="sum"
         ) + F.embedding_bag(rows + 1, wide, per_sample_weights=weight * frac, mode="sum")
-        skipped = None if bool(maps.valid.all()) else weight
+        offsets = [lookup_tables(maps, tau).offset for tau in group.taus]
+        log_total = torch.log(bag).view(n, t, c)
+        log_total += torch.tensor(offsets, dtype=log_total.dtype, device=base.device)[:, None]
         first = lookup_tables(maps, group.taus[0])
+        if not bool(maps.valid.all()):  # the cells without a shift do not depend on tau
+            log_total = torch.logaddexp(log_total, torch.log(weight @ first.skipped)[:, None])
         own = first.own.reshape(-1)
         t0, t1 = own.take(rows), own.take(rows + 1)
         own_shift = (t0 + frac * (t1 - t0) - base) * maps.valid.diagonal()
+        # base + tau * own_shift - top - log_total, in that order, for every strength
+        scores = _strengths(group, base)[:, None] * own_shift[:, None, :]
+        scores += base[:, None, :]
+        scores -= top[:, :, None]
+        scores -= log_total
+        pred = scores.argmax(-1)  # (N, T)
         outside = (base != inside).any(1).nonzero().squeeze(1)
-        preds = []
-        for t, tau in enumerate(group.taus):
-            tables = lookup_tables(maps, tau)
-            log_total = torch.log(bag[:, t * c : (t + 1) * c]) + tables.offset
-            if skipped is not None:
-                log_total = torch.logaddexp(log_total, torch.log(skipped @ tables.skipped))
-            pred = (base + tau * own_shift - top - log_total).argmax(-1)
-            if outside.numel():  # the tau-dependent weight of logits beyond the grid
-                pred[outside] = corrected_log_scores(base[outside], maps, tau).argmax(-1)
-            preds.append(pred)
-        return preds
+        if outside.numel():  # the tau-dependent weight of logits beyond the grid
+            for slot, tau in enumerate(group.taus):
+                pred[outside, slot] = corrected_log_scores(base[outside], maps, tau).argmax(-1)
+        return pred.T
+
+
+def _linear(group: _Group, z: torch.Tensor) -> torch.Tensor:
+    """``(T, n)``: every strength of a Shift or Blended correction, as its log_scores does.
+
+    The per-class terms of strength ``t`` are computed as ``log_scores`` computes them for
+    ``tau = taus[t]``, one ``(T, C)`` row each; the scores of all strengths are then one
+    ``(n, T, C)`` tensor, log-softmaxed and reduced in one call each.
+    """
+    corrector = group.corrector
+    taus = _strengths(group, z)[:, None]  # (T, 1)
+    if isinstance(corrector, Shift):  # z + tau * shift
+        scores = z[:, None, :] + taus * corrector.shift
+    else:  # Blended: z * (1 + tau * (scale - 1)) + tau * bias
+        assert isinstance(corrector, Blended)
+        scores = z[:, None, :] * (1 + taus * (corrector.scale - 1))
+        scores += taus * corrector.bias
+    return torch.log_softmax(scores, dim=-1).argmax(-1).T
+
+
+def _strengths(group: _Group, like: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` the group's strengths in ``like``'s dtype (each as ``tau * tensor`` rounds it)."""
+    return torch.tensor(group.taus, dtype=like.dtype, device=like.device)
 
 
 def pixel_counts(
