@@ -5,12 +5,16 @@ Shape legend: C classes, h x w logit size, H x W output size, N pixels.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.align import DEFAULT_TAU, default_chunk
 from blda_posthoc.core.fit import channel_argmax
 from blda_posthoc.core.methods import Corrector
+from blda_posthoc.core.relabel import confidence_logodds
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -125,6 +129,77 @@ def correct_image(
     return pred.reshape(size), scores.T.reshape(c, *size)
 
 
+SLAB_PIXELS = 1 << 18
+"""Output pixels per band of :func:`resized_rows` on the CPU (1 MB of float32 per channel
+plane: a band's planes are read again while they are still in the cache)."""
+BAND_MIN_WIDTH = 128
+"""Narrowest output width :func:`resized_rows` cuts into bands (see there)."""
+PIXEL_ALIGN = 128
+"""Bands and default chunks hold multiples of this many pixels. Torch's reductions over a
+pixel's channels take the last few pixels of a range (below a multiple of 16 per thread) by
+another path, which can round differently; aligned pieces keep every pixel where the whole
+image has it (see :func:`image_confidence`)."""
+
+
+def resized_rows(
+    logits: torch.Tensor, size: tuple[int, int], max_pixels: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`resize_logits` of ``(C, h, w)`` logits, bit for bit, a band of rows at a time.
+
+    When ``H`` is ``h`` times a power of two, each band of input rows is resized with one row
+    of its neighbours on either side and cropped: the bilinear weights are then multiples of a
+    power of two, the same in the band as in the whole image, so every value equals the whole
+    resize's (tested). Torch picks its kernel by the output size (a separable one once
+    ``H + W`` reaches 128, with other rounding), so bands are only cut when ``W`` alone
+    reaches :data:`BAND_MIN_WIDTH` (a band and the whole image then get the same kernel).
+    Other sizes come as one band (the whole resize); so does any size when ``max_pixels`` is
+    None.
+
+    Args:
+        logits: ``(C, h, w)`` logits (float32, or converted to it).
+        size: Output ``(H, W)``.
+        max_pixels: About the most output pixels per band (at least one input row's worth).
+
+    Yields:
+        ``(first output row, (C, r, W) float32 rows)``, top to bottom, covering ``H``; every
+        band but the last holds a multiple of :data:`PIXEL_ALIGN` pixels.
+    """
+    z = logits.float()
+    (h, w), (big_h, big_w) = tuple(z.shape[1:]), size
+    factor = big_h // h
+    narrow = big_w < BAND_MIN_WIDTH or w < 2
+    if max_pixels is None or narrow or factor < 1 or big_h % h or factor & (factor - 1):
+        yield 0, resize_logits(z, size)
+        return
+    assert max_pixels is not None
+    unit = PIXEL_ALIGN // math.gcd(PIXEL_ALIGN, factor * big_w)  # input rows: aligned bands
+    band = max(unit, max_pixels // (factor * big_w) // unit * unit)  # input rows per band
+    for start in range(0, h, band):
+        stop = min(start + band, h)
+        if w == big_w and factor == 1:
+            yield start, z[:, start:stop]
+            continue
+        low, high = max(start - 1, 0), min(stop + 1, h)
+        part = resize_logits(z[:, low:high], ((high - low) * factor, big_w))
+        first = (start - low) * factor
+        yield start * factor, part[:, first : first + (stop - start) * factor]
+
+
+def _bands(
+    logits: torch.Tensor, size: tuple[int, int], step: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first pixel, (C, n) planes)`` of the resized image, band by band (see above)."""
+    limit = max(SLAB_PIXELS, step) if logits.device.type == "cpu" else None
+    for row, rows in resized_rows(logits, size, limit):
+        yield row * size[1], rows.reshape(rows.shape[0], -1)
+
+
+def _pixel_chunks(planes: torch.Tensor, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, (n, C) pixel rows)`` of ``(C, N)`` planes, ``step`` pixels at a time."""
+    for start in range(0, planes.shape[1], step):
+        yield start, planes[:, start : start + step].T.contiguous()
+
+
 def predict_image(
     logits: torch.Tensor,
     size: tuple[int, int],
@@ -134,9 +209,7 @@ def predict_image(
 ) -> torch.Tensor:
     """The prediction of :func:`correct_image` alone, without its scores (less time, memory).
 
-    The plain argmax runs plane by plane over the channels (no pixel-major copy, no
-    log-softmax); a correction transposes and scores one chunk of pixels at a time (no copy of
-    the whole image, no score tensor kept). Equal to ``correct_image(...)[0]``.
+    Equal to ``correct_image(...)[0]``; see :func:`plain_and_predicted`.
 
     Args:
         logits: ``(C, h, w)`` float32 logits.
@@ -148,14 +221,100 @@ def predict_image(
     Returns:
         ``(H, W)`` int64 prediction.
     """
-    z = resize_logits(logits.float(), size)
-    c = z.shape[0]
-    if corrector.is_identity(tau):
-        return channel_argmax(z)
-    planes = z.reshape(c, -1)  # (C, N)
+    return plain_and_predicted(logits, size, corrector, tau, chunk_pixels, plain=False)[1]
+
+
+def plain_and_predicted(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    corrector: Corrector,
+    tau: float = DEFAULT_TAU,
+    chunk_pixels: int | None = None,
+    *,
+    plain: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The plain argmax and the corrected prediction of an image, resized band by band.
+
+    The logits are resized a band of rows at a time (:func:`resized_rows`), so the whole
+    ``(C, H, W)`` image never exists; the plain argmax runs over the channel planes of each
+    band (:func:`channel_argmax`), a correction transposes and scores one chunk of pixels at a
+    time. Equal to ``channel_argmax(resize_logits(logits, size))`` and
+    ``correct_image(logits, size, corrector, tau)[0]``, for any ``chunk_pixels``.
+
+    Args:
+        logits: ``(C, h, w)`` logits (at any size; ``(C, H, W)`` ones are used as they are).
+        size: Output ``(H, W)``.
+        corrector: The correction, on the logits' device.
+        tau: Correction strength.
+        chunk_pixels: Pixels per step of the correction.
+        plain: Also return the plain argmax (for the identity it is the prediction itself).
+
+    Returns:
+        ``plain`` ``(H, W)`` int64 (None without ``plain``) and ``pred`` ``(H, W)`` int64.
+    """
+    c = logits.shape[0]
+    identity = corrector.is_identity(tau)
     step = chunk_pixels or default_chunk(c)
-    pred = torch.empty(planes.shape[1], dtype=torch.long, device=z.device)
-    for start in range(0, planes.shape[1], step):
-        pixels = planes[:, start : start + step].T.contiguous()  # (n, C), as correct_image's
-        pred[start : start + pixels.shape[0]] = corrector.log_scores(pixels, tau).argmax(-1)
-    return pred.reshape(size)
+    pred = torch.empty(size[0] * size[1], dtype=torch.long, device=logits.device)
+    before = pred if identity or not plain else torch.empty_like(pred)
+    for first, planes in _bands(logits, size, step):
+        if plain or identity:
+            before[first : first + planes.shape[1]] = channel_argmax(planes)
+        if identity:
+            continue
+        for start, pixels in _pixel_chunks(planes, step):  # (n, C), as correct_image's rows
+            at = first + start
+            pred[at : at + pixels.shape[0]] = corrector.log_scores(pixels, tau).argmax(-1)
+    return (before.reshape(size) if plain else None), pred.reshape(size)
+
+
+def image_confidence(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    corrector: Corrector,
+    tau: float = DEFAULT_TAU,
+    chunk_pixels: int | None = None,
+    *,
+    plain: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Plain argmax, corrected pseudo-label and its confidence log-odds, without full scores.
+
+    Equal to ``channel_argmax(z)`` and ``confidence_logodds(correct_image(logits, size,
+    corrector, tau)[1])`` with ``z = resize_logits(logits, size)``: the same log-scores, one
+    chunk of pixels at a time (:func:`blda_posthoc.core.relabel.confidence_logodds` on each
+    chunk's channel-major view, as on the whole image's), so no ``(C, H, W)`` scores or
+    copies of them are kept. The prediction is the same for any ``chunk_pixels``; the
+    log-odds are bit for bit those of the whole image with the default chunks (multiples of
+    :data:`PIXEL_ALIGN` pixels), and may differ by a unit in the last place near the end of
+    other chunks.
+
+    Args:
+        logits: ``(C, h, w)`` logits (at any size; ``(C, H, W)`` ones are used as they are).
+        size: Output ``(H, W)``.
+        corrector: The correction, on the logits' device.
+        tau: Correction strength.
+        chunk_pixels: Pixels per step.
+        plain: Also return the plain argmax.
+
+    Returns:
+        ``plain`` ``(H, W)`` int64 (None without ``plain``), ``pred`` ``(H, W)`` int64 and
+        ``logodds`` ``(H, W)`` float32.
+    """
+    c = logits.shape[0]
+    identity = corrector.is_identity(tau)
+    step = chunk_pixels or default_chunk(c)
+    n = size[0] * size[1]
+    pred = torch.empty(n, dtype=torch.long, device=logits.device)
+    before = torch.empty_like(pred) if plain else None
+    logodds = torch.empty(n, dtype=torch.float32, device=logits.device)
+    for first, planes in _bands(logits, size, step):
+        if before is not None:
+            before[first : first + planes.shape[1]] = channel_argmax(planes)
+        for start, pixels in _pixel_chunks(planes, step):
+            scores = (
+                torch.log_softmax(pixels, dim=-1) if identity else corrector.log_scores(pixels, tau)
+            )
+            at = slice(first + start, first + start + pixels.shape[0])
+            pred[at], logodds[at] = confidence_logodds(scores.T)
+    shaped = None if before is None else before.reshape(size)
+    return shaped, pred.reshape(size), logodds.reshape(size)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.classes import cityscapes_label_ids, colorize, is_cityscapes, palette_for
-from blda_posthoc.core.correct import correct_image, predict_image
+from blda_posthoc.core.correct import correct_image, plain_and_predicted
 from blda_posthoc.core.fit import channel_argmax
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label, write_png
@@ -199,15 +199,20 @@ def corrected_predictions(
     *,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
-) -> Iterator[tuple[Record, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """As :func:`corrected_images`, the predictions alone (see :func:`predict_image`).
+) -> Iterator[tuple[Record, torch.Tensor, torch.Tensor]]:
+    """As :func:`corrected_images`, the predictions alone (see :func:`plain_and_predicted`).
+
+    The logits are resized a band of rows at a time: no ``(C, H, W)`` copy, no scores.
 
     Yields:
-        ``(record, logits (C, H, W), pred (H, W), None)`` per name: no scores are computed.
+        ``(record, plain (H, W), pred (H, W))`` per name: the plain argmax and the corrected
+        prediction (the same tensor for the identity).
     """
-    images = store.iter_images(names, device=device, progress=progress)
+    images = store.iter_images(names, device=device, progress=progress, resize=False)
     for record, z in images:
-        yield record, z, predict_image(z, record.size, correction.corrector, correction.tau), None
+        plain, pred = plain_and_predicted(z, record.size, correction.corrector, correction.tau)
+        assert plain is not None
+        yield record, plain, pred
 
 
 class BackgroundWriter:
@@ -333,22 +338,30 @@ def correct_store(
             )
         # PNGs are compressed in a thread while the next image is computed (the same bytes).
         writer = stack.enter_context(BackgroundWriter())
+        # (record, plain argmax, prediction, scores or None)
         predictions: Iterator[tuple[Record, torch.Tensor, torch.Tensor, torch.Tensor | None]]
         if scores_store is None:
-            predictions = corrected_predictions(
-                store, todo, correction, device=device, progress=progress
+            predictions = (
+                (record, plain, pred, None)
+                for record, plain, pred in corrected_predictions(
+                    store, todo, correction, device=device, progress=progress
+                )
             )
         else:
+            identity = correction.corrector.is_identity(correction.tau)
             predictions = (
-                (image.record, image.logits, image.pred, image.scores)
+                (
+                    image.record,
+                    image.pred if identity else channel_argmax(image.logits),
+                    image.pred,
+                    image.scores,
+                )
                 for image in corrected_images(
                     store, todo, correction, with_label=True, device=device, progress=progress
                 )
             )
-        for record, logits, pred, scores in predictions:
+        for record, before, pred, scores in predictions:
             label_map = pred.cpu().numpy().astype(np.uint8)
-            before = pred if correction.corrector.is_identity(correction.tau) else None
-            before = channel_argmax(logits) if before is None else before
             flow += _pairs(before.cpu().numpy(), label_map, c)
             writer.submit(write_label_map, paths[record.name], label_map, palette, cityscapes_ids)
             if scores_store is not None and scores is not None:

@@ -57,13 +57,13 @@ import numpy as np
 import torch
 
 from blda_posthoc.core.classes import IGNORE_INDEX, palette_for
-from blda_posthoc.core.correct import resize_logits
+from blda_posthoc.core.correct import image_confidence, resize_logits
 from blda_posthoc.core.evaluate import ConfusionMatrix, summarize
+from blda_posthoc.core.fit import channel_argmax
 from blda_posthoc.core.relabel import (
     ConfidenceHistogram,
     KeepThresholds,
     LogOddsGrid,
-    confidence_logodds,
     keep_thresholds,
     kept_confidence,
     select,
@@ -83,9 +83,9 @@ from blda_posthoc.outputs import (
     write_bytes,
 )
 from blda_posthoc.pipelines.correct import (
+    BackgroundWriter,
     check_cityscapes_ids,
     check_outputs,
-    corrected_images,
     output_paths,
     write_label_map,
 )
@@ -227,9 +227,11 @@ def confidence_histogram(
 ) -> ConfidenceHistogram:
     """Pass 1: per-class histograms of the corrected confidence log-odds over the whole store."""
     hist = ConfidenceHistogram(store.num_classes, device=device)
-    images = corrected_images(store, store.names, correction, device=device, progress=progress)
-    for image in images:
-        pred, logodds = confidence_logodds(image.scores)
+    images = store.iter_images(device=device, progress=progress, resize=False)
+    for record, z in images:
+        _, pred, logodds = image_confidence(
+            z, record.size, correction.corrector, correction.tau, plain=False
+        )
         hist.update(pred, logodds)
     return hist
 
@@ -527,31 +529,34 @@ def relabel_store(
     tally = Tally(c)
     palette = palette_for(store.class_names) if settings.color else None
     names = [n for n in store.names if n in todo]
-    images = corrected_images(
-        store,
+    images = store.iter_images(
         names,
-        correction,
-        with_label=with_label,
         device=device,
+        with_label=with_label,
         progress=wrap("pass 2/2" if thresholds is not None else "relabel"),
+        resize=False,
     )
-    for image in images:
-        pred, logodds = confidence_logodds(image.scores)
-        after = select(
-            pred,
-            logodds,
-            min_confidence=settings.min_confidence,
-            thresholds=thresholds,
-            grid=grid,
-        )
-        name = image.record.name
-        write_label_map(paths[name], after.cpu().numpy(), palette, settings.cityscapes_ids)
-        if weights is not None:
-            assert settings.weights_format is not None
-            quality = kept_confidence(after, logodds).cpu().numpy()
-            write_weight_map(paths[name][-1], quality, settings.weights_format)
-        baselines = _baselines(image.logits, name, image.record.size, pseudo, c)
-        tally.add(after, baselines, _label(image.record, label_files))
+    # The PNGs are compressed in a thread while the next image is computed (the same bytes).
+    with BackgroundWriter() as writer:
+        for record, z in images:
+            plain, pred, logodds = image_confidence(
+                z, record.size, correction.corrector, correction.tau
+            )
+            assert plain is not None
+            after = select(
+                pred,
+                logodds,
+                min_confidence=settings.min_confidence,
+                thresholds=thresholds,
+                grid=grid,
+            )
+            quality = None
+            if weights is not None:
+                quality = kept_confidence(after, logodds).cpu().numpy()
+            files = paths[record.name]
+            writer.submit(_write_image, files, after.cpu().numpy(), palette, settings, quality)
+            baselines = _baselines(plain, record.name, record.size, pseudo, c)
+            tally.add(after, baselines, _label(record, label_files))
     for name in store.names:
         if name not in todo:
             _add_existing(
@@ -679,15 +684,29 @@ def _label(record: Record, label_files: dict[str, Path]) -> torch.Tensor | None:
     return torch.from_numpy(label)
 
 
+def _write_image(
+    files: list[Path],
+    labels: np.ndarray,
+    palette: np.ndarray | None,
+    settings: RelabelSettings,
+    quality: np.ndarray | None,
+) -> None:
+    """Write one image's pseudo-labels (and extras), then its weights when given (last file)."""
+    write_label_map(files, labels, palette, settings.cityscapes_ids)
+    if quality is not None:
+        assert settings.weights_format is not None
+        write_weight_map(files[-1], quality, settings.weights_format)
+
+
 def _baselines(
-    logits: torch.Tensor,
+    plain: torch.Tensor,
     name: str,
     size: tuple[int, int],
     pseudo: dict[str, Path] | None,
     num_classes: int,
 ) -> dict[str, torch.Tensor]:
-    """The label maps a relabelled image is compared with: argmax, and the user's pseudo-labels."""
-    out = {"argmax": logits.argmax(0).to(torch.uint8).cpu()}
+    """The label maps a relabelled image is compared with: its plain argmax, the user's labels."""
+    out = {"argmax": plain.to(torch.uint8).cpu()}
     if pseudo is not None:
         out["pseudo_dir"] = torch.from_numpy(read_label_map(pseudo[name], size, num_classes))
     return out
@@ -711,7 +730,8 @@ def _add_existing(
     except InputError as exc:
         raise InputError(f"{exc} (cannot resume; use --overwrite)") from exc
     z = torch.from_numpy(record.logits).to(device)
-    baselines = _baselines(resize_logits(z, record.size), name, record.size, pseudo, c)
+    plain = channel_argmax(resize_logits(z, record.size))
+    baselines = _baselines(plain, name, record.size, pseudo, c)
     tally.add(after, baselines, _label(record, label_files))
 
 
