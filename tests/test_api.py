@@ -242,7 +242,7 @@ def test_load_refuses_a_correction_over_the_memory_budget(api_fitted, monkeypatc
 
     source, target = api_fitted["source"], api_fitted["target"]
     groups = 4  # both files hold statistics of calibrated logits
-    need = correction_memory(4, target.grid.bins, groups=groups, tables=1)
+    need = correction_memory(4, target.grid.bins, groups=groups)
     monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need - 4096) / 2**30))
     with pytest.raises(api.InputError, match=r"api.fit_stats\(\.\.\., bins=\d+\) fits"):
         api.load("blda", stats=target, anchors=source)

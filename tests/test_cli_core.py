@@ -605,7 +605,7 @@ def test_the_memory_estimate_decides_at_the_budget(tmp_path, stores, monkeypatch
     stats = tmp_path / "s.h5"
     run("fit-stats", stores["src"], "--label-source", "gt", "--out", stats)
     c, bins, groups = stats_size(stats)
-    need = correction_memory(c, bins, groups=groups, tables=1)
+    need = correction_memory(c, bins, groups=groups)
     budget = need - 4096 if below else need + 4096
     monkeypatch.setenv("BLDA_MEMORY_GIB", repr(budget / 2**30))
     result = run("evaluate", stores["tgt"], "--stats", stats, "--method", "blda", ok=not below)
@@ -622,7 +622,7 @@ def test_fit_stats_warns_when_its_file_would_not_fit_the_budget(
     from blda_posthoc.core.align import correction_memory
 
     groups = 2 if calibrated else 1
-    need = correction_memory(4, 4096, groups=groups, tables=1)
+    need = correction_memory(4, 4096, groups=groups)
     monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need - 4096) / 2**30))
     out = tmp_path / "s.h5"
     labels = "gt" if calibrated else "pseudo"
@@ -634,7 +634,7 @@ def test_fit_stats_warns_when_its_file_would_not_fit_the_budget(
         in (warnings[0])
     )
     fits = int(re.search(r"--bins (\d+) or fewer", warnings[0]).group(1))
-    assert correction_memory(4, fits, groups=groups, tables=1) < need - 4096
+    assert correction_memory(4, fits, groups=groups) < need - 4096
     assert read_stats(out).grid.bins == 4096
     refused = run("evaluate", stores["tgt"], "--stats", out, "--method", "blda", ok=False)
     assert_error(refused, f"needs about {need / 2**30:.2f} GiB")

@@ -276,17 +276,32 @@ def test_table_memory_estimate_and_the_largest_grid_that_fits():
 
 def test_correction_memory_counts_statistics_tables_and_the_process():
     c, b = 160, 4096
-    tables = 8 * c * c * (b + 1)
+    array = 4 * c * c * (b + 1)  # one float32 (C, C, G) table: maps or lookup
     stats = 8 * c * c * b
-    assert align.correction_memory(c, b, groups=0, tables=0) == align.PROCESS_BYTES
-    assert align.correction_memory(c, b, groups=3, tables=0) == align.PROCESS_BYTES + 3 * stats
-    one = align.correction_memory(c, b, groups=3, tables=1)
+    none = align.Tables()
+    assert align.correction_memory(c, b, groups=0, tables=none) == align.PROCESS_BYTES
+    assert align.correction_memory(c, b, groups=3, tables=none) == align.PROCESS_BYTES + 3 * stats
+    one = align.correction_memory(c, b, groups=3)
     assert one == align.PROCESS_BYTES + 3 * stats + align.table_memory(c, b + 1)
-    # more tables add their arrays, not another build step
-    assert align.correction_memory(c, b, groups=3, tables=3) == one + 2 * tables
+    # more maps and arrays add their tables, not another build step's temporaries
+    two = align.correction_memory(c, b, groups=3, tables=align.Tables((1, 1), extra=3))
+    assert two == one + 5 * array
+    # a large table caches one lookup table whatever the strengths tried ...
+    auto = align.correction_memory(c, b, groups=3, tables=align.Tables((20,)))
+    assert auto == one
+    # ... small ones up to CACHE_BYTES
+    small = align.Tables((20,)).memory(16, b + 1) - align.ONE_CORRECTION.memory(16, b + 1)
+    assert small == 19 * 4 * 16 * 16 * (b + 1) <= align.CACHE_BYTES
 
 
-@pytest.mark.parametrize("c, groups, tables", [(176, 3, 1), (255, 2, 5), (19, 1, 1)])
+@pytest.mark.parametrize(
+    "c, groups, tables",
+    [
+        (176, 3, align.ONE_CORRECTION),
+        (255, 2, align.Tables((7, 20), 7)),
+        (19, 1, align.Tables((1,))),
+    ],
+)
 def test_the_suggested_bins_are_the_most_that_fit(c, groups, tables):
     budget = 4 * 2**30
     bins = align.fitting_bins(c, groups=groups, tables=tables, budget=budget)

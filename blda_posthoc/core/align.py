@@ -140,7 +140,36 @@ numpy are imported (0.3 GiB of it resident), and 0.12 GiB more during a BLDA run
 the arrays, measured at 128 and 160 classes), with a little margin."""
 
 
-def correction_memory(num_classes: int, bins: int, *, groups: int, tables: int = 1) -> int:
+@dataclass(frozen=True)
+class Tables:
+    """The correction tables a command holds at once (for :func:`correction_memory`).
+
+    Attributes:
+        strengths: One entry per set of maps: the strengths whose lookup tables it caches
+            (:func:`lookup_tables` keeps up to :data:`CACHE_BYTES` of them, at least one).
+        extra: More ``(C, C, G)`` float32 arrays (``compare``'s side-by-side lookup tables).
+    """
+
+    strengths: tuple[int, ...] = ()
+    extra: int = 0
+
+    def memory(self, num_classes: int, points: int) -> int:
+        """Bytes on a grid of ``points``: the arrays, plus one build step's temporaries."""
+        if not self.strengths and not self.extra:
+            return 0
+        array = 4 * num_classes * num_classes * points
+        cached = max(1, CACHE_BYTES // array)
+        arrays = sum(1 + min(max(1, n), cached) for n in self.strengths) + self.extra
+        return arrays * array + table_memory(num_classes, points) - 2 * array
+
+
+ONE_CORRECTION = Tables((1,))
+"""One correction at one strength: its maps and one lookup table (:func:`table_memory`)."""
+
+
+def correction_memory(
+    num_classes: int, bins: int, *, groups: int, tables: Tables = ONE_CORRECTION
+) -> int:
     """Peak bytes of a process that reads statistics and builds corrections on them.
 
     Args:
@@ -148,9 +177,7 @@ def correction_memory(num_classes: int, bins: int, *, groups: int, tables: int =
         bins: Histogram bins ``B`` of the statistics.
         groups: ``(C, C, B)`` count arrays read (a file with statistics of calibrated logits
             holds two; ``--stats`` and ``--anchors`` add up).
-        tables: Corrections' tables held at once (``8 C^2 (B + 1)`` bytes each, see
-            :func:`table_memory`, plus one build step's temporaries; 0 for methods without
-            tables).
+        tables: The corrections' tables held at once, on the ``B + 1`` edges.
 
     Returns:
         :data:`PROCESS_BYTES` plus ``8 C^2 B`` per group plus the tables.
@@ -159,20 +186,15 @@ def correction_memory(num_classes: int, bins: int, *, groups: int, tables: int =
         >>> round(correction_memory(160, 4096, groups=3) / 2**30, 2)
         3.95
     """
-    values = num_classes * num_classes * bins
-    held = STATS_BYTES_PER_VALUE * groups * values
-    if not tables:
-        return PROCESS_BYTES + held
-    # one build step's temporaries at a time, whatever the number of tables
-    more = (tables - 1) * TABLE_BYTES_PER_VALUE * num_classes * num_classes * (bins + 1)
-    return PROCESS_BYTES + held + table_memory(num_classes, bins + 1) + more
+    held = STATS_BYTES_PER_VALUE * groups * num_classes * num_classes * bins
+    return PROCESS_BYTES + held + tables.memory(num_classes, bins + 1)
 
 
 BINS_STEP = 64
 """Bin counts :func:`fitting_bins` suggests are multiples of this."""
 
 
-def fitting_bins(num_classes: int, *, groups: int, tables: int, budget: float) -> int | None:
+def fitting_bins(num_classes: int, *, groups: int, tables: Tables, budget: float) -> int | None:
     """The most histogram bins (a multiple of :data:`BINS_STEP`) whose correction fits.
 
     Returns:
@@ -180,16 +202,14 @@ def fitting_bins(num_classes: int, *, groups: int, tables: int, budget: float) -
         even :data:`BINS_STEP` bins fit.
 
     Example:
-        >>> fitting_bins(176, groups=3, tables=1, budget=4 * 2**30)
+        >>> fitting_bins(176, groups=3, tables=ONE_CORRECTION, budget=4 * 2**30)
         3392
     """
     low, high = 0, (1 << 16) // BINS_STEP  # up to 65536 bins, the stats files' limit
     while low < high:
         mid = (low + high + 1) // 2
-        fits = (
-            correction_memory(num_classes, mid * BINS_STEP, groups=groups, tables=tables) <= budget
-        )
-        low, high = (mid, high) if fits else (low, mid - 1)
+        need = correction_memory(num_classes, mid * BINS_STEP, groups=groups, tables=tables)
+        low, high = (mid, high) if need <= budget else (low, mid - 1)
     return low * BINS_STEP if low else None
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from blda_posthoc.core import defaults
-from blda_posthoc.core.align import lookup_tables
+from blda_posthoc.core.align import Tables, lookup_tables
 from blda_posthoc.core.bootstrap import (
     DEFAULT_BOOTSTRAP,
     gain_intervals,
@@ -57,7 +57,7 @@ from blda_posthoc.core.methods import (
     has_strength,
 )
 from blda_posthoc.core.rows import RowPredictor
-from blda_posthoc.core.select import pick_best, split_names
+from blda_posthoc.core.select import AUTO_GRID, pick_best, split_names
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.schema import Node
@@ -627,16 +627,25 @@ def _matrix(values: Any, num_classes: int, path: Path, key: str) -> ConfusionMat
 METRIC_LABELS = {"miou": "mIoU", "macc": "mAcc"}
 
 
-def compare_tables(methods: Sequence[str], taus: Sequence[float]) -> int:
-    """Correction tables compare holds at once, in units of one correction's (two arrays).
+def compare_tables(methods: Sequence[str], taus: Sequence[float]) -> Tables:
+    """The correction tables compare holds at once (for the memory estimate).
 
-    Each BLDA method holds its maps twice (the grid's rows and the ``tau auto`` row, built
-    apart), one lookup table per non-zero strength side by side, the auto row's and one
-    cached: ``T + 4`` float32 ``(C, C, G)`` arrays; ``self-calibrate`` one correction.
+    Each BLDA method builds its maps twice (the grid's rows, and the ``tau auto`` row apart),
+    each caching the lookup tables of the strengths it was used with (its default and the
+    grid's, or the auto grid's), and holds the grid's lookup tables side by side once more,
+    with the auto row's; ``self-calibrate`` builds one correction. While one method's
+    side-by-side table is built, its strengths' tables are all alive besides it.
     """
     strengths = sum(1 for tau in taus if tau)
-    arrays = sum(strengths + 4 if m in ALIGNED else 2 if m in WITH_TABLES else 0 for m in methods)
-    return -(-arrays // 2)
+    maps: list[int] = []
+    extra = strengths if any(method in ALIGNED for method in methods) else 0
+    for method in methods:
+        if method in ALIGNED:
+            maps += [strengths + 1, len(AUTO_GRID) - 1]
+            extra += strengths + 1
+        elif method in WITH_TABLES:
+            maps.append(1)
+    return Tables(tuple(maps), extra)
 
 
 def bootstrap_bytes(rows: int, images: int, num_classes: int) -> int:

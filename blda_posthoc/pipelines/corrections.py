@@ -24,7 +24,9 @@ from blda_posthoc.core.adapt import (
 from blda_posthoc.core.align import (
     DEFAULT_CLAMP,
     DEFAULT_MIN_PIXELS,
+    ONE_CORRECTION,
     AlignmentMaps,
+    Tables,
     build_maps,
     lookup_tables,
 )
@@ -64,11 +66,17 @@ CALIBRATION_FOR = {"temperature": "temperature", "vector-scaling": "vector", "bi
 ALIGNED = ("blda", "calibrated-blda", "filled-blda")
 WITH_TABLES = (*ALIGNED, "self-calibrate")
 """Methods that build BLDA tables (the label-free default may be one of them)."""
+NO_TABLES = Tables()
 
 
-def correction_tables(method: str | None) -> int:
-    """Tables a correction by ``method`` holds (None: the label-free default, which may)."""
-    return 1 if method is None or method in WITH_TABLES else 0
+def correction_tables(method: str | None, tau_auto: bool = False) -> Tables:
+    """Tables a correction by ``method`` holds (None: the label-free default, which may).
+
+    ``--tau auto`` caches the lookup tables of the strengths it tries.
+    """
+    if method is not None and method not in WITH_TABLES:
+        return Tables()
+    return Tables((len(AUTO_GRID) - 1 if tau_auto else 1,))
 
 
 @dataclass(frozen=True)
@@ -279,7 +287,7 @@ class Statistics:
 
 
 def read_statistics(
-    stats: Path, anchors: Path | None, class_names: list[str], *, tables: int = 0
+    stats: Path, anchors: Path | None, class_names: list[str], *, tables: Tables = NO_TABLES
 ) -> Statistics:
     """Read ``--stats`` and ``--anchors``, which must share the store's class names.
 
@@ -368,7 +376,7 @@ def load_correction(
             needs = "--anchors" if spec.method in CALIBRATION_FOR else "--stats"
             raise InputError(f"--method {spec.method or 'default'} needs {needs}")
         statistics = read_statistics(
-            stats, anchors, class_names, tables=correction_tables(spec.method)
+            stats, anchors, class_names, tables=correction_tables(spec.method, spec.tau_auto)
         )
     check_provenance(statistics, spec.expected)
     default = None
@@ -569,7 +577,7 @@ def _aligned(
         cond.num_classes,
         max(held.grid.bins for held in held_groups(statistics)),
         groups=len(held_groups(statistics)),
-        tables=1,
+        tables=ONE_CORRECTION,
         fit_bins=terms.fit_bins,
     )
     maps = build_maps(cond, anchors, clamp, min_px, fallback=fallback)

@@ -13,7 +13,7 @@ import os
 import resource
 from pathlib import Path
 
-from blda_posthoc.core.align import correction_memory, fitting_bins
+from blda_posthoc.core.align import ONE_CORRECTION, Tables, correction_memory, fitting_bins
 from blda_posthoc.errors import InputError
 
 MEMORY_ENV = "BLDA_MEMORY_GIB"
@@ -52,7 +52,7 @@ def check_correction_memory(
     bins: int,
     *,
     groups: int,
-    tables: int,
+    tables: Tables,
     fit_bins: str = "blda fit-stats --bins {bins}",
 ) -> None:
     """Refuse, before anything is read or allocated, a correction that needs more than the budget.
@@ -63,7 +63,7 @@ def check_correction_memory(
         bins: Histogram bins of the statistics.
         groups: ``(C, C, B)`` count arrays held (see
             :func:`~blda_posthoc.core.align.correction_memory`).
-        tables: Corrections' tables held at once.
+        tables: The corrections' tables held at once.
         fit_bins: How the message names fitting with fewer bins (``{bins}`` is filled in).
 
     Raises:
@@ -94,7 +94,7 @@ def applying_warning(path: Path, num_classes: int, bins: int, *, groups: int) ->
     Returns:
         One line naming the file, the estimate and the ``--bins`` that fits; None when it fits.
     """
-    over = over_budget(num_classes, bins, groups=groups, tables=1)
+    over = over_budget(num_classes, bins, groups=groups, tables=ONE_CORRECTION)
     if over is None:
         return None
     need, budget, source, fits = over
@@ -108,7 +108,7 @@ def applying_warning(path: Path, num_classes: int, bins: int, *, groups: int) ->
 
 
 def over_budget(
-    num_classes: int, bins: int, *, groups: int, tables: int
+    num_classes: int, bins: int, *, groups: int, tables: Tables
 ) -> tuple[int, int, str, int | None] | None:
     """``(estimate, budget, where the budget comes from, bins that fit)``, or None when it fits."""
     budget, source = memory_budget()
