@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import fitted_case
 
 from blda_posthoc.cli import main
+from blda_posthoc.core.defaults import COMPARE_DEFAULT
 from blda_posthoc.io.store import LogitStore
 from blda_posthoc.pipelines.compare import select_row
 
@@ -54,11 +55,7 @@ def compare(case, out: Path, *extra) -> dict:
 
 
 def test_rows_equal_separate_evaluate_runs(case, tmp_path):
-    report = compare(case, tmp_path / "c.json")
-    assert report["format"] == "blda-compare" and report["version"] == 1
-    assert report["rows"][0]["method"] == "none" and report["rows"][0]["tau"] is None
-    methods = {r["method"] for r in report["rows"]}
-    assert methods == {
+    named = {
         "none",
         "blda",
         "calibrated-blda",
@@ -73,6 +70,10 @@ def test_rows_equal_separate_evaluate_runs(case, tmp_path):
         "self-calibrate",
         "logit-adjust",
     }
+    report = compare(case, tmp_path / "c.json", "--methods", ",".join(sorted(named)))
+    assert report["format"] == "blda-compare" and report["version"] == 1
+    assert report["rows"][0]["method"] == "none" and report["rows"][0]["tau"] is None
+    assert {r["method"] for r in report["rows"]} == named
     assert report["skipped_methods"] == {}
     checked = 0
     for row in report["rows"]:
@@ -113,7 +114,7 @@ def test_one_pass_over_the_images(case, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LogitStore, "read", counting)
     report = compare(case, tmp_path / "c.json")
-    assert len(report["rows"]) > 20
+    assert len(report["rows"]) > 15
     assert sorted(reads) == sorted(set(reads)) and len(reads) == 12
 
 
@@ -163,6 +164,8 @@ def test_select_on_reports_held_out_figures(case, tmp_path):
 def test_from_compare_applies_the_selection(case, tmp_path):
     report = compare(case, tmp_path / "c.json", "--select-on", "4", "--plot", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+    # Without --methods: the default grid (the benchmark's winners and the defaults).
+    assert [*dict.fromkeys(r["method"] for r in report["rows"])] == list(COMPARE_DEFAULT)
     out = tmp_path / "pred"
     run("correct", case["tgt"], "--from-compare", tmp_path / "c.json", "--out-dir", out)
     settings = json.loads((out / "correct.json").read_text())["settings"]
@@ -288,8 +291,9 @@ def test_methods_the_statistics_cannot_support_are_left_out_with_a_reason(case, 
     out = tmp_path / "c.json"
     # Target statistics alone: no calibration, so the calibration methods are left out.
     result = run(
-        "compare", case["tgt"], "--stats", case["tgt_stats"], "--tau", "0.5", "--json", out
-    )
+        "compare", case["tgt"], "--stats", case["tgt_stats"], "--tau", "0.5", "--json", out,
+        "--methods", "all,vector-scaling,logit-adjust",
+    )  # fmt: skip
     report = json.loads(out.read_text())
     assert "vector-scaling" in report["skipped_methods"]
     assert "vector-scaling left out" in result.stderr

@@ -238,7 +238,7 @@ def test_shards_merged_give_the_intervals_of_one_pass(case, tmp_path):
 
 def test_evaluate_before_after_has_the_interval_compare_gives(case, tmp_path):
     result = evaluate(
-        case, tmp_path / "e.json", "--method", "bias", "--markdown", tmp_path / "e.md"
+        case, tmp_path / "e.json", "--method", "bias", "--tau", "1", "--markdown", tmp_path / "e.md"
     )
     report = load(tmp_path / "e.json")
     lo, hi = report["gain_ci95"]
@@ -251,9 +251,9 @@ def test_evaluate_before_after_has_the_interval_compare_gives(case, tmp_path):
     row = load(tmp_path / "c.json")["rows"][1]
     assert row["method"] == "bias" and row["gain_ci95"] == report["gain_ci95"]
     # Another seed, other resamples; --bootstrap 0 turns it off.
-    evaluate(case, tmp_path / "s.json", "--method", "bias", "--seed", "7")
+    evaluate(case, tmp_path / "s.json", "--method", "bias", "--tau", "1", "--seed", "7")
     assert load(tmp_path / "s.json")["gain_ci95"] != report["gain_ci95"]
-    off = evaluate(case, tmp_path / "o.json", "--method", "bias", "--bootstrap", "0")
+    off = evaluate(case, tmp_path / "o.json", "--method", "bias", "--tau", "1", "--bootstrap", "0")
     assert load(tmp_path / "o.json")["gain_ci95"] is None
     assert "mIoU gain 95%" not in off.stdout
 

@@ -64,8 +64,14 @@ def test_calibrations_are_the_stored_affine_maps(case, kind, method):
     assert src.extras is not None
     scale, bias = src.extras.calibrations[kind]
     z, _ = target_pixels(case)
+    full = 1.0 if method != "temperature" else None  # temperature has no strength
     expected = (z * scale + bias).argmax(1)
-    assert (corrected(case, method) == expected).mean() > 0.9999
+    assert (corrected(case, method, full) == expected).mean() > 0.9999
+    if full is not None:
+        # Applied tau of the way: the log-linear blend of the raw and the mapped logits.
+        blend = ((1 - 0.3) * z + 0.3 * (z * scale + bias)).argmax(1)
+        assert (corrected(case, method, 0.3) == blend).mean() > 0.9999
+        assert (corrected(case, method, 0.0) == z.argmax(1)).all()
     if kind == "temperature":
         assert np.allclose(scale, scale[0]) and np.allclose(bias, 0)
     if kind == "bias":
@@ -342,7 +348,7 @@ def test_correct_with_an_affine_calibration_is_the_argmax_of_the_map_end_to_end(
     scale, bias = (np.asarray(v, np.float64) for v in extras.calibrations[kind])
     out = tmp_path / "pred"
     run("correct", case["tgt"], "--anchors", case["src_stats"], "--method", method,
-        "--out-dir", out)  # fmt: skip
+        "--tau", "1", "--out-dir", out)  # fmt: skip
     agree = total = changed = 0
     with LogitStore([case["tgt"]]) as store:
         for name in store.names:

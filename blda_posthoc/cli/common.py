@@ -416,7 +416,7 @@ def correction_options(func: F) -> F:
             help="Correction to apply [default: the label-free default: calibrated-blda τ 0.7 when "
             "the files hold calibrated statistics, else cbst τ 1, else blda τ 0.2; see "
             "docs/methods.md]. "
-            "'blda compare' measures them all.",
+            "'blda compare' measures them against each other.",
         ),
         click.option(
             "--tau",

@@ -26,10 +26,10 @@ from blda_posthoc.cli.common import (
     warn,
 )
 from blda_posthoc.core.defaults import (
+    COMPARE_DEFAULT,
     DEFAULT_TAU_GRID,
     METHODS,
     METRICS,
-    NOT_IN_COMPARE_DEFAULT,
 )
 
 MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
@@ -59,8 +59,9 @@ def parse_select_on(text: str | None) -> float | None:
     "--methods",
     default="all",
     show_default=True,
-    help=f"Comma-separated methods to compare (any of {', '.join(METHODS)}), or all: every "
-    f"method but {', '.join(NOT_IN_COMPARE_DEFAULT)} (never worth it on the benchmark).",
+    help=f"Comma-separated methods to compare (any of {', '.join(METHODS)}), or all: "
+    f"{', '.join(COMPARE_DEFAULT)} (the benchmark's winners and the defaults; "
+    "docs/methods.md).",
 )
 @click.option(
     "--tau",
