@@ -16,8 +16,9 @@ Prints one table, method × case, of held-out mIoU: every method at the strength
 then the label-free default's checks (docs/methods.md, "How the label-free default is chosen"):
 every method at its default strength against ``none - 2`` (PASS/FAIL per case), each
 ``--tau auto`` rule against ``none`` and the best fixed τ of its method, the leave-one-case-out
-choice of the default (max-min gain over ``none`` on the other cases) and the default's gain per
-case (with its 95 % bootstrap interval when compare reports ``gain_ci95``). Writes it all to
+choice of the default (max-min gain over ``none`` on the other cases), each method's default τ by
+the same rule (with its leave-one-out), every fixed row's regret (largest shortfall to a case's
+best row) and the default's gain per case (with its 95 % bootstrap interval). Writes it all to
 WORKDIR/results.md and, with every figure, WORKDIR/results.json.
 """
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from blda_posthoc.core.methods import DEFAULT_TAUS
+from blda_posthoc.core.methods import DEFAULT_TAUS, METHODS
 from blda_posthoc.demo.cases import (
     DEFAULT_CASES,
     BenchData,
@@ -61,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--select-on", default="10", help="compare --select-on (images)")
     parser.add_argument("--seed", type=int, default=0, help="compare --seed")
     parser.add_argument("--tau", default=None, help="compare --tau grid [default: its own]")
-    parser.add_argument("--methods", default=None, help="compare --methods [default: all]")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="compare --methods [default: every method, also those compare leaves out of its "
+        "default grid: the rule of docs/methods.md scores every label-free candidate]",
+    )
     parser.add_argument("--device", default="auto", help="--device of every command")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--plot", action="store_true", help="compare --plot per case")
