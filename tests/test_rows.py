@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import fitted_case
 
+from blda_posthoc.core import rows as rows_module
 from blda_posthoc.core.align import AlignmentMaps
 from blda_posthoc.core.correct import (
     correct_image,
@@ -115,6 +116,40 @@ def test_equal_corrections_and_strengths_are_evaluated_once(grid):
         assert torch.equal(predictor.predict(flat(z)), row_by_row(mine, z))
 
 
+def test_linear_rows_near_ties_large_logits_and_the_shortcut(monkeypatch):
+    """Shift and Blended rows: the end-point shortcut and the full path, both exact."""
+    g = torch.Generator().manual_seed(3)
+    c = 19
+    z = torch.randn(6000, c, generator=g) * 3
+    z[:500, 1] = z[:500, 4]  # exact ties
+    z[500:1000, 2] = z[500:1000, 0] + 1e-6  # near ties
+    z[1000:1500] *= 1e3  # large logits
+    # 18 channels at 0.25 and one a float step above: log_softmax merges the two top scores,
+    # so its argmax is channel 0 where the argmax of the logits is channel 5
+    z[1500:1600] = 0.25
+    z[1500:1600, 5] = torch.nextafter(torch.tensor(0.25), torch.tensor(1.0))
+    zero = Shift(torch.zeros(c))
+    assert int(zero.log_scores(z[1500:1501], 0.5).argmax()) == 0 != int(z[1500].argmax())
+    shift = Shift(torch.randn(c, generator=g))
+    blend = Blended(1 + 0.3 * torch.randn(c, generator=g), 0.5 * torch.randn(c, generator=g))
+    taus = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    rows = [(corrector, t) for corrector in (zero, shift, blend) for t in taus]
+    expected = torch.stack([corrector.log_scores(z, t).argmax(-1) for corrector, t in rows])
+    exact = rows_module._linear_exact
+    evaluated = []
+
+    def counted(corrector, pixels, strengths):
+        evaluated.append(pixels.shape[0])
+        return exact(corrector, pixels, strengths)
+
+    monkeypatch.setattr(rows_module, "_linear_exact", counted)
+    predictor = RowPredictor(rows, chunk_pixels=777)
+    assert [g.kind for g in predictor.groups] == ["linear"] * 3
+    assert torch.equal(predictor.predict(z), expected)
+    # both paths taken: most pixels by the end points, the close calls at every strength
+    assert 100 * 3 <= sum(evaluated) < z.shape[0] * 3 // 2
+
+
 @dataclass(frozen=True)
 class Reversed:
     """A correction this module does not know: it must go through its own log_scores."""
@@ -145,7 +180,8 @@ def test_counts_equal_a_confusion_matrix_per_row(grid):
     c = z.shape[0]
     rng = np.random.default_rng(0)
     label = torch.from_numpy(rng.integers(0, c, z.shape[1:]).astype(np.uint8))
-    label[:2] = 255
+    label[:2] = 255  # whole steps of ignored pixels
+    label[torch.from_numpy(rng.random(z.shape[1:]) < 0.3)] = 255  # and scattered ones
     counts = predictor.counts(flat(z), label.reshape(-1), c)
     for row, count in zip(rows, counts, strict=True):
         cm = ConfusionMatrix(c)

@@ -173,13 +173,18 @@ class RowPredictor:
             out[:, start : start + part.shape[0]] = self._chunk(part)
         return out
 
-    def counts(self, z: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def counts(
+        self, z: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255
+    ) -> torch.Tensor:
         """Every row's confusion counts of pixels, step by step (no ``(R, N)`` buffer).
+
+        Pixels labelled ``ignore_index`` count in no row, so they are not predicted at all.
 
         Args:
             z: ``(N, C)`` float32 logits (any strides).
-            label: ``(N,)`` true class ids (255 = ignore).
+            label: ``(N,)`` true class ids.
             num_classes: ``C``.
+            ignore_index: The label value to skip.
 
         Returns:
             ``(R, C, C + 1)`` int64 counts (see :func:`pixel_counts`).
@@ -192,28 +197,35 @@ class RowPredictor:
         )
         for start in range(0, z.shape[0], self.chunk_pixels):
             part = z[start : start + self.chunk_pixels].contiguous()
-            stop = start + part.shape[0]
-            total += pixel_counts(self._chunk(part), label[start:stop], num_classes)
+            part_label = label[start : start + part.shape[0]]
+            keep = (part_label != ignore_index).nonzero().squeeze(1)
+            if keep.numel() < part.shape[0]:
+                part, part_label = part[keep], part_label[keep]
+            total += pixel_counts(self._chunk(part), part_label, num_classes, ignore_index)
         return total
 
     def _chunk(self, z: torch.Tensor) -> torch.Tensor:
         """``(R, n)`` predictions of one contiguous ``(n, C)`` step."""
         out = torch.empty((self.num_rows, z.shape[0]), dtype=torch.long, device=z.device)
+        size = float(z.abs().amax()) if z.numel() else 0.0  # for the linear groups' error bound
         for group in self.groups:
-            preds = self._group(group, z)
+            preds = self._group(group, z, size)
             for row, slot in zip(group.rows, group.slots, strict=True):
                 out[row] = preds[slot]
         return out
 
-    def _group(self, group: _Group, z: torch.Tensor) -> torch.Tensor:
-        """``(T, n)``: one prediction per strength of the group, in the order of ``group.taus``."""
+    def _group(self, group: _Group, z: torch.Tensor, size: float) -> torch.Tensor:
+        """``(T, n)``: one prediction per strength of the group, in the order of ``group.taus``.
+
+        ``size`` is the largest ``|z|`` of the step.
+        """
         if group.kind == "plain":
             return z.argmax(-1)[None]  # what correct_image predicts for an identity
         if group.kind == "aligned":
             assert isinstance(group.corrector, Aligned)
             return self._aligned(group, group.corrector, z)
         if group.kind == "linear":
-            return _linear(group, z)
+            return _linear(group, z, size)
         return torch.stack([group.corrector.log_scores(z, t).argmax(-1) for t in group.taus])
 
     def _wide_table(self, group: _Group, maps: AlignmentMaps) -> torch.Tensor:
@@ -269,22 +281,78 @@ class RowPredictor:
         return pred.T
 
 
-def _linear(group: _Group, z: torch.Tensor) -> torch.Tensor:
+def _linear(group: _Group, z: torch.Tensor, size: float) -> torch.Tensor:
     """``(T, n)``: every strength of a Shift or Blended correction, as its log_scores does.
 
-    The per-class terms of strength ``t`` are computed as ``log_scores`` computes them for
-    ``tau = taus[t]``, one ``(T, C)`` row each; the scores of all strengths are then one
-    ``(n, T, C)`` tensor, log-softmaxed and reduced in one call each.
+    The scores of one strength are a per-class affine map of the logits whose coefficients
+    are linear in ``tau`` (``z + tau * shift``; ``z * (1 + tau * (scale - 1)) + tau * bias``),
+    so the gap between two classes is linear in ``tau``: a class that leads every other one at
+    the smallest and at the largest strength of the group leads at every strength in between,
+    by at least the smaller of its two leads. Where that lead, less the float error of the
+    scores (:func:`_linear_slack`), exceeds :data:`LINEAR_MARGIN` at both ends, the pixel's
+    prediction is that class at every strength: argmax and ``log_softmax`` cannot disagree on a
+    pixel whose top two scores are that far apart. The other pixels are evaluated at every
+    strength (:func:`_linear_exact`). The predictions are those of ``log_scores`` bit for bit.
     """
-    corrector = group.corrector
-    taus = _strengths(group, z)[:, None]  # (T, 1)
+    taus = group.taus
+    if len(taus) <= 2:
+        return _linear_exact(group.corrector, z, taus)
+    ends = [min(taus), max(taus)]
+    scores = _linear_scores(group.corrector, z, ends)  # (n, 2, C)
+    best = scores.max(-1)  # values and indices (n, 2); ties go to the first index
+    runner = scores.scatter_(-1, best.indices[..., None], -torch.inf).amax(-1)
+    lead = (best.values - runner).amin(-1)
+    limit = 4 * _linear_slack(group.corrector, size, ends[1], z.dtype) + LINEAR_MARGIN
+    proven = (best.indices[:, 0] == best.indices[:, 1]) & (lead > limit)
+    pred = best.indices[:, 0].expand(len(taus), -1).clone()
+    rest = (~proven).nonzero().squeeze(1)
+    if rest.numel():
+        pred[:, rest] = _linear_exact(group.corrector, z[rest], taus)
+    return pred
+
+
+LINEAR_MARGIN = 2.0**-16
+"""Lead (beyond the float error) above which the argmax of a Shift or Blended row's scores is
+also the argmax of their ``log_softmax``: subtracting the pixel's log-sum-exp (at most
+``log(255)`` above the top score) can merge only scores closer than about ``2**-21``."""
+
+
+def _linear_scores(corrector: Corrector, z: torch.Tensor, taus: Sequence[float]) -> torch.Tensor:
+    """``(n, T, C)``: the scores of every strength, as ``log_scores`` computes them.
+
+    The per-class terms of strength ``t`` are computed as ``log_scores`` computes them for
+    ``tau = taus[t]``, one ``(T, C)`` row each (the same float operations, batched).
+    """
+    t = torch.tensor(taus, dtype=z.dtype, device=z.device)[:, None]  # (T, 1)
     if isinstance(corrector, Shift):  # z + tau * shift
-        scores = z[:, None, :] + taus * corrector.shift
-    else:  # Blended: z * (1 + tau * (scale - 1)) + tau * bias
+        return z[:, None, :] + t * corrector.shift
+    assert isinstance(corrector, Blended)  # z * (1 + tau * (scale - 1)) + tau * bias
+    scores = z[:, None, :] * (1 + t * (corrector.scale - 1))
+    scores += t * corrector.bias
+    return scores
+
+
+def _linear_slack(corrector: Corrector, size: float, tau: float, dtype: torch.dtype) -> float:
+    """A bound of the float error of any score of :func:`_linear_scores` at strengths ``<= tau``.
+
+    ``size`` is the largest ``|z|`` of the pixels, ``dtype`` that of the scores.
+
+    Each of the at most six rounded operations errs by at most ``eps / 2`` of a value no larger
+    than ``|z| * (1 + tau * |scale - 1|) + tau * |bias|``; four times ``eps`` of that bound plus
+    one covers them with room.
+    """
+    if isinstance(corrector, Shift):
+        size += tau * float(corrector.shift.abs().amax())
+    else:
         assert isinstance(corrector, Blended)
-        scores = z[:, None, :] * (1 + taus * (corrector.scale - 1))
-        scores += taus * corrector.bias
-    return torch.log_softmax(scores, dim=-1).argmax(-1).T
+        size *= 1 + tau * float((corrector.scale - 1).abs().amax())
+        size += tau * float(corrector.bias.abs().amax())
+    return 4 * torch.finfo(dtype).eps * (size + 1)
+
+
+def _linear_exact(corrector: Corrector, z: torch.Tensor, taus: Sequence[float]) -> torch.Tensor:
+    """``(T, n)``: the argmax of ``log_softmax`` of every strength's scores."""
+    return torch.log_softmax(_linear_scores(corrector, z, taus), dim=-1).argmax(-1).T
 
 
 def _strengths(group: _Group, like: torch.Tensor) -> torch.Tensor:
