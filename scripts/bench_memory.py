@@ -145,7 +145,7 @@ def main() -> None:
             write_stats(tgt, c, bins, with_extras=False)
             stats_gib = 3 * 8 * c * c * bins / 2**30  # target: one group, source: two
             tables_gib = table_memory(c, bins + 1) / 2**30
-            estimate_gib = correction_memory(c, bins, groups=3, tables=1) / 2**30
+            estimate_gib = correction_memory(c, bins, groups=3) / 2**30
             _, plain, _ = run(["evaluate", str(store)], None)
             blda = ["evaluate", str(store), "--method", "blda", "--stats", str(tgt)]
             blda += ["--anchors", str(src)]
