@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from blda_posthoc.core.methods import Shift
+from blda_posthoc.core import align
+from blda_posthoc.core.align import AlignmentMaps
+from blda_posthoc.core.methods import Affine, Aligned, Shift
 from blda_posthoc.core.select import (
     AUTO_GRID,
     auto_tau,
     em_collapsed,
+    grid_shares,
     pick_best,
     predicted_shares,
     split_names,
@@ -28,6 +31,26 @@ def test_auto_tau_finds_the_strength_that_produced_the_target_shares():
     # An independent count of the shares.
     pred = (z + 0.6 * corrector.shift).argmax(1).numpy()
     np.testing.assert_allclose(target, np.bincount(pred, minlength=5) / len(pred))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("cache_tables", [None, 3])
+def test_grid_shares_are_each_strengths_own_shares(monkeypatch, calibrated, cache_tables):
+    gen = torch.Generator().manual_seed(4)
+    c, g = 6, 65
+    x = -8.0 + 0.25 * torch.arange(g)
+    table = x + 0.8 * torch.randn(c, c, 1, generator=gen) + 0.3 * torch.sin(x * torch.rand(c, c, 1))
+    valid = torch.rand(c, c, generator=gen) > 0.1
+    maps = AlignmentMaps(-8.0, 0.25, table.float(), valid, 0.01, 100)
+    pre = Affine(1 + 0.2 * torch.randn(c, generator=gen), torch.randn(c, generator=gen))
+    corrector = Aligned(maps, pre if calibrated else None)
+    z = 3 * torch.randn(5_000, c, generator=gen)
+    z[:50] *= 4  # some logits beyond the grid
+    if cache_tables is not None:  # strengths in batches of cache_tables
+        monkeypatch.setattr(align, "CACHE_BYTES", cache_tables * 4 * table.numel())
+    got = grid_shares(corrector, z, AUTO_GRID)
+    for t, shares in zip(AUTO_GRID, got, strict=True):
+        assert np.array_equal(shares, predicted_shares(corrector, z, t)), t
 
 
 def test_auto_tau_keeps_the_fallback_when_the_estimate_has_collapsed():

@@ -157,16 +157,35 @@ def em_step(probs: ArrayLike, source_priors: ArrayLike, current: ArrayLike) -> n
         ValueError: Bad shapes, zero source priors, negative posteriors.
     """
     src = _priors(source_priors, "source prior", positive=True)
-    cur = _priors(current, "current prior", positive=False)
-    if cur.shape != src.shape:
-        raise ValueError(f"current and source priors differ in shape: {cur.shape}, {src.shape}")
     p = _probs(probs, src.size)
     if bool((p < 0).any()):
         raise ValueError("probs must be non-negative")
+    return _em_sums(p, src, current)
+
+
+def _em_sums(p: torch.Tensor, src: np.ndarray, current: ArrayLike) -> np.ndarray:
+    """:func:`em_step` of checked ``(N, C)`` float64 posteriors and normalised source priors.
+
+    The loops of :func:`em_priors` and :func:`em_map_priors` check the posteriors once and
+    call this on every pass (the values are those of :func:`em_step`).
+    """
+    cur = _priors(current, "current prior", positive=False)
+    if cur.shape != src.shape:
+        raise ValueError(f"current and source priors differ in shape: {cur.shape}, {src.shape}")
     weighted = p * torch.as_tensor(cur / src, device=p.device)
     total = weighted.sum(1, keepdim=True)
-    weighted = weighted / torch.where(total > 0, total, torch.ones_like(total))
+    weighted /= torch.where(total > 0, total, torch.ones_like(total))
     return weighted.sum(0).cpu().numpy()
+
+
+def _checked_pass(probs: ArrayLike, src: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``current -> em_step(probs, src, current)`` with the posteriors checked once, up front."""
+    p = _probs(probs, src.size)
+    if bool((p < 0).any()):
+        raise ValueError("probs must be non-negative")
+    # em_step normalises the source priors it is given: so does this, once
+    step_src = _priors(src, "source prior", positive=True)
+    return lambda current: _em_sums(p, step_src, current)
 
 
 def em_iterate(
@@ -233,8 +252,7 @@ def em_priors(
         (array([0.75, 0.25]), 2)
     """
     src = _priors(source_priors, "source prior", positive=True)
-    p = _probs(probs, src.size)
-    return em_iterate(lambda current: em_step(p, src, current), src, max_iter=max_iter, tol=tol)
+    return em_iterate(_checked_pass(probs, src), src, max_iter=max_iter, tol=tol)
 
 
 def bbse_weights(source_confusion: ArrayLike, target_pred_shares: ArrayLike) -> np.ndarray:
@@ -313,11 +331,10 @@ def em_map_priors(
         ValueError: As :func:`em_priors`, or ``weight < 0``.
     """
     src = _priors(source_priors, "source prior", positive=True)
-    p = _probs(probs, src.size)
     return em_map_iterate(
-        lambda current: em_step(p, src, current),
+        _checked_pass(probs, src),
         src,
-        int(p.shape[0]),
+        int(_probs(probs, src.size).shape[0]),
         weight=weight,
         max_iter=max_iter,
         tol=tol,

@@ -59,6 +59,32 @@ def predicted_shares(corrector: Corrector, z: torch.Tensor, tau: float) -> np.nd
     return (counts / max(int(pred.numel()), 1)).numpy()
 
 
+def grid_shares(corrector: Corrector, z: torch.Tensor, grid: Sequence[float]) -> list[np.ndarray]:
+    """:func:`predicted_shares` at every strength of ``grid``, the strengths evaluated together.
+
+    A :class:`~blda_posthoc.core.rows.RowPredictor` shares the work of the strengths (for BLDA:
+    one table lookup for all of them); its predictions are each strength's own, bit for bit.
+    BLDA strengths go in batches whose side-by-side tables stay within the lookup-table cache
+    (:data:`~blda_posthoc.core.align.CACHE_BYTES`), which holds as much already.
+    """
+    from blda_posthoc.core.align import CACHE_BYTES
+    from blda_posthoc.core.methods import Aligned
+    from blda_posthoc.core.rows import RowPredictor
+
+    batch = len(grid)
+    if isinstance(corrector, Aligned):
+        batch = max(1, min(batch, CACHE_BYTES // max(1, 4 * corrector.maps.table.numel())))
+    c = z.shape[1]
+    shares = []
+    for start in range(0, len(grid), batch):
+        strengths = grid[start : start + batch]
+        preds = RowPredictor([(corrector, float(t)) for t in strengths]).predict(z)
+        for pred in preds:
+            counts = torch.bincount(pred, minlength=c).double()
+            shares.append((counts / max(int(pred.numel()), 1)).numpy())
+    return shares
+
+
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:
     """``0.5 * sum |p - q|`` of two ``(C,)`` distributions."""
     return 0.5 * float(np.abs(np.asarray(p, float) - np.asarray(q, float)).sum())
@@ -86,7 +112,7 @@ def auto_tau(
     Returns:
         ``{"tau", "criterion", "grid", "distance", "trusted"}`` with the distance per candidate.
     """
-    shares = [predicted_shares(corrector, z, t) for t in grid]
+    shares = grid_shares(corrector, z, grid)
     distances = [total_variation(p, target_priors) for p in shares]
     trusted = not em_collapsed(shares[0], target_priors)
     best = int(np.argmin(distances))
