@@ -4,7 +4,8 @@ Builds a seeded synthetic 19-class store like a Cityscapes val dump: logits at t
 resolution (19 x 256 x 512, float16) and 1024 x 2048 trainId labels (blobs, some ignore), then
 fits the quickstart statistics (source ground truth with calibrations; target pseudo-labels with
 ``--calibration``) and runs ``correct`` (none, blda, calibrated-blda), ``compare`` (the default
-grid; strided too when the command has ``--pixel-stride``), ``relabel`` and the two ``fit-stats``
+grid; strided too when the command has ``--pixel-stride``), ``relabel`` (every pixel, and
+``--keep-portion 0.8``) and the two ``fit-stats``
 steps, each as its own ``blda`` process. Per step it prints seconds per image, the ratio to
 ``correct --method none`` of the same run, the process's peak RSS (``wait4``'s ``ru_maxrss``),
 its CPU seconds per wall second (under 1 on a busy machine), and the time it would take for
@@ -126,6 +127,10 @@ def steps(store: Path, out: Path, device: str, stride: int) -> dict[str, list[st
         "correct calibrated-blda (tau 0.2)": [
             "correct", str(store), *stats, "--method", "calibrated-blda", "--out-dir",
             str(out / "cblda"), *dev,
+        ],
+        "relabel (blda, every pixel)": [
+            "relabel", str(store), *stats, "--method", "blda", "--out-dir", str(out / "pl-all"),
+            *dev,
         ],
         "relabel --keep-portion 0.8": [
             "relabel", str(store), *stats, "--method", "blda", "--keep-portion", "0.8",

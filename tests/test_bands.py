@@ -1,11 +1,13 @@
-"""Band-by-band resizing and prediction (core.correct): bit for bit the whole-image path."""
+"""Full-size paths: band-by-band resizing, chunked prediction and confidence, the trimmed BLDA
+lookups; each bit for bit the whole-image path it replaces."""
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from blda_posthoc.core import correct as core_correct
-from blda_posthoc.core.align import build_maps
+from blda_posthoc.core.align import build_maps, corrected_log_scores, lookup_tables
 from blda_posthoc.core.correct import (
     correct_image,
     image_confidence,
@@ -126,3 +128,51 @@ def test_nan_logits_are_placed_as_argmax_places_them():
     plain, pred = plain_and_predicted(z, (32, 32), Plain(), 0.0)
     assert plain is not None and torch.equal(plain, pred)
     assert torch.equal(pred, channel_argmax(resize_logits(z, (32, 32))))
+
+
+def old_log_scores(z, maps, tau):
+    """``corrected_log_scores`` as it was before the in-grid and all-valid short cuts."""
+    tables = lookup_tables(maps, tau)
+    c, g = z.shape[1], tables.own.shape[1]
+    inside = z.clamp(maps.lo, maps.lo + maps.step * (g - 1))
+    pos = (inside - maps.lo) / maps.step
+    k = pos.floor().clamp_(max=g - 2)
+    frac = pos - k
+    top = z.amax(1, keepdim=True)
+    weight = torch.exp(z - top)
+    shifted_weight = weight * torch.exp(-tau * (z - inside))
+    rows = k.long() + torch.arange(c, device=z.device) * g
+    bag = F.embedding_bag(
+        rows, tables.exp_shift, per_sample_weights=shifted_weight * (1 - frac), mode="sum"
+    ) + F.embedding_bag(
+        rows + 1, tables.exp_shift, per_sample_weights=shifted_weight * frac, mode="sum"
+    )
+    log_total = torch.log(bag) + tables.offset
+    if not bool(maps.valid.all()):
+        log_total = torch.logaddexp(log_total, torch.log(weight @ tables.skipped))
+    own = tables.own.reshape(-1)
+    t0, t1 = own.take(rows), own.take(rows + 1)
+    own_shift = (t0 + frac * (t1 - t0) - z) * maps.valid.diagonal()
+    return z + tau * own_shift - top - log_total
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skipped", ["one hypothesis", "none", "every hypothesis"])
+def test_lookups_equal_the_untrimmed_formula_bit_for_bit(maps, skipped, device):
+    table = type(maps)(**{**vars(maps), "cache": {}})
+    if skipped == "none":
+        table.valid = torch.ones_like(maps.valid)
+    elif skipped == "every hypothesis":
+        table.valid = maps.valid.clone()
+        table.valid[:, 1] = False  # every hypothesis i has cell (i, 1) without a shift
+    table = table.to(device)
+    partial = lookup_tables(table, 0.2).skip_columns
+    assert (partial is not None) == (skipped == "one hypothesis")
+    z = logits(5, 50, 80).reshape(C, -1).T.contiguous().to(device)
+    inside = z.clamp(-5.9, 5.9)  # every pixel inside the grid: the factor is skipped
+    edge = inside.clone()
+    edge[7, 2] = table.lo + table.step * (table.table.shape[-1] - 1)  # on the top edge
+    for pixels in (inside, z * 2.0, edge):
+        for tau in (0.2, 0.9):
+            got = corrected_log_scores(pixels, table, tau)
+            assert torch.equal(got, old_log_scores(pixels, table, tau))

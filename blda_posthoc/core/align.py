@@ -303,12 +303,19 @@ class LookupTables:
         own: ``(C, G)`` float32, ``T_ii(x_g)`` (the diagonal maps; row ``j`` uses the same
             grid rows ``j * G + g`` as ``exp_shift``).
         offset: The constant taken out of the exponent so that it cannot overflow.
+        all_valid: Whether every cell gets a shift (no ``skipped`` term needed).
+        own_valid: Whether every diagonal cell gets a shift.
+        skip_columns: The hypotheses ``i`` with a cell ``(i, j)`` without a shift, when not
+            all of them have one (None: every hypothesis has, or none).
     """
 
     exp_shift: torch.Tensor
     skipped: torch.Tensor
     own: torch.Tensor
     offset: float
+    all_valid: bool = False
+    own_valid: bool = False
+    skip_columns: torch.Tensor | None = None
 
 
 MAX_EXPONENT_SPREAD = 160.0
@@ -360,12 +367,21 @@ def lookup_tables(maps: AlignmentMaps, tau: float) -> LookupTables:
             skipped=(1.0 - valid).T.float().contiguous(),
             own=maps.table.diagonal(dim1=0, dim2=1).T.contiguous(),
             offset=offset,
+            all_valid=bool(maps.valid.all()),
+            own_valid=bool(maps.valid.diagonal().all()),
+            skip_columns=_partial(maps.valid),
         )
         keep = max(1, CACHE_BYTES // max(1, tables.exp_shift.numel() * 4))
         while len(maps.cache) >= keep:  # large tables: drop the oldest strength
             maps.cache.pop(next(iter(maps.cache)))
         maps.cache[key] = tables
     return maps.cache[key]
+
+
+def _partial(valid: torch.Tensor) -> torch.Tensor | None:
+    """``(K,)`` hypotheses with a cell without a shift, or None when that is none or all."""
+    rows = torch.nonzero(~valid.all(dim=1)).reshape(-1)
+    return rows if 0 < rows.numel() < valid.shape[0] else None
 
 
 def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> torch.Tensor:
@@ -384,29 +400,50 @@ def corrected_log_scores(z: torch.Tensor, maps: AlignmentMaps, tau: float) -> to
     tables = lookup_tables(maps, tau)
     n, c = z.shape
     g = tables.own.shape[1]
-    inside = z.clamp(maps.lo, maps.lo + maps.step * (g - 1))
+    low, high = maps.lo, maps.lo + maps.step * (g - 1)
+    inside = z.clamp(low, high)
     pos = (inside - maps.lo) / maps.step
     k = pos.floor().clamp_(max=g - 2)
     frac = pos - k
     k_long = k.long()
     top = z.amax(1, keepdim=True)
     weight = torch.exp(z - top)  # (N, C_j)
-    # Outside the grid T is constant, so exp(tau * D) falls by exp(-tau * (z - edge)).
-    shifted_weight = weight * torch.exp(-tau * (z - inside))
+    # Outside the grid T is constant, so exp(tau * D) falls by exp(-tau * (z - edge)). Inside
+    # it that factor is exp(-0.0) = 1 exactly: pixels all inside the grid (the common case,
+    # checked on the CPU where it costs no device sync) skip it with the same values.
+    shifted_weight = weight
+    if z.device.type != "cpu" or not _within(z, low, high):
+        shifted_weight = weight * torch.exp(-tau * (z - inside))
     rows = k_long + torch.arange(c, device=z.device) * g  # (N, C_j) rows of grid point k
+    next_rows = rows + 1
     # sum_j w_j exp(tau * D_ij - offset) over valid cells, interpolated between k and k + 1.
     bag = F.embedding_bag(
         rows, tables.exp_shift, per_sample_weights=shifted_weight * (1 - frac), mode="sum"
     ) + F.embedding_bag(
-        rows + 1, tables.exp_shift, per_sample_weights=shifted_weight * frac, mode="sum"
+        next_rows, tables.exp_shift, per_sample_weights=shifted_weight * frac, mode="sum"
     )  # (N, C_i)
     log_total = torch.log(bag) + tables.offset
-    if not bool(maps.valid.all()):
-        log_total = torch.logaddexp(log_total, torch.log(weight @ tables.skipped))
+    if not tables.all_valid:
+        extra = weight @ tables.skipped  # (N, C_i): the weights of the cells without a shift
+        cols = tables.skip_columns
+        if cols is None:
+            log_total = torch.logaddexp(log_total, torch.log(extra))
+        else:  # elsewhere extra is 0 and logaddexp(x, log 0) = x: only these columns change
+            log_total[:, cols] = torch.logaddexp(log_total[:, cols], torch.log(extra[:, cols]))
     own = tables.own.reshape(-1)
-    t0, t1 = own.take(rows), own.take(rows + 1)
-    own_shift = (t0 + frac * (t1 - t0) - z) * maps.valid.diagonal()
+    t0, t1 = own.take(rows), own.take(next_rows)
+    own_shift = t0 + frac * (t1 - t0) - z
+    if not tables.own_valid:  # a factor of 1 everywhere changes nothing: skipped then
+        own_shift = own_shift * maps.valid.diagonal()
     return z + tau * own_shift - top - log_total
+
+
+def _within(z: torch.Tensor, low: float, high: float) -> bool:
+    """Whether every value of ``z`` lies in ``[low, high]`` (False with a NaN)."""
+    if not z.numel():
+        return True
+    least, most = torch.aminmax(z)
+    return low <= float(least) and float(most) <= high
 
 
 def default_chunk(num_classes: int) -> int:
