@@ -104,8 +104,14 @@ def has_option(command: str, option: str) -> bool:
     return option in done.stdout
 
 
-def steps(store: Path, out: Path, device: str, stride: int) -> dict[str, list[str]]:
-    """The commands timed, by row name (fit-stats first: the others read their files)."""
+def steps(
+    store: Path, out: Path, device: str, stride: int, methods: list[str] | None = None
+) -> dict[str, list[str]]:
+    """The commands timed, by row name (fit-stats first: the others read their files).
+
+    Each of ``methods`` (a ``--methods`` value) adds a compare row with that list (and a
+    strided one), so that two versions with different default grids are timed on one grid.
+    """
     src, tgt = out / "src.h5", out / "tgt.h5"
     stats = ["--stats", str(tgt), "--anchors", str(src)]
     dev = ["--device", device]
@@ -145,6 +151,17 @@ def steps(store: Path, out: Path, device: str, stride: int) -> dict[str, list[st
             "compare", str(store), *stats, "--pixel-stride", str(stride), "--json",
             str(out / f"compare-s{stride}.json"), *dev,
         ]  # fmt: skip
+    for k, value in enumerate(methods or []):
+        label = f"compare --methods ({len(value.split(','))} methods)"
+        grid = ["--methods", value]
+        plan[label] = [
+            "compare", str(store), *stats, *grid, "--json", str(out / f"compare-m{k}.json"), *dev,
+        ]  # fmt: skip
+        if stride > 1 and has_option("compare", "--pixel-stride"):
+            plan[f"{label} --pixel-stride {stride}"] = [
+                "compare", str(store), *stats, *grid, "--pixel-stride", str(stride), "--json",
+                str(out / f"compare-m{k}-s{stride}.json"), *dev,
+            ]  # fmt: skip
     return plan
 
 
@@ -173,6 +190,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="--threads of every command")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None, help="comma-separated row-name prefixes to run")
+    parser.add_argument(
+        "--methods",
+        action="append",
+        default=None,
+        help="also time compare --methods VALUE (repeatable; e.g. another version's default)",
+    )
     parser.add_argument("--json", dest="json_path", type=Path, default=None)
     parser.add_argument(
         "--check-agreement",
@@ -195,7 +218,7 @@ def main() -> None:
         startup = {}
         for device in devices:
             out = Path(tmp) / device.replace(":", "_")
-            plan = steps(store, out, device, args.stride)
+            plan = steps(store, out, device, args.stride, args.methods)
             for name, command in plan.items():
                 wanted = args.only is None or name.startswith("fit-stats")
                 wanted = wanted or any(name.startswith(p) for p in args.only.split(","))

@@ -220,7 +220,7 @@ class RowPredictor:
         ``size`` is the largest ``|z|`` of the step.
         """
         if group.kind == "plain":
-            return z.argmax(-1)[None]  # what correct_image predicts for an identity
+            return _argmax(z)[None]  # what correct_image predicts for an identity
         if group.kind == "aligned":
             assert isinstance(group.corrector, Aligned)
             return self._aligned(group, group.corrector, z)
@@ -273,7 +273,7 @@ class RowPredictor:
         scores += base[:, None, :]
         scores -= top[:, :, None]
         scores -= log_total
-        pred = scores.argmax(-1)  # (N, T)
+        pred = _argmax(scores)  # (N, T)
         outside = (base != inside).any(1).nonzero().squeeze(1)
         if outside.numel():  # the tau-dependent weight of logits beyond the grid
             for slot, tau in enumerate(group.taus):
@@ -352,7 +352,16 @@ def _linear_slack(corrector: Corrector, size: float, tau: float, dtype: torch.dt
 
 def _linear_exact(corrector: Corrector, z: torch.Tensor, taus: Sequence[float]) -> torch.Tensor:
     """``(T, n)``: the argmax of ``log_softmax`` of every strength's scores."""
-    return torch.log_softmax(_linear_scores(corrector, z, taus), dim=-1).argmax(-1).T
+    return _argmax(torch.log_softmax(_linear_scores(corrector, z, taus), dim=-1)).T
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``, computed by ``x.max(-1)``.
+
+    The same indices (the first maximal value, as PyTorch documents for both), about a third
+    faster on CPU over a short last axis.
+    """
+    return x.max(-1).indices
 
 
 def _strengths(group: _Group, like: torch.Tensor) -> torch.Tensor:
