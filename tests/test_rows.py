@@ -47,6 +47,12 @@ def grid(tmp_path_factory) -> tuple[list[Row], list[torch.Tensor]]:
     valid[0, 1] = valid[2, 2] = valid[3, 0] = False
     holes = Aligned(AlignmentMaps(maps.lo, maps.step, maps.table, valid, maps.clamp, 100))
     rows += [Row("blda", tau, holes) for tau in (0.2, 0.5, 1.0)]
+    # ... and maps where every hypothesis has such a cell (the term on every column).
+    c = valid.shape[0]
+    every = maps.valid.clone()
+    every[torch.arange(c), (torch.arange(c) + 1) % c] = False
+    spread = Aligned(AlignmentMaps(maps.lo, maps.step, maps.table, every, maps.clamp, 100))
+    rows += [Row("blda", tau, spread) for tau in (0.3, 0.7)]
     return rows, images
 
 

@@ -263,11 +263,18 @@ class RowPredictor:
         log_total = torch.log(bag).view(n, t, c)
         log_total += torch.tensor(offsets, dtype=log_total.dtype, device=base.device)[:, None]
         first = lookup_tables(maps, group.taus[0])
-        if not bool(maps.valid.all()):  # the cells without a shift do not depend on tau
-            log_total = torch.logaddexp(log_total, torch.log(weight @ first.skipped)[:, None])
+        if not first.all_valid:  # the cells without a shift do not depend on tau
+            extra = torch.log(weight @ first.skipped)[:, None]  # (N, 1, C_i)
+            cols = first.skip_columns  # as corrected_log_scores: elsewhere extra is log 0
+            if cols is None:
+                log_total = torch.logaddexp(log_total, extra)
+            else:
+                log_total[..., cols] = torch.logaddexp(log_total[..., cols], extra[..., cols])
         own = first.own.reshape(-1)
         t0, t1 = own.take(rows), own.take(rows + 1)
-        own_shift = (t0 + frac * (t1 - t0) - base) * maps.valid.diagonal()
+        own_shift = t0 + frac * (t1 - t0) - base
+        if not first.own_valid:  # a factor of 1 everywhere changes nothing
+            own_shift = own_shift * maps.valid.diagonal()
         # base + tau * own_shift - top - log_total, in that order, for every strength
         scores = _strengths(group, base)[:, None] * own_shift[:, None, :]
         scores += base[:, None, :]
