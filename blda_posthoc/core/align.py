@@ -148,19 +148,21 @@ class Tables:
         strengths: One entry per set of maps: the strengths whose lookup tables it caches
             (:func:`lookup_tables` keeps up to :data:`CACHE_BYTES` of them, at least one).
         extra: More ``(C, C, G)`` float32 arrays (``compare``'s side-by-side lookup tables).
+        work: Bytes of other work held besides the tables (``compare``'s rows).
     """
 
     strengths: tuple[int, ...] = ()
     extra: int = 0
+    work: int = 0
 
     def memory(self, num_classes: int, points: int) -> int:
         """Bytes on a grid of ``points``: the arrays, plus one build step's temporaries."""
         if not self.strengths and not self.extra:
-            return 0
+            return self.work
         array = 4 * num_classes * num_classes * points
         cached = max(1, CACHE_BYTES // array)
         arrays = sum(1 + min(max(1, n), cached) for n in self.strengths) + self.extra
-        return arrays * array + table_memory(num_classes, points) - 2 * array
+        return arrays * array + table_memory(num_classes, points) - 2 * array + self.work
 
 
 ONE_CORRECTION = Tables((1,))
