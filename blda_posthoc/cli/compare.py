@@ -123,8 +123,8 @@ def parse_select_on(text: str | None) -> float | None:
     show_default=True,
     metavar="S",
     help="Evaluate every row on every S-th pixel of each axis of the full-size images (1/S² of "
-    "the pixels, the same per-pixel values): about S²/2 times faster for choosing a row on "
-    "large images; 1 evaluates every pixel.",
+    "the pixels, the same per-pixel values): the per-image work falls about S²-fold (the "
+    "run's fixed start-up stays), for choosing a row on large images; 1 evaluates every pixel.",
 )
 @shard_option
 @click.option(
