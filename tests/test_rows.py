@@ -89,6 +89,32 @@ def test_logits_beyond_the_grid_and_chunk_sizes(grid):
         assert torch.equal(predictor.predict(flat(z)), expected), chunk
 
 
+def test_lookup_tables_are_built_once_per_strength_when_the_cache_holds_one(grid, monkeypatch):
+    """Many classes make each table large, so the maps' cache keeps one: the predictor must not
+    ask it again for every chunk (that rebuilt every strength's table per chunk)."""
+    import blda_posthoc.core.align as align
+
+    rows, images = grid
+    maps = next(r.corrector.maps for r in rows if isinstance(r.corrector, Aligned))
+    fresh = Aligned(AlignmentMaps(maps.lo, maps.step, maps.table, maps.valid, maps.clamp, 100))
+    monkeypatch.setattr(align, "CACHE_BYTES", 1)  # the cache keeps one table
+    built = []
+
+    def counting_lookup(maps_, tau):
+        if (float(tau), str(maps_.table.device)) not in maps_.cache:
+            built.append(tau)
+        return lookup(maps_, tau)
+
+    lookup = rows_module.lookup_tables
+    monkeypatch.setattr(rows_module, "lookup_tables", counting_lookup)
+    taus = (0.2, 0.5, 1.0)
+    predictor = RowPredictor([(fresh, t) for t in taus], chunk_pixels=37)
+    pred = predictor.predict(flat(images[0]))
+    assert sorted(built) == sorted(taus)  # once each, whatever the number of chunks
+    expected = row_by_row([Row("blda", t, fresh) for t in taus], images[0])
+    assert torch.equal(pred, expected)
+
+
 def test_equal_corrections_and_strengths_are_evaluated_once(grid):
     rows, images = grid
     aligned = next(r for r in rows if isinstance(r.corrector, Aligned) and r.tau)

@@ -33,12 +33,17 @@ Shape legend: N pixels, C classes, R rows, T strengths of one group, G grid poin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores, lookup_tables
+from blda_posthoc.core.align import (
+    AlignmentMaps,
+    LookupTables,
+    corrected_log_scores,
+    lookup_tables,
+)
 from blda_posthoc.core.methods import Aligned, Blended, Corrector, Shift
 
 DEFAULT_ROW_CHUNK = 1 << 15
@@ -154,7 +159,7 @@ class RowPredictor:
                 group = _Group(kind, corrector)
                 self.groups.append(group)
             group.add(index, tau)
-        self._wide: dict[int, torch.Tensor] = {}
+        self._wide: dict[int, tuple[torch.Tensor, torch.Tensor, LookupTables]] = {}
 
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         """Every row's prediction of pixels.
@@ -228,12 +233,25 @@ class RowPredictor:
             return _linear(group, z, size)
         return torch.stack([group.corrector.log_scores(z, t).argmax(-1) for t in group.taus])
 
-    def _wide_table(self, group: _Group, maps: AlignmentMaps) -> torch.Tensor:
-        """``(C_j * G, T * C_i)``: every strength's ``exp_shift`` table side by side."""
+    def _wide_table(
+        self, group: _Group, maps: AlignmentMaps
+    ) -> tuple[torch.Tensor, torch.Tensor, LookupTables]:
+        """What a group's strengths need, built once per run (not once per chunk).
+
+        Returns:
+            ``(C_j * G, T * C_i)`` every strength's ``exp_shift`` table side by side, the
+            ``(T,)`` offsets of those tables, and the first strength's tables without their
+            ``exp_shift`` (the parts that do not depend on ``tau``). Keeping them here means
+            the maps' lookup cache, which holds only a few tables of many classes, is not
+            asked again for every chunk.
+        """
         key = id(group)
         if key not in self._wide:
-            tables = [lookup_tables(maps, t).exp_shift for t in group.taus]
-            self._wide[key] = torch.cat(tables, dim=1).contiguous()
+            tables = [lookup_tables(maps, t) for t in group.taus]
+            wide = torch.cat([table.exp_shift for table in tables], dim=1).contiguous()
+            offsets = torch.tensor([table.offset for table in tables], device=wide.device)
+            light = replace(tables[0], exp_shift=torch.empty(0))  # no view: frees the table
+            self._wide[key] = (wide, offsets, light)
         return self._wide[key]
 
     def _aligned(self, group: _Group, corrector: Aligned, z: torch.Tensor) -> torch.Tensor:
@@ -245,7 +263,7 @@ class RowPredictor:
         maps = corrector.maps
         base = z if corrector.pre is None else corrector.pre.apply(z)
         n, c = base.shape
-        wide = self._wide_table(group, maps)
+        wide, offsets, first = self._wide_table(group, maps)
         g = wide.shape[0] // c
         t = len(group.taus)
         inside = base.clamp(maps.lo, maps.lo + maps.step * (g - 1))
@@ -259,10 +277,8 @@ class RowPredictor:
         bag = F.embedding_bag(
             rows, wide, per_sample_weights=weight * (1 - frac), mode="sum"
         ) + F.embedding_bag(rows + 1, wide, per_sample_weights=weight * frac, mode="sum")
-        offsets = [lookup_tables(maps, tau).offset for tau in group.taus]
         log_total = torch.log(bag).view(n, t, c)
-        log_total += torch.tensor(offsets, dtype=log_total.dtype, device=base.device)[:, None]
-        first = lookup_tables(maps, group.taus[0])
+        log_total += offsets.to(log_total.dtype)[:, None]
         if not first.all_valid:  # the cells without a shift do not depend on tau
             extra = torch.log(weight @ first.skipped)[:, None]  # (N, 1, C_i)
             cols = first.skip_columns  # as corrected_log_scores: elsewhere extra is log 0
