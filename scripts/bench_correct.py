@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -72,7 +74,10 @@ def direct_predict(z: torch.Tensor, stats, tau: float, clamp: float = 0.01) -> t
     return out.reshape(h, w)
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # As the blda command line does before torch starts its OpenMP threads (docs/scaling.md).
@@ -106,7 +107,7 @@ def report_parts(store_path: Path, repeat: int) -> None:
         if not store.has_labels():
             return
 
-        def images(names: list[str] | None):  # the (name, logits, labels) source fit-stats uses
+        def images(names: Sequence[str] | None):  # the (name, logits, labels) fit-stats uses
             for record, z in store.iter_images(names, with_label=True):
                 yield record.name, z, torch.from_numpy(record.label).long()
 

@@ -258,13 +258,14 @@ def checks(cases: dict[str, dict[Key, dict[str, Any]]]) -> tuple[str, dict[str, 
 
     # the default now
     lines.append("### The default now, against the best label-free fixed row\n")
-    rows, acceptance = [], {}
+    acceptance: dict[str, Any] = {}
+    rows = []
     for n in names:
         key = default_key(cases[n])
         entry = cases[n][key]
-        fixed = {k: v for k, v in cases[n].items() if not k[2]}
-        best = max(fixed, key=lambda k: fixed[k]["gain"])
-        best_gain = fixed[best]["gain"]
+        candidates = {k: v for k, v in cases[n].items() if not k[2]}
+        best = max(candidates, key=lambda k: candidates[k]["gain"])
+        best_gain = candidates[best]["gain"]
         within = entry["gain"] >= best_gain - 0.5
         plus2 = best_gain < 2 or entry["gain"] >= 2
         acceptance[n] = {"default": row_name(key), "gain": round(entry["gain"], 2),
