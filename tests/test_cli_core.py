@@ -597,6 +597,25 @@ def test_statistics_over_the_memory_budget_are_refused_before_they_are_read(
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.parametrize("command", ["info", "diagnose"])
+def test_commands_that_only_read_statistics_check_the_budget_first(
+    tmp_path, stores, monkeypatch, command
+):
+    """info and diagnose (without --anchors) build no correction, but 200 x 200 x 4096 counts
+    are 1.2 GiB to read: over a 1 GiB budget they are refused from the declared shape."""
+    from blda_posthoc.pipelines import memory
+
+    def never(*args, **kwargs):
+        raise AssertionError("the statistics were read")
+
+    monkeypatch.setattr(memory, "read_stats", never)
+    monkeypatch.setenv("BLDA_MEMORY_GIB", "1")
+    big = declared_stats(tmp_path / "big.h5", 200, 4096)
+    args = ["info", big] if command == "info" else ["diagnose", stores["tgt"], "--stats", big]
+    result = run(*args, ok=False)
+    assert_error(result, "big.h5: reading it needs about", "1.00 GiB (BLDA_MEMORY_GIB)")
+
+
 @pytest.mark.parametrize("below", [True, False])
 def test_the_memory_estimate_decides_at_the_budget(tmp_path, stores, monkeypatch, below):
     """A real file just over the budget is refused (naming --bins that fits), just under runs."""

@@ -84,7 +84,6 @@ def command(
     """
     from blda_posthoc.core.diagnose import diagnose
     from blda_posthoc.io.jsonfiles import write_json
-    from blda_posthoc.io.stats import read_stats
     from blda_posthoc.io.store import LogitStore, expand_store_paths
     from blda_posthoc.pipelines.diagnose import (
         count_predictions,
@@ -98,6 +97,7 @@ def command(
     )
     from blda_posthoc.pipelines.dump_logits import shard_path
     from blda_posthoc.pipelines.evaluate import every_label
+    from blda_posthoc.pipelines.memory import read_stats_within_budget
     from blda_posthoc.report.plots import require_matplotlib
 
     if merge and (
@@ -130,7 +130,7 @@ def command(
     if merge:
         counts = merge_counts(expand_store_paths(stores))
         stats_path, anchors_path = counts.stats_path, counts.anchors_path
-        stats = read_stats(stats_path)
+        stats = read_stats_within_budget(stats_path)
         if stats.fingerprint != counts.fingerprint:
             raise InputError(f"{stats_path}: not the statistics the shards used (fingerprint)")
         predicted, confusion, num_images = counts.predicted, counts.confusion, counts.num_images

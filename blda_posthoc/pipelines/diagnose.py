@@ -42,11 +42,11 @@ from blda_posthoc.errors import InputError
 from blda_posthoc.io.images import read_label
 from blda_posthoc.io.jsonfiles import count_array, read_parts
 from blda_posthoc.io.schema import MAX_COUNT_SUM
-from blda_posthoc.io.stats import read_stats
 from blda_posthoc.io.store import MAX_CLASSES, LogitStore
 from blda_posthoc.pipelines.console import info, progress
 from blda_posthoc.pipelines.corrections import read_statistics, target_priors
 from blda_posthoc.pipelines.fit_stats import FitOptions, fit_store
+from blda_posthoc.pipelines.memory import read_stats_within_budget
 from blda_posthoc.report.plots import require_matplotlib, save_figure
 from blda_posthoc.report.tables import fmt_or_dash, round_or_none
 
@@ -110,7 +110,7 @@ def load_or_fit_stats(
             device=device,
             progress=lambda it, n: progress(it, n, "fit-stats"),
         )
-    stats = read_stats(stats_path)
+    stats = read_stats_within_budget(stats_path)
     if stats.class_names != store.class_names:
         raise InputError(
             f"{stats_path}: class names {stats.class_names} differ from the store's "

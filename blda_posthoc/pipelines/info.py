@@ -43,6 +43,7 @@ from blda_posthoc.io import stats as stats_io
 from blda_posthoc.io import store as store_io
 from blda_posthoc.io.names import describe_names
 from blda_posthoc.io.schema import check_version
+from blda_posthoc.pipelines.memory import read_stats_within_budget
 
 FORMAT = "blda-info"
 VERSION = 1
@@ -116,7 +117,7 @@ def _describe(path: Path) -> dict[str, Any]:
         if fmt == store_io.FORMAT:
             return {**head, **_describe_store(f, path)}
         stored_fingerprint = _text(f.attrs.get("fingerprint", "")) or None
-    stats = stats_io.read_stats(path)  # checks the version and reads the histograms
+    stats = read_stats_within_budget(path)  # checks the version and reads the histograms
     return {**head, **_describe_stats(stats, stored_fingerprint)}
 
 
@@ -305,7 +306,7 @@ def rename_classes(path: Path | str, names: Sequence[str]) -> list[str]:
     with _open(path) as f:
         fmt = _text(f.attrs["format"])
     # The names are read by the format's validating reader: a damaged file is refused here.
-    stats = stats_io.read_stats(path) if fmt == stats_io.FORMAT else None
+    stats = read_stats_within_budget(path) if fmt == stats_io.FORMAT else None
     old = stats.class_names if stats is not None else store_io.store_class_names(path)
     if len(names) != len(old):
         raise InputError(

@@ -14,7 +14,9 @@ import resource
 from pathlib import Path
 
 from blda_posthoc.core.align import ONE_CORRECTION, Tables, correction_memory, fitting_bins
+from blda_posthoc.core.fit import LogitStats
 from blda_posthoc.errors import InputError
+from blda_posthoc.io.stats import read_stats, stats_size
 
 MEMORY_ENV = "BLDA_MEMORY_GIB"
 """Environment variable that sets the memory budget in GiB."""
@@ -54,6 +56,7 @@ def check_correction_memory(
     groups: int,
     tables: Tables,
     fit_bins: str = "blda fit-stats --bins {bins}",
+    what: str = "the correction",
 ) -> None:
     """Refuse, before anything is read or allocated, a correction that needs more than the budget.
 
@@ -65,6 +68,7 @@ def check_correction_memory(
             :func:`~blda_posthoc.core.align.correction_memory`).
         tables: The corrections' tables held at once.
         fit_bins: How the message names fitting with fewer bins (``{bins}`` is filled in).
+        what: What needs the memory, for the message.
 
     Raises:
         InputError: One line with the estimate, the budget and the bin count that fits.
@@ -79,10 +83,29 @@ def check_correction_memory(
         else "use a machine with more memory"
     )
     raise InputError(
-        f"{where}: the correction needs about {need / 2**30:.2f} GiB ({num_classes} classes x "
+        f"{where}: {what} needs about {need / 2**30:.2f} GiB ({num_classes} classes x "
         f"{bins} bins), more than the memory budget of {budget / 2**30:.2f} GiB ({source}); "
         f"{remedy}, or set {MEMORY_ENV} if more is free"
     )
+
+
+def read_stats_within_budget(path: Path) -> LogitStats:
+    """``read_stats``, after checking its declared count arrays against the budget.
+
+    For the commands that read a stats file without building a correction from it (``info``,
+    ``diagnose`` without ``--anchors``, merges); those that correct go through
+    :func:`~blda_posthoc.pipelines.corrections.read_statistics`, which counts their tables too.
+
+    Raises:
+        InputError: The file's arrays alone need more than the budget (one line), or the file is
+            not valid statistics.
+    """
+    size = stats_size(path)
+    if size is not None:  # else read_stats names what is wrong
+        check_correction_memory(
+            path, size[0], size[1], groups=size[2], tables=Tables(), what="reading it"
+        )
+    return read_stats(path)
 
 
 def applying_warning(path: Path, num_classes: int, bins: int, *, groups: int) -> str | None:
