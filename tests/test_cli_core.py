@@ -662,6 +662,24 @@ def test_fit_stats_warns_when_its_file_would_not_fit_the_budget(
     assert "warning:" not in result.stderr
 
 
+@pytest.mark.parametrize("labels, groups", [("pseudo", 1), ("gt", 2)])
+def test_fit_stats_refuses_histograms_over_the_budget_before_the_fit(
+    tmp_path, stores, monkeypatch, labels, groups
+):
+    """gt fits calibrated statistics too: two sets of histograms held at once."""
+    from blda_posthoc.core.align import Tables, correction_memory
+
+    need = correction_memory(4, 4096, groups=groups, tables=Tables())
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need - 4096) / 2**30))
+    out = tmp_path / "s.h5"
+    result = run("fit-stats", stores["src"], "--label-source", labels, "--out", out, ok=False)
+    assert_error(result, f"--bins 4096: fitting needs about {need / 2**30:.2f} GiB", "--bins ")
+    assert not out.exists()
+    monkeypatch.setenv("BLDA_MEMORY_GIB", repr((need + 4096) / 2**30))
+    run("fit-stats", stores["src"], "--label-source", labels, "--out", out)
+    assert out.exists()
+
+
 @pytest.mark.parametrize("value", ["x", "0", "-1", "nan", "inf"])
 def test_a_bad_memory_budget_is_one_line(tmp_path, stores, monkeypatch, value):
     monkeypatch.setenv("BLDA_MEMORY_GIB", value)

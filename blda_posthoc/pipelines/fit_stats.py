@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from blda_posthoc.core import defaults
+from blda_posthoc.core.align import Tables
 from blda_posthoc.core.calibrate import CALIBRATIONS, fit_calibration, sample_pixels
 from blda_posthoc.core.classes import IGNORE_INDEX
 from blda_posthoc.core.fit import (
@@ -38,6 +39,7 @@ from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confiden
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.stats import MAX_CALIBRATION_SCALE
 from blda_posthoc.io.store import LogitStore, Progress
+from blda_posthoc.pipelines.memory import check_correction_memory
 
 # Defined where `blda CMD -h` reads them (no torch there); re-exported here.
 DEFAULT_BINS = defaults.DEFAULT_BINS
@@ -112,14 +114,24 @@ MAX_SPREAD = 256
 """The grid may span at most this many times a typical image's logit range (see below)."""
 
 
-def check_memory(num_classes: int, bins: int) -> None:
-    """Refuse ``--bins`` whose ``(C, C, bins)`` histograms would not fit the limit."""
+def check_memory(num_classes: int, bins: int, groups: int = 1) -> None:
+    """Refuse ``--bins`` whose ``(C, C, bins)`` histograms exceed the format's limit or the budget.
+
+    Args:
+        num_classes: ``C``.
+        bins: Histogram bins.
+        groups: Histogram sets held at once (2 when calibrated statistics are fitted too).
+    """
     values = num_classes * num_classes * bins
     if values > MAX_CELL_VALUES:
         raise InputError(
             f"--bins {bins} with {num_classes} classes needs {values * 8 / 2**30:.1f} GiB of "
             f"histograms (at most {MAX_CELL_VALUES * 8 / 2**30:.0f} GiB); use fewer --bins"
         )
+    check_correction_memory(
+        f"--bins {bins}", num_classes, bins, groups=groups, tables=Tables(), what="fitting",
+        fit_bins="--bins {bins}",
+    )  # fmt: skip
 
 
 def check_spread(store: LogitStore, bins: int) -> None:
@@ -198,7 +210,8 @@ def fit_store(
     if options.labels == "gt" and not store.has_labels():
         raise InputError(f"{store.paths[0]}: --label-source gt needs label maps in every image")
     lo, hi = store.logit_range()
-    check_memory(store.num_classes, options.bins)
+    calibrated = options.labels == "gt" or options.calibration is not None
+    check_memory(store.num_classes, options.bins, groups=2 if calibrated else 1)
     check_spread(store, options.bins)
     with_label = options.labels == "gt"
 
