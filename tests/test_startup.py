@@ -27,6 +27,7 @@ print(json.dumps(report))
 USAGE_ERRORS = [
     ["correct"],  # STORES missing
     ["compare", "x.h5", "--pixel-stride", "0", "--json", "c.json"],
+    ["compare", "x.h5", "--methods", "blda,foo", "--json", "c.json"],
     ["relabel", "x.h5", "--keep-portion", "2"],
     ["fit-stats", "x.h5", "--label-source", "nope", "--out", "s.h5"],
     ["evaluate", "--device", "tpu"],

@@ -36,6 +36,19 @@ MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
 """Options a merge takes from the shards' settings (given to --merge they are refused)."""
 
 
+def check_method_names(text: str) -> str:
+    """``--methods``: every comma-separated name is ``all`` or a method (a usage error else)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(names).difference(METHODS, {"all"}))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)} (choose from all, {', '.join(METHODS)})"
+        )
+    if not names:
+        raise click.BadParameter("name at least one method, or all")
+    return text
+
+
 def parse_select_on(text: str | None) -> float | None:
     """``--select-on``: a count of images (>= 1) or a fraction in (0, 1)."""
     if text is None:
@@ -59,6 +72,7 @@ def parse_select_on(text: str | None) -> float | None:
     "--methods",
     default="all",
     show_default=True,
+    callback=lambda ctx, param, value: check_method_names(value),
     help=f"Comma-separated methods to compare (any of {', '.join(METHODS)}), or all: "
     f"{', '.join(COMPARE_DEFAULT)} (the benchmark's winners and the defaults; "
     "docs/methods.md).",
