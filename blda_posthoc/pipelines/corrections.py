@@ -56,8 +56,8 @@ from blda_posthoc.core.relabel import LogOddsGrid, keep_thresholds
 from blda_posthoc.core.select import AUTO_GRID, auto_tau
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.schema import Node
-from blda_posthoc.io.stats import read_stats, stats_size
-from blda_posthoc.pipelines.memory import check_correction_memory
+from blda_posthoc.io.stats import read_stats
+from blda_posthoc.pipelines.memory import check_correction_memory, check_stats_memory
 
 CBST_PORTION = 0.5
 """``cbst`` divides each class's probability by the median confidence of its predicted pixels."""
@@ -294,16 +294,7 @@ def read_statistics(
     Their memory, with ``tables`` corrections' tables on them, is checked against the budget
     (:func:`~blda_posthoc.pipelines.memory.check_correction_memory`) before anything is read.
     """
-    sizes = [stats_size(path) for path in {stats, anchors or stats}]
-    if None not in sizes:  # else read_stats names what is wrong
-        known = [size for size in sizes if size is not None]
-        check_correction_memory(
-            stats,
-            max(size[0] for size in known),
-            max(size[1] for size in known),
-            groups=sum(size[2] for size in known),
-            tables=tables,
-        )
+    check_stats_memory([*dict.fromkeys([stats, anchors or stats])], tables)
     cond = read_stats(stats)
     anchor_stats = cond if anchors is None else read_stats(anchors)
     for path, read in ((stats, cond), (anchors or stats, anchor_stats)):
@@ -572,11 +563,12 @@ def _aligned(
     if not 0.0 <= clamp < 0.5:
         raise InputError(f"{terms.clamp} must lie in [0, 0.5), got {clamp}")
     fallback = anchors if method == "filled-blda" else None
+    held = held_groups(statistics)
     check_correction_memory(
         statistics.cond_path,
         cond.num_classes,
-        max(held.grid.bins for held in held_groups(statistics)),
-        groups=len(held_groups(statistics)),
+        max(group.grid.bins for group in held),
+        groups=len(held),
         tables=ONE_CORRECTION,
         fit_bins=terms.fit_bins,
     )

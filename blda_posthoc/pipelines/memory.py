@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 
 from blda_posthoc.core.align import ONE_CORRECTION, Tables, correction_memory, fitting_bins
@@ -89,6 +90,31 @@ def check_correction_memory(
     )
 
 
+def check_stats_memory(paths: Sequence[Path], tables: Tables, what: str = "the correction") -> None:
+    """:func:`check_correction_memory` of stats files from their declared shapes, unread.
+
+    Args:
+        paths: The files held at once (each once); the first is named in the message.
+        tables: The corrections' tables held with them.
+        what: What needs the memory, for the message.
+
+    A file whose shapes cannot be read this way is left to ``read_stats``, which names what is
+    wrong with it.
+    """
+    sizes = [stats_size(path) for path in paths]
+    known = [size for size in sizes if size is not None]
+    if len(known) < len(sizes):
+        return
+    check_correction_memory(
+        paths[0],
+        max(size[0] for size in known),
+        max(size[1] for size in known),
+        groups=sum(size[2] for size in known),
+        tables=tables,
+        what=what,
+    )
+
+
 def read_stats_within_budget(path: Path) -> LogitStats:
     """``read_stats``, after checking its declared count arrays against the budget.
 
@@ -100,11 +126,7 @@ def read_stats_within_budget(path: Path) -> LogitStats:
         InputError: The file's arrays alone need more than the budget (one line), or the file is
             not valid statistics.
     """
-    size = stats_size(path)
-    if size is not None:  # else read_stats names what is wrong
-        check_correction_memory(
-            path, size[0], size[1], groups=size[2], tables=Tables(), what="reading it"
-        )
+    check_stats_memory([path], Tables(), what="reading it")
     return read_stats(path)
 
 
