@@ -194,10 +194,33 @@ def _bands(
         yield row * size[1], rows.reshape(rows.shape[0], -1)
 
 
-def _pixel_chunks(planes: torch.Tensor, step: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, (n, C) pixel rows)`` of ``(C, N)`` planes, ``step`` pixels at a time."""
-    for start in range(0, planes.shape[1], step):
-        yield start, planes[:, start : start + step].T.contiguous()
+def _image_chunks(
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    step: int,
+    plain: torch.Tensor | None,
+    chunks: bool = True,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The resized image band by band (:func:`_bands`), as chunks of pixel rows.
+
+    Args:
+        logits: ``(C, h, w)`` logits.
+        size: Output ``(H, W)``.
+        step: Pixels per chunk.
+        plain: ``(H * W,)`` int64 buffer filled with the plain argmax of each band, or None.
+        chunks: Whether to yield the chunks (False: only fill ``plain``).
+
+    Yields:
+        ``(the chunk's flat output pixels, (n, C) pixel rows)``, as ``correct_image``'s rows.
+    """
+    for first, planes in _bands(logits, size, step):
+        if plain is not None:
+            plain[first : first + planes.shape[1]] = channel_argmax(planes)
+        if not chunks:
+            continue
+        for start in range(0, planes.shape[1], step):
+            pixels = planes[:, start : start + step].T.contiguous()
+            yield slice(first + start, first + start + pixels.shape[0]), pixels
 
 
 def predict_image(
@@ -256,16 +279,14 @@ def plain_and_predicted(
     identity = corrector.is_identity(tau)
     step = chunk_pixels or default_chunk(c)
     pred = torch.empty(size[0] * size[1], dtype=torch.long, device=logits.device)
-    before = pred if identity or not plain else torch.empty_like(pred)
-    for first, planes in _bands(logits, size, step):
-        if plain or identity:
-            before[first : first + planes.shape[1]] = channel_argmax(planes)
-        if identity:
-            continue
-        for start, pixels in _pixel_chunks(planes, step):  # (n, C), as correct_image's rows
-            at = first + start
-            pred[at : at + pixels.shape[0]] = corrector.log_scores(pixels, tau).argmax(-1)
-    return (before.reshape(size) if plain else None), pred.reshape(size)
+    before = None  # the plain argmax, filled band by band (for the identity: the prediction)
+    if identity:
+        before = pred
+    elif plain:
+        before = torch.empty_like(pred)
+    for at, pixels in _image_chunks(logits, size, step, before, chunks=not identity):
+        pred[at] = corrector.log_scores(pixels, tau).argmax(-1)
+    return (before.reshape(size) if plain and before is not None else None), pred.reshape(size)
 
 
 def image_confidence(
@@ -307,14 +328,10 @@ def image_confidence(
     pred = torch.empty(n, dtype=torch.long, device=logits.device)
     before = torch.empty_like(pred) if plain else None
     logodds = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for first, planes in _bands(logits, size, step):
-        if before is not None:
-            before[first : first + planes.shape[1]] = channel_argmax(planes)
-        for start, pixels in _pixel_chunks(planes, step):
-            scores = (
-                torch.log_softmax(pixels, dim=-1) if identity else corrector.log_scores(pixels, tau)
-            )
-            at = slice(first + start, first + start + pixels.shape[0])
-            pred[at], logodds[at] = confidence_logodds(scores.T)
+    for at, pixels in _image_chunks(logits, size, step, before):
+        scores = (
+            torch.log_softmax(pixels, dim=-1) if identity else corrector.log_scores(pixels, tau)
+        )
+        pred[at], logodds[at] = confidence_logodds(scores.T)
     shaped = None if before is None else before.reshape(size)
     return shaped, pred.reshape(size), logodds.reshape(size)
