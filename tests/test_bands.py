@@ -106,9 +106,11 @@ def test_predictions_equal_the_whole_image_path(maps, small, size, device, monke
             plain2, pred2, logodds = image_confidence(z, size, corrector, tau, chunk)
             assert plain2 is not None and torch.equal(plain2, plain)
             assert torch.equal(pred2, want_conf[0])
-            if chunk == 37:  # unaligned chunks: the last pixels of each may round otherwise
+            if chunk == 37 or device != "cpu":
+                # Unaligned chunks: the last pixels of each may round otherwise; on CUDA the
+                # reduction's order depends on the tensor's shape (the labels above are exact).
                 torch.testing.assert_close(logodds, want_conf[1], atol=2e-6, rtol=1e-6)
-            else:  # aligned chunks (the default): bit for bit, not merely close
+            else:  # aligned chunks (the default) on CPU: bit for bit, not merely close
                 assert torch.equal(logodds, want_conf[1])
         # Full-size logits are taken as they are.
         assert torch.equal(plain_and_predicted(full, size, corrector, tau, 53)[1], want_pred)

@@ -277,6 +277,20 @@ def test_onnxruntime_missing_is_a_clear_error(
         load_model(str(model_file), None, torch.device("cpu"))
 
 
+def test_onnx_cpu_fallback_is_warned_only_when_cuda_was_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    model_file = onnx_pointwise(tmp_path / "pw.onnx", Pointwise(4))
+    cuda = torch.device("cuda")  # the session is built on CPU: nothing touches CUDA
+    notes: list[str] = []
+    load_model(str(model_file), None, cuda, warn=notes.append, device_chosen=False)
+    assert notes == []  # --device auto: CPU is what onnxruntime has, nothing to warn about
+    load_model(str(model_file), None, cuda, warn=notes.append)
+    assert len(notes) == 1 and "onnxruntime has no CUDA provider" in notes[0]
+
+
 def test_channel_count_mismatch(tmp_path: Path, images_dir: Path, script_model: Path) -> None:
     code, err = run(
         [
@@ -699,7 +713,7 @@ def test_usage_errors_exit_2(tmp_path: Path, images_dir: Path, script_model: Pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16", "bf16"])
 def test_cuda_matches_cpu(
     tmp_path: Path, images_dir: Path, script_model: Path, precision: str
 ) -> None:

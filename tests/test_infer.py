@@ -172,6 +172,25 @@ def test_autocast_refuses_fp16_on_cpu_and_runs_bf16() -> None:
     assert agree > 0.95
 
 
+@pytest.mark.parametrize(("device", "precision", "inside"), [
+    ("cuda", "fp32", False),  # true float32: TF32 kernels off while the model runs
+    ("cuda", "tf32", True),
+    ("cpu", "fp32", False),
+])  # fmt: skip
+def test_precision_sets_tf32_while_the_model_runs_and_restores_it(device, precision, inside):
+    # No CUDA call is made for fp32/tf32, so the flags can be checked on any machine.
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    for start in (True, False):
+        for f in flags:
+            f.allow_tf32 = start
+        with autocast(torch.device(device), precision):
+            assert [f.allow_tf32 for f in flags] == [inside, inside]
+        assert [f.allow_tf32 for f in flags] == [start, start]
+    for f, value in zip(flags, before, strict=True):
+        f.allow_tf32 = value
+
+
 class FakeModelOutput(OrderedDict):
     """Like a Hugging Face ``ModelOutput``: an ordered dict whose entries are also attributes."""
 

@@ -180,7 +180,8 @@ def _fmt(values: tuple[float, ...]) -> str:
     type=click.Choice(list(PRECISION_NAMES)),
     default="fp32",
     show_default=True,
-    help="Autocast precision (fp16 needs CUDA).",
+    help="fp32 (true float32, TF32 off), tf32 (TF32 CUDA kernels allowed), or fp16/bf16 "
+    "autocast (fp16 needs CUDA).",
 )
 @click.option(
     "--dtype",
@@ -271,7 +272,12 @@ def command(
     check_output(shard_path(out, run_shard), resume=resume, overwrite=overwrite)
     items = collect_items(images_dir, labels_dir, image_suffix, label_suffix)
     loaded = load_model(
-        model_spec, checkpoint, torch_device, warn=warn, trust_checkpoint=trust_checkpoint
+        model_spec,
+        checkpoint,
+        torch_device,
+        warn=warn,
+        trust_checkpoint=trust_checkpoint,
+        device_chosen=device != "auto",
     )
     if not loaded.autocast and precision != "fp32":
         warn(f"{model_spec}: --precision {precision} applies to torch models only; ignored")

@@ -91,7 +91,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 """ImageNet channel means (RGB) on the 0-255 scale."""
 IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 """ImageNet channel standard deviations (RGB) on the 0-255 scale."""
-PRECISION_NAMES = ("fp32", "fp16", "bf16")
+PRECISION_NAMES = ("fp32", "tf32", "fp16", "bf16")
 """``dump-logits --precision`` values (``core.infer.PRECISIONS`` maps them to dtypes)."""
 MAX_SIDE = 1 << 16
 """Largest image height or width."""

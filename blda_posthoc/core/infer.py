@@ -29,10 +29,16 @@ IMAGENET_STD = defaults.IMAGENET_STD
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
+    "tf32": None,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-"""``--precision`` values and the autocast dtype each selects (None: no autocast)."""
+"""``--precision`` values and the autocast dtype each selects (None: no autocast).
+
+``fp32`` is true float32 on CUDA too: TensorFloat-32 matrix and convolution kernels (which
+torch's cuDNN convolutions use by default on Ampere and later GPUs, with about 1e-3 relative
+error) are turned off while the model runs. ``tf32`` allows them (float32 storage, faster
+products on such GPUs; the same as ``fp32`` on CPU)."""
 
 Model = Callable[[torch.Tensor], Any]
 """A segmenter: ``(N, 3, h, w)`` float input to a tensor, a list/tuple or a dict of them."""
@@ -345,7 +351,7 @@ def predict_logits(
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Autocast to the dtype of ``precision`` on ``device`` (a no-op for ``fp32``).
+    """Run the model at ``precision`` on ``device``: autocast, and TF32 on or off on CUDA.
 
     Args:
         device: Where the model runs.
@@ -354,10 +360,22 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        yield
-        return
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
-    with torch.autocast(device_type=device.type, dtype=dtype):
+    with tf32_allowed(device.type == "cuda" and precision != "fp32"):
+        if dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """Allow or forbid TensorFloat-32 CUDA matrix products and convolutions, then restore."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
         yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -61,6 +61,7 @@ def load_model(
     warn: Any = None,
     *,
     trust_checkpoint: bool = False,
+    device_chosen: bool = True,
 ) -> LoadedModel:
     """Load a model from a ``--model`` spec.
 
@@ -74,6 +75,8 @@ def load_model(
         warn: Optional ``warn(message)`` for non-fatal notes.
         trust_checkpoint: Allow unpickling whole Python objects (which can run code) from a
             model file saved with ``torch.save(model)`` or such a checkpoint.
+        device_chosen: Whether the user named ``device`` (False for ``--device auto``): only
+            then is an ONNX model that falls back to CPU warned about.
 
     Returns:
         The loaded model, in eval mode, on ``device``.
@@ -81,7 +84,7 @@ def load_model(
     path = Path(spec)
     if path.suffix.lower() in ONNX_EXTENSIONS:
         _no_checkpoint(spec, checkpoint)
-        return load_onnx(path, device, warn)
+        return load_onnx(path, device, warn if device_chosen else None)
     if path.suffix.lower() in TORCHSCRIPT_EXTENSIONS or path.exists():
         _no_checkpoint(spec, checkpoint)
         return load_torchscript(path, device, trust=trust_checkpoint)
