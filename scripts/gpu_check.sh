@@ -33,16 +33,18 @@ section() {  # section NAME SECONDS COMMAND...: run COMMAND under a time limit, 
 nproc
 section realsize 200 "$PY" scripts/bench_realsize.py --images 4 --devices "cpu,$DEV" \
     --check-agreement --json "$OUT_DIR/realsize.json"
-workers=()
-"$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
-section tests 150 "$PY" -m pytest -q -p no:warnings -p no:cacheprovider -rs "${workers[@]}" tests
+workers=()  # one torch thread per test process: 16 threads in each of 15 workers crawl
+"$PY" -c "import xdist" 2>/dev/null && workers=(-n "$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))")
+section tests 150 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m pytest -p no:warnings \
+    -p no:cacheprovider -p no:benchmark -rfEs --tb=short "${workers[@]}" tests
 section correct 45 bash -c "'$PY' scripts/bench_correct.py --images 3 --direct-pixels 16384 \
     --device cpu && '$PY' scripts/bench_correct.py --images 20 --direct-pixels 16384 --device $DEV"
-section commands 60 "$PY" scripts/bench_commands.py --images 4 --size 512x1024 --classes 19 \
+section commands 90 "$PY" scripts/bench_commands.py --images 2 --size 512x1024 --classes 19 \
     --devices "cpu,$DEV"
-section dump 60 bash -c "'$PY' scripts/bench_dump.py --device $DEV --images 50 --batch-size 4 \
+section dump 90 bash -c "'$PY' scripts/bench_dump.py --device $DEV --images 50 --batch-size 4 \
     --repeat 1 && '$PY' scripts/bench_dump.py --device $DEV --images 50 --batch-size 4 \
-    --repeat 1 --precision fp16"
+    --repeat 1 --precision tf32 && '$PY' scripts/bench_dump.py --device $DEV --images 50 \
+    --batch-size 4 --repeat 1 --precision fp16"
 section demo 60 "$PY" -m blda_posthoc demo --workdir "$OUT_DIR/demo-run" --overwrite --device "$DEV"
 rm -rf "$OUT_DIR/demo-run"
 if [ "${#failed[@]}" -gt 0 ]; then
