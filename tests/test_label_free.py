@@ -18,7 +18,13 @@ from click.testing import CliRunner
 from conftest import fitted_case
 
 from blda_posthoc.cli import main
-from blda_posthoc.core.adapt import balanced_confident, self_calibration, share_factors
+from blda_posthoc.core.adapt import (
+    MAX_SHARE_FACTOR,
+    balanced_confident,
+    guarded_shift,
+    self_calibration,
+    share_factors,
+)
 from blda_posthoc.core.correct import correct_image
 from blda_posthoc.core.methods import Blended
 from blda_posthoc.core.priors import (
@@ -167,6 +173,66 @@ def test_self_calibration_guard_shrinks_a_map_that_would_collapse_a_class():
     after = torch.bincount(mapped.argmax(1), minlength=3).numpy()
     assert 0 < shrink < 1
     assert share_factors(before, after).max() <= 3.0
+
+
+def reference_guard(z: np.ndarray, base: np.ndarray, shift: np.ndarray, limit: float) -> float:
+    """The guard from its definition: the first of 1, 1/2, ..., 1/128 within ``limit``, else 0."""
+    c = z.shape[1]
+
+    def shares(pred: np.ndarray) -> np.ndarray:
+        return np.maximum(np.bincount(pred, minlength=c) / len(pred), 1e-3)
+
+    before = shares(z.argmax(1))
+    for k in range(8):
+        after = shares((base + 0.5**k * shift).argmax(1))
+        if np.maximum(after / before, before / after).max() <= limit:
+            return 0.5**k
+    return 0.0
+
+
+def test_guarded_shift_engages_on_a_planted_collapse_and_matches_numpy():
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(4000, 4)) * 2
+    base = z * np.array([1.2, 0.9, 1.0, 1.1]) + np.array([0.1, 0.0, -0.1, 0.2])
+    # an EM estimate that collapsed onto 0 for class 3: a log-prior shift of about -25
+    collapsed = np.array([0.3, 0.1, -0.2, -25.0])
+    shift, shrink = guarded_shift(torch.from_numpy(z), torch.from_numpy(base), collapsed)
+    assert 0 < shrink < 1
+    assert shrink == reference_guard(z, base, collapsed, MAX_SHARE_FACTOR)
+    assert np.array_equal(shift, shrink * collapsed)
+    before = np.bincount(z.argmax(1), minlength=4)
+    after = np.bincount((base + shift).argmax(1), minlength=4)
+    assert share_factors(before, after).max() <= MAX_SHARE_FACTOR
+    # the full, unguarded shift is the collapse: class 3 is (almost) never predicted
+    unguarded = np.bincount((base + collapsed).argmax(1), minlength=4)
+    assert share_factors(before, unguarded).max() > MAX_SHARE_FACTOR
+    # a mild shift is applied whole
+    mild = np.array([0.2, -0.1, 0.0, 0.1])
+    kept, whole = guarded_shift(torch.from_numpy(z), torch.from_numpy(base), mild)
+    assert whole == 1.0 and np.array_equal(kept, mild)
+    # a limit no shift can meet leaves no shift at all
+    none_left, zero = guarded_shift(
+        torch.from_numpy(z), torch.from_numpy(z + 30 * np.eye(4)[0]), mild
+    )
+    assert zero == 0.0 and not none_left.any()
+
+
+def test_em_prior_guard_engages_on_a_planted_collapse(case):
+    from blda_posthoc.pipelines import corrections
+
+    src = read_stats(case["src_stats"])
+    stats = read_statistics(case["tgt_stats"], case["src_stats"], src.class_names)
+    _, source, pre = corrections.target_priors(stats)
+    collapsed = source.copy()
+    collapsed[0] = 1e-20  # the EM estimate of class_0 collapsed
+    stats.cache["priors"] = (collapsed / collapsed.sum(), source, pre)
+    corrector, details = corrections.build_corrector("em-prior", stats, 0.05, None)
+    assert 0 < details["guard_shrink"] < 1
+    assert any("em-prior" in note and "10x" in note for note in details["notes"])
+    z = torch.from_numpy(sample_logits(case["tgt_stats"])).float()
+    before = torch.bincount(z.argmax(1), minlength=src.num_classes).numpy()
+    after = torch.bincount(corrector.log_scores(z, 1.0).argmax(1), minlength=src.num_classes)
+    assert share_factors(before, after.numpy()).max() <= MAX_SHARE_FACTOR + 1e-9
 
 
 def test_share_factors_are_symmetric_and_floored():

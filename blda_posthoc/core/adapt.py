@@ -6,12 +6,16 @@ class, so frequent classes do not crowd out rare ones); a per-class affine map `
 (vector scaling) is fitted on the *raw* target logits against them by cross-entropy. Fitting
 on one's own predictions can confirm their errors, so the fit is guarded: an L2 pull towards
 the identity, and a shrink of the map towards the identity until no class's predicted share on
-the sample changes by more than :data:`MAX_SHARE_FACTOR`.
+the sample changes by more than :data:`MAX_SHARE_FACTOR`. The same guard
+(:func:`guard_shrink`) limits other corrections estimated on the target, such as an EM prior
+shift (:func:`guarded_shift`).
 
 Shape legend: N pixels, C classes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -109,16 +113,73 @@ def self_calibration(
         return np.ones(c), np.zeros(c), 0.0
     fit = fit_calibration(z[index], labels, "vector", weight_decay=weight_decay)
     zd = z.double()
-    before = predicted_counts(zd)
+
+    def mapped(shrink: float) -> torch.Tensor:
+        scale, bias = blend(fit.scale, fit.bias, shrink)
+        return zd * torch.from_numpy(scale) + torch.from_numpy(bias)
+
+    shrink = guard_shrink(predicted_counts(zd), mapped, max_factor)
+    scale, bias = blend(fit.scale, fit.bias, shrink)
+    return scale, bias, shrink
+
+
+def guard_shrink(
+    before: np.ndarray,
+    mapped: Callable[[float], torch.Tensor],
+    max_factor: float = MAX_SHARE_FACTOR,
+) -> float:
+    """How far a correction may go before it changes a class's predicted share too much.
+
+    Tries ``shrink`` = 1, 1/2, 1/4, ... (:data:`SHRINK_STEPS` values) and keeps the first whose
+    corrected scores change no class's predicted share by more than ``max_factor``
+    (:func:`share_factors`).
+
+    Args:
+        before: ``(C,)`` pixel counts per class of the uncorrected (plain argmax) prediction.
+        mapped: ``shrink -> (N, C)`` scores of the correction taken ``shrink`` of the way.
+        max_factor: The limit on any class's change of share.
+
+    Returns:
+        The largest ``shrink`` tried that passes, or ``0.0`` (no correction) if none does.
+    """
     shrink = 1.0
     for _ in range(SHRINK_STEPS):
-        scale, bias = blend(fit.scale, fit.bias, shrink)
-        after = predicted_counts(zd * torch.from_numpy(scale) + torch.from_numpy(bias))
-        if share_factors(before, after).max() <= max_factor:
-            return scale, bias, shrink
+        if share_factors(before, predicted_counts(mapped(shrink))).max() <= max_factor:
+            return shrink
         shrink /= 2
-    c = z.shape[1]
-    return np.ones(c), np.zeros(c), 0.0
+    return 0.0
+
+
+def guarded_shift(
+    z: torch.Tensor,
+    base: torch.Tensor,
+    shift: np.ndarray,
+    max_factor: float = MAX_SHARE_FACTOR,
+) -> tuple[np.ndarray, float]:
+    """A per-class logit shift shrunk towards 0 until it collapses no class (the guard).
+
+    The shift is added to ``base`` (the logits it corrects, e.g. calibrated ones) and the
+    predicted shares are compared with the plain argmax of ``z``; see :func:`guard_shrink`.
+
+    Args:
+        z: ``(N, C)`` raw logits (a pixel sample): the shares the guard compares with.
+        base: ``(N, C)`` the logits the shift is added to (``z`` itself, or ``a * z + b``).
+        shift: ``(C,)`` the full shift (e.g. ``log π̂_tgt - log π_src`` of an EM estimate).
+        max_factor: The guard's limit on the change of any class's predicted share.
+
+    Returns:
+        ``(shrink * shift (C,) float64, shrink)``.
+    """
+    if z.shape != base.shape or z.ndim != 2 or np.shape(shift) != (z.shape[1],):
+        raise ValueError(
+            f"z and base must share one (N, C) shape and shift be (C,), got {tuple(z.shape)}, "
+            f"{tuple(base.shape)}, {np.shape(shift)}"
+        )
+    full = np.asarray(shift, np.float64)
+    based = base.double()
+    delta = torch.from_numpy(full).to(based.device)
+    shrink = guard_shrink(predicted_counts(z), lambda s: based + s * delta, max_factor)
+    return shrink * full, shrink
 
 
 def blend(scale: np.ndarray, bias: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:

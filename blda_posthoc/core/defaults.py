@@ -48,7 +48,7 @@ DEFAULT_TAUS = {
     "vector-scaling": 0.1,
     "bias": 0.1,
     "cbst": 1.0,
-    "em-prior": 0.5,
+    "em-prior": 0.1,
     "em-map": 0.1,
     "ot-prior": 0.1,
     "occurrence-adjust": 0.2,

@@ -17,6 +17,7 @@ import torch
 
 from blda_posthoc.core.adapt import (
     MAX_SHARE_FACTOR,
+    guarded_shift,
     predicted_counts,
     self_calibration,
     share_factors,
@@ -668,16 +669,29 @@ def _target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affi
 
 def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
     target, source, pre = target_priors(statistics)
-    shift = prior_shift(source, np.maximum(target, 1e-12))
+    extras = _extras(statistics.cond, statistics.cond_path, "em-prior", statistics.terms)
+    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))]).float()
+    full = prior_shift(source, np.maximum(target, 1e-12))
+    # the collapse guard: the EM shift only as far as no class's predicted share moves > 10x
+    shift, shrink = guarded_shift(z, z if pre is None else pre.apply(z), full)
     details: dict[str, Any] = {
         "calibration": "vector" if pre is not None else None,
         "target_priors": [round(float(p), 6) for p in target],
+        "guard_shrink": shrink,
     }
+    notes = []
     if pre is None:
-        details["notes"] = [
+        notes.append(
             f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
             f"which tends to collapse (fit the anchors with {statistics.terms.fit_gt})"
-        ]
+        )
+    if shrink < 1:
+        notes.append(
+            f"em-prior: the EM estimate would change a class's predicted share more than "
+            f"{MAX_SHARE_FACTOR:g}x; its prior shift is applied at {shrink:g} of its size"
+        )
+    if notes:
+        details["notes"] = notes
     return _prior_correction(shift, pre), details
 
 
