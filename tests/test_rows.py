@@ -10,7 +10,7 @@ import torch
 from conftest import fitted_case
 
 from blda_posthoc.core import rows as rows_module
-from blda_posthoc.core.align import AlignmentMaps
+from blda_posthoc.core.align import AlignmentMaps, corrected_log_scores
 from blda_posthoc.core.correct import (
     correct_image,
     predict_image,
@@ -19,6 +19,7 @@ from blda_posthoc.core.correct import (
     sample_positions,
 )
 from blda_posthoc.core.evaluate import ConfusionMatrix
+from blda_posthoc.core.fit import last_argmax
 from blda_posthoc.core.methods import Aligned, Blended, Plain, Shift
 from blda_posthoc.core.rows import RowPredictor, pixel_counts
 from blda_posthoc.io.store import LogitStore
@@ -87,6 +88,38 @@ def test_logits_beyond_the_grid_and_chunk_sizes(grid):
     for chunk in (1, 37, 1 << 20):
         predictor = RowPredictor([(r.corrector, r.tau or 0.0) for r in rows], chunk_pixels=chunk)
         assert torch.equal(predictor.predict(flat(z)), expected), chunk
+
+
+def test_batched_blda_scores_equal_each_strength_alone_bit_for_bit(grid):
+    """Not only the argmax: every score of a group's strengths is corrected_log_scores' value
+    (predictions rarely show a change of rounding; the scores do)."""
+    rows, images = grid
+    z = flat(images[1]).contiguous()
+    seen = 0
+    for row in rows:
+        if not (isinstance(row.corrector, Aligned) and row.tau):
+            continue
+        maps = row.corrector.maps
+        top = maps.lo + maps.step * (maps.table.shape[-1] - 1)
+        base = z if row.corrector.pre is None else row.corrector.pre.apply(z)
+        base = base.clamp(maps.lo, top).contiguous()  # beyond the grid: scored one by one
+        predictor = RowPredictor([(row.corrector, t) for t in (row.tau, 0.05, 0.9)])
+        group = next(g for g in predictor.groups if g.kind == "aligned")
+        scores = predictor.aligned_scores(group, maps, base)
+        for slot, tau in enumerate(group.taus):
+            assert torch.equal(scores[:, slot], corrected_log_scores(base, maps, tau)), tau
+        seen += 1
+    assert seen >= 10
+
+
+def test_last_argmax_is_argmax_with_ties_and_nan():
+    x = torch.tensor(
+        [[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [0.0, float("nan"), 5.0], [float("nan")] * 3]
+    )
+    x = torch.cat([x, torch.randn(500, 3).round()])  # many ties
+    assert torch.equal(last_argmax(x), x.argmax(-1))
+    wide = torch.randn(64, 7, 19).round()
+    assert torch.equal(last_argmax(wide), wide.argmax(-1))
 
 
 def test_lookup_tables_are_built_once_per_strength_when_the_cache_holds_one(grid, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from blda_posthoc.core.align import DEFAULT_TAU, default_chunk
-from blda_posthoc.core.fit import channel_argmax
+from blda_posthoc.core.fit import channel_argmax, last_argmax
 from blda_posthoc.core.methods import Corrector
 from blda_posthoc.core.relabel import confidence_logodds
 
@@ -285,7 +285,7 @@ def plain_and_predicted(
     elif plain:
         before = torch.empty_like(pred)
     for at, pixels in _image_chunks(logits, size, step, before, chunks=not identity):
-        pred[at] = corrector.log_scores(pixels, tau).argmax(-1)
+        pred[at] = last_argmax(corrector.log_scores(pixels, tau))
     return (before.reshape(size) if plain and before is not None else None), pred.reshape(size)
 
 

@@ -43,7 +43,10 @@ from blda_posthoc.core.align import (
     LookupTables,
     corrected_log_scores,
     lookup_tables,
+    own_at,
+    within,
 )
+from blda_posthoc.core.fit import last_argmax
 from blda_posthoc.core.methods import Aligned, Blended, Corrector, Shift
 
 DEFAULT_ROW_CHUNK = 1 << 15
@@ -212,7 +215,9 @@ class RowPredictor:
     def _chunk(self, z: torch.Tensor) -> torch.Tensor:
         """``(R, n)`` predictions of one contiguous ``(n, C)`` step."""
         out = torch.empty((self.num_rows, z.shape[0]), dtype=torch.long, device=z.device)
-        size = float(z.abs().amax()) if z.numel() else 0.0  # for the linear groups' error bound
+        linear = any(group.kind == "linear" for group in self.groups)
+        # The largest |z|, for the linear groups' error bound (only they need it).
+        size = float(z.abs().amax()) if linear and z.numel() else 0.0
         for group in self.groups:
             preds = self._group(group, z, size)
             for row, slot in zip(group.rows, group.slots, strict=True):
@@ -225,7 +230,7 @@ class RowPredictor:
         ``size`` is the largest ``|z|`` of the step.
         """
         if group.kind == "plain":
-            return _argmax(z)[None]  # what correct_image predicts for an identity
+            return last_argmax(z)[None]  # what correct_image predicts for an identity
         if group.kind == "aligned":
             assert isinstance(group.corrector, Aligned)
             return self._aligned(group, group.corrector, z)
@@ -257,11 +262,36 @@ class RowPredictor:
     def _aligned(self, group: _Group, corrector: Aligned, z: torch.Tensor) -> torch.Tensor:
         """``(T, n)``: every strength of one BLDA correction, as corrected_log_scores does.
 
-        The operations are those of :func:`~blda_posthoc.core.align.corrected_log_scores` on
-        ``(n, T, C)`` tensors (strength ``t`` in slice ``[:, t]``): the same values, batched.
+        The scores of :meth:`aligned_scores`; pixels with a logit beyond the grid, whose
+        weight depends on ``tau`` there, are scored by ``corrected_log_scores`` itself.
         """
         maps = corrector.maps
         base = z if corrector.pre is None else corrector.pre.apply(z)
+        pred = last_argmax(self.aligned_scores(group, maps, base))  # (N, T)
+        g = maps.table.shape[-1]
+        low, high = maps.lo, maps.lo + maps.step * (g - 1)
+        if within(base, low, high):
+            return pred.T
+        outside = (base != base.clamp(low, high)).any(1).nonzero().squeeze(1)
+        if outside.numel():  # the tau-dependent weight of logits beyond the grid
+            for slot, tau in enumerate(group.taus):
+                pred[outside, slot] = last_argmax(corrected_log_scores(base[outside], maps, tau))
+        return pred.T
+
+    def aligned_scores(
+        self, group: _Group, maps: AlignmentMaps, base: torch.Tensor
+    ) -> torch.Tensor:
+        """``(n, T, C)``: the log-scores of every strength of a BLDA group, batched.
+
+        The operations are those of :func:`~blda_posthoc.core.align.corrected_log_scores` on
+        ``(n, T, C)`` tensors (strength ``t`` in slice ``[:, t]``): the same values bit for bit
+        (tested) for logits inside the grid; beyond it they lack the ``tau``-dependent weight.
+
+        Args:
+            group: An ``"aligned"`` group of this predictor.
+            maps: Its correction's maps.
+            base: ``(n, C)`` contiguous logits, calibrated when the correction calibrates.
+        """
         n, c = base.shape
         wide, offsets, first = self._wide_table(group, maps)
         g = wide.shape[0] // c
@@ -270,38 +300,54 @@ class RowPredictor:
         pos = (inside - maps.lo) / maps.step
         k = pos.floor().clamp_(max=g - 2)
         frac = pos - k
-        rows = k.long() + torch.arange(c, device=base.device) * g
+        rows = k.long()
+        rows += torch.arange(c, device=base.device) * g
+        next_rows = rows + 1
         top = base.amax(1, keepdim=True)
         weight = torch.exp(base - top)  # (N, C_j)
         # Inside the grid the weight does not depend on tau (exp(-tau * 0) = 1): one wide bag.
-        bag = F.embedding_bag(
-            rows, wide, per_sample_weights=weight * (1 - frac), mode="sum"
-        ) + F.embedding_bag(rows + 1, wide, per_sample_weights=weight * frac, mode="sum")
-        log_total = torch.log(bag).view(n, t, c)
+        # In-place steps compute the values of corrected_log_scores' expressions.
+        bag = F.embedding_bag(rows, wide, per_sample_weights=weight * (1 - frac), mode="sum")
+        bag += F.embedding_bag(next_rows, wide, per_sample_weights=weight * frac, mode="sum")
+        log_total = bag.log_().view(n, t, c)
         log_total += offsets.to(log_total.dtype)[:, None]
         if not first.all_valid:  # the cells without a shift do not depend on tau
-            extra = torch.log(weight @ first.skipped)[:, None]  # (N, 1, C_i)
-            cols = first.skip_columns  # as corrected_log_scores: elsewhere extra is log 0
-            if cols is None:
-                log_total = torch.logaddexp(log_total, extra)
-            else:
-                log_total[..., cols] = torch.logaddexp(log_total[..., cols], extra[..., cols])
-        own = first.own.reshape(-1)
-        t0, t1 = own.take(rows), own.take(rows + 1)
-        own_shift = t0 + frac * (t1 - t0) - base
+            _add_skipped(log_total, weight @ first.skipped, first.skip_columns)
+        t0, t1 = own_at(first.own, rows), own_at(first.own, next_rows)
+        t1 -= t0
+        t1 *= frac
+        own_shift = t0.add_(t1)
+        own_shift -= base  # t0 + frac * (t1 - t0) - base
         if not first.own_valid:  # a factor of 1 everywhere changes nothing
-            own_shift = own_shift * maps.valid.diagonal()
+            own_shift *= maps.valid.diagonal()
         # base + tau * own_shift - top - log_total, in that order, for every strength
         scores = _strengths(group, base)[:, None] * own_shift[:, None, :]
         scores += base[:, None, :]
         scores -= top[:, :, None]
         scores -= log_total
-        pred = _argmax(scores)  # (N, T)
-        outside = (base != inside).any(1).nonzero().squeeze(1)
-        if outside.numel():  # the tau-dependent weight of logits beyond the grid
-            for slot, tau in enumerate(group.taus):
-                pred[outside, slot] = corrected_log_scores(base[outside], maps, tau).argmax(-1)
-        return pred.T
+        return scores
+
+
+def _add_skipped(log_total: torch.Tensor, extra: torch.Tensor, cols: torch.Tensor | None) -> None:
+    """``log_total[:, t] = logaddexp(log_total[:, t], log(extra))`` for every strength ``t``.
+
+    As :func:`~blda_posthoc.core.align.corrected_log_scores` adds the cells without a shift
+    (only on ``cols`` when given: elsewhere ``extra`` is 0), on operands of the same shapes
+    and layout: torch computes the last few elements of an elementwise pass, and broadcast or
+    strided operands, by another (scalar) path that can round transcendental functions
+    differently, so the strengths are taken one contiguous ``(N, C)`` slice at a time.
+
+    Args:
+        log_total: ``(N, T, C)`` log-sums of the shifted cells, changed in place.
+        extra: ``(N, C)`` weights of the cells without a shift.
+        cols: The hypotheses with such a cell, or None for all of them.
+    """
+    log_extra = torch.log(extra if cols is None else extra[:, cols])
+    for slot in range(log_total.shape[1]):
+        if cols is None:
+            log_total[:, slot] = torch.logaddexp(log_total[:, slot].contiguous(), log_extra)
+        else:
+            log_total[:, slot, cols] = torch.logaddexp(log_total[:, slot, cols], log_extra)
 
 
 def _linear(group: _Group, z: torch.Tensor, size: float) -> torch.Tensor:
@@ -375,16 +421,7 @@ def _linear_slack(corrector: Corrector, size: float, tau: float, dtype: torch.dt
 
 def _linear_exact(corrector: Corrector, z: torch.Tensor, taus: Sequence[float]) -> torch.Tensor:
     """``(T, n)``: the argmax of ``log_softmax`` of every strength's scores."""
-    return _argmax(torch.log_softmax(_linear_scores(corrector, z, taus), dim=-1)).T
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)``, computed by ``x.max(-1)``.
-
-    The same indices (the first maximal value, as PyTorch documents for both), about a third
-    faster on CPU over a short last axis.
-    """
-    return x.max(-1).indices
+    return last_argmax(torch.log_softmax(_linear_scores(corrector, z, taus), dim=-1)).T
 
 
 def _strengths(group: _Group, like: torch.Tensor) -> torch.Tensor:
