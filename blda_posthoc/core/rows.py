@@ -204,20 +204,28 @@ class RowPredictor:
             (self.num_rows, num_classes, num_classes + 1), dtype=torch.long, device=z.device
         )
         for start in range(0, z.shape[0], self.chunk_pixels):
-            part = z[start : start + self.chunk_pixels].contiguous()
+            part = z[start : start + self.chunk_pixels]
             part_label = label[start : start + part.shape[0]]
             keep = (part_label != ignore_index).nonzero().squeeze(1)
-            if keep.numel() < part.shape[0]:
+            if keep.numel() < part.shape[0]:  # one copy of the kept pixels
                 part, part_label = part[keep], part_label[keep]
-            total += pixel_counts(self._chunk(part), part_label, num_classes, ignore_index)
+            part = part.contiguous()
+            size = self._size(part)
+            for group in self.groups:  # each strength of a group counted once
+                preds = self._group(group, part, size)
+                counts = pixel_counts(preds, part_label, num_classes, ignore_index)
+                total[group.rows] += counts[group.slots]
         return total
+
+    def _size(self, z: torch.Tensor) -> float:
+        """The largest ``|z|`` of a step, for the linear groups' error bound (0 without one)."""
+        linear = any(group.kind == "linear" for group in self.groups)
+        return float(z.abs().amax()) if linear and z.numel() else 0.0
 
     def _chunk(self, z: torch.Tensor) -> torch.Tensor:
         """``(R, n)`` predictions of one contiguous ``(n, C)`` step."""
         out = torch.empty((self.num_rows, z.shape[0]), dtype=torch.long, device=z.device)
-        linear = any(group.kind == "linear" for group in self.groups)
-        # The largest |z|, for the linear groups' error bound (only they need it).
-        size = float(z.abs().amax()) if linear and z.numel() else 0.0
+        size = self._size(z)
         for group in self.groups:
             preds = self._group(group, z, size)
             for row, slot in zip(group.rows, group.slots, strict=True):
@@ -451,7 +459,8 @@ def pixel_counts(
     c = num_classes
     y = label.reshape(-1).long()
     keep = (y != ignore_index).nonzero().squeeze(1)
-    y = y[keep]
+    if keep.numel() < y.numel():
+        preds, y = preds[:, keep], y[keep]
     r = preds.shape[0]
     if y.numel():
         low, high = int(y.min()), int(y.max())
@@ -462,7 +471,6 @@ def pixel_counts(
                 f"{ignore_index}"
             )
     cells = c * (c + 1)
-    index = (
-        preds[:, keep] + (y * (c + 1))[None] + cells * torch.arange(r, device=preds.device)[:, None]
-    )
+    index = preds + (y * (c + 1))[None]
+    index += cells * torch.arange(r, device=preds.device)[:, None]
     return torch.bincount(index.reshape(-1), minlength=r * cells).reshape(r, c, c + 1)

@@ -276,13 +276,16 @@ class Statistics:
     cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def settings(self) -> dict[str, Any]:
-        """Paths and fingerprints, for reports."""
+        """Paths and fingerprints, for reports (the content hashes computed once)."""
+        if "fingerprints" not in self.cache:
+            self.cache["fingerprints"] = (self.cond.fingerprint, self.anchors.fingerprint)
+        cond, anchors = self.cache["fingerprints"]
         return {
             "stats": str(self.cond_path),
-            "stats_fingerprint": self.cond.fingerprint,
+            "stats_fingerprint": cond,
             "stats_labels": self.cond.settings.get("labels"),
             "anchors": str(self.anchors_path),
-            "anchors_fingerprint": self.anchors.fingerprint,
+            "anchors_fingerprint": anchors,
             "estimator": self.cond.estimator,
         }
 
