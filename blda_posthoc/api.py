@@ -73,7 +73,7 @@ from blda_posthoc.core.fit import (
     channel_argmax,
     make_stats,
 )
-from blda_posthoc.core.methods import METHODS, Affine, Aligned, Blended, Shift
+from blda_posthoc.core.methods import METHODS, Affine, Aligned, Blended, Shift, removed_reason
 from blda_posthoc.core.relabel import ConfidenceHistogram, LogOddsGrid, confidence_logodds
 from blda_posthoc.errors import InputError
 from blda_posthoc.io.names import MAX_CLASSES, MIN_CLASSES, check_class_names
@@ -346,8 +346,10 @@ class StatsAccumulator:
     With the same images and a ``logit_range`` equal to the grid :func:`fit_stats` would
     choose (``floor(min) - 1`` to ``ceil(max) + 1``) the histograms are those of
     :func:`fit_stats` exactly. The statistics have no pixel sample and no calibrations, so the
-    methods that need them (``--tau auto``, ``calibrated-blda``, the calibrations, ``em-prior``)
-    are not available from them: use :func:`fit_stats` (or ``blda fit-stats``) for those.
+    methods that need them (``--tau auto``, ``calibrated-blda``, the calibrations) are not
+    available from them, and those estimated on the pixel sample (``em-map``, ``ot-prior``,
+    ``occurrence-adjust``, ``self-calibrate``) have nothing to estimate from: use
+    :func:`fit_stats` (or ``blda fit-stats``) for those.
 
     Args:
         class_names: The ``C`` class names.
@@ -544,7 +546,7 @@ def load(
         and ``notes`` (what ``blda correct`` would print, e.g. cells without a shift).
 
     Raises:
-        InputError: Unknown method, bad strength, or statistics that cannot give it.
+        InputError: Unknown or removed method, bad strength, or statistics that cannot give it.
     """
     auto = isinstance(tau, str) and tau.strip().lower() == "auto"
     value: float | None = None
@@ -552,6 +554,9 @@ def load(
         if not _is_number(tau) or not math.isfinite(float(tau)) or float(tau) < 0:
             raise InputError(f"tau must be 'auto' or a finite number >= 0, got {tau!r}")
         value = float(tau)
+    reason = None if method is None else removed_reason(method)
+    if reason is not None:
+        raise InputError(f"method {reason}")
     if method is not None and method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not _is_number(clamp) or not 0.0 <= float(clamp) < 0.5:

@@ -126,12 +126,15 @@ def build_demo(workdir: Path, device: str, refit: bool, log: Any) -> CaseFiles:
 
 
 def gains(report: dict[str, Any]) -> dict[Key, dict[str, Any]]:
-    """Held-out mIoU gain over ``none`` of every row (and its ``gain_ci95`` when reported)."""
+    """Held-out mIoU gain over ``none`` of every row (and its ``gain_ci95`` when reported).
+
+    Rows of methods this release no longer has (a kept report of an earlier one) are left out.
+    """
     rows = report["rows"]
     none = next(r for r in rows if r["method"] == "none")["miou"]
     out: dict[Key, dict[str, Any]] = {}
     for r in rows:
-        if r["method"] == "none" or r["miou"] is None:
+        if r["method"] == "none" or r["miou"] is None or r["method"] not in METHODS:
             continue
         key = (r["method"], r["tau"], bool(r.get("auto", False)))
         out[key] = {"gain": r["miou"] - none, "ci95": r.get("gain_ci95")}

@@ -64,7 +64,6 @@ def test_rows_equal_separate_evaluate_runs(case, tmp_path):
         "vector-scaling",
         "bias",
         "cbst",
-        "em-prior",
         "em-map",
         "ot-prior",
         "self-calibrate",

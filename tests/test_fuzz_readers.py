@@ -227,7 +227,7 @@ def _valid_stats(estimator: str) -> bytes:
 
 
 VALID_STATS = {kind: _valid_stats(kind) for kind in ("hist", "gmm")}
-STATS_METHODS = ["blda", "calibrated-blda", "vector-scaling", "cbst", "em-prior"]
+STATS_METHODS = ["blda", "calibrated-blda", "vector-scaling", "cbst", "em-map"]
 
 
 def read_stats_fully(path: Path, method: str = "blda") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from blda_posthoc.cli import main
 from blda_posthoc.core.adapt import (
     MAX_SHARE_FACTOR,
     balanced_confident,
-    guarded_shift,
+    guard_shrink,
+    predicted_counts,
     self_calibration,
     share_factors,
 )
@@ -190,49 +192,30 @@ def reference_guard(z: np.ndarray, base: np.ndarray, shift: np.ndarray, limit: f
     return 0.0
 
 
-def test_guarded_shift_engages_on_a_planted_collapse_and_matches_numpy():
+def test_guard_shrink_engages_on_a_planted_collapse_and_matches_numpy():
     rng = np.random.default_rng(5)
     z = rng.normal(size=(4000, 4)) * 2
     base = z * np.array([1.2, 0.9, 1.0, 1.1]) + np.array([0.1, 0.0, -0.1, 0.2])
-    # an EM estimate that collapsed onto 0 for class 3: a log-prior shift of about -25
+    before = predicted_counts(torch.from_numpy(z))
+
+    def shrink_of(shift: np.ndarray, start: np.ndarray = base) -> float:
+        based, delta = torch.from_numpy(start), torch.from_numpy(shift)
+        return guard_shrink(before, lambda s: based + s * delta)
+
+    # a shift that would remove class 3 (a log-prior shift of about -25)
     collapsed = np.array([0.3, 0.1, -0.2, -25.0])
-    shift, shrink = guarded_shift(torch.from_numpy(z), torch.from_numpy(base), collapsed)
+    shrink = shrink_of(collapsed)
     assert 0 < shrink < 1
     assert shrink == reference_guard(z, base, collapsed, MAX_SHARE_FACTOR)
-    assert np.array_equal(shift, shrink * collapsed)
-    before = np.bincount(z.argmax(1), minlength=4)
-    after = np.bincount((base + shift).argmax(1), minlength=4)
+    after = np.bincount((base + shrink * collapsed).argmax(1), minlength=4)
     assert share_factors(before, after).max() <= MAX_SHARE_FACTOR
     # the full, unguarded shift is the collapse: class 3 is (almost) never predicted
     unguarded = np.bincount((base + collapsed).argmax(1), minlength=4)
     assert share_factors(before, unguarded).max() > MAX_SHARE_FACTOR
     # a mild shift is applied whole
-    mild = np.array([0.2, -0.1, 0.0, 0.1])
-    kept, whole = guarded_shift(torch.from_numpy(z), torch.from_numpy(base), mild)
-    assert whole == 1.0 and np.array_equal(kept, mild)
-    # a limit no shift can meet leaves no shift at all
-    none_left, zero = guarded_shift(
-        torch.from_numpy(z), torch.from_numpy(z + 30 * np.eye(4)[0]), mild
-    )
-    assert zero == 0.0 and not none_left.any()
-
-
-def test_em_prior_guard_engages_on_a_planted_collapse(case):
-    from blda_posthoc.pipelines import corrections
-
-    src = read_stats(case["src_stats"])
-    stats = read_statistics(case["tgt_stats"], case["src_stats"], src.class_names)
-    _, source, pre = corrections.target_priors(stats)
-    collapsed = source.copy()
-    collapsed[0] = 1e-20  # the EM estimate of class_0 collapsed
-    stats.cache["priors"] = (collapsed / collapsed.sum(), source, pre)
-    corrector, details = corrections.build_corrector("em-prior", stats, 0.05, None)
-    assert 0 < details["guard_shrink"] < 1
-    assert any("em-prior" in note and "10x" in note for note in details["notes"])
-    z = torch.from_numpy(sample_logits(case["tgt_stats"])).float()
-    before = torch.bincount(z.argmax(1), minlength=src.num_classes).numpy()
-    after = torch.bincount(corrector.log_scores(z, 1.0).argmax(1), minlength=src.num_classes)
-    assert share_factors(before, after.numpy()).max() <= MAX_SHARE_FACTOR + 1e-9
+    assert shrink_of(np.array([0.2, -0.1, 0.0, 0.1])) == 1.0
+    # a limit no shrink can meet (the map collapses even at shrink 0) leaves no correction
+    assert shrink_of(np.array([0.2, -0.1, 0.0, 0.1]), z + 30 * np.eye(4)[0]) == 0.0
 
 
 def test_share_factors_are_symmetric_and_floored():
@@ -402,22 +385,69 @@ def test_blda_at_tau_0_2_is_unchanged_by_the_default(case, tmp_path):
 
 def test_correct_warns_when_a_class_share_changes_tenfold(case, tmp_path):
     result = run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors",
-                 case["src_stats"], "--method", "em-prior", "--tau", "5",
+                 case["src_stats"], "--method", "bias", "--tau", "5",
                  "--out-dir", tmp_path / "p")  # fmt: skip
     lines = [line for line in result.output.splitlines() if "signature of a collapse" in line]
     assert len(lines) == 1 and lines[0].startswith("warning"), result.output
     named = re.findall(r"(class_\d+) (\d+)x", lines[0])
     assert named and all(int(factor) >= 10 for _, factor in named), lines[0]
     calm = run("correct", case["tgt"], "--stats", case["tgt_stats"], "--anchors",
-               case["src_stats"], "--method", "em-prior", "--tau", "0.01",
+               case["src_stats"], "--method", "bias", "--tau", "0.01",
                "--out-dir", tmp_path / "q")  # fmt: skip
     assert "signature of a collapse" not in calm.output
+
+
+def planted_files(case, tmp_path: Path) -> tuple[Path, Path]:
+    """Stats files whose ``vector-scaling`` removes a rare class and adds a handful of pixels.
+
+    The target sample (10 000 pixels) predicts class_4 on 24 (0.24 %) and class_3 on none,
+    class_3 the runner-up by 0.5 on 5 pixels; the anchors' vector scaling is the identity but
+    for bias -50 on class_4 and +1 on class_3.
+    """
+    rng = np.random.default_rng(7)
+    n, c = 10_000, 5
+    z = rng.normal(size=(n, c)).astype(np.float32)
+    top = np.concatenate([np.full(24, 4), rng.integers(0, 3, n - 24)])
+    z[np.arange(n), top] += 10.0  # each pixel's class, far ahead
+    z[:, 3] = z.max(1) - 3.0  # class_3 never predicted, 3 behind ...
+    runners = np.arange(100, 105)
+    z[runners, 3] = z[runners].max(1) - 0.5  # ... but 0.5 behind on 5 pixels
+    z[:24, 0] = z[:24, 4] - 1.0  # class_4's pixels go to class_0 without it
+    tgt, src = read_stats(case["tgt_stats"]), read_stats(case["src_stats"])
+    assert tgt.extras is not None and src.extras is not None
+    tgt.extras.sample = replace(tgt.extras.sample, logits=z, labels=z.argmax(1).astype(np.uint8),
+                                image_counts=None)  # fmt: skip
+    bias = np.zeros(c)
+    bias[4], bias[3] = -50.0, 1.0
+    src.extras.calibrations["vector"] = (np.ones(c), bias)
+    paths = tmp_path / "planted_tgt.h5", tmp_path / "planted_src.h5"
+    write_stats(paths[0], tgt)
+    write_stats(paths[1], src)
+    return paths
+
+
+def test_the_warning_names_a_rare_class_a_correction_removes(case, tmp_path):
+    tgt_stats, src_stats = planted_files(case, tmp_path)
+    result = run("correct", case["tgt"], "--stats", tgt_stats, "--anchors", src_stats,
+                 "--method", "vector-scaling", "--tau", "1",
+                 "--out-dir", tmp_path / "p")  # fmt: skip
+    lines = [line for line in result.output.splitlines() if "signature of a collapse" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning"), result.output
+    # 24 pixels -> 0 (counted as one pixel): 24x; class_3, 0 -> 5 pixels: 5x, not named
+    assert re.findall(r"(class_\d+) (\d+)x", lines[0]) == [("class_4", "24")], lines[0]
+    # the guard's floor (0.1 %) saw 2.4x here, and would see class_3 from 0 to 5 pixels as 1x
+    z = read_stats(tgt_stats).extras.sample.logits.astype(np.float64)
+    before = np.bincount(z.argmax(1), minlength=5)
+    after = np.bincount((z + np.array([0, 0, 0, 1.0, -50.0])).argmax(1), minlength=5)
+    assert before[4] == 24 and after[4] == 0 and before[3] == 0 and after[3] == 5
+    assert np.allclose(share_factors(before, after)[[3, 4]], [1.0, 2.4])
+    assert np.allclose(share_factors(before, after, floor=1e-4)[[3, 4]], [5.0, 24.0])
 
 
 # --- diagnose without labels ------------------------------------------------------------------
 
 
-def test_a_collapsed_em_prior_is_shown_as_such_never_as_a_number(case):
+def test_a_collapsed_em_estimate_is_shown_as_such_never_as_a_number(case):
     from blda_posthoc.core.diagnose import diagnose
     from blda_posthoc.pipelines.diagnose import format_table, report_dict
 

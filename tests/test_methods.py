@@ -17,7 +17,12 @@ from blda_posthoc.core.correct import correct_image, resize_logits
 from blda_posthoc.core.methods import DEFAULT_TAUS, METHODS, Aligned, Plain
 from blda_posthoc.io.stats import read_stats, write_stats
 from blda_posthoc.io.store import LogitStore, StoreWriter
-from blda_posthoc.pipelines.corrections import CorrectionSpec, load_correction, read_statistics
+from blda_posthoc.pipelines.corrections import (
+    CorrectionSpec,
+    load_correction,
+    read_statistics,
+    target_priors,
+)
 
 
 def run(*args, ok: bool = True):
@@ -117,7 +122,8 @@ def test_cbst_matches_median_confidence_normalisation(case):
     assert (got != pred).any()
 
 
-def test_em_prior_matches_a_direct_em_loop(case):
+def test_target_priors_match_a_direct_em_loop(case):
+    """The plain EM estimate ``--tau auto`` and ``diagnose --anchors`` compare shares with."""
     src, tgt = read_stats(case["src_stats"]), read_stats(case["tgt_stats"])
     assert src.extras is not None and tgt.extras is not None
     c = src.num_classes
@@ -133,25 +139,11 @@ def test_em_prior_matches_a_direct_em_loop(case):
         if np.abs(new - pi).max() < 1e-10:
             break
         pi = new
-    # the collapse guard, written from docs/methods.md: halve the shift until, on the sample
-    # (every ceil(n / 50 000)-th pixel), no class's share of the plain argmax moves > 10x
-    shift = np.log(np.maximum(pi, 1e-12)) - np.log(pi_src)
-    sample = tgt.extras.sample.logits.astype(np.float64)
-    sample = sample[:: max(1, -(-len(sample) // 50_000))]
-
-    def shares(pred: np.ndarray) -> np.ndarray:
-        return np.maximum(np.bincount(pred, minlength=c) / len(pred), 1e-3)
-
-    before = shares(sample.argmax(1))
-    size = 0.0
-    for s in 0.5 ** np.arange(8):
-        after = shares((sample * scale + bias + s * shift).argmax(1))
-        if np.maximum(after / before, before / after).max() <= 10:
-            size = s
-            break
-    z, _ = target_pixels(case)
-    expected = (z * scale + bias + size * shift).argmax(1)
-    assert (corrected(case, "em-prior", 1.0) == expected).mean() > 0.999
+    statistics = read_statistics(case["tgt_stats"], case["src_stats"], src.class_names)
+    target, source, pre = target_priors(statistics)
+    np.testing.assert_allclose(source, pi_src, rtol=1e-12)
+    np.testing.assert_allclose(target, pi, atol=1e-6)
+    assert pre is not None and np.allclose(pre.scale.numpy(), scale, atol=1e-6)
 
 
 def test_blda_is_the_plain_alignment(case):
@@ -261,14 +253,14 @@ def test_strength_zero_is_the_plain_argmax_without_calibration(case, method):
     pred, _ = correct_image(zt, (zt.shape[1], 1), ready.corrector, 0.0)
     if ready.corrector.is_identity(0.0):
         assert torch.equal(pred.reshape(-1), torch.from_numpy(z).float().argmax(1))
-    else:  # em-prior and calibrated-blda keep their calibration at tau = 0
-        assert method in ("em-prior", "em-map", "calibrated-blda")
+    else:  # calibrated-blda keeps its calibration at tau = 0
+        assert method == "calibrated-blda"
 
 
 def test_results_do_not_depend_on_chunk_size(case):
     with LogitStore([case["tgt"]]) as store:
         record = store.read(store.names[0])
-        for method in ("blda", "cbst", "vector-scaling", "em-prior", "calibrated-blda"):
+        for method in ("blda", "cbst", "vector-scaling", "em-map", "calibrated-blda"):
             spec = CorrectionSpec(method, None, False, case["tgt_stats"], case["src_stats"])
             ready = load_correction(spec, store.class_names)
             z = torch.from_numpy(record.logits)
@@ -292,7 +284,7 @@ def test_plain_is_log_softmax():
     assert torch.allclose(Plain().log_scores(z, 0.3), torch.log_softmax(z, -1))
 
 
-def test_tau_auto_picks_the_strength_closest_to_em_priors(case):
+def test_tau_auto_picks_the_strength_closest_to_the_em_estimate(case):
     with LogitStore([case["tgt"]]) as store:
         spec = CorrectionSpec("blda", None, True, case["tgt_stats"], case["src_stats"])
         ready = load_correction(spec, store.class_names)
@@ -408,3 +400,85 @@ def test_cbst_gives_a_never_predicted_class_the_largest_boost(tmp_path):
     np.testing.assert_allclose(shift[:3], -np.log(median), atol=0.02)
     assert shift[:3].max() - shift[:3].min() > 0.05  # the largest and smallest differ
     assert shift[3] == pytest.approx(shift[:3].max())
+
+
+# --- a removed method is refused with why, not as unknown --------------------------------------
+
+REMOVED = (
+    "em-prior was removed in this release: its plain EM prior collapses on some data "
+    "(demo: -2.7 mIoU); use em-map (EM with a Dirichlet prior)"
+)
+
+
+def stats_args(case) -> list[object]:
+    return ["--stats", case["tgt_stats"], "--anchors", case["src_stats"]]
+
+
+@pytest.mark.parametrize("command", ["correct", "relabel", "evaluate"])
+def test_method_em_prior_is_a_usage_error_that_says_why(case, tmp_path, command):
+    out = tmp_path / "out"
+    where = [] if command == "evaluate" else ["--out-dir", out]
+    result = run(command, case["tgt"], *stats_args(case), "--method", "em-prior", *where,
+                 ok=False)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: --method {REMOVED}"], result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_compare_methods_em_prior_is_a_usage_error_that_says_why(case, tmp_path):
+    result = run("compare", case["tgt"], *stats_args(case), "--methods", "blda,em-prior",
+                 "--json", tmp_path / "c.json", ok=False)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: --methods {REMOVED}"], result.stderr
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_a_report_naming_em_prior_is_refused_naming_the_file(case, tmp_path):
+    import json
+
+    report = tmp_path / "c.json"
+    run("compare", case["tgt"], *stats_args(case), "--methods", "blda", "--tau", "0.2",
+        "--json", report)  # fmt: skip
+    data = json.loads(report.read_text())
+    data["selected"]["method"] = "em-prior"
+    report.write_text(json.dumps(data))
+    out = tmp_path / "pred"
+    result = run("correct", case["tgt"], "--from-compare", report, "--out-dir", out, ok=False)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"error: {report}: selected.method: {REMOVED}\n"
+    assert not out.exists()
+
+
+def test_shards_naming_em_prior_are_refused_by_merge(case, tmp_path):
+    import json
+
+    for k in (1, 2):
+        run("compare", case["tgt"], *stats_args(case), "--methods", "blda", "--tau", "0.2",
+            "--shard", f"{k}/2", "--json", tmp_path / "c.json")  # fmt: skip
+    parts = sorted(tmp_path.glob("c-*-of-2.json"))
+    assert len(parts) == 2
+    for part in parts:
+        data = json.loads(part.read_text())
+        assert data["partial"]["rows"][1]["method"] == "blda"
+        data["partial"]["rows"][1]["method"] = "em-prior"
+        part.write_text(json.dumps(data))
+    result = run("compare", "--merge", *parts, "--json", tmp_path / "all.json", ok=False)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"error: {parts[0]}: partial.rows[1].method: {REMOVED}\n"
+
+
+def test_api_load_refuses_em_prior_with_why(case):
+    from blda_posthoc import api
+    from blda_posthoc.errors import InputError
+
+    with pytest.raises(InputError) as caught:
+        api.load(
+            "em-prior", stats=read_stats(case["tgt_stats"]), anchors=read_stats(case["src_stats"])
+        )
+    assert str(caught.value) == f"method {REMOVED}"
+    with LogitStore([case["tgt"]]) as store:
+        spec = CorrectionSpec("em-prior", None, False, case["tgt_stats"], case["src_stats"])
+        with pytest.raises(InputError, match="--method em-prior was removed in this release"):
+            load_correction(spec, store.class_names)

@@ -38,7 +38,7 @@ def grid(tmp_path_factory) -> tuple[list[Row], list[torch.Tensor]]:
         statistics = read_statistics(case["tgt_stats"], case["src_stats"], names)
         spec = CorrectionSpec("blda", None, False, case["tgt_stats"], case["src_stats"], 0.01, None)
         methods = ["none", "blda", "calibrated-blda", "filled-blda", "temperature"]
-        methods += ["vector-scaling", "bias", "cbst", "em-prior", "logit-adjust"]
+        methods += ["vector-scaling", "bias", "cbst", "em-map", "logit-adjust"]
         rows, _, skipped = build_rows(methods, TAUS, spec, statistics, names, "cpu")
         images = [z for _, z in store.iter_images()]
     assert not skipped and len(rows) > 40

@@ -15,7 +15,13 @@ import click
 
 # Only light modules at the top: `blda CMD -h` and usage errors must not import torch, h5py or
 # numpy; the functions import what they use.
-from blda_posthoc.core.defaults import DEFAULT_BOOTSTRAP, DEFAULT_CLAMP, METHODS, has_strength
+from blda_posthoc.core.defaults import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_CLAMP,
+    METHODS,
+    has_strength,
+    removed_reason,
+)
 from blda_posthoc.errors import InputError
 from blda_posthoc.outputs import abandoned, check_not_input, disk_error
 from blda_posthoc.pipelines.console import info, progress, warn
@@ -260,6 +266,19 @@ def overwrite_option(func: F) -> F:
     return click.option("--overwrite", is_flag=True, help="Replace existing outputs.")(func)
 
 
+class MethodChoice(click.Choice[str]):
+    """``--method``: one of :data:`METHODS`; a removed method is refused with why it went."""
+
+    def __init__(self) -> None:
+        super().__init__(METHODS)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        reason = removed_reason(str(value))
+        if reason is not None:
+            raise click.UsageError(f"--method {reason}", ctx)
+        return super().convert(value, param, ctx)
+
+
 class ShardType(click.ParamType):
     """``K/N`` with ``1 <= K <= N``."""
 
@@ -411,7 +430,7 @@ def correction_options(func: F) -> F:
     options = [
         click.option(
             "--method",
-            type=click.Choice(METHODS),
+            type=MethodChoice(),
             default=None,
             help="Correction to apply [default: the label-free default: calibrated-blda τ 0.7 when "
             "the files hold calibrated statistics, else cbst τ 1, else blda τ 0.2; see "

@@ -30,6 +30,7 @@ from blda_posthoc.core.defaults import (
     DEFAULT_TAU_GRID,
     METHODS,
     METRICS,
+    removed_reason,
 )
 
 MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
@@ -39,6 +40,10 @@ MERGE_KEEPS = ("metric", "max_class_loss", "bootstrap", "seed")
 def check_method_names(text: str) -> str:
     """``--methods``: every comma-separated name is ``all`` or a method (a usage error else)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
+    for name in names:
+        reason = removed_reason(name)
+        if reason is not None:
+            raise click.UsageError(f"--methods {reason}")
     unknown = sorted(set(names).difference(METHODS, {"all"}))
     if unknown:
         raise click.BadParameter(

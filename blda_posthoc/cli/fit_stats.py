@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     type=click.IntRange(0, 10_000_000),
     default=DEFAULT_SAMPLE_PIXELS,
     show_default=True,
-    help="Seeded pixel sample kept in the file (calibration fit, em-prior, --tau auto).",
+    help="Seeded pixel sample kept in the file (calibration fit, em-map, ot-prior, --tau auto).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pixel sample.")
 @click.option(

@@ -6,9 +6,7 @@ class, so frequent classes do not crowd out rare ones); a per-class affine map `
 (vector scaling) is fitted on the *raw* target logits against them by cross-entropy. Fitting
 on one's own predictions can confirm their errors, so the fit is guarded: an L2 pull towards
 the identity, and a shrink of the map towards the identity until no class's predicted share on
-the sample changes by more than :data:`MAX_SHARE_FACTOR`. The same guard
-(:func:`guard_shrink`) limits other corrections estimated on the target, such as an EM prior
-shift (:func:`guarded_shift`).
+the sample changes by more than :data:`MAX_SHARE_FACTOR` (:func:`guard_shrink`).
 
 Shape legend: N pixels, C classes.
 """
@@ -26,8 +24,15 @@ MAX_SHARE_FACTOR = 10.0
 """A correction that multiplies or divides a class's predicted share by more than this is
 treated as a collapse (warned about by ``correct`` / ``relabel``; refused by the guard)."""
 SHARE_FLOOR = 1e-3
-"""Shares below this count as this much when shares are compared (a class predicted on no pixel
-of the sample is not infinitely far from one predicted on a few)."""
+"""The guard's floor: shares below this count as this much when the guard compares shares (a
+class predicted on no pixel of the sample is not infinitely far from one predicted on a few).
+The self-calibrate figures of docs/methods.md were measured with it."""
+WARN_SHARE_FLOOR = 1e-5
+"""The collapse warning's floor at its lowest: the warning counts a share below one pixel of the
+sample it checks (or below this, on a sample of more than 100 000 pixels) as that much. With the
+guard's 0.1 % a class predicted on 0.24 % of the pixels that a correction removes entirely
+changed "2.4 times" and went unnoticed; one pixel is the finest share a sample measures, so a
+class that goes from 0 to ``k`` pixels changes ``k`` times, never more."""
 SHRINK_STEPS = 8
 """The guard halves the map's distance to the identity at most this many times."""
 
@@ -148,38 +153,6 @@ def guard_shrink(
             return shrink
         shrink /= 2
     return 0.0
-
-
-def guarded_shift(
-    z: torch.Tensor,
-    base: torch.Tensor,
-    shift: np.ndarray,
-    max_factor: float = MAX_SHARE_FACTOR,
-) -> tuple[np.ndarray, float]:
-    """A per-class logit shift shrunk towards 0 until it collapses no class (the guard).
-
-    The shift is added to ``base`` (the logits it corrects, e.g. calibrated ones) and the
-    predicted shares are compared with the plain argmax of ``z``; see :func:`guard_shrink`.
-
-    Args:
-        z: ``(N, C)`` raw logits (a pixel sample): the shares the guard compares with.
-        base: ``(N, C)`` the logits the shift is added to (``z`` itself, or ``a * z + b``).
-        shift: ``(C,)`` the full shift (e.g. ``log π̂_tgt - log π_src`` of an EM estimate).
-        max_factor: The guard's limit on the change of any class's predicted share.
-
-    Returns:
-        ``(shrink * shift (C,) float64, shrink)``.
-    """
-    if z.shape != base.shape or z.ndim != 2 or np.shape(shift) != (z.shape[1],):
-        raise ValueError(
-            f"z and base must share one (N, C) shape and shift be (C,), got {tuple(z.shape)}, "
-            f"{tuple(base.shape)}, {np.shape(shift)}"
-        )
-    full = np.asarray(shift, np.float64)
-    based = base.double()
-    delta = torch.from_numpy(full).to(based.device)
-    shrink = guard_shrink(predicted_counts(z), lambda s: based + s * delta, max_factor)
-    return shrink * full, shrink
 
 
 def blend(scale: np.ndarray, bias: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,12 @@ prediction. They differ in what they know:
 - ``temperature`` / ``vector-scaling`` / ``bias``: an affine map ``a * z + b`` fitted by
   cross-entropy on labelled (source) logits; ``vector-scaling`` and ``bias`` are applied ``tau``
   of the way (``temperature`` has no strength).
-- ``cbst``, ``em-prior``, ``em-map``, ``ot-prior``, ``occurrence-adjust``, ``logit-adjust``: a
-  per-class additive shift ``z + tau * shift``, from class-balanced confidence thresholds, an EM
-  estimate of the target class priors (plain or with a Dirichlet hyper-prior), optimal-transport
-  offsets to such an estimate, per-image class occurrence (Liu et al. 2022), or the predicted
-  class shares; ``em-prior`` and ``em-map`` estimate on calibrated logits and apply calibration
-  and shift together ``tau`` of the way.
+- ``cbst``, ``em-map``, ``ot-prior``, ``occurrence-adjust``, ``logit-adjust``: a per-class
+  additive shift ``z + tau * shift``, from class-balanced confidence thresholds, an EM estimate
+  of the target class priors with a Dirichlet hyper-prior, optimal-transport offsets to that
+  estimate, per-image class occurrence (Liu et al. 2022), or the predicted class shares;
+  ``em-map`` estimates on calibrated logits and applies calibration and shift together ``tau``
+  of the way.
 - ``self-calibrate``: a per-class affine map fitted on target logits against class-balanced
   confident pseudo-labels of a corrected prediction, applied ``tau`` of the way.
 
@@ -43,6 +43,7 @@ METHODS = defaults.METHODS
 has_strength = defaults.has_strength
 COMPARE_DEFAULT = defaults.COMPARE_DEFAULT
 NOT_IN_COMPARE_DEFAULT = defaults.NOT_IN_COMPARE_DEFAULT
+removed_reason = defaults.removed_reason
 
 
 class Corrector(Protocol):

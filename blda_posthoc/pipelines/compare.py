@@ -55,6 +55,7 @@ from blda_posthoc.core.methods import (
     Corrector,
     Plain,
     has_strength,
+    removed_reason,
 )
 from blda_posthoc.core.rows import RowPredictor
 from blda_posthoc.core.select import AUTO_GRID, pick_best, split_names
@@ -68,6 +69,7 @@ from blda_posthoc.pipelines.corrections import (
     CorrectionSpec,
     Statistics,
     load_correction,
+    recorded_method,
 )
 from blda_posthoc.pipelines.evaluate import Pairs, iterate_store, label_source
 from blda_posthoc.report.tables import round_or_none
@@ -570,7 +572,7 @@ def merge_row(
     Raises:
         InputError: a damaged value, or a row that differs from the other shards' row ``i``.
     """
-    method = entry["method"].text(choices=METHODS)
+    method = recorded_method(entry["method"])
     tau = entry["tau"].number(low=0.0, optional=True)
     auto = entry["auto"].boolean()
     held = _matrix(entry["held"], c, path, f"row {i} held")
@@ -816,6 +818,10 @@ def check_methods(names: Sequence[str]) -> list[str]:
     ``all`` is :data:`~blda_posthoc.core.methods.COMPARE_DEFAULT` (every method but those the
     benchmark found never worth it); names add any method.
     """
+    for name in names:
+        reason = removed_reason(name)
+        if reason is not None:
+            raise InputError(f"--methods {reason}")
     wanted = set(names).difference({"all"}) | (set(COMPARE_DEFAULT) if "all" in names else set())
     unknown = sorted(wanted.difference(METHODS))
     if unknown:

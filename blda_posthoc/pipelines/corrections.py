@@ -17,7 +17,7 @@ import torch
 
 from blda_posthoc.core.adapt import (
     MAX_SHARE_FACTOR,
-    guarded_shift,
+    WARN_SHARE_FLOOR,
     predicted_counts,
     self_calibration,
     share_factors,
@@ -42,6 +42,7 @@ from blda_posthoc.core.methods import (
     Plain,
     Shift,
     has_strength,
+    removed_reason,
 )
 from blda_posthoc.core.priors import (
     em_map_priors,
@@ -180,7 +181,7 @@ def read_compare_choice(path: Path) -> CompareChoice:
     if "partial" in root.value:
         raise InputError(f"{path}: the report of one shard, chosen on its images only")
     selected = root["selected"]
-    method = selected["method"].text(choices=METHODS)
+    method = recorded_method(selected["method"])
     tau_node = selected.get("tau")
     tau = None if tau_node is None else tau_node.number(low=0.0)
     if has_strength(method) and tau is None:
@@ -204,6 +205,19 @@ def read_compare_choice(path: Path) -> CompareChoice:
             recorded("anchors_fingerprint", MAX_FINGERPRINT),
         ),
     )
+
+
+def recorded_method(node: Node) -> str:
+    """A method name read from a report; one removed in this release is refused with why.
+
+    Raises:
+        InputError: ``{file}: {key}: M was removed in this release: why`` for a removed method,
+            else as :meth:`Node.text` for a name that is not one of :data:`METHODS`.
+    """
+    reason = removed_reason(node.value) if isinstance(node.value, str) else None
+    if reason is not None:
+        raise InputError(f"{node.source}: {node.key}: {reason}")
+    return node.text(choices=METHODS)
 
 
 def check_provenance(statistics: Statistics, expected: Provenance | None) -> None:
@@ -358,6 +372,9 @@ def load_correction(
         before any output is written.
     """
     terms = CLI_TERMS if statistics is None else statistics.terms
+    reason = None if spec.method is None else removed_reason(spec.method)
+    if reason is not None:
+        raise InputError(f"{terms.method} {reason}")
     if spec.method is not None and spec.method not in METHODS:
         raise InputError(f"{terms.method} must be one of {', '.join(METHODS)}, got {spec.method!r}")
     notes = []
@@ -497,8 +514,6 @@ def build_corrector(
         return Shift(_cbst_shift(statistics)), {"cbst_portion": CBST_PORTION}
     if method == "logit-adjust":
         return _logit_adjust(statistics)
-    if method == "em-prior":
-        return _em_prior(statistics)
     if method == "em-map":
         return _em_map(statistics)
     if method == "ot-prior":
@@ -663,39 +678,11 @@ def target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affin
 
 
 def _target_priors(statistics: Statistics) -> tuple[np.ndarray, np.ndarray, Affine | None]:
-    z, pre = _calibrated_sample(statistics, "em-prior")
+    z, pre = _calibrated_sample(statistics, "the EM prior estimate")
     source = smooth_counts(statistics.anchors.label_pixels)
     probs = torch.softmax(z.double(), dim=-1).numpy()
     target, _ = em_priors(probs, source)
     return target, source, pre
-
-
-def _em_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
-    target, source, pre = target_priors(statistics)
-    extras = _extras(statistics.cond, statistics.cond_path, "em-prior", statistics.terms)
-    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))]).float()
-    full = prior_shift(source, np.maximum(target, 1e-12))
-    # the collapse guard: the EM shift only as far as no class's predicted share moves > 10x
-    shift, shrink = guarded_shift(z, z if pre is None else pre.apply(z), full)
-    details: dict[str, Any] = {
-        "calibration": "vector" if pre is not None else None,
-        "target_priors": [round(float(p), 6) for p in target],
-        "guard_shrink": shrink,
-    }
-    notes = []
-    if pre is None:
-        notes.append(
-            f"{statistics.anchors_path}: no calibration; EM runs on raw probabilities, "
-            f"which tends to collapse (fit the anchors with {statistics.terms.fit_gt})"
-        )
-    if shrink < 1:
-        notes.append(
-            f"em-prior: the EM estimate would change a class's predicted share more than "
-            f"{MAX_SHARE_FACTOR:g}x; its prior shift is applied at {shrink:g} of its size"
-        )
-    if notes:
-        details["notes"] = notes
-    return _prior_correction(shift, pre), details
 
 
 def _prior_correction(shift: np.ndarray, pre: Affine | None) -> Corrector:
@@ -888,7 +875,10 @@ def share_change(correction: Correction, statistics: Statistics) -> list[tuple[s
 
     Measured on (up to :data:`AUTO_PIXELS` pixels of) the ``--stats`` pixel sample, so it
     costs one correction of a small sample; the limit is
-    :data:`~blda_posthoc.core.adapt.MAX_SHARE_FACTOR`.
+    :data:`~blda_posthoc.core.adapt.MAX_SHARE_FACTOR`. Shares below one pixel of that sample
+    count as one pixel (:data:`~blda_posthoc.core.adapt.WARN_SHARE_FLOOR`), so a class the
+    correction removes is named even when it was rare, and one that appears on ``k`` pixels
+    changed ``k`` times.
     """
     extras = statistics.cond.extras
     if extras is None or not len(extras.sample.labels) or correction.method == "none":
@@ -897,6 +887,7 @@ def share_change(correction: Correction, statistics: Statistics) -> list[tuple[s
     corrector = correction.corrector.to("cpu")
     before = predicted_counts(z)
     after = predicted_counts(corrector.log_scores(z, correction.tau))
-    factors = share_factors(before, after)
+    floor = max(WARN_SHARE_FLOOR, 1.0 / max(len(z), 1))
+    factors = share_factors(before, after, floor=floor)
     names = statistics.cond.class_names
     return [(names[c], float(factors[c])) for c in np.flatnonzero(factors > MAX_SHARE_FACTOR)]
