@@ -433,7 +433,8 @@ def test_the_warning_names_a_rare_class_a_correction_removes(case, tmp_path):
                  "--out-dir", tmp_path / "p")  # fmt: skip
     lines = [line for line in result.output.splitlines() if "signature of a collapse" in line]
     assert len(lines) == 1 and lines[0].startswith("warning"), result.output
-    # 24 pixels -> 0 (counted as one pixel): 24x; class_3, 0 -> 5 pixels: 5x, not named
+    # 24 pixels -> 0 (the fall counted down to one pixel): 24x; class_3, 0 -> 5 pixels: the rise
+    # counted from 0.1 %, 1x, not named
     assert re.findall(r"(class_\d+) (\d+)x", lines[0]) == [("class_4", "24")], lines[0]
     # the guard's floor (0.1 %) saw 2.4x here, and would see class_3 from 0 to 5 pixels as 1x
     z = read_stats(tgt_stats).extras.sample.logits.astype(np.float64)
@@ -441,7 +442,18 @@ def test_the_warning_names_a_rare_class_a_correction_removes(case, tmp_path):
     after = np.bincount((z + np.array([0, 0, 0, 1.0, -50.0])).argmax(1), minlength=5)
     assert before[4] == 24 and after[4] == 0 and before[3] == 0 and after[3] == 5
     assert np.allclose(share_factors(before, after)[[3, 4]], [1.0, 2.4])
-    assert np.allclose(share_factors(before, after, floor=1e-4)[[3, 4]], [5.0, 24.0])
+    assert np.allclose(share_factors(before, after, loss_floor=1e-4)[[3, 4]], [1.0, 24.0])
+
+
+def test_share_factors_count_a_fall_down_to_the_loss_floor_and_a_rise_from_the_floor():
+    # 40 000 pixels: a class of 0.24 % removed; one from 1 pixel to 85; one from 0 to 1 134
+    before = np.array([96.0, 1.0, 0.0, 39_903.0])
+    after = np.array([0.0, 85.0, 1_134.0, 38_781.0])
+    f = share_factors(before, after, loss_floor=1 / 40_000)
+    assert np.allclose(f, [96.0, 85 / 40_000 / 1e-3, 1_134 / 40_000 / 1e-3, 39_903 / 38_781])
+    assert list(np.flatnonzero(f > MAX_SHARE_FACTOR)) == [0, 2]  # removed; and from 0 to 2.8 %
+    # without a loss floor both directions use the floor (the guard's use): symmetric
+    assert np.allclose(share_factors(after, before), share_factors(before, after))
 
 
 # --- diagnose without labels ------------------------------------------------------------------

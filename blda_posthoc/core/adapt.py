@@ -28,11 +28,13 @@ SHARE_FLOOR = 1e-3
 class predicted on no pixel of the sample is not infinitely far from one predicted on a few).
 The self-calibrate figures of docs/methods.md were measured with it."""
 WARN_SHARE_FLOOR = 1e-5
-"""The collapse warning's floor at its lowest: the warning counts a share below one pixel of the
-sample it checks (or below this, on a sample of more than 100 000 pixels) as that much. With the
-guard's 0.1 % a class predicted on 0.24 % of the pixels that a correction removes entirely
-changed "2.4 times" and went unnoticed; one pixel is the finest share a sample measures, so a
-class that goes from 0 to ``k`` pixels changes ``k`` times, never more."""
+"""The collapse warning's floor for a share that falls, at its lowest: the warning counts a share
+below one pixel of the sample it checks (or below this, on a sample of more than 100 000 pixels)
+as that much when a class loses pixels, so a class predicted on 0.24 % of the pixels that a
+correction removes entirely is named (with the guard's 0.1 % it changed "2.4 times" and went
+unnoticed). A share that rises is still counted from 0.1 % (:data:`SHARE_FLOOR`): a class the
+model predicts on one pixel of the sample that a correction brings to 85 pixels has not
+collapsed, and naming it would bury the warnings that matter."""
 SHRINK_STEPS = 8
 """The guard halves the map's distance to the identity at most this many times."""
 
@@ -43,22 +45,41 @@ def predicted_counts(scores: torch.Tensor) -> np.ndarray:
     return torch.bincount(pred.reshape(-1), minlength=scores.shape[-1]).cpu().numpy()
 
 
-def share_factors(before: np.ndarray, after: np.ndarray, floor: float = SHARE_FLOOR) -> np.ndarray:
+def share_factors(
+    before: np.ndarray,
+    after: np.ndarray,
+    floor: float = SHARE_FLOOR,
+    *,
+    loss_floor: float | None = None,
+) -> np.ndarray:
     """How many times each class's predicted share changed (>= 1, up or down).
 
     Args:
         before: ``(C,)`` pixel counts (or shares) per predicted class before a correction.
         after: ``(C,)`` the same after it.
         floor: Shares below ``floor`` count as ``floor``.
+        loss_floor: The floor for a class whose share falls (default ``floor``): lower, it names
+            a rare class that a correction removes without naming a rare class that gains.
 
     Returns:
-        ``(C,)`` float64 ``max(q / p, p / q)`` of the floored shares ``p`` (before), ``q``.
+        ``(C,)`` float64 ``max(q / p, p / q)`` of the shares ``p`` (before) and ``q`` (after),
+        floored at ``floor`` for the rise ``q / p`` and at ``loss_floor`` for the fall ``p / q``.
+
+    Example:
+        A class of 0.24 % removed, and one going from 1 pixel in 40 000 to 85:
+
+        >>> before, after = np.array([24.0, 0.25, 9975.75]), np.array([0.0, 21.25, 9978.75])
+        >>> share_factors(before, after, loss_floor=2.5e-5).round(1)
+        array([96. ,  2.1,  1. ])
     """
     p = np.asarray(before, np.float64)
     q = np.asarray(after, np.float64)
-    p = np.maximum(p / max(p.sum(), 1e-300), floor)
-    q = np.maximum(q / max(q.sum(), 1e-300), floor)
-    return np.maximum(q / p, p / q)
+    p = p / max(p.sum(), 1e-300)
+    q = q / max(q.sum(), 1e-300)
+    low = floor if loss_floor is None else loss_floor
+    rise = np.maximum(q, floor) / np.maximum(p, floor)
+    fall = np.maximum(p, low) / np.maximum(q, low)
+    return np.maximum(rise, fall)
 
 
 def balanced_confident(scores: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -875,10 +875,10 @@ def share_change(correction: Correction, statistics: Statistics) -> list[tuple[s
 
     Measured on (up to :data:`AUTO_PIXELS` pixels of) the ``--stats`` pixel sample, so it
     costs one correction of a small sample; the limit is
-    :data:`~blda_posthoc.core.adapt.MAX_SHARE_FACTOR`. Shares below one pixel of that sample
-    count as one pixel (:data:`~blda_posthoc.core.adapt.WARN_SHARE_FLOOR`), so a class the
-    correction removes is named even when it was rare, and one that appears on ``k`` pixels
-    changed ``k`` times.
+    :data:`~blda_posthoc.core.adapt.MAX_SHARE_FACTOR`. A share that falls counts down to one
+    pixel of that sample (:data:`~blda_posthoc.core.adapt.WARN_SHARE_FLOOR`), so a class the
+    correction removes is named even when it was rare; a share that rises counts from 0.1 %,
+    so a class that goes from one pixel to a few dozen is not.
     """
     extras = statistics.cond.extras
     if extras is None or not len(extras.sample.labels) or correction.method == "none":
@@ -888,6 +888,6 @@ def share_change(correction: Correction, statistics: Statistics) -> list[tuple[s
     before = predicted_counts(z)
     after = predicted_counts(corrector.log_scores(z, correction.tau))
     floor = max(WARN_SHARE_FLOOR, 1.0 / max(len(z), 1))
-    factors = share_factors(before, after, floor=floor)
+    factors = share_factors(before, after, loss_floor=floor)
     names = statistics.cond.class_names
     return [(names[c], float(factors[c])) for c in np.flatnonzero(factors > MAX_SHARE_FACTOR)]
