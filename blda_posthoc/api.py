@@ -346,9 +346,9 @@ class StatsAccumulator:
     With the same images and a ``logit_range`` equal to the grid :func:`fit_stats` would
     choose (``floor(min) - 1`` to ``ceil(max) + 1``) the histograms are those of
     :func:`fit_stats` exactly. The statistics have no pixel sample and no calibrations, so the
-    methods that need them (``--tau auto``, ``calibrated-blda``, the calibrations) are not
-    available from them, and those estimated on the pixel sample (``em-map``, ``ot-prior``,
-    ``occurrence-adjust``, ``self-calibrate``) have nothing to estimate from: use
+    methods that need them (``--tau auto``, ``calibrated-blda``, the calibrations) and those
+    estimated on the pixel sample (``em-map``, ``ot-prior``, ``occurrence-adjust``,
+    ``self-calibrate``) are refused by :func:`load` on them (an :class:`InputError`): use
     :func:`fit_stats` (or ``blda fit-stats``) for those.
 
     Args:

@@ -15,6 +15,7 @@ from torch import nn
 
 from blda_posthoc import api
 from blda_posthoc.core.fit import Grid
+from blda_posthoc.errors import InputError
 
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 C = 4
@@ -211,3 +212,16 @@ def test_the_docs_training_loop_example_runs():
     assert isinstance(target, api.StatsAccumulator)
     assert target.num_images == 80 and target.clipped == 0
     assert scope["pseudo"].shape == (4, 32, 32)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", ["em-map", "ot-prior", "self-calibrate", "occurrence-adjust"])
+def test_sample_methods_are_refused_on_accumulated_statistics(method):
+    # The accumulator keeps no pixel sample: these methods would estimate nothing (em-map kept
+    # only its calibration, self-calibrate was the identity) instead of saying so.
+    acc = api.StatsAccumulator(class_names=NAMES, logit_range=(-12, 12), bins=256, min_pixels=1)
+    for z, _ in images(3, 2):
+        acc.update(torch.from_numpy(z))
+    stats = acc.compute()
+    with pytest.raises(InputError, match=r"pixel sample"):
+        api.load(method, stats=stats, anchors=stats)
+    assert api.load("blda", stats=stats, anchors=stats).method == "blda"  # needs no sample

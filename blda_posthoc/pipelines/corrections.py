@@ -31,7 +31,7 @@ from blda_posthoc.core.align import (
     build_maps,
     lookup_tables,
 )
-from blda_posthoc.core.fit import LogitStats, StatsExtras
+from blda_posthoc.core.fit import LogitStats, PixelSample, StatsExtras
 from blda_posthoc.core.methods import (
     DEFAULT_TAUS,
     METHODS,
@@ -534,6 +534,18 @@ def _extras(stats: LogitStats, path: Path, method: str, terms: Terms) -> StatsEx
     return stats.extras
 
 
+def _sample(statistics: Statistics, method: str) -> PixelSample:
+    """The ``--stats`` pixel sample ``method`` estimates on; refused when there is none."""
+    terms = statistics.terms
+    sample = _extras(statistics.cond, statistics.cond_path, method, terms).sample
+    if not len(sample.labels):
+        raise InputError(
+            f"{statistics.cond_path}: holds no pixel sample, which {method} estimates on "
+            f"(fit the statistics with {terms.refit}, which keeps one)"
+        )
+    return sample
+
+
 def _calibration(statistics: Statistics, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     terms = statistics.terms
     extras = _extras(statistics.anchors, statistics.anchors_path, f"{kind} calibration", terms)
@@ -708,14 +720,14 @@ def choose_tau(corrector: Corrector, statistics: Statistics, fallback: float) ->
     priors (see :func:`blda_posthoc.core.select.auto_tau`).
     """
     terms = statistics.terms
-    extras = _extras(statistics.cond, statistics.cond_path, f"{terms.tau} auto", terms)
+    sample = _sample(statistics, f"{terms.tau} auto")
     target, _, pre = target_priors(statistics)
     if pre is None:
         raise InputError(
             f"{statistics.anchors_path}: {terms.tau} auto needs a source calibration (fit the "
             f"anchors with {terms.fit_gt})"
         )
-    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
+    z = torch.as_tensor(sample.logits[:: _stride(len(sample.labels))])
     return auto_tau(corrector, z.float(), target, fallback, AUTO_GRID)
 
 
@@ -752,12 +764,12 @@ OT_EPSILON = 0.1
 
 def _calibrated_sample(statistics: Statistics, method: str) -> tuple[torch.Tensor, Affine | None]:
     """The ``--stats`` pixel sample's logits, calibrated by the anchors' vector scaling if any."""
-    extras = _extras(statistics.cond, statistics.cond_path, method, statistics.terms)
+    sample = _sample(statistics, method)
     pre = None
     anchor_extras = statistics.anchors.extras
     if anchor_extras is not None and "vector" in anchor_extras.calibrations:
         pre = Affine(*_calibration(statistics, "vector"))
-    z = torch.as_tensor(extras.sample.logits, dtype=torch.float32)
+    z = torch.as_tensor(sample.logits, dtype=torch.float32)
     return (z if pre is None else pre.apply(z)), pre
 
 
@@ -788,9 +800,9 @@ def _em_map(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
 
 
 def _ot_prior(statistics: Statistics) -> tuple[Corrector, dict[str, Any]]:
+    sample = _sample(statistics, "ot-prior")
     target, _, _ = map_priors(statistics)
-    extras = _extras(statistics.cond, statistics.cond_path, "ot-prior", statistics.terms)
-    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))])
+    z = torch.as_tensor(sample.logits[:: _stride(len(sample.labels))])
     offsets = sinkhorn_offsets(torch.log_softmax(z.double(), -1), target, epsilon=OT_EPSILON)
     details: dict[str, Any] = {
         "epsilon": OT_EPSILON,
@@ -855,8 +867,8 @@ def _self_calibrate(
         notes.append(f"self-calibrate: pseudo-labels from blda τ {tau:g} ({exc})")
         method = "blda"
         teacher, _ = _aligned(method, statistics, clamp, min_pixels)
-    extras = _extras(statistics.cond, statistics.cond_path, "self-calibrate", statistics.terms)
-    z = torch.as_tensor(extras.sample.logits[:: _stride(len(extras.sample.labels))]).float()
+    sample = _sample(statistics, "self-calibrate")
+    z = torch.as_tensor(sample.logits[:: _stride(len(sample.labels))]).float()
     scores = teacher.log_scores(z, tau)
     scale, bias, shrink = self_calibration(z, scores, keep=SELF_CALIBRATION_KEEP)
     details: dict[str, Any] = {
