@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -79,3 +81,17 @@ def test_group_help_lists_every_command_without_importing_torch():
         command = main.get_command(ctx, name)
         assert command is not None and len(text) > 20
         assert command.get_short_help_str(1000).startswith(text.removesuffix("..."))
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's malloc only",
+)
+def test_cli_keeps_large_temporaries_in_the_heap_unless_the_environment_says_otherwise():
+    code = "import blda_posthoc.cli as cli; print(cli.tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
+    env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
